@@ -1,0 +1,243 @@
+"""Q8Linear against torch's nn.Linear: speed (inference with int8 weights, training step) and memory.
+
+    python3 bench/q8_linear.py [--device cpu|cuda|all] [--threads N] [--markdown-out FILE]
+
+Cases, each ours vs a torch baseline in this process (method: bench/harness.py):
+  eval fwd      Q8Linear in eval mode from qweight only (generate_quantized_weight(qweight_only=True))
+                vs nn.Linear forward, both under no_grad
+  train f+b     Q8Linear training forward + backward (grads of x, weight, bias_a, scale_a)
+                vs nn.Linear forward + backward (grads of x, weight); x requires grad as in a hidden layer
+  linear_s8     the raw int8 GEMM with its dequantizing epilogue (torch.ops.lowbit.linear_s8)
+                vs torch._int_mm (int8 x int8 -> int32, torch's own int8 GEMM)
+Baseline dtype: fp32 on the CPU, bf16 on the GPU (where Q8Linear also gets bf16 activations; its master
+weight stays fp32). nn.Linear is built without bias: Q8Linear has no output bias. Shapes: M rows, N out
+features, K in features. Ratio = baseline / lowbit: > 1 means lowbit is faster.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+
+try:
+    import lowbit
+except ImportError as exc:  # pragma: no cover - depends on the installation
+    sys.exit(f"q8_linear.py: cannot import lowbit ({exc}); build it first (pip install --no-build-isolation -e ., "
+             "or bench/run_all.sh, which builds it in build-bench)")
+
+CPU_SHAPES = [(512, 2048, 2048)]  # (M, K, N)
+GPU_SHAPES = [(m, kn, kn) for kn in (4096, 8192) for m in (16, 256, 2048, 8192)]
+
+
+# ---------------------------------------------------------------------------------------------- builders
+
+
+def _q8_layer(k, n, device, dtype, *, inference):
+    layer = lowbit.nn.Q8Linear(k, n, device=device, dtype=dtype)
+    if inference:
+        # scale_a is learned in training; a plausible value for N(0, 1) inputs instead of 0 (which
+        # would make eval quantize with eps).
+        with torch.no_grad():
+            layer.scale_a.fill_(2 * 0.8 / 127**0.5)
+        layer.generate_quantized_weight(qweight_only=True)
+        layer.eval()
+    return layer
+
+
+def _torch_layer(k, n, device, dtype):
+    return torch.nn.Linear(k, n, bias=False, device=device, dtype=dtype)
+
+
+def _x(m, k, dtype, device, grad=False):
+    x = harness.random_nonzero((m, k), dtype, device)
+    return x.requires_grad_(grad)
+
+
+def _fwd(layer, x):
+    with torch.no_grad():
+        return layer(x)
+
+
+def _fwd_bwd(layer, x, g):
+    for p in layer.parameters():
+        p.grad = None
+    x.grad = None
+    layer(x).backward(g)
+
+
+def _sets(device, make, bytes_per_copy_hint=None):
+    """Copies of the operands (make(i) -> tuple) enough to exceed the cache in one rotation."""
+    first = make(0)
+    per_copy = bytes_per_copy_hint or harness.nbytes(*first)
+    return [first] + [make(i) for i in range(1, harness.copies_needed(per_copy, device))]
+
+
+# ---------------------------------------------------------------------------------------------- speed
+
+
+def bench_shape(m, k, n, device, dtype, args, peak_gops):
+    """The three cases at one shape; returns table rows."""
+    kw = dict(threads=args.threads if device == "cpu" else None, iters=args.iters)
+    rows = []
+    base_name = f"nn.Linear {str(dtype).replace('torch.', '').replace('float32', 'fp32').replace('bfloat16', 'bf16')}"
+
+    def row(case, baseline_name, cmp, gops=None):
+        pct = 100 * gops / peak_gops if gops and peak_gops else None
+        rows.append([device, m, f"{k}x{n}", case, cmp.ours.median_us, baseline_name, cmp.baseline.median_us,
+                     cmp.ratio, gops, pct])
+        print(f"  {device} M={m} K={k} N={n} {case}: lowbit {cmp.ours} | {baseline_name} {cmp.baseline} | "
+              f"ratio {cmp.ratio:.2f}", file=sys.stderr, flush=True)
+
+    # eval forward from int8 weights
+    ours = _sets(device, lambda i: (_q8_layer(k, n, device, dtype, inference=True), _x(m, k, dtype, device)))
+    base = _sets(device, lambda i: (_torch_layer(k, n, device, dtype), _x(m, k, dtype, device)))
+    row("eval fwd", base_name, harness.compare(_fwd, ours, _fwd, base, device, **kw))
+    del ours, base
+
+    # training forward + backward
+    ours = _sets(device, lambda i: (_q8_layer(k, n, device, dtype, inference=False), _x(m, k, dtype, device, True),
+                                    harness.random_nonzero((m, n), dtype, device)))
+    base = _sets(device, lambda i: (_torch_layer(k, n, device, dtype), _x(m, k, dtype, device, True),
+                                    harness.random_nonzero((m, n), dtype, device)))
+    row("train fwd+bwd", base_name, harness.compare(_fwd_bwd, ours, _fwd_bwd, base, device, **kw))
+    del ours, base
+
+    # raw int8 GEMM: same int8 operands for both; ours also dequantizes (alpha) into the output dtype
+    def s8(i):
+        return (harness.random_nonzero((m, k), torch.int8, device), harness.random_nonzero((n, k), torch.int8, device))
+
+    ops = _sets(device, s8)
+    alpha = torch.tensor(1e-4, dtype=torch.float32, device=device)
+    ours_fn = lambda qx, qw: lowbit.ops.linear_s8(qx, qw, alpha, dtype)  # noqa: E731
+    base_fn = lambda qx, qw: torch._int_mm(qx, qw.t())  # noqa: E731
+    try:
+        base_fn(*ops[0])
+        cmp = harness.compare(ours_fn, ops, base_fn, ops, device, **kw)
+        row("linear_s8", "torch._int_mm", cmp, harness.us_to_gops(m, n, k, cmp.ours.median_us))
+    except RuntimeError as exc:  # _int_mm has shape limits (CUDA: M > 16): time ours alone
+        t = harness.time_fn(ours_fn, ops, device, **kw)
+        gops = harness.us_to_gops(m, n, k, t.median_us)
+        rows.append([device, m, f"{k}x{n}", "linear_s8", t.median_us, "torch._int_mm", None, None, gops,
+                     100 * gops / peak_gops if peak_gops else None])
+        print(f"  {device} M={m} linear_s8: lowbit {t} | torch._int_mm unavailable: {str(exc).splitlines()[0]}",
+              file=sys.stderr)
+    return rows
+
+
+HEADERS = ["device", "M", "KxN", "case", "lowbit us", "baseline", "baseline us", "baseline/lowbit", "lowbit GOP/s",
+           "% int8 peak"]
+
+
+# ---------------------------------------------------------------------------------------------- memory
+
+
+def saved_for_backward(layer, x):
+    """Storages that a training forward keeps for backward, by kind: the caller's input (shared, no new
+    memory), a parameter (shared), or new (allocated by the forward and alive until backward)."""
+    params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+    x_ptr = x.untyped_storage().data_ptr()
+    seen = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        ptr = st.data_ptr()
+        if st.nbytes() and ptr not in seen:
+            kind = "input" if ptr == x_ptr else "parameter" if ptr in params else "new"
+            seen[ptr] = (kind, t.dtype, st.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x)
+    return list(seen.values())
+
+
+def memory_report(m, k, n, device, dtype):
+    x = _x(m, k, dtype, device, grad=True)
+    ours = _q8_layer(k, n, device, dtype, inference=False)
+    base = _torch_layer(k, n, device, dtype)
+    rows = []
+    for name, layer in (("Q8Linear (train)", ours), (f"nn.Linear {dtype}", base)):
+        saved = saved_for_backward(layer, x)
+        new = [s for s in saved if s[0] == "new"]
+        rows.append([name, len(saved),
+                     sum(b for kind, _, b in saved if kind == "input"),
+                     sum(b for kind, _, b in saved if kind == "parameter"),
+                     sum(b for _, dt, b in new if dt == torch.int8),
+                     sum(b for _, dt, b in new if dt.is_floating_point),
+                     sum(b for *_, b in new)])
+    saved_table = harness.markdown_table(
+        ["layer", "saved storages", "caller's input bytes (shared)", "parameter bytes (shared)", "new int8 bytes",
+         "new float bytes", "new bytes total"], rows)
+
+    inf = _q8_layer(k, n, device, dtype, inference=True)
+    f32 = torch.nn.Linear(k, n, device=device)
+    bf16 = torch.nn.Linear(k, n, device=device, dtype=torch.bfloat16)
+    ref = harness.nbytes(f32)
+    inf_rows = [["Q8Linear, qweight_only", harness.nbytes(inf), harness.nbytes(inf) / ref],
+                ["nn.Linear fp32 (with bias)", ref, 1.0],
+                ["nn.Linear bf16 (with bias)", harness.nbytes(bf16), harness.nbytes(bf16) / ref]]
+    inf_table = harness.markdown_table(["inference layer", "parameter + buffer bytes", "vs fp32"], inf_rows)
+    return (f"Memory, {device}, M={m}, K={k}, N={n}, activations {dtype}:\n\n"
+            f"(a) saved for backward by one training forward (unique storages):\n\n{saved_table}\n\n"
+            f"(b) inference state:\n\n{inf_table}\n")
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", choices=["cpu", "cuda", "all"], default="all",
+                    help="all: the CPU, and the GPU when there is one (default)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads (default: all cores)")
+    ap.add_argument("--iters", type=int, default=None, help="timed calls per case (default: 20 CPU, 100 GPU)")
+    ap.add_argument("--macs-per-cycle", type=int, default=128,
+                    help="int8 MAC/cycle/core for the CPU peak (default 128: two 512-bit VNNI per cycle)")
+    ap.add_argument("--markdown-out", type=Path, help="append the tables to this Markdown file")
+    args = ap.parse_args()
+
+    devices = ["cpu"] if args.device in ("cpu", "all") else []
+    if args.device in ("cuda", "all"):
+        if torch.cuda.is_available():
+            devices.append("cuda")
+        elif args.device == "cuda":
+            sys.exit("q8_linear.py: --device cuda, but torch sees no GPU")
+        else:
+            print("q8_linear.py: no GPU, CPU part only", file=sys.stderr)
+
+    out = []
+    for device in devices:
+        env = harness.environment(device)
+        torch.manual_seed(0)
+        if device == "cpu":
+            peak, words = harness.cpu_int8_peak(args.threads, args.macs_per_cycle)
+            shapes, dtype = CPU_SHAPES, torch.float32
+            note = f"CPU, {args.threads} threads; {words} (an assumption: check the core's VNNI throughput)."
+        else:
+            peak, shapes, dtype = None, GPU_SHAPES, torch.bfloat16
+            note = "GPU: CUDA events, 100 us spin before each call, weights rotated past 160 MB."
+        rows = []
+        for m, k, n in shapes:
+            rows += bench_shape(m, k, n, device, dtype, args, peak)
+            if device == "cuda":
+                torch.cuda.empty_cache()
+        m, k, n = shapes[0] if device == "cpu" else (2048, 4096, 4096)
+        text = (f"### Q8Linear vs nn.Linear, {device}\n\n{harness.environment_markdown(env)}\n\n{note}\n"
+                f"Times are medians in microseconds.\n\n{harness.markdown_table(HEADERS, rows, 'lrllrlrrrr')}\n\n"
+                f"{memory_report(m, k, n, device, dtype)}")
+        print(text)
+        out.append(text)
+
+    if args.markdown_out:
+        with open(args.markdown_out, "a") as f:
+            f.write("\n".join(out) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+// int8 x int8 GEMM, generic translation unit: argument validation, the scalar references, the portable
+// OpenMP fallback, CPU-feature dispatch and the workspace for the SIMD kernels.
+//
+// Contract (gemm_s8.h): out[i, j] = to_otype(float(acc) * alpha), acc = sum_k A[i*lda + k] * B[j*ldb + k]
+// exact in int32. The references accumulate in uint32, i.e. mod 2^32 like the SIMD instructions, so all
+// paths agree bitwise even in the one case the K bound does not exclude (K = 2^17, every product
+// (-128)(-128): the true sum 2^31 wraps to INT32_MIN everywhere).
+// Built without ISA flags: everything here runs on any x86-64.
+#include "lowbit/kernels/gemm_s8.h"
+
+#include <omp.h>
+
+#include <cmath>
+#include <memory>
+#include <new>
+#include <string>
+
+#include "gemm_s8_internal.h"
+#include "lowbit/kernels/float_convert.h"
+
+namespace lowbit {
+namespace cpu {
+namespace detail {
+namespace {
+
+std::string fmt_err(const char* fn, const char* what, int64_t got) {
+  return std::string(fn) + ": " + what + ", got " + std::to_string(got);
+}
+
+bool valid_dtype(DType t) {
+  const int32_t v = static_cast<int32_t>(t);
+  return v >= 0 && v <= 2;
+}
+
+// ld rules: a stride must cover its row whenever the matrix has rows, and is never negative.
+Status check_ld(const char* fn, const char* name, int64_t ld, int64_t rows, int64_t row_len,
+                const char* row_len_name) {
+  if (ld < 0) return Status::invalid(fmt_err(fn, (std::string(name) + " must be >= 0").c_str(), ld));
+  if (rows > 0 && ld < row_len)
+    return Status::invalid(fmt_err(
+        fn, (std::string(name) + " must be >= " + row_len_name + " (" + std::to_string(row_len) + ")").c_str(),
+        ld));
+  return Status::ok();
+}
+
+Status check_gemm_common(const char* fn, const int8_t* A, int64_t lda, const int8_t* B, int64_t ldb, int64_t M,
+                         int64_t N, int64_t K) {
+  if (M < 0) return Status::invalid(fmt_err(fn, "M must be >= 0", M));
+  if (N < 0) return Status::invalid(fmt_err(fn, "N must be >= 0", N));
+  if (K < 0) return Status::invalid(fmt_err(fn, "K must be >= 0", K));
+  if (K > kMaxGemmS8K)
+    return Status::invalid(
+        fmt_err(fn, ("K must be <= kMaxGemmS8K (" + std::to_string(kMaxGemmS8K) + ")").c_str(), K));
+  Status s = check_ld(fn, "lda", lda, M, K, "K");
+  if (!s.is_ok()) return s;
+  s = check_ld(fn, "ldb", ldb, N, K, "K");
+  if (!s.is_ok()) return s;
+  if (A == nullptr && M > 0 && K > 0) return Status::invalid(std::string(fn) + ": A is null but M*K > 0");
+  if (B == nullptr && N > 0 && K > 0) return Status::invalid(std::string(fn) + ": B is null but N*K > 0");
+  return Status::ok();
+}
+
+Status check_scaled(const char* fn, const int8_t* A, int64_t lda, const int8_t* B, int64_t ldb, int64_t M,
+                    int64_t N, int64_t K, const float* alpha, DType otype, const void* out, int64_t ldo) {
+  Status s = check_gemm_common(fn, A, lda, B, ldb, M, N, K);
+  if (!s.is_ok()) return s;
+  if (!valid_dtype(otype))
+    return Status::invalid(fmt_err(fn, "otype must be float32, float16 or bfloat16", static_cast<int32_t>(otype)));
+  s = check_ld(fn, "ldo", ldo, M, N, "N");
+  if (!s.is_ok()) return s;
+  if (M > 0 && N > 0) {
+    if (out == nullptr) return Status::invalid(std::string(fn) + ": out is null but M*N > 0");
+    if (alpha == nullptr) return Status::invalid(std::string(fn) + ": alpha is null");
+    if (!std::isfinite(*alpha))
+      return Status::invalid(std::string(fn) + ": *alpha must be finite, got " + std::to_string(*alpha));
+  }
+  return Status::ok();
+}
+
+inline int32_t dot_s8_wrap(const int8_t* a, const int8_t* b, int64_t K) {
+  uint32_t acc = 0;  // unsigned: wraps mod 2^32 exactly like vpdpbusd / vpaddd
+  for (int64_t k = 0; k < K; ++k) acc += uint32_t(int32_t(a[k]) * int32_t(b[k]));
+  return int32_t(acc);
+}
+
+inline void store_one(DType t, void* out, int64_t idx, float v) {
+  switch (t) {
+    case DType::kFloat32: static_cast<float*>(out)[idx] = v; break;
+    case DType::kFloat16: static_cast<uint16_t*>(out)[idx] = float_to_half(v); break;
+    case DType::kBFloat16: static_cast<uint16_t*>(out)[idx] = float_to_bf16(v); break;
+  }
+}
+
+void scaled_rows(const int8_t* A, int64_t lda, const int8_t* B, int64_t ldb, int64_t i0, int64_t i1, int64_t N,
+                 int64_t K, float alpha, DType otype, void* out, int64_t ldo) {
+  for (int64_t i = i0; i < i1; ++i)
+    for (int64_t j = 0; j < N; ++j)
+      store_one(otype, out, i * ldo + j, float(dot_s8_wrap(A + i * lda, B + j * ldb, K)) * alpha);
+}
+
+GemmS8Isa detect_isa() {
+  __builtin_cpu_init();
+  // Every flag a per-ISA file is compiled with must be present: the compiler may use any of them there.
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  if (avx512) return __builtin_cpu_supports("avx512vnni") ? GemmS8Isa::kAvx512vnni : GemmS8Isa::kAvx512bw;
+  return avx2 ? GemmS8Isa::kAvx2 : GemmS8Isa::kScalar;
+}
+
+// Below this many multiply-adds a parallel region costs more than it saves.
+constexpr int64_t kParallelMinMacs = int64_t(1) << 18;
+
+}  // namespace
+
+GemmS8Isa gemm_s8_best_isa() {
+  static const GemmS8Isa isa = detect_isa();
+  return isa;
+}
+
+const char* gemm_s8_isa_name(GemmS8Isa isa) {
+  switch (isa) {
+    case GemmS8Isa::kAvx512vnni: return "avx512_vnni";
+    case GemmS8Isa::kAvx512bw: return "avx512bw";
+    case GemmS8Isa::kAvx2: return "avx2";
+    case GemmS8Isa::kScalar: return "scalar";
+  }
+  return "scalar";
+}
+
+Status gemm_s8_scaled_isa(GemmS8Isa isa, const int8_t* A, int64_t lda, const int8_t* B, int64_t ldb, int64_t M,
+                          int64_t N, int64_t K, const float* alpha, DType otype, void* out, int64_t ldo,
+                          int nthreads) {
+  const char* fn = "gemm_s8_scaled";
+  Status s = check_scaled(fn, A, lda, B, ldb, M, N, K, alpha, otype, out, ldo);
+  if (!s.is_ok()) return s;
+  if (M == 0 || N == 0) return Status::ok();
+  if (int32_t(isa) > int32_t(gemm_s8_best_isa()))
+    return Status::invalid(std::string(fn) + ": ISA " + gemm_s8_isa_name(isa) + " not supported by this CPU");
+
+  int nt = nthreads > 0 ? nthreads : omp_get_max_threads();
+  if (M * N * (K > 0 ? K : 1) < kParallelMinMacs) nt = 1;
+  const float al = *alpha;
+
+  if (isa == GemmS8Isa::kScalar || K == 0) {
+    // K == 0 needs no packing: every output is float(0) * alpha (-0 for negative alpha).
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+    for (int64_t i = 0; i < M; ++i) scaled_rows(A, lda, B, ldb, i, i + 1, N, K, al, otype, out, ldo);
+    return Status::ok();
+  }
+
+  GemmS8Args args{A, lda, B, ldb, M, N, K, al, otype, out, ldo};
+  const bool avx512 = isa == GemmS8Isa::kAvx512vnni || isa == GemmS8Isa::kAvx512bw;
+  const bool vnni = isa == GemmS8Isa::kAvx512vnni;
+  const size_t bytes = avx512 ? gemm_s8_avx512_workspace_bytes(args, vnni, nt) : gemm_s8_avx2_workspace_bytes(args, nt);
+  std::unique_ptr<char[]> buf(new (std::nothrow) char[bytes + 64]);
+  if (!buf) return Status::invalid(std::string(fn) + ": cannot allocate workspace of " + std::to_string(bytes) + " bytes");
+  void* ws = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(buf.get()) + 63) & ~uintptr_t(63));
+  if (avx512)
+    gemm_s8_avx512(args, vnni, ws, nt);
+  else
+    gemm_s8_avx2(args, ws, nt);
+  return Status::ok();
+}
+
+}  // namespace detail
+
+Status gemm_s8_scaled(const int8_t* A, int64_t lda, const int8_t* B, int64_t ldb, int64_t M, int64_t N, int64_t K,
+                      const float* alpha, DType otype, void* out, int64_t ldo) {
+  return detail::gemm_s8_scaled_isa(detail::gemm_s8_best_isa(), A, lda, B, ldb, M, N, K, alpha, otype, out, ldo);
+}
+
+Status gemm_s8_scaled_ref(const int8_t* A, int64_t lda, const int8_t* B, int64_t ldb, int64_t M, int64_t N,
+                          int64_t K, const float* alpha, DType otype, void* out, int64_t ldo) {
+  Status s = detail::check_scaled("gemm_s8_scaled_ref", A, lda, B, ldb, M, N, K, alpha, otype, out, ldo);
+  if (!s.is_ok()) return s;
+  if (M == 0 || N == 0) return Status::ok();
+  detail::scaled_rows(A, lda, B, ldb, 0, M, N, K, *alpha, otype, out, ldo);
+  return Status::ok();
+}
+
+Status gemm_s8s8s32_ref(const int8_t* A, int64_t lda, const int8_t* B, int64_t ldb, int64_t M, int64_t N, int64_t K,
+                        int32_t* C, int64_t ldc) {
+  const char* fn = "gemm_s8s8s32_ref";
+  Status s = detail::check_gemm_common(fn, A, lda, B, ldb, M, N, K);
+  if (!s.is_ok()) return s;
+  s = detail::check_ld(fn, "ldc", ldc, M, N, "N");
+  if (!s.is_ok()) return s;
+  if (C == nullptr && M > 0 && N > 0) return Status::invalid(std::string(fn) + ": C is null but M*N > 0");
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t j = 0; j < N; ++j) C[i * ldc + j] = detail::dot_s8_wrap(A + i * lda, B + j * ldb, K);
+  return Status::ok();
+}
+
+const char* gemm_s8_isa() { return detail::gemm_s8_isa_name(detail::gemm_s8_best_isa()); }
+
+}  // namespace cpu
+}  // namespace lowbit

@@ -1,0 +1,166 @@
+// Per-tensor int8 quantizer, generic translation unit: validation, the scalar reference, the portable
+// OpenMP path, and dispatch to quantize_avx512.cpp.
+//
+// Contract (quantize.h): q[i*K + k] = clamp(rne((float(x[i*ldx + k]) + shift[k]) / scale), qmin, qmax),
+// NaN -> 0, all in fp32 in that order. The reference rounds with std::nearbyint (default rounding mode:
+// half to even). The portable fast path clamps first and then rounds with the 1.5 * 2^23 trick; since
+// qmin and qmax are integers, clamp(rne(v)) == rne(clamp(v)), and |clamp(v)| <= 128 is far inside the
+// trick's exact range, so it matches the reference bitwise without a libm call per element.
+// Work split: (row, column chunk) units, static schedule; units are independent, so results do not
+// depend on the thread count.
+#include "lowbit/kernels/quantize.h"
+
+#include <omp.h>
+
+#include <cmath>
+#include <string>
+
+#include "lowbit/kernels/float_convert.h"
+#include "quantize_internal.h"
+
+namespace lowbit {
+namespace cpu {
+namespace detail {
+namespace {
+
+constexpr int64_t kChunk = 8192;            // columns per work unit
+constexpr int64_t kParallelMinElems = 1 << 16;  // below this a parallel region costs more than it saves
+
+std::string err(const char* fn, const std::string& what) { return std::string(fn) + ": " + what; }
+
+Status check(const char* fn, DType xtype, const void* x, int64_t M, int64_t K, int64_t ldx, const float* scale,
+             int32_t qmin, int32_t qmax, const int8_t* q) {
+  const int32_t xt = static_cast<int32_t>(xtype);
+  if (xt < 0 || xt > 2)
+    return Status::invalid(err(fn, "xtype must be float32, float16 or bfloat16, got " + std::to_string(xt)));
+  if (M < 0) return Status::invalid(err(fn, "M must be >= 0, got " + std::to_string(M)));
+  if (K < 0) return Status::invalid(err(fn, "K must be >= 0, got " + std::to_string(K)));
+  if (ldx < 0) return Status::invalid(err(fn, "ldx must be >= 0, got " + std::to_string(ldx)));
+  if (M > 0 && ldx < K)
+    return Status::invalid(err(fn, "ldx must be >= K (" + std::to_string(K) + "), got " + std::to_string(ldx)));
+  if (qmin < -128) return Status::invalid(err(fn, "qmin must be >= -128, got " + std::to_string(qmin)));
+  if (qmax > 127) return Status::invalid(err(fn, "qmax must be <= 127, got " + std::to_string(qmax)));
+  if (qmin > qmax)
+    return Status::invalid(
+        err(fn, "qmin must be <= qmax, got qmin=" + std::to_string(qmin) + " qmax=" + std::to_string(qmax)));
+  if (M == 0 || K == 0) return Status::ok();
+  if (x == nullptr) return Status::invalid(err(fn, "x is null but M*K > 0"));
+  if (q == nullptr) return Status::invalid(err(fn, "q is null but M*K > 0"));
+  if (scale == nullptr) return Status::invalid(err(fn, "scale is null"));
+  if (!std::isfinite(*scale) || !(*scale > 0.0f))
+    return Status::invalid(err(fn, "*scale must be finite and > 0, got " + std::to_string(*scale)));
+  return Status::ok();
+}
+
+inline float load_x(DType t, const void* x, int64_t idx) {
+  switch (t) {
+    case DType::kFloat16: return half_to_float(static_cast<const uint16_t*>(x)[idx]);
+    case DType::kBFloat16: return bf16_to_float(static_cast<const uint16_t*>(x)[idx]);
+    default: return static_cast<const float*>(x)[idx];
+  }
+}
+
+// The definition.
+inline int8_t quant_ref(float t, float scale, int32_t qmin, int32_t qmax) {
+  const float r = std::nearbyint(t / scale);
+  if (std::isnan(r)) return 0;
+  if (r < float(qmin)) return int8_t(qmin);
+  if (r > float(qmax)) return int8_t(qmax);
+  return int8_t(int32_t(r));
+}
+
+template <DType T, bool SHIFT>
+void scalar_range(const QuantizeArgs& a, int64_t i, int64_t k0, int64_t k1) {
+  const float lo = float(a.qmin), hi = float(a.qmax);
+  const float magic = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer (RNE)
+  const int64_t base = i * a.ldx;
+  int8_t* q = a.q + i * a.K;
+  for (int64_t k = k0; k < k1; ++k) {
+    float t = load_x(T, a.x, base + k);
+    if (SHIFT) t += a.shift[k];
+    const float v = t / a.scale;
+    if (v != v) {
+      q[k] = 0;
+      continue;
+    }
+    const float c = v < lo ? lo : (v > hi ? hi : v);
+    q[k] = int8_t(int32_t((c + magic) - magic));
+  }
+}
+
+void scalar_range_any(const QuantizeArgs& a, int64_t i, int64_t k0, int64_t k1) {
+  const bool sh = a.shift != nullptr;
+  switch (a.xtype) {
+    case DType::kFloat32: sh ? scalar_range<DType::kFloat32, true>(a, i, k0, k1)
+                             : scalar_range<DType::kFloat32, false>(a, i, k0, k1); break;
+    case DType::kFloat16: sh ? scalar_range<DType::kFloat16, true>(a, i, k0, k1)
+                             : scalar_range<DType::kFloat16, false>(a, i, k0, k1); break;
+    case DType::kBFloat16: sh ? scalar_range<DType::kBFloat16, true>(a, i, k0, k1)
+                              : scalar_range<DType::kBFloat16, false>(a, i, k0, k1); break;
+  }
+}
+
+}  // namespace
+
+bool quantize_avx512_supported() {
+  static const bool ok = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  }();
+  return ok;
+}
+
+Status quantize_s8_path(bool use_avx512, DType xtype, const void* x, int64_t M, int64_t K, int64_t ldx,
+                        const float* shift, const float* scale, int32_t qmin, int32_t qmax, int8_t* q,
+                        int nthreads) {
+  const char* fn = "quantize_s8";
+  Status s = check(fn, xtype, x, M, K, ldx, scale, qmin, qmax, q);
+  if (!s.is_ok()) return s;
+  if (M == 0 || K == 0) return Status::ok();
+  if (use_avx512 && !quantize_avx512_supported())
+    return Status::invalid(err(fn, "AVX-512 path requested but not supported by this CPU"));
+
+  const QuantizeArgs a{xtype, x, M, K, ldx, shift, *scale, qmin, qmax, q};
+  const int64_t chunks = (K + kChunk - 1) / kChunk;
+  const int64_t units = M * chunks;
+  int nt = nthreads > 0 ? nthreads : omp_get_max_threads();
+  if (M * K < kParallelMinElems) nt = 1;
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+  for (int64_t u = 0; u < units; ++u) {
+    const int64_t i = u / chunks, k0 = (u % chunks) * kChunk;
+    const int64_t k1 = k0 + kChunk < K ? k0 + kChunk : K;
+    if (use_avx512)
+      quantize_s8_avx512_range(a, i, k0, k1);
+    else
+      scalar_range_any(a, i, k0, k1);
+  }
+  return Status::ok();
+}
+
+}  // namespace detail
+
+Status quantize_s8(DType xtype, const void* x, int64_t M, int64_t K, int64_t ldx, const float* shift,
+                   const float* scale, int32_t qmin, int32_t qmax, int8_t* q) {
+  return detail::quantize_s8_path(detail::quantize_avx512_supported(), xtype, x, M, K, ldx, shift, scale, qmin,
+                                  qmax, q);
+}
+
+Status quantize_s8_ref(DType xtype, const void* x, int64_t M, int64_t K, int64_t ldx, const float* shift,
+                       const float* scale, int32_t qmin, int32_t qmax, int8_t* q) {
+  Status s = detail::check("quantize_s8_ref", xtype, x, M, K, ldx, scale, qmin, qmax, q);
+  if (!s.is_ok()) return s;
+  if (M == 0 || K == 0) return Status::ok();
+  const float sc = *scale;
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t k = 0; k < K; ++k) {
+      float t = detail::load_x(xtype, x, i * ldx + k);
+      if (shift) t += shift[k];
+      q[i * K + k] = detail::quant_ref(t, sc, qmin, qmax);
+    }
+  return Status::ok();
+}
+
+}  // namespace cpu
+}  // namespace lowbit

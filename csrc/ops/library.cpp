@@ -1,0 +1,36 @@
+// Every lowbit operator schema, in one place (implementations live beside their family:
+// quantize.cpp, linear_s8.cpp, q8_linear.cpp). Conventions: M rows of activations, N output features,
+// K input features; "codes" are integers stored one per int8.
+#include <torch/library.h>
+
+TORCH_LIBRARY(lowbit, m) {
+  // Per-tensor symmetric quantizer with a fused shift: codes = clamp(rne((x + shift) / max(scale, eps)),
+  // qmin, qmax), all in fp32. x (..., K) float32/float16/bfloat16; shift (K,) or None; scale, eps: one
+  // element each. Returns int8 codes of x's shape. CPU, CUDA, Meta.
+  m.def("quantize_s8(Tensor x, Tensor? shift, Tensor scale, Tensor eps, int qmin, int qmax) -> Tensor");
+
+  // LSQ-style step size of a tensor: max(2 * mean(|x|) / sqrt(qmax), eps), the mean accumulated in
+  // float64, the result rounded once to float32 (0-dim, on x's device). eps may be None (no clamp).
+  m.def("lsq_scale(Tensor x, float qmax, Tensor? eps) -> Tensor");
+
+  // int8 GEMM with a fused dequantizing epilogue: out = to(out_dtype)(float(qx . qw^T) * alpha).
+  // qx (..., K) int8, qw (N, K) int8, alpha one fp32 element; out (..., N). CPU, CUDA, Meta.
+  m.def("linear_s8(Tensor qx, Tensor qw, Tensor alpha, ScalarType out_dtype) -> Tensor");
+
+  // The Q8Linear layer (LSQ quantization-aware training):
+  //   y = s_a * s_w * (Q(x + bias_a; s_a) . Q(W; s_w)^T),  Q(t; s) = clamp(rne(t / s), -128, 127),
+  //   s_a = max(scale_a, eps), s_w = max(scale_w, eps). weight is float (N, K) (quantized here with
+  //   scale_w), or int8 codes (N, K) (a frozen qweight). Output: x's dtype. Differentiable in x, bias_a,
+  //   scale_a (LSQ) and a float weight (straight-through).
+  m.def("q8_linear(Tensor x, Tensor bias_a, Tensor weight, Tensor scale_a, Tensor scale_w, Tensor eps) -> Tensor");
+
+  // Backward of a quantized (LSQ) linear layer with codes in [qmin, qmax], from the saved int8 codes and
+  // the layer input x (to rebuild v = (x + bias_a) / s_a for the clip mask and the LSQ term):
+  //   gA = G . (s_w qw);  grad_x = gA * [qmin <= v <= qmax];  grad_bias_a = sum over rows of grad_x;
+  //   grad_weight = G^T . (s_a qx);  grad_scale_a = sum(R * gA) / sqrt(numel(x) * qmax) with
+  //   R = qmin where v < qmin, qmax where v > qmax, rne(v) - v elsewhere (Esser et al. 2020, clip
+  //   terms kept). output_mask selects (x, bias_a, weight, scale_a); unselected outputs are undefined.
+  m.def(
+      "lsq_linear_backward(Tensor grad, Tensor x, Tensor bias_a, Tensor qx, Tensor qw, Tensor scale_a, "
+      "Tensor scale_w, Tensor eps, int qmin, int qmax, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+}

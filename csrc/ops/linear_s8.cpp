@@ -1,0 +1,94 @@
+// Op family "linear_s8": int8 x int8 GEMM with the fused dequantizing epilogue. Checks, Meta kernel,
+// CPU/CUDA dispatch; the math is in csrc/kernels/{cpu,cuda}/gemm_s8.*.
+#include <torch/library.h>
+
+#include "common.h"
+#include "lowbit/kernels/gemm_s8.h"
+#include "lowbit/ops.h"
+
+namespace lowbit::ops {
+namespace {
+
+constexpr const char* kOp = "lowbit.linear_s8";
+
+struct GemmArgs {
+  int64_t M, N, K;
+  std::vector<int64_t> out_shape;
+};
+
+GemmArgs check_linear_s8(const at::Tensor& qx, const at::Tensor& qw, const at::Tensor& alpha,
+                         at::ScalarType out_dtype) {
+  TORCH_CHECK(qx.defined() && qx.scalar_type() == at::kChar, kOp, ": qx must be an int8 tensor, got ",
+              qx.defined() ? c10::toString(qx.scalar_type()) : "None");
+  TORCH_CHECK(qw.defined() && qw.scalar_type() == at::kChar, kOp, ": qw must be an int8 tensor, got ",
+              qw.defined() ? c10::toString(qw.scalar_type()) : "None");
+  TORCH_CHECK(qx.dim() >= 1, kOp, ": qx must have at least one dimension");
+  TORCH_CHECK(qw.dim() == 2, kOp, ": qw must be 2-D (N, K), got shape ", qw.sizes());
+  const int64_t K = qw.size(1), N = qw.size(0);
+  TORCH_CHECK(qx.size(-1) == K, kOp, ": qx has ", qx.size(-1), " features in its last dim but qw expects K=", K);
+  TORCH_CHECK(K <= kMaxGemmS8K, kOp, ": K=", K, " exceeds ", kMaxGemmS8K,
+              ", beyond which the int32 accumulator could overflow");
+  check_same_device(qx, "qx", qw, kOp, "qw");
+  check_scalar(alpha, qx, "qx", kOp, "alpha");
+  kernel_dtype(out_dtype, kOp, "out_dtype");
+  GemmArgs a;
+  a.K = K;
+  a.N = N;
+  a.M = 1;  // product of the leading dims (also right when K == 0)
+  for (int64_t d = 0; d + 1 < qx.dim(); ++d) a.M *= qx.size(d);
+  a.out_shape = qx.sizes().vec();
+  a.out_shape.back() = N;
+  return a;
+}
+
+at::Tensor linear_s8_meta(const at::Tensor& qx, const at::Tensor& qw, const at::Tensor& alpha,
+                          at::ScalarType out_dtype) {
+  const auto a = check_linear_s8(qx, qw, alpha, out_dtype);
+  return at::empty(a.out_shape, qx.options().dtype(out_dtype));
+}
+
+at::Tensor linear_s8_cpu(const at::Tensor& qx, const at::Tensor& qw, const at::Tensor& alpha,
+                         at::ScalarType out_dtype) {
+  const auto a = check_linear_s8(qx, qw, alpha, out_dtype);
+  auto out = at::empty(a.out_shape, qx.options().dtype(out_dtype));
+  if (out.numel() == 0) return out;
+  auto x = qx.contiguous(), w = qw.contiguous();
+  auto al = alpha.detach().to(at::kFloat).contiguous();
+  check_status(cpu::gemm_s8_scaled(x.data_ptr<int8_t>(), a.K, w.data_ptr<int8_t>(), a.K, a.M, a.N, a.K,
+                                   al.data_ptr<float>(), kernel_dtype(out_dtype, kOp, "out_dtype"), out.data_ptr(),
+                                   a.N),
+               kOp);
+  return out;
+}
+
+#ifdef LOWBIT_WITH_CUDA
+at::Tensor linear_s8_cuda(const at::Tensor& qx, const at::Tensor& qw, const at::Tensor& alpha,
+                          at::ScalarType out_dtype) {
+  const auto a = check_linear_s8(qx, qw, alpha, out_dtype);
+  c10::cuda::CUDAGuard guard(qx.device());
+  auto out = at::empty(a.out_shape, qx.options().dtype(out_dtype));
+  if (out.numel() == 0) return out;
+  auto x = qx.contiguous(), w = qw.contiguous();
+  auto al = alpha.detach().to(at::kFloat).contiguous();
+  check_status(cuda::gemm_s8_scaled(x.data_ptr<int8_t>(), a.K, w.data_ptr<int8_t>(), a.K, a.M, a.N, a.K,
+                                    al.data_ptr<float>(), kernel_dtype(out_dtype, kOp, "out_dtype"),
+                                    out.data_ptr(), a.N, current_stream(qx)),
+               kOp);
+  return out;
+}
+#endif
+
+}  // namespace
+
+at::Tensor linear_s8(const at::Tensor& qx, const at::Tensor& qw, const at::Tensor& alpha, at::ScalarType out_dtype) {
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("lowbit::linear_s8", "").typed<decltype(linear_s8)>();
+  return op.call(qx, qw, alpha, out_dtype);
+}
+
+TORCH_LIBRARY_IMPL(lowbit, CPU, m) { m.impl("linear_s8", &linear_s8_cpu); }
+TORCH_LIBRARY_IMPL(lowbit, Meta, m) { m.impl("linear_s8", &linear_s8_meta); }
+#ifdef LOWBIT_WITH_CUDA
+TORCH_LIBRARY_IMPL(lowbit, CUDA, m) { m.impl("linear_s8", &linear_s8_cuda); }
+#endif
+
+}  // namespace lowbit::ops

@@ -1,0 +1,131 @@
+// Op family "quantize": quantize_s8 (fused shift + per-tensor quantizer) and lsq_scale (step size from
+// the mean absolute value). Checks, Meta kernel and CPU/CUDA dispatch; the math is in
+// csrc/kernels/{cpu,cuda}/quantize.*.
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "common.h"
+#include "lowbit/kernels/quantize.h"
+#include "lowbit/ops.h"
+
+namespace lowbit::ops {
+namespace {
+
+constexpr const char* kQuantOp = "lowbit.quantize_s8";
+
+struct QuantArgs {
+  int64_t M, K;
+};
+
+QuantArgs check_quantize(const at::Tensor& x, const std::optional<at::Tensor>& shift, const at::Tensor& scale,
+                         const at::Tensor& eps, int64_t qmin, int64_t qmax) {
+  check_float_tensor(x, kQuantOp, "x");
+  TORCH_CHECK(x.dim() >= 1, kQuantOp, ": x must have at least one dimension, got a 0-dim tensor");
+  const int64_t K = x.size(-1);
+  TORCH_CHECK(qmin <= qmax && qmin >= -128 && qmax <= 127, kQuantOp,
+              ": need -128 <= qmin <= qmax <= 127 (int8 codes), got qmin=", qmin, ", qmax=", qmax);
+  if (shift.has_value() && shift->defined()) {
+    check_float_tensor(*shift, kQuantOp, "shift");
+    TORCH_CHECK(shift->dim() == 1 && shift->size(0) == K, kQuantOp, ": shift must have shape (", K,
+                ",) (the last dim of x), got ", shift->sizes());
+    check_same_device(x, "x", *shift, kQuantOp, "shift");
+  }
+  check_scalar(scale, x, "x", kQuantOp, "scale");
+  check_scalar(eps, x, "x", kQuantOp, "eps");
+  return {K == 0 ? 0 : x.numel() / K, K};
+}
+
+at::Tensor quantize_s8_meta(const at::Tensor& x, const std::optional<at::Tensor>& shift, const at::Tensor& scale,
+                            const at::Tensor& eps, int64_t qmin, int64_t qmax) {
+  check_quantize(x, shift, scale, eps, qmin, qmax);
+  return at::empty(x.sizes(), x.options().dtype(at::kChar));
+}
+
+// Prepared operands shared by both devices: contiguous x, fp32 shift, fp32 clamped scale.
+struct QuantOperands {
+  at::Tensor x, shift, scale;
+};
+
+QuantOperands prepare(const at::Tensor& x, const std::optional<at::Tensor>& shift, const at::Tensor& scale,
+                      const at::Tensor& eps) {
+  QuantOperands o;
+  o.x = x.contiguous();
+  if (shift.has_value() && shift->defined()) o.shift = shift->detach().to(at::kFloat).contiguous();
+  o.scale = clamp_scale(scale, eps);
+  check_step(o.scale, scale, eps, kQuantOp, "scale");
+  return o;
+}
+
+at::Tensor quantize_s8_cpu(const at::Tensor& x, const std::optional<at::Tensor>& shift, const at::Tensor& scale,
+                           const at::Tensor& eps, int64_t qmin, int64_t qmax) {
+  const auto a = check_quantize(x, shift, scale, eps, qmin, qmax);
+  auto o = prepare(x, shift, scale, eps);
+  auto q = at::empty(x.sizes(), x.options().dtype(at::kChar));
+  if (q.numel() == 0) return q;
+  check_status(cpu::quantize_s8(kernel_dtype(x.scalar_type(), kQuantOp, "x"), o.x.data_ptr(), a.M, a.K, a.K,
+                                o.shift.defined() ? o.shift.data_ptr<float>() : nullptr,
+                                o.scale.data_ptr<float>(), int32_t(qmin), int32_t(qmax), q.data_ptr<int8_t>()),
+               kQuantOp);
+  return q;
+}
+
+#ifdef LOWBIT_WITH_CUDA
+at::Tensor quantize_s8_cuda(const at::Tensor& x, const std::optional<at::Tensor>& shift, const at::Tensor& scale,
+                            const at::Tensor& eps, int64_t qmin, int64_t qmax) {
+  const auto a = check_quantize(x, shift, scale, eps, qmin, qmax);
+  c10::cuda::CUDAGuard guard(x.device());
+  auto o = prepare(x, shift, scale, eps);
+  auto q = at::empty(x.sizes(), x.options().dtype(at::kChar));
+  if (q.numel() == 0) return q;
+  check_status(cuda::quantize_s8(kernel_dtype(x.scalar_type(), kQuantOp, "x"), o.x.data_ptr(), a.M, a.K, a.K,
+                                 o.shift.defined() ? o.shift.data_ptr<float>() : nullptr,
+                                 o.scale.data_ptr<float>(), int32_t(qmin), int32_t(qmax), q.data_ptr<int8_t>(),
+                                 current_stream(x)),
+               kQuantOp);
+  return q;
+}
+#endif
+
+// lsq_scale: composite of ATen reductions (device-agnostic, Meta included). The mean is accumulated in
+// float64 and rounded once to fp32, so CPU and CUDA agree unless the float64 sums (summed in different
+// orders) straddle an fp32 rounding boundary (relative gap < 1e-15, not seen in practice).
+at::Tensor lsq_scale_impl(const at::Tensor& x, double qmax, const std::optional<at::Tensor>& eps) {
+  constexpr const char* op = "lowbit.lsq_scale";
+  TORCH_CHECK(x.defined() && at::isFloatingType(x.scalar_type()), op, ": x must be a floating-point tensor, got ",
+              x.defined() ? c10::toString(x.scalar_type()) : "None");
+  TORCH_CHECK(x.numel() > 0, op, ": x is empty (shape ", x.sizes(), "); the scale of an empty tensor is undefined");
+  TORCH_CHECK(qmax > 0 && std::isfinite(qmax), op, ": qmax must be a positive finite number, got ", qmax);
+  auto mean_abs = at::linalg_vector_norm(x.detach(), 1, c10::nullopt, false, at::kDouble) / double(x.numel());
+  auto s = (mean_abs * (2.0 / std::sqrt(qmax))).to(at::kFloat);
+  if (eps.has_value() && eps->defined()) {
+    check_scalar(*eps, x, "x", op, "eps");
+    s = at::maximum(s, eps->detach().to(at::kFloat).reshape({}));
+  }
+  return s;
+}
+
+}  // namespace
+
+at::Tensor quantize_s8(const at::Tensor& x, const std::optional<at::Tensor>& shift, const at::Tensor& scale,
+                       const at::Tensor& eps, int64_t qmin, int64_t qmax) {
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("lowbit::quantize_s8", "").typed<decltype(quantize_s8)>();
+  return op.call(x, shift, scale, eps, qmin, qmax);
+}
+
+at::Tensor lsq_scale(const at::Tensor& x, double qmax, const std::optional<at::Tensor>& eps) {
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("lowbit::lsq_scale", "").typed<decltype(lsq_scale)>();
+  return op.call(x, qmax, eps);
+}
+
+TORCH_LIBRARY_IMPL(lowbit, CPU, m) { m.impl("quantize_s8", &quantize_s8_cpu); }
+TORCH_LIBRARY_IMPL(lowbit, Meta, m) { m.impl("quantize_s8", &quantize_s8_meta); }
+#ifdef LOWBIT_WITH_CUDA
+TORCH_LIBRARY_IMPL(lowbit, CUDA, m) { m.impl("quantize_s8", &quantize_s8_cuda); }
+#endif
+TORCH_LIBRARY_IMPL(lowbit, CompositeExplicitAutograd, m) { m.impl("lsq_scale", &lsq_scale_impl); }
+// The step size is a statistic, not a function to differentiate (LSQ learns s_a by its own gradient;
+// s_w gets none, as in BIE): its output never carries a grad_fn.
+TORCH_LIBRARY_IMPL(lowbit, Autograd, m) { m.impl("lsq_scale", torch::CppFunction::makeFallthrough()); }
+
+}  // namespace lowbit::ops

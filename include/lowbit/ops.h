@@ -1,0 +1,33 @@
+// lowbit C++ API, operator level (libtorch users). Each function calls the registered operator through
+// the dispatcher, so autograd, CPU/CUDA/Meta dispatch and torch.compile see the same op that Python's
+// torch.ops.lowbit.* sees. Schemas and the math of each op: csrc/ops/library.cpp and docs/ops.md.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <array>
+#include <optional>
+#include <tuple>
+
+namespace lowbit::ops {
+
+// int8 codes = clamp(rne((x + shift) / max(scale, eps)), qmin, qmax), computed in fp32.
+at::Tensor quantize_s8(const at::Tensor& x, const std::optional<at::Tensor>& shift, const at::Tensor& scale,
+                       const at::Tensor& eps, int64_t qmin, int64_t qmax);
+
+// max(2 * mean|x| / sqrt(qmax), eps) as a 0-dim fp32 tensor (mean in float64).
+at::Tensor lsq_scale(const at::Tensor& x, double qmax, const std::optional<at::Tensor>& eps);
+
+// to(out_dtype)(float(qx . qw^T) * alpha); qx (..., K) int8, qw (N, K) int8.
+at::Tensor linear_s8(const at::Tensor& qx, const at::Tensor& qw, const at::Tensor& alpha, at::ScalarType out_dtype);
+
+// The Q8Linear layer's differentiable forward (see csrc/ops/library.cpp).
+at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& bias_a, const at::Tensor& weight,
+                     const at::Tensor& scale_a, const at::Tensor& scale_w, const at::Tensor& eps);
+
+// Backward of an LSQ-quantized linear layer; returns (grad_x, grad_bias_a, grad_weight, grad_scale_a).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsq_linear_backward(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& bias_a, const at::Tensor& qx,
+    const at::Tensor& qw, const at::Tensor& scale_a, const at::Tensor& scale_w, const at::Tensor& eps, int64_t qmin,
+    int64_t qmax, std::array<bool, 4> output_mask);
+
+}  // namespace lowbit::ops

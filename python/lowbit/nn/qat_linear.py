@@ -1,0 +1,208 @@
+"""Shared state and lifecycle of the quantization-aware-training linear layers (Q8Linear; the 4-bit
+layer reuses it): parameters, lazy LSQ activation-scale initialisation, the frozen ``qweight`` and its
+invalidation, and state-dict validation. No numerics here: every number comes from ``lowbit.ops``."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .base import LowbitLayer
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+class QATLinearBase(LowbitLayer):
+    """y = s_a * s_w * (Q(x + bias_a) @ Q(W).T) with an LSQ-learned activation step ``scale_a``.
+
+    State (BIE's keys): parameters ``weight`` (out, in) float32, ``bias_a`` (in,) and ``scale_a`` ()
+    in ``dtype``; buffers ``scale_w`` () float32 and ``eps`` () in ``dtype``; after
+    :meth:`generate_quantized_weight`, the buffer ``qweight``."""
+
+    # Subclasses set these.
+    _bits: int = 8
+    _qmin: int = -128
+    _qmax: int = 127
+    # Constant of the activation-scale init 2*mean|x|/sqrt(c); BIE uses sqrt(127) for every width.
+    _act_init_qmax: float = 127.0
+
+    def __init__(self, in_channels: int, out_channels: int, a_bit: int, w_bit: int, device=None,
+                 dtype: torch.dtype = torch.float) -> None:
+        super().__init__()
+        self.in_channels = _check_positive_int("in_channels", in_channels)
+        self.out_channels = _check_positive_int("out_channels", out_channels)
+        if a_bit != self._bits or w_bit != self._bits:
+            raise ValueError(f"{type(self).__name__} computes with {self._bits}-bit weights and activations; "
+                             f"got a_bit={a_bit}, w_bit={w_bit}")
+        if dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"dtype must be one of {_FLOAT_DTYPES}, got {dtype}")
+        self.a_bit, self.w_bit, self.dtype = a_bit, w_bit, dtype
+        self.weight: Optional[torch.nn.Parameter] = torch.nn.Parameter(
+            torch.empty(out_channels, in_channels, device=device, dtype=torch.float32))
+        self.bias_a = torch.nn.Parameter(torch.zeros(in_channels, device=device, dtype=dtype))
+        self.scale_a = torch.nn.Parameter(torch.zeros((), device=device, dtype=dtype))
+        self.register_buffer("scale_w", torch.ones((), device=device, dtype=torch.float32))
+        self.register_buffer("eps", torch.tensor(1e-5, device=device, dtype=dtype))
+        self.register_buffer("qweight", None)
+        self._qweight_version: Optional[int] = None  # weight._version when qweight was made or loaded
+        self._scale_a_ready = False  # scale_a known non-zero (checked once: one host read)
+        self.reset_parameters()
+
+    # ---------------------------------------------------------------- nn.Linear-style aliases
+    @property
+    def in_features(self) -> int:
+        return self.in_channels
+
+    @property
+    def out_features(self) -> int:
+        return self.out_channels
+
+    def extra_repr(self) -> str:
+        return (f"in_channels={self.in_channels}, out_channels={self.out_channels}, bits={self._bits}, "
+                f"dtype={self.dtype}, qweight={'yes' if self.qweight is not None else 'no'}")
+
+    def reset_parameters(self) -> None:
+        if self.weight is not None:
+            torch.nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # as nn.Linear
+
+    # ---------------------------------------------------------------- BIE methods
+    def prepare_params(self) -> None:
+        """Ready the layer after its weights were set or loaded (Q8: nothing to derive)."""
+
+    def set_weight_data(self, x: Tensor) -> None:
+        """Replace the float weight (keeps it trainable: BIE freezes it, I-21)."""
+        if tuple(x.shape) != (self.out_channels, self.in_channels):
+            raise ValueError(f"weight must have shape {(self.out_channels, self.in_channels)}, got {tuple(x.shape)}")
+        self.weight = torch.nn.Parameter(x.detach().to(torch.float32).clone())
+        self.qweight = None
+
+    def set_quantized_weight_data(self, x: Tensor) -> None:
+        """Install precomputed int8 codes as ``qweight`` (with ``scale_w`` already set)."""
+        self._check_qweight(x, "qweight")
+        self.qweight = x.detach().clone()
+        self._qweight_version = self.weight._version if self.weight is not None else None
+
+    def set_activation(self, x: Tensor) -> Tensor:
+        """Initialise ``scale_a`` from x if it is still 0, and return the shifted input x + bias_a
+        (BIE's helper; forward fuses the shift into the quantizer instead)."""
+        self._init_scale_a(x)
+        return x + self.bias_a
+
+    @property
+    def opt_weight(self) -> Optional[Tensor]:
+        """The weight forward uses: float ``weight`` in training, ``qweight`` in eval."""
+        return self.weight if self.training else self._eval_qweight()
+
+    @torch.no_grad()
+    def generate_quantized_weight(self, qweight_only: bool = False) -> None:
+        """Freeze ``scale_w`` from the current weight and store the codes in ``qweight``. With
+        ``qweight_only`` the float weight is released: the layer is then inference-only."""
+        if self.weight is None:
+            if self.qweight is None:
+                raise RuntimeError(f"{type(self).__name__}: neither weight nor qweight is present")
+            return
+        self.scale_w.copy_(self._weight_scale())
+        self.qweight = self._quantize_weight(self.weight, self.scale_w)
+        self._qweight_version = self.weight._version
+        if qweight_only:
+            self.weight = None
+
+    def check_parameters(self) -> None:
+        """Raise if a scale is not finite or not positive, or qweight has the wrong shape/dtype."""
+        for name in ("scale_a", "scale_w", "eps"):
+            t = getattr(self, name)
+            if not bool(torch.isfinite(t).all()):
+                raise RuntimeError(f"{type(self).__name__}: {name} must be finite, got {t.tolist()}")
+        if float(self.eps) <= 0 or float(self.scale_w) <= 0:
+            raise RuntimeError(f"{type(self).__name__}: eps and scale_w must be > 0, got eps={float(self.eps)}, "
+                               f"scale_w={float(self.scale_w)}")
+        if self.qweight is not None:
+            self._check_qweight(self.qweight, "qweight")
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training:
+            if self.weight is None:
+                raise RuntimeError(f"{type(self).__name__}: the float weight was released by "
+                                   "generate_quantized_weight(qweight_only=True); this layer is inference-only "
+                                   "(call .eval())")
+            self._init_scale_a(x)
+            if self.qweight is not None:
+                self.qweight = None  # stale once training resumes (BIE I-3)
+            return self._forward_op(x, self.weight, self._weight_scale())
+        return self._forward_op(x, self._eval_qweight(), self.scale_w)
+
+    # ---------------------------------------------------------------- subclass hooks
+    def _weight_scale(self) -> Tensor:
+        raise NotImplementedError
+
+    def _quantize_weight(self, weight: Tensor, scale_w: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _forward_op(self, x: Tensor, weight: Tensor, scale_w: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _qweight_shape(self) -> tuple:
+        return (self.out_channels, self.in_channels)
+
+    # ---------------------------------------------------------------- internals
+    def _init_scale_a(self, x: Tensor) -> None:
+        if self._scale_a_ready:
+            return
+        from .. import ops
+
+        with torch.no_grad():
+            if not bool(self.scale_a.detach().ne(0).item()):  # one host read per layer, not per call
+                self.scale_a.copy_(ops.lsq_scale(x, self._act_init_qmax, None))
+        self._scale_a_ready = True
+
+    def _eval_qweight(self) -> Tensor:
+        stale = self.weight is not None and self.weight._version != self._qweight_version
+        if self.qweight is None or stale:
+            self.generate_quantized_weight(qweight_only=False)
+        return self.qweight
+
+    def _check_qweight(self, q: Tensor, key: str) -> None:
+        if not isinstance(q, Tensor) or q.dtype != torch.int8 or tuple(q.shape) != self._qweight_shape():
+            got = f"dtype={q.dtype}, shape={tuple(q.shape)}" if isinstance(q, Tensor) else type(q).__name__
+            raise RuntimeError(f"{type(self).__name__}: {key} must be an int8 tensor of shape "
+                               f"{self._qweight_shape()}, got {got}")
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        qkey, wkey = prefix + "qweight", prefix + "weight"
+        name = type(self).__name__
+        for key in ("scale_a", "scale_w", "eps"):
+            t = state_dict.get(prefix + key)
+            if t is None:
+                continue
+            if not isinstance(t, Tensor) or t.numel() != 1 or not t.is_floating_point():
+                raise RuntimeError(f"{name}: state_dict[{prefix + key!r}] must be a one-element float tensor, "
+                                   f"got {getattr(t, 'shape', type(t))} {getattr(t, 'dtype', '')}")
+            if not bool(torch.isfinite(t).all()):
+                raise RuntimeError(f"{name}: state_dict[{prefix + key!r}] must be finite, got {t.item()}")
+            if key != "scale_a" and float(t) <= 0:
+                raise RuntimeError(f"{name}: state_dict[{prefix + key!r}] must be > 0, got {float(t)}")
+            if t.dim() != 0:  # BIE writes 0-dim scalars; accept (1,) too
+                state_dict[prefix + key] = t.reshape(())
+        has_q = qkey in state_dict
+        if has_q:
+            self._check_qweight(state_dict[qkey], f"state_dict[{qkey!r}]")
+            device = self.bias_a.device
+            self.qweight = torch.empty(self._qweight_shape(), dtype=torch.int8, device=device)
+        if has_q and wkey not in state_dict:
+            self.weight = None  # a qweight-only (inference) checkpoint
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        self._scale_a_ready = False
+        self._qweight_version = (self.weight._version if self.weight is not None else None) if has_q else None
+        if not has_q:
+            self.qweight = None

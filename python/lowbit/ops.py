@@ -1,0 +1,39 @@
+"""Typed wrappers over ``torch.ops.lowbit.*``. Each docstring is the op's contract; the math and its
+rounding are in the native library (schemas: ``csrc/ops/library.cpp``, formulas: ``docs/ops.md``)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+_ops = torch.ops.lowbit
+
+
+def quantize_s8(x: Tensor, shift: Optional[Tensor], scale: Tensor, eps: Tensor, qmin: int, qmax: int) -> Tensor:
+    """int8 codes ``clamp(rne((x + shift) / max(scale, eps)), qmin, qmax)``, computed in fp32.
+
+    x: (..., K) float32/float16/bfloat16; shift: (K,) or None; scale, eps: one element each.
+    Ties round half to even; NaN gives 0. Returns int8 with x's shape."""
+    return _ops.quantize_s8(x, shift, scale, eps, qmin, qmax)
+
+
+def lsq_scale(x: Tensor, qmax: float, eps: Optional[Tensor] = None) -> Tensor:
+    """LSQ step size ``max(2 * mean(|x|) / sqrt(qmax), eps)`` as a 0-dim float32 tensor on x's device
+    (mean accumulated in float64, rounded once)."""
+    return _ops.lsq_scale(x, float(qmax), eps)
+
+
+def linear_s8(qx: Tensor, qw: Tensor, alpha: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """``to(out_dtype)(float(qx @ qw.T) * alpha)`` with exact int32 accumulation.
+
+    qx: (..., K) int8; qw: (N, K) int8; alpha: one float32 element on the same device."""
+    return _ops.linear_s8(qx, qw, alpha, out_dtype)
+
+
+def q8_linear(x: Tensor, bias_a: Tensor, weight: Tensor, scale_a: Tensor, scale_w: Tensor, eps: Tensor) -> Tensor:
+    """The Q8Linear forward, differentiable: ``s_a*s_w * (Q(x + bias_a; s_a) @ Q(W; s_w).T)``.
+
+    ``weight`` is float (quantized here with ``scale_w``) or int8 codes (a frozen ``qweight``).
+    Gradients: straight-through for x (clip-masked) and a float weight, LSQ for ``scale_a``."""
+    return _ops.q8_linear(x, bias_a, weight, scale_a, scale_w, eps)

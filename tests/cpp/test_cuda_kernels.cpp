@@ -1,0 +1,581 @@
+// CUDA kernels vs. the scalar CPU references, bitwise.
+//
+// Every case: fresh random inputs (with padding columns filled with garbage the kernel must not read
+// into results), outputs poisoned before the run, then (a) every in-bounds output equal bit for bit to
+// the CPU reference, (b) every byte outside the logical output (row padding when ld > width, guard
+// bytes before and after) still holding the poison. Odd sizes, odd strides and base pointers offset
+// from 16-byte alignment drive the tail and fallback paths of the kernels.
+// Skipped when the machine has no CUDA device.
+#include <gtest/gtest.h>
+
+#include <cuda_runtime.h>
+
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <algorithm>
+#include <limits>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "lowbit/kernels/common.h"
+#include "lowbit/kernels/float_convert.h"
+#include "lowbit/kernels/gemm_s8.h"
+#include "lowbit/kernels/quantize.h"
+
+namespace {
+
+using lowbit::DType;
+using lowbit::Status;
+
+bool cuda_available() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  return n > 0;
+}
+
+#define LOWBIT_REQUIRE_CUDA()                                          \
+  do {                                                                 \
+    if (!cuda_available()) GTEST_SKIP() << "no CUDA device present";  \
+  } while (0)
+
+#define CUDA_ASSERT(expr)                                                                  \
+  do {                                                                                     \
+    const cudaError_t err_ = (expr);                                                       \
+    ASSERT_EQ(err_, cudaSuccess) << #expr << " failed: " << cudaGetErrorString(err_);      \
+  } while (0)
+
+// Owning device allocation (tests may allocate; the kernels never do).
+class DeviceBuffer {
+ public:
+  explicit DeviceBuffer(size_t bytes) : bytes_(bytes) {
+    if (cudaMalloc(&ptr_, bytes == 0 ? 1 : bytes) != cudaSuccess) ptr_ = nullptr;
+  }
+  ~DeviceBuffer() {
+    if (ptr_ != nullptr) cudaFree(ptr_);
+  }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  uint8_t* bytes() const { return static_cast<uint8_t*>(ptr_); }
+  size_t size() const { return bytes_; }
+  bool ok() const { return ptr_ != nullptr; }
+
+ private:
+  void* ptr_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+size_t dtype_size(DType t) { return t == DType::kFloat32 ? 4 : 2; }
+
+// Host float -> the storage bits of dtype t, appended to a byte vector at byte offset `at`.
+void put_value(std::vector<uint8_t>& buf, size_t at, DType t, float v) {
+  if (t == DType::kFloat32) {
+    std::memcpy(&buf[at], &v, 4);
+  } else {
+    const uint16_t h = t == DType::kFloat16 ? lowbit::float_to_half(v) : lowbit::float_to_bf16(v);
+    std::memcpy(&buf[at], &h, 2);
+  }
+}
+
+class CudaKernels : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    LOWBIT_REQUIRE_CUDA();
+    CUDA_ASSERT(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+  }
+  void TearDown() override {
+    if (stream_ != nullptr) cudaStreamDestroy(stream_);
+  }
+  CUstream_st* stream() const { return reinterpret_cast<CUstream_st*>(stream_); }
+  cudaStream_t stream_ = nullptr;
+};
+
+// ---------------------------------------------------------------------------------------------------
+// quantize_s8
+
+struct QuantCase {
+  DType xtype;
+  int64_t M, K, ldx;
+  size_t x_off;        // elements the x base is moved by (breaks 16-byte alignment when odd)
+  int shift_mode;      // 0: none, 1: shift aligned, 2: shift offset by one float
+  size_t q_off;        // bytes the q base is moved by
+  int32_t qmin, qmax;
+  float scale;
+  std::string str() const {
+    std::ostringstream os;
+    os << lowbit::dtype_name(xtype) << " M=" << M << " K=" << K << " ldx=" << ldx << " x_off=" << x_off
+       << " shift=" << shift_mode << " q_off=" << q_off << " q=[" << qmin << "," << qmax << "] scale=" << scale;
+    return os.str();
+  }
+};
+
+// Inputs that exercise every branch of the contract: ordinary values, exact .5 ties (when the scale
+// is a power of two), values far outside the code range, +-inf, NaN, subnormals, signed zeros.
+float draw_input(std::mt19937& rng, float scale) {
+  std::uniform_int_distribution<int> kind(0, 99);
+  std::normal_distribution<float> normal(0.f, 1.f);
+  const int k = kind(rng);
+  if (k < 60) return normal(rng) * 40.f * scale;                                    // mostly in range
+  if (k < 80) return (float(std::uniform_int_distribution<int>(-140, 140)(rng)) + 0.5f) * scale;  // ties
+  if (k < 88) return normal(rng) * 1e4f * scale;                                    // clamps
+  if (k < 90) return std::numeric_limits<float>::infinity();
+  if (k < 92) return -std::numeric_limits<float>::infinity();
+  if (k < 94) return std::numeric_limits<float>::quiet_NaN();
+  if (k < 96) return std::numeric_limits<float>::denorm_min() * float(std::uniform_int_distribution<int>(1, 99)(rng));
+  if (k < 98) return -0.0f;
+  return 3e38f * (k == 98 ? 1.f : -1.f);
+}
+
+void run_quant_case(const QuantCase& c, std::mt19937& rng, CUstream_st* stream) {
+  SCOPED_TRACE(c.str());
+  const size_t es = dtype_size(c.xtype);
+  const size_t x_elems = c.x_off + size_t(c.M) * size_t(c.ldx);
+  std::vector<uint8_t> hx(x_elems * es);
+  for (int64_t i = 0; i < c.M; ++i)
+    for (int64_t k = 0; k < c.ldx; ++k) {
+      // Padding columns get NaN / huge values: if the kernel read them into outputs, codes would differ.
+      const float v = k < c.K ? draw_input(rng, c.scale) : (k % 2 ? std::nanf("") : 1e30f);
+      put_value(hx, (c.x_off + size_t(i) * c.ldx + k) * es, c.xtype, v);
+    }
+  const size_t shift_off = c.shift_mode == 2 ? 1 : 0;
+  std::vector<float> hshift(shift_off + size_t(c.K) + 1);
+  for (auto& s : hshift)  // multiples of scale/16: x + shift stays exact often enough to keep ties
+    s = float(std::uniform_int_distribution<int>(-64, 64)(rng)) * c.scale / 16.f;
+  if (c.K > 3 && c.shift_mode != 0) hshift[shift_off + 3] = std::numeric_limits<float>::quiet_NaN();
+
+  const size_t q_bytes = c.q_off + size_t(c.M) * size_t(c.K) + 32;
+  constexpr uint8_t kPoison = 0xA5;
+
+  DeviceBuffer dx(hx.size()), dshift(hshift.size() * 4), dscale(4), dq(q_bytes);
+  ASSERT_TRUE(dx.ok() && dshift.ok() && dscale.ok() && dq.ok()) << "cudaMalloc failed";
+  CUDA_ASSERT(cudaMemcpy(dx.bytes(), hx.data(), hx.size(), cudaMemcpyHostToDevice));
+  CUDA_ASSERT(cudaMemcpy(dshift.bytes(), hshift.data(), hshift.size() * 4, cudaMemcpyHostToDevice));
+  CUDA_ASSERT(cudaMemcpy(dscale.bytes(), &c.scale, 4, cudaMemcpyHostToDevice));
+  CUDA_ASSERT(cudaMemset(dq.bytes(), kPoison, q_bytes));
+
+  const float* dshift_p = c.shift_mode == 0 ? nullptr : reinterpret_cast<const float*>(dshift.bytes()) + shift_off;
+  const Status st = lowbit::cuda::quantize_s8(c.xtype, dx.bytes() + c.x_off * es, c.M, c.K, c.ldx, dshift_p,
+                                              reinterpret_cast<const float*>(dscale.bytes()), c.qmin, c.qmax,
+                                              reinterpret_cast<int8_t*>(dq.bytes() + c.q_off), stream);
+  ASSERT_TRUE(st.is_ok()) << st.message;
+  CUDA_ASSERT(cudaStreamSynchronize(reinterpret_cast<cudaStream_t>(stream)));
+  CUDA_ASSERT(cudaGetLastError());
+  std::vector<uint8_t> got(q_bytes);
+  CUDA_ASSERT(cudaMemcpy(got.data(), dq.bytes(), q_bytes, cudaMemcpyDeviceToHost));
+
+  std::vector<int8_t> ref(size_t(c.M) * size_t(c.K) + 1, 0);
+  const Status rs = lowbit::cpu::quantize_s8_ref(c.xtype, hx.data() + c.x_off * es, c.M, c.K, c.ldx,
+                                                 c.shift_mode == 0 ? nullptr : hshift.data() + shift_off, &c.scale,
+                                                 c.qmin, c.qmax, ref.data());
+  ASSERT_TRUE(rs.is_ok()) << "CPU reference failed: " << rs.message;
+
+  for (size_t b = 0; b < c.q_off; ++b) ASSERT_EQ(got[b], kPoison) << "byte written before q at -" << (c.q_off - b);
+  for (int64_t i = 0; i < c.M; ++i)
+    for (int64_t k = 0; k < c.K; ++k) {
+      const size_t e = size_t(i) * c.K + k;
+      ASSERT_EQ(int(int8_t(got[c.q_off + e])), int(ref[e])) << "code mismatch at (" << i << ", " << k << ")";
+    }
+  for (size_t b = c.q_off + size_t(c.M) * c.K; b < q_bytes; ++b)
+    ASSERT_EQ(got[b], kPoison) << "byte written past q end at +" << (b - c.q_off - size_t(c.M) * c.K);
+}
+
+TEST_F(CudaKernels, QuantizeMatchesReference) {
+  const std::vector<std::pair<int64_t, int64_t>> shapes = {
+      {1, 1}, {1, 8}, {3, 17}, {17, 33}, {4, 64}, {127, 129}, {255, 1000}, {33, 4096}, {1000, 24}, {64, 1031}, {129, 256}};
+  // (ldx padding, x offset in elements, shift mode, q offset, qmin, qmax, scale)
+  struct Variant { int64_t ldx_pad; size_t x_off; int shift_mode; size_t q_off; int32_t qmin, qmax; float scale; };
+  const std::vector<Variant> variants = {
+      {0, 0, 0, 0, -128, 127, 0.125f},   // tight: vector path when K % 8 == 0
+      {0, 0, 1, 0, -8, 7, 0.0371f},      // 4-bit range, shift
+      {8, 0, 1, 0, -128, 127, 0.25f},    // padded rows, still 16-byte aligned
+      {1, 0, 2, 0, -128, 127, 0.125f},   // odd ldx, misaligned shift: scalar path
+      {0, 1, 1, 0, -128, 127, 1e-3f},    // misaligned x
+      {8, 0, 0, 3, -8, 7, 7.0f},         // misaligned q
+  };
+  std::mt19937 rng(20240611);
+  for (DType t : {DType::kFloat32, DType::kFloat16, DType::kBFloat16})
+    for (const auto& s : shapes)
+      for (const auto& v : variants) {
+        const QuantCase c{t, s.first, s.second, s.second + v.ldx_pad, v.x_off, v.shift_mode, v.q_off, v.qmin, v.qmax, v.scale};
+        run_quant_case(c, rng, stream());
+        if (HasFatalFailure()) return;
+      }
+}
+
+TEST_F(CudaKernels, QuantizeLarge) {
+  std::mt19937 rng(7);
+  for (DType t : {DType::kFloat32, DType::kFloat16, DType::kBFloat16}) {
+    run_quant_case({t, 2048, 4096, 4096, 0, 1, 0, -128, 127, 0.0213f}, rng, stream());
+    if (HasFatalFailure()) return;
+  }
+}
+
+TEST_F(CudaKernels, QuantizeEmptyIsNoOp) {
+  DeviceBuffer dq(16);
+  ASSERT_TRUE(dq.ok());
+  CUDA_ASSERT(cudaMemset(dq.bytes(), 0x5A, 16));
+  float one = 1.f;
+  DeviceBuffer dscale(4);
+  CUDA_ASSERT(cudaMemcpy(dscale.bytes(), &one, 4, cudaMemcpyHostToDevice));
+  const float* sc = reinterpret_cast<const float*>(dscale.bytes());
+  auto* q = reinterpret_cast<int8_t*>(dq.bytes());
+  EXPECT_TRUE(lowbit::cuda::quantize_s8(DType::kFloat32, dq.bytes(), 0, 5, 5, nullptr, sc, -128, 127, q, stream()).is_ok());
+  EXPECT_TRUE(lowbit::cuda::quantize_s8(DType::kFloat32, dq.bytes(), 5, 0, 0, nullptr, sc, -128, 127, q, stream()).is_ok());
+  CUDA_ASSERT(cudaStreamSynchronize(stream_));
+  std::vector<uint8_t> got(16);
+  CUDA_ASSERT(cudaMemcpy(got.data(), dq.bytes(), 16, cudaMemcpyDeviceToHost));
+  for (uint8_t b : got) EXPECT_EQ(b, 0x5A);
+}
+
+TEST_F(CudaKernels, QuantizeRejectsInvalidArguments) {
+  DeviceBuffer dx(4096), dscale(4), dq(4096);
+  ASSERT_TRUE(dx.ok() && dscale.ok() && dq.ok());
+  const void* x = dx.bytes();
+  const float* sc = reinterpret_cast<const float*>(dscale.bytes());
+  int8_t* q = reinterpret_cast<int8_t*>(dq.bytes());
+  using lowbit::cuda::quantize_s8;
+  auto expect_invalid = [](const Status& s, const char* what) {
+    EXPECT_EQ(s.code, Status::Code::kInvalidArgument) << what;
+    EXPECT_FALSE(s.message.empty()) << what;
+  };
+  expect_invalid(quantize_s8(DType::kFloat32, nullptr, 4, 4, 4, nullptr, sc, -128, 127, q, stream()), "x null");
+  expect_invalid(quantize_s8(DType::kFloat32, x, 4, 4, 4, nullptr, nullptr, -128, 127, q, stream()), "scale null");
+  expect_invalid(quantize_s8(DType::kFloat32, x, 4, 4, 4, nullptr, sc, -128, 127, nullptr, stream()), "q null");
+  expect_invalid(quantize_s8(DType::kFloat32, x, -1, 4, 4, nullptr, sc, -128, 127, q, stream()), "M < 0");
+  expect_invalid(quantize_s8(DType::kFloat32, x, 4, -1, 4, nullptr, sc, -128, 127, q, stream()), "K < 0");
+  expect_invalid(quantize_s8(DType::kFloat32, x, 4, 8, 7, nullptr, sc, -128, 127, q, stream()), "ldx < K");
+  expect_invalid(quantize_s8(DType::kFloat32, x, 4, 4, 4, nullptr, sc, 5, 4, q, stream()), "qmin > qmax");
+  expect_invalid(quantize_s8(DType::kFloat32, x, 4, 4, 4, nullptr, sc, -128, 128, q, stream()), "qmax > 127");
+  expect_invalid(quantize_s8(DType::kFloat32, x, 4, 4, 4, nullptr, sc, -129, 127, q, stream()), "qmin < -128");
+  expect_invalid(quantize_s8(static_cast<DType>(7), x, 4, 4, 4, nullptr, sc, -128, 127, q, stream()), "bad dtype");
+}
+
+// ---------------------------------------------------------------------------------------------------
+// gemm_s8_scaled
+
+struct GemmCase {
+  int64_t M, N, K, lda, ldb, ldo;
+  size_t a_off, b_off;  // bytes the A / B bases are moved by
+  size_t o_off;         // elements the out base is moved by
+  float alpha;
+  DType otype;
+  std::string str() const {
+    std::ostringstream os;
+    os << "M=" << M << " N=" << N << " K=" << K << " lda=" << lda << " ldb=" << ldb << " ldo=" << ldo
+       << " a_off=" << a_off << " b_off=" << b_off << " o_off=" << o_off << " alpha=" << alpha
+       << " out=" << lowbit::dtype_name(otype);
+    return os.str();
+  }
+};
+
+constexpr uint8_t kOutPoison = 0xFF;  // NaN in every output dtype: never a value the kernel produces here
+
+// Runs one case. With device_runs > 1 the kernel runs again on the same inputs (output re-poisoned)
+// and must give the same bits: determinism.
+void run_gemm_case(const GemmCase& c, std::mt19937& rng, CUstream_st* stream, int device_runs = 1) {
+  SCOPED_TRACE(c.str());
+  const size_t es = dtype_size(c.otype);
+  const size_t a_bytes = c.a_off + size_t(c.M) * size_t(c.lda) + 1;
+  const size_t b_bytes = c.b_off + size_t(c.N) * size_t(c.ldb) + 1;
+  const size_t o_bytes = (c.o_off + size_t(c.M) * size_t(c.ldo)) * es + 64;
+  std::vector<int8_t> ha(a_bytes), hb(b_bytes);
+  std::uniform_int_distribution<int> byte(-128, 127);
+  for (auto& v : ha) v = int8_t(byte(rng));  // padding too: garbage the kernel must not use
+  for (auto& v : hb) v = int8_t(byte(rng));
+
+  DeviceBuffer da(a_bytes), db(b_bytes), dalpha(4), dout(o_bytes);
+  ASSERT_TRUE(da.ok() && db.ok() && dalpha.ok() && dout.ok()) << "cudaMalloc failed";
+  CUDA_ASSERT(cudaMemcpy(da.bytes(), ha.data(), a_bytes, cudaMemcpyHostToDevice));
+  CUDA_ASSERT(cudaMemcpy(db.bytes(), hb.data(), b_bytes, cudaMemcpyHostToDevice));
+  CUDA_ASSERT(cudaMemcpy(dalpha.bytes(), &c.alpha, 4, cudaMemcpyHostToDevice));
+  CUDA_ASSERT(cudaMemset(dout.bytes(), kOutPoison, o_bytes));
+
+  std::vector<uint8_t> got(o_bytes), again(o_bytes);
+  for (int run = 0; run < device_runs; ++run) {
+    if (run > 0) CUDA_ASSERT(cudaMemset(dout.bytes(), kOutPoison, o_bytes));
+    const Status st = lowbit::cuda::gemm_s8_scaled(
+        reinterpret_cast<const int8_t*>(da.bytes() + c.a_off), c.lda,
+        reinterpret_cast<const int8_t*>(db.bytes() + c.b_off), c.ldb, c.M, c.N, c.K,
+        reinterpret_cast<const float*>(dalpha.bytes()), c.otype, dout.bytes() + c.o_off * es, c.ldo, stream);
+    ASSERT_TRUE(st.is_ok()) << st.message;
+    CUDA_ASSERT(cudaStreamSynchronize(reinterpret_cast<cudaStream_t>(stream)));
+    CUDA_ASSERT(cudaGetLastError());
+    CUDA_ASSERT(cudaMemcpy(run == 0 ? got.data() : again.data(), dout.bytes(), o_bytes, cudaMemcpyDeviceToHost));
+    if (run > 0) {
+      ASSERT_TRUE(got == again) << "run " << run << " on the same inputs gave different bits";
+    }
+  }
+
+  std::vector<uint8_t> ref(o_bytes, kOutPoison);
+  const Status rs = lowbit::cpu::gemm_s8_scaled_ref(ha.data() + c.a_off, c.lda, hb.data() + c.b_off, c.ldb, c.M, c.N,
+                                                    c.K, &c.alpha, c.otype, ref.data() + c.o_off * es, c.ldo);
+  ASSERT_TRUE(rs.is_ok()) << "CPU reference failed: " << rs.message;
+
+  const size_t first = c.o_off * es;
+  for (size_t b = 0; b < first; ++b) ASSERT_EQ(got[b], kOutPoison) << "written before out, at byte -" << (first - b);
+  for (int64_t i = 0; i < c.M; ++i) {
+    for (int64_t j = 0; j < c.ldo; ++j) {
+      const size_t at = first + (size_t(i) * c.ldo + j) * es;
+      if (j < c.N) {
+        ASSERT_EQ(0, std::memcmp(&got[at], &ref[at], es))
+            << "value mismatch at (" << i << ", " << j << "): got bits 0x" << std::hex
+            << (es == 4 ? *reinterpret_cast<const uint32_t*>(&got[at]) : *reinterpret_cast<const uint16_t*>(&got[at]))
+            << " want 0x"
+            << (es == 4 ? *reinterpret_cast<const uint32_t*>(&ref[at]) : *reinterpret_cast<const uint16_t*>(&ref[at]));
+      } else {
+        for (size_t b = 0; b < es; ++b)
+          ASSERT_EQ(got[at + b], kOutPoison) << "padding column written at (" << i << ", " << j << ")";
+      }
+    }
+  }
+  for (size_t b = first + size_t(c.M) * c.ldo * es; b < o_bytes; ++b)
+    ASSERT_EQ(got[b], kOutPoison) << "written past out end";
+}
+
+int64_t round_up16(int64_t v) { return (v + 15) / 16 * 16; }
+
+TEST_F(CudaKernels, GemmMatchesReference) {
+  // Sizes from {1, 3, 17, 33, 127, 129, 255, 1000, 1031}: tails of the 128-wide tiles, of the 64-byte
+  // K stage and of the 16-byte chunks, in every position. The reference is scalar: keep M*N*K modest.
+  const std::vector<std::array<int64_t, 3>> shapes = {
+      {1, 1, 1},      {3, 17, 33},    {17, 3, 127},   {33, 129, 255}, {127, 33, 1000}, {129, 255, 17},
+      {255, 127, 129}, {1000, 17, 1031}, {17, 1031, 33}, {129, 129, 1031}, {1, 1031, 1000}, {1031, 1, 255},
+      {255, 1000, 3}, {33, 33, 1},    {1031, 255, 127}, {128, 128, 64}, {256, 128, 1024}};
+  // Layout variants: (lda, ldb, ldo) as functions of K, N; base offsets. Covers: tight, odd strides and
+  // misaligned bases (byte-load paths for both operands), 16-aligned padded strides with a K tail
+  // (cp.async with partial chunks), and each operand alone on the fallback.
+  struct Variant { int kind; size_t a_off, b_off, o_off; };
+  const std::vector<Variant> variants = {{0, 0, 0, 0}, {1, 1, 7, 1}, {2, 0, 0, 0}, {3, 0, 15, 0}, {4, 3, 0, 2}};
+  const float alphas[] = {1.7e-4f, -0.031f, 0.5f, 3.0e-3f, 1.0f};
+  std::mt19937 rng(99);
+  int n = 0;
+  for (const auto& s : shapes) {
+    const int64_t M = s[0], N = s[1], K = s[2];
+    for (const auto& v : variants) {
+      int64_t lda = K, ldb = K, ldo = N;
+      switch (v.kind) {
+        case 1: lda = K + 1; ldb = K + 3; ldo = N + 1; break;
+        case 2: lda = round_up16(K) + 16; ldb = round_up16(K); ldo = N + 8; break;
+        case 3: lda = round_up16(K); ldb = K + 5; ldo = N + 3; break;
+        case 4: lda = K + 2; ldb = round_up16(K); ldo = N; break;
+        default: break;
+      }
+      for (DType t : {DType::kFloat32, DType::kFloat16, DType::kBFloat16}) {
+        const GemmCase c{M, N, K, lda, ldb, ldo, v.a_off, v.b_off, v.o_off, alphas[n++ % 5], t};
+        run_gemm_case(c, rng, stream());
+        if (HasFatalFailure()) return;
+      }
+    }
+  }
+}
+
+TEST_F(CudaKernels, GemmLongK) {
+  // Many pipeline iterations, up to the largest K the contract allows (random data: no overflow).
+  std::mt19937 rng(5);
+  run_gemm_case({3, 130, lowbit::kMaxGemmS8K, lowbit::kMaxGemmS8K, lowbit::kMaxGemmS8K, 130, 0, 0, 0, 1e-5f,
+                 DType::kFloat32}, rng, stream());
+  if (HasFatalFailure()) return;
+  run_gemm_case({5, 7, 100003, 100003, 100005, 9, 1, 2, 1, 2e-4f, DType::kBFloat16}, rng, stream());
+}
+
+// The one input the K bound does not exclude: K = 2^17 products of (-128)(-128) sum to 2^31, which wraps
+// to INT32_MIN in the CPU references (uint32 accumulation). Integer mma.sync without .satfinite wraps too;
+// this pins that down on the hardware.
+TEST_F(CudaKernels, GemmWrapsAtTheKBound) {
+  const int64_t M = 2, N = 3, K = lowbit::kMaxGemmS8K;
+  std::vector<int8_t> ha(size_t(M * K), int8_t(-128)), hb(size_t(N * K), int8_t(-128));
+  const float alpha = 1.0f;
+  DeviceBuffer da(ha.size()), db(hb.size()), dalpha(4), dout(size_t(M * N) * 4);
+  ASSERT_TRUE(da.ok() && db.ok() && dalpha.ok() && dout.ok());
+  CUDA_ASSERT(cudaMemcpy(da.bytes(), ha.data(), ha.size(), cudaMemcpyHostToDevice));
+  CUDA_ASSERT(cudaMemcpy(db.bytes(), hb.data(), hb.size(), cudaMemcpyHostToDevice));
+  CUDA_ASSERT(cudaMemcpy(dalpha.bytes(), &alpha, 4, cudaMemcpyHostToDevice));
+  const Status st = lowbit::cuda::gemm_s8_scaled(reinterpret_cast<const int8_t*>(da.bytes()), K,
+                                                 reinterpret_cast<const int8_t*>(db.bytes()), K, M, N, K,
+                                                 reinterpret_cast<const float*>(dalpha.bytes()), DType::kFloat32,
+                                                 dout.bytes(), N, stream());
+  ASSERT_TRUE(st.is_ok()) << st.message;
+  CUDA_ASSERT(cudaStreamSynchronize(stream_));
+  std::vector<float> got(size_t(M * N)), ref(size_t(M * N));
+  CUDA_ASSERT(cudaMemcpy(got.data(), dout.bytes(), got.size() * 4, cudaMemcpyDeviceToHost));
+  ASSERT_TRUE(lowbit::cpu::gemm_s8_scaled_ref(ha.data(), K, hb.data(), K, M, N, K, &alpha, DType::kFloat32,
+                                              ref.data(), N).is_ok());
+  for (size_t e = 0; e < got.size(); ++e) {
+    EXPECT_EQ(got[e], ref[e]) << "element " << e;
+    EXPECT_EQ(got[e], -2147483648.0f) << "element " << e;
+  }
+}
+
+TEST_F(CudaKernels, GemmZeroK) {
+  std::mt19937 rng(3);
+  for (DType t : {DType::kFloat32, DType::kFloat16, DType::kBFloat16}) {
+    run_gemm_case({5, 7, 0, 0, 0, 9, 0, 0, 1, 0.37f, t}, rng, stream());
+    if (HasFatalFailure()) return;
+    run_gemm_case({130, 300, 0, 4, 4, 300, 0, 0, 0, -2.f, t}, rng, stream());
+    if (HasFatalFailure()) return;
+  }
+}
+
+TEST_F(CudaKernels, GemmEmptyIsNoOp) {
+  DeviceBuffer a(64), b(64), alpha(4), out(256);
+  ASSERT_TRUE(a.ok() && b.ok() && alpha.ok() && out.ok());
+  CUDA_ASSERT(cudaMemset(out.bytes(), kOutPoison, 256));
+  const auto* pa = reinterpret_cast<const int8_t*>(a.bytes());
+  const auto* pb = reinterpret_cast<const int8_t*>(b.bytes());
+  const auto* pal = reinterpret_cast<const float*>(alpha.bytes());
+  EXPECT_TRUE(lowbit::cuda::gemm_s8_scaled(pa, 8, pb, 8, 0, 4, 8, pal, DType::kFloat32, out.bytes(), 4, stream()).is_ok());
+  EXPECT_TRUE(lowbit::cuda::gemm_s8_scaled(pa, 8, pb, 8, 4, 0, 8, pal, DType::kFloat16, out.bytes(), 0, stream()).is_ok());
+  CUDA_ASSERT(cudaStreamSynchronize(stream_));
+  std::vector<uint8_t> got(256);
+  CUDA_ASSERT(cudaMemcpy(got.data(), out.bytes(), 256, cudaMemcpyDeviceToHost));
+  for (uint8_t v : got) EXPECT_EQ(v, kOutPoison);
+}
+
+TEST_F(CudaKernels, GemmRejectsInvalidArguments) {
+  DeviceBuffer a(4096), b(4096), alpha(4), out(4096);
+  ASSERT_TRUE(a.ok() && b.ok() && alpha.ok() && out.ok());
+  const auto* pa = reinterpret_cast<const int8_t*>(a.bytes());
+  const auto* pb = reinterpret_cast<const int8_t*>(b.bytes());
+  const auto* pal = reinterpret_cast<const float*>(alpha.bytes());
+  void* po = out.bytes();
+  using lowbit::cuda::gemm_s8_scaled;
+  auto expect_invalid = [](const Status& s, const char* what) {
+    EXPECT_EQ(s.code, Status::Code::kInvalidArgument) << what;
+    EXPECT_FALSE(s.message.empty()) << what;
+  };
+  const DType f = DType::kFloat16;
+  expect_invalid(gemm_s8_scaled(nullptr, 8, pb, 8, 4, 4, 8, pal, f, po, 4, stream()), "A null");
+  expect_invalid(gemm_s8_scaled(pa, 8, nullptr, 8, 4, 4, 8, pal, f, po, 4, stream()), "B null");
+  expect_invalid(gemm_s8_scaled(pa, 8, pb, 8, 4, 4, 8, nullptr, f, po, 4, stream()), "alpha null");
+  expect_invalid(gemm_s8_scaled(pa, 8, pb, 8, 4, 4, 8, pal, f, nullptr, 4, stream()), "out null");
+  expect_invalid(gemm_s8_scaled(pa, 8, pb, 8, -1, 4, 8, pal, f, po, 4, stream()), "M < 0");
+  expect_invalid(gemm_s8_scaled(pa, 8, pb, 8, 4, -1, 8, pal, f, po, 4, stream()), "N < 0");
+  expect_invalid(gemm_s8_scaled(pa, 8, pb, 8, 4, 4, -1, pal, f, po, 4, stream()), "K < 0");
+  expect_invalid(gemm_s8_scaled(pa, 7, pb, 8, 4, 4, 8, pal, f, po, 4, stream()), "lda < K");
+  expect_invalid(gemm_s8_scaled(pa, 8, pb, 7, 4, 4, 8, pal, f, po, 4, stream()), "ldb < K");
+  expect_invalid(gemm_s8_scaled(pa, 8, pb, 8, 4, 4, 8, pal, f, po, 3, stream()), "ldo < N");
+  const int64_t big = lowbit::kMaxGemmS8K + 1;
+  expect_invalid(gemm_s8_scaled(pa, big, pb, big, 1, 1, big, pal, f, po, 1, stream()), "K > kMaxGemmS8K");
+  expect_invalid(gemm_s8_scaled(pa, 8, pb, 8, 4, 4, 8, pal, static_cast<DType>(9), po, 4, stream()), "bad otype");
+}
+
+// Large: the steady-state pipeline over many full tiles, plus determinism (two runs, same bits).
+TEST_F(CudaKernels, GemmLarge) {
+  std::mt19937 rng(1234);
+  run_gemm_case({1024, 1024, 4096, 4096, 4096, 1024, 0, 0, 0, 2.5e-5f, DType::kFloat16}, rng, stream(), 3);
+  if (HasFatalFailure()) return;
+  // Non-multiple-of-tile large shape with fp32 output.
+  run_gemm_case({1000, 1031, 2049, 2064, 2049, 1040, 0, 0, 0, 1e-4f, DType::kFloat32}, rng, stream());
+}
+
+// A few small cases that still cycle the 4-stage pipeline (K = 1031: 17 k-tiles) on each load path,
+// cheap enough for compute-sanitizer's racecheck / synccheck.
+TEST_F(CudaKernels, SanitizerSmoke) {
+  std::mt19937 rng(11);
+  const std::vector<GemmCase> cases = {
+      {129, 200, 1031, 1040, 1040, 200, 0, 0, 0, 1e-3f, DType::kFloat16},  // cp.async both, K tail
+      {129, 200, 1031, 1031, 1031, 201, 1, 0, 1, 1e-3f, DType::kFloat16},  // byte loads both
+      {130, 70, 300, 304, 301, 70, 0, 3, 0, 2e-3f, DType::kBFloat16},      // mixed
+  };
+  for (const auto& c : cases) {
+    run_gemm_case(c, rng, stream());
+    if (HasFatalFailure()) return;
+  }
+  run_quant_case({DType::kFloat16, 33, 1024, 1024, 0, 1, 0, -128, 127, 0.05f}, rng, stream());
+  if (HasFatalFailure()) return;
+  run_quant_case({DType::kFloat32, 33, 1001, 1003, 1, 2, 1, -8, 7, 0.05f}, rng, stream());
+}
+
+// Not a correctness test: throughput of the CUDA kernels at a few sizes, for the record (median of 10
+// runs timed with CUDA events after 2 warm-ups; random data). Printed as "[perf] ..." lines and test
+// properties. Excluded from sanitizer runs (-*Perf*).
+TEST_F(CudaKernels, PerfReport) {
+  struct Shape { int64_t M, N, K, lda, ldb; const char* what; };
+  const Shape shapes[] = {
+      {8192, 8192, 8192, 8192, 8192, "square, cp.async path"},
+      {4096, 4096, 4096, 4096, 4096, "square, cp.async path"},
+      {16, 8192, 8192, 8192, 8192, "skinny M (decode-like)"},
+      {8192, 8192, 8200, 8200, 8200, "K % 16 != 0: byte-load fallback"},
+  };
+  const size_t max_ab = size_t(8192) * 8200, max_out = size_t(8192) * 8192 * 2;
+  DeviceBuffer da(max_ab), db(max_ab), dout(max_out), dalpha(4);
+  ASSERT_TRUE(da.ok() && db.ok() && dout.ok() && dalpha.ok());
+  {
+    std::vector<uint8_t> h(max_ab);
+    uint64_t st = 0x9E3779B97F4A7C15ull;
+    for (auto& v : h) { st ^= st << 13; st ^= st >> 7; st ^= st << 17; v = uint8_t(st >> 24); }
+    CUDA_ASSERT(cudaMemcpy(da.bytes(), h.data(), max_ab, cudaMemcpyHostToDevice));
+    std::reverse(h.begin(), h.end());
+    CUDA_ASSERT(cudaMemcpy(db.bytes(), h.data(), max_ab, cudaMemcpyHostToDevice));
+  }
+  const float alpha = 1e-5f;
+  CUDA_ASSERT(cudaMemcpy(dalpha.bytes(), &alpha, 4, cudaMemcpyHostToDevice));
+  cudaEvent_t e0, e1;
+  CUDA_ASSERT(cudaEventCreate(&e0));
+  CUDA_ASSERT(cudaEventCreate(&e1));
+  auto median_ms = [&](auto&& launch) -> double {
+    for (int w = 0; w < 2; ++w) {
+      if (!launch().is_ok()) return -1.0;
+    }
+    std::vector<float> ms;
+    for (int r = 0; r < 10; ++r) {
+      cudaEventRecord(e0, stream_);
+      if (!launch().is_ok()) return -1.0;
+      cudaEventRecord(e1, stream_);
+      cudaEventSynchronize(e1);
+      float t = 0.f;
+      cudaEventElapsedTime(&t, e0, e1);
+      ms.push_back(t);
+    }
+    std::sort(ms.begin(), ms.end());
+    return 0.5 * (ms[4] + ms[5]);
+  };
+  for (const auto& s : shapes) {
+    const double ms = median_ms([&] {
+      return lowbit::cuda::gemm_s8_scaled(reinterpret_cast<const int8_t*>(da.bytes()), s.lda,
+                                          reinterpret_cast<const int8_t*>(db.bytes()), s.ldb, s.M, s.N, s.K,
+                                          reinterpret_cast<const float*>(dalpha.bytes()), DType::kFloat16,
+                                          dout.bytes(), s.N, stream());
+    });
+    ASSERT_GT(ms, 0.0) << "gemm launch failed";
+    const double tops = 2.0 * double(s.M) * double(s.N) * double(s.K) / (ms * 1e-3) / 1e12;
+    std::printf("[perf] gemm_s8_scaled fp16-out M=%lld N=%lld K=%lld (%s): %.3f ms, %.1f TOP/s\n", (long long)s.M,
+                (long long)s.N, (long long)s.K, s.what, ms, tops);
+    RecordProperty(std::string("gemm_") + std::to_string(s.M) + "x" + std::to_string(s.N) + "x" + std::to_string(s.K) +
+                       "_TOPS",
+                   std::to_string(tops));
+  }
+  {
+    // quantize: 4096 x 8192 bf16 in (64 MiB, the random bytes of A: some NaN / inf / subnormal values,
+    // which take the division's slow path), int8 out (32 MiB, into B), with a shift.
+    const int64_t M = 4096, K = 8192;
+    DeviceBuffer dshift(size_t(K) * 4), dscale(4);
+    ASSERT_TRUE(dshift.ok() && dscale.ok());
+    CUDA_ASSERT(cudaMemset(dshift.bytes(), 0, size_t(K) * 4));
+    const float scale = 0.02f;
+    CUDA_ASSERT(cudaMemcpy(dscale.bytes(), &scale, 4, cudaMemcpyHostToDevice));
+    const double ms = median_ms([&] {
+      return lowbit::cuda::quantize_s8(DType::kBFloat16, da.bytes(), M, K, K,
+                                       reinterpret_cast<const float*>(dshift.bytes()),
+                                       reinterpret_cast<const float*>(dscale.bytes()), -128, 127,
+                                       reinterpret_cast<int8_t*>(db.bytes()), stream());
+    });
+    ASSERT_GT(ms, 0.0) << "quantize launch failed";
+    const double gbs = double(M) * double(K) * 3.0 / (ms * 1e-3) / 1e9;
+    std::printf("[perf] quantize_s8 bf16 M=%lld K=%lld: %.3f ms, %.0f GB/s (read + write)\n", (long long)M,
+                (long long)K, ms, gbs);
+    RecordProperty("quantize_bf16_GBps", std::to_string(gbs));
+  }
+  cudaEventDestroy(e0);
+  cudaEventDestroy(e1);
+  CUDA_ASSERT(cudaGetLastError());
+}
+
+}  // namespace

@@ -1,0 +1,122 @@
+"""torch.ops.lowbit quantize_s8 / lsq_scale / linear_s8 against the float64 reference (reference.py).
+
+Tolerances (‖out−ref‖/‖ref‖): codes and int32 products exact; fp32 outputs 1e-6 (one fp32 rounding
+of the exact product); fp16/bf16 outputs 1e-2 (DESIGN.md); the CPU and CUDA results bitwise equal."""
+import pytest
+import torch
+
+from lowbit import ops
+import reference as ref
+
+FLOATS = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("shape", [(1, 1), (3, 17), (5, 2, 33), (129, 255)])
+def test_quantize_matches_reference(device, dtype, shape):
+    x = (torch.randn(shape) * 3).to(dtype).to(device)
+    shift = torch.randn(shape[-1], device=device)
+    s, eps = torch.tensor(0.037, device=device), torch.tensor(1e-5, device=device)
+    q = ops.quantize_s8(x, shift, s, eps, -128, 127)
+    assert q.dtype == torch.int8 and q.shape == x.shape
+    expect = ref.codes(x.float().cpu() + shift.cpu(), 0.037, -128, 127)
+    assert torch.equal(q.cpu().double(), expect)
+    q4 = ops.quantize_s8(x, None, s, eps, -8, 7)
+    assert torch.equal(q4.cpu().double(), ref.codes(x.float().cpu(), 0.037, -8, 7))
+
+
+def test_quantize_ties_nan_inf_and_eps(device):
+    x = torch.tensor([0.5, 1.5, 2.5, -2.5, 3.5, -0.5, float("nan"), float("inf"), -float("inf"), 1e9],
+                     device=device)
+    q = ops.quantize_s8(x, None, torch.tensor(1.0, device=device), torch.tensor(1e-5, device=device), -128, 127)
+    assert q.cpu().tolist() == [0, 2, 2, -2, 4, 0, 0, 127, -128, 127]
+    # a zero scale falls back to eps: 1e-5 * 100 = 1e-3 -> code 100
+    q = ops.quantize_s8(torch.tensor([1e-3], device=device), None, torch.tensor(0.0, device=device),
+                        torch.tensor(1e-5, device=device), -128, 127)
+    assert q.item() == 100
+
+
+def test_quantize_non_contiguous(device):
+    x = torch.randn(40, 30, device=device).t()  # (30, 40), transposed view
+    s, eps = torch.tensor(0.02, device=device), torch.tensor(1e-5, device=device)
+    q = ops.quantize_s8(x, None, s, eps, -128, 127)
+    assert torch.equal(q.cpu().double(), ref.codes(x.cpu(), 0.02, -128, 127))
+
+
+def test_quantize_bad_input(device):
+    s, eps = torch.tensor(0.1, device=device), torch.tensor(1e-5, device=device)
+    with pytest.raises(RuntimeError, match="x must be a float32, float16 or bfloat16"):
+        ops.quantize_s8(torch.ones(3, 4, dtype=torch.int32, device=device), None, s, eps, -128, 127)
+    with pytest.raises(RuntimeError, match="shift must have shape"):
+        ops.quantize_s8(torch.ones(3, 4, device=device), torch.ones(5, device=device), s, eps, -128, 127)
+    with pytest.raises(RuntimeError, match="qmin"):
+        ops.quantize_s8(torch.ones(3, 4, device=device), None, s, eps, -300, 127)
+    with pytest.raises(RuntimeError, match="finite"):
+        ops.quantize_s8(torch.ones(3, 4, device=device), None, torch.tensor(float("nan"), device=device), eps,
+                        -128, 127)
+    with pytest.raises(RuntimeError, match="exactly one element"):
+        ops.quantize_s8(torch.ones(3, 4, device=device), None, torch.ones(2, device=device), eps, -128, 127)
+
+
+def test_lsq_scale(device):
+    x = torch.randn(37, 19, device=device)
+    s = ops.lsq_scale(x, 127.0)
+    assert s.dtype == torch.float32 and s.dim() == 0
+    assert s.item() == ref.lsq_scale(x.cpu(), 127.0)
+    eps = torch.tensor(5.0, device=device)
+    assert ops.lsq_scale(x, 127.0, eps).item() == 5.0
+    with pytest.raises(RuntimeError, match="empty"):
+        ops.lsq_scale(torch.empty(0, 3, device=device), 127.0)
+
+
+@pytest.mark.parametrize("out_dtype", FLOATS)
+@pytest.mark.parametrize("mnk", [(1, 1, 1), (3, 5, 7), (17, 33, 65), (64, 31, 257), (130, 70, 1000)])
+def test_linear_s8_matches_reference(device, out_dtype, mnk):
+    M, N, K = mnk
+    qx = torch.randint(-128, 128, (M, K), dtype=torch.int8)
+    qw = torch.randint(-128, 128, (N, K), dtype=torch.int8)
+    alpha = torch.tensor(3.1e-4)
+    y = ops.linear_s8(qx.to(device), qw.to(device), alpha.to(device), out_dtype)
+    assert y.dtype == out_dtype and y.shape == (M, N)
+    acc = qx.double() @ qw.double().t()
+    expect = (acc.float() * alpha).to(out_dtype)  # the documented epilogue: fp32(acc) * alpha, then cast
+    assert torch.equal(y.cpu(), expect)
+    tol = 1e-6 if out_dtype == torch.float32 else 1e-2
+    assert ref.rel_err(y, acc * alpha.item()) < tol
+
+
+def test_linear_s8_leading_dims_and_bad_input(device):
+    qx = torch.randint(-128, 128, (2, 3, 9), dtype=torch.int8, device=device)
+    qw = torch.randint(-128, 128, (4, 9), dtype=torch.int8, device=device)
+    a = torch.tensor(1.0, device=device)
+    assert ops.linear_s8(qx, qw, a, torch.float32).shape == (2, 3, 4)
+    with pytest.raises(RuntimeError, match="expects K=9"):
+        ops.linear_s8(qx[..., :8], qw, a, torch.float32)
+    with pytest.raises(RuntimeError, match="qw must be an int8"):
+        ops.linear_s8(qx, qw.float(), a, torch.float32)
+    with pytest.raises(RuntimeError, match="out_dtype"):
+        ops.linear_s8(qx, qw, a, torch.int32)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cpu_and_cuda_bitwise_equal():
+    for dtype in FLOATS:
+        x = torch.randn(77, 301).to(dtype)
+        s, eps = torch.tensor(0.011), torch.tensor(1e-5)
+        qc = ops.quantize_s8(x, None, s, eps, -128, 127)
+        qg = ops.quantize_s8(x.cuda(), None, s.cuda(), eps.cuda(), -128, 127)
+        assert torch.equal(qc, qg.cpu())
+        w = torch.randint(-128, 128, (45, 301), dtype=torch.int8)
+        yc = ops.linear_s8(qc, w, s, dtype)
+        yg = ops.linear_s8(qg, w.cuda(), s.cuda(), dtype)
+        assert torch.equal(yc, yg.cpu())
+
+
+def test_meta_shapes():
+    x = torch.empty(4, 5, 6, device="meta")
+    s = torch.empty((), device="meta")
+    q = ops.quantize_s8(x, None, s, s, -128, 127)
+    assert q.shape == x.shape and q.dtype == torch.int8 and q.device.type == "meta"
+    w = torch.empty(7, 6, dtype=torch.int8, device="meta")
+    y = ops.linear_s8(q, w, s, torch.bfloat16)
+    assert y.shape == (4, 5, 7) and y.dtype == torch.bfloat16

@@ -1,0 +1,217 @@
+"""lowbit.nn.Q8Linear against the float64 reference of its math (reference.py).
+
+Tolerances (‖out−ref‖/‖ref‖, DESIGN.md): fp32 1e-5; fp16/bf16 1e-2. Forward codes are exact; the
+fp32 backward runs fp32 GEMMs (relative error ~1e-6 at these sizes)."""
+import math
+
+import pytest
+import torch
+
+import lowbit
+from lowbit.compat import Q8LinearCutlass
+from lowbit.nn import Q8Linear
+import reference as ref
+
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+
+def _layer(K, N, device, dtype=torch.float32):
+    layer = Q8Linear(K, N, device=device, dtype=dtype)
+    with torch.no_grad():
+        layer.bias_a.copy_(torch.randn(K) * 0.1)
+    return layer
+
+
+def _expected(layer, x):
+    s_a = max(ref.f32(layer.scale_a.item()), ref.f32(layer.eps.item()))
+    s_w = ref.lsq_scale(layer.weight.detach().cpu(), 127.0, layer.eps.item())
+    w_codes = ref.codes(layer.weight.detach().cpu(), s_w, -128, 127)
+    y, qx = ref.q_linear_forward(x.detach().cpu(), layer.bias_a.detach().cpu(), w_codes, s_a, s_w, -128, 127)
+    return y, qx, w_codes, s_a, s_w
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape,N", [((7, 33), 5), ((2, 3, 65), 17), ((1, 1), 1), ((129, 100), 31)])
+def test_forward_and_gradients(device, dtype, shape, N):
+    K = shape[-1]
+    layer = _layer(K, N, device)
+    x = (torch.randn(shape) * 2).to(dtype).to(device).requires_grad_()
+    y = layer(x)
+    assert y.dtype == dtype and y.shape == (*shape[:-1], N)
+    # scale_a was initialised from this batch (before the shift): 2*mean|x|/sqrt(127)
+    assert layer.scale_a.item() == pytest.approx(ref.lsq_scale(x.detach().cpu(), 127.0), rel=1e-6)
+    y_ref, qx, w_codes, s_a, s_w = _expected(layer, x)
+    assert ref.rel_err(y, y_ref) < TOL[dtype]
+
+    G = torch.randn(y.shape, dtype=torch.float64)
+    (y * G.to(dtype).to(device)).sum().backward()
+    gx, gb, gw, gs = ref.q_linear_backward(G.to(dtype).double(), x.detach().cpu(), layer.bias_a.detach().cpu(),
+                                          w_codes, qx, s_a, s_w, -128, 127)
+    tol = TOL[dtype]
+    assert x.grad.dtype == dtype and ref.rel_err(x.grad, gx) < tol
+    assert ref.rel_err(layer.bias_a.grad, gb) < tol
+    assert layer.weight.grad.dtype == torch.float32 and ref.rel_err(layer.weight.grad, gw) < tol
+    assert layer.scale_a.grad.shape == () and ref.rel_err(layer.scale_a.grad, gs) < max(tol, 1e-5)
+
+
+def test_lsq_clip_terms_kept(device):
+    """Inputs far outside the clip range: BIE's scale gradient would be exactly 0 there (I-2)."""
+    layer = _layer(16, 4, device)
+    with torch.no_grad():
+        layer.scale_a.fill_(1e-3)  # every |x| >> 127 * 1e-3 clips
+    x = (torch.randn(8, 16) + 3.0).to(device)
+    layer(x).sum().backward()
+    assert layer.scale_a.grad.abs().item() > 0
+    assert torch.count_nonzero(layer.bias_a.grad).item() < 16  # most inputs clipped: masked STE
+
+
+def test_eval_equals_train_and_qweight_lifecycle(device):
+    layer = _layer(45, 13, device)
+    x = torch.randn(6, 45, device=device)
+    y_train = layer(x)
+    layer.eval()
+    y_eval = layer(x)
+    assert layer.qweight is not None and layer.qweight.dtype == torch.int8 and layer.qweight.shape == (13, 45)
+    assert torch.equal(y_train, y_eval)
+    # further training: qweight dropped, then regenerated from the new weight (never stale)
+    layer.train()
+    opt = torch.optim.SGD(layer.parameters(), lr=0.5)
+    layer(x).square().sum().backward()
+    opt.step()
+    assert layer.qweight is None
+    y_train2 = layer(x)
+    layer.eval()
+    assert torch.equal(layer(x), y_train2)
+    # an optimizer step without a training forward also invalidates it
+    q_before = layer.qweight.clone()
+    with torch.no_grad():
+        layer.weight.mul_(-1)
+    layer(x)
+    assert not torch.equal(layer.qweight, q_before)
+
+
+def test_qweight_only_inference(device):
+    layer = _layer(40, 24, device)
+    x = torch.randn(5, 40, device=device)
+    layer(x)
+    layer.eval()
+    y = layer(x)
+    layer.generate_quantized_weight(qweight_only=True)
+    assert layer.weight is None and "weight" not in layer.state_dict()
+    assert torch.equal(layer(x), y)
+    packed = sum(b.numel() * b.element_size() for b in layer.buffers() if b.dim() == 2)
+    assert packed == 40 * 24  # one byte per weight
+    layer.train()
+    with pytest.raises(RuntimeError, match="inference-only"):
+        layer(x)
+
+
+def test_state_dict_round_trip_and_bie_keys(device):
+    layer = _layer(20, 7, device)
+    x = torch.randn(3, 20, device=device)
+    layer(x)
+    layer.eval()
+    y = layer(x)
+    sd = layer.state_dict()
+    assert set(sd) == {"weight", "bias_a", "scale_a", "scale_w", "eps", "qweight"}
+    other = Q8Linear(20, 7, device=device).eval()
+    other.load_state_dict(sd)
+    assert torch.equal(other(x), y)
+    # a BIE-style checkpoint (what Q8LinearCutlass.state_dict() holds after training, no qweight)
+    bie = {"weight": layer.weight.detach().cpu(), "bias_a": layer.bias_a.detach().cpu(),
+           "scale_a": layer.scale_a.detach().cpu(), "scale_w": torch.tensor(1.0), "eps": torch.tensor(1e-5)}
+    compat = Q8LinearCutlass(20, 7).to(device).eval()
+    compat.load_state_dict(bie)
+    assert torch.equal(compat(x), y)
+    # a qweight-only checkpoint loads into a fresh layer
+    layer.generate_quantized_weight(qweight_only=True)
+    inf = Q8Linear(20, 7, device=device).eval()
+    inf.load_state_dict(layer.state_dict())
+    assert inf.weight is None and torch.equal(inf(x), y)
+
+
+def test_bad_inputs(device):
+    layer = _layer(12, 5, device)
+    with pytest.raises(RuntimeError, match="in_channels=12"):
+        layer(torch.randn(4, 11, device=device))
+    with pytest.raises(RuntimeError, match="floating-point|float32"):
+        layer(torch.ones(4, 12, dtype=torch.int64, device=device))
+    with pytest.raises(RuntimeError, match="floating-point|float32"):
+        layer(torch.ones(4, 12, dtype=torch.complex64, device=device))
+    with pytest.raises(RuntimeError, match="empty"):
+        layer(torch.randn(0, 12, device=device))
+    layer(torch.randn(4, 12, device=device))
+    with torch.no_grad():
+        layer.scale_a.fill_(float("nan"))
+    with pytest.raises(RuntimeError, match="finite"):
+        layer(torch.randn(4, 12, device=device))
+    bad = Q8Linear(12, 5).state_dict()
+    bad["qweight"] = torch.zeros(5, 11, dtype=torch.int8)
+    with pytest.raises(RuntimeError, match=r"qweight'\] must be an int8 tensor of shape \(5, 12\)"):
+        Q8Linear(12, 5).load_state_dict(bad)
+    bad = Q8Linear(12, 5).state_dict()
+    bad["scale_w"] = torch.tensor(float("nan"))
+    with pytest.raises(RuntimeError, match="finite"):
+        Q8Linear(12, 5).load_state_dict(bad)
+    with pytest.raises(ValueError):
+        Q8Linear(12, 5, a_bit=4)
+    with pytest.raises(ValueError):
+        Q8Linear(0, 5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_device_mismatch():
+    layer = _layer(8, 3, "cuda")
+    layer(torch.randn(2, 8, device="cuda"))
+    with pytest.raises(RuntimeError, match="same device"):
+        layer(torch.randn(2, 8))
+
+
+def test_saved_tensors_are_int8(device):
+    """Backward keeps int8 codes (M x K and N x K) plus a reference to the caller's x, no float copy."""
+    M, K, N = 64, 96, 48
+    layer = _layer(K, N, device)
+    x = torch.randn(M, K, device=device, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layer(x)
+    new_float_bytes = sum(t.numel() * t.element_size() for t in saved
+                          if t.is_floating_point() and t.numel() > K and t.data_ptr() != x.data_ptr())
+    int8 = sorted(tuple(t.shape) for t in saved if t.dtype == torch.int8)
+    assert new_float_bytes == 0
+    assert int8 == sorted([(M, K), (N, K)])
+    y.sum().backward()
+
+
+def test_prepare_layers_includes_root(monkeypatch):
+    calls = []
+    monkeypatch.setattr(Q8Linear, "prepare_params", lambda self: calls.append(self))
+    root = Q8Linear(4, 4)
+    lowbit.prepare_layers(root)
+    assert calls == [root]
+    calls.clear()
+    model = torch.nn.Sequential(Q8Linear(4, 4), torch.nn.ReLU(), torch.nn.Sequential(Q8Linear(4, 2)))
+    assert lowbit.prepare_layers(model) is model
+    assert len(calls) == 2
+
+
+def test_trains(device):
+    """A few SGD steps on a linear regression reduce the loss (the whole path learns)."""
+    torch.manual_seed(0)
+    teacher = torch.randn(8, 32, device=device)
+    layer = _layer(32, 8, device)
+    opt = torch.optim.Adam(layer.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(60):
+        x = torch.randn(64, 32, device=device)
+        loss = (layer(x) - x @ teacher.t()).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0] and math.isfinite(losses[-1])
