@@ -50,6 +50,14 @@ def _q8_layer(k, n, device, dtype, *, inference):
     return layer
 
 
+def _short(dtype):
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
+
+
+def _pct(gops, peak):
+    return f"{100 * gops / peak:.1f}" if gops and peak else None
+
+
 def _torch_layer(k, n, device, dtype):
     return torch.nn.Linear(k, n, bias=False, device=device, dtype=dtype)
 
@@ -85,12 +93,11 @@ def bench_shape(m, k, n, device, dtype, args, peak_gops):
     """The three cases at one shape; returns table rows."""
     kw = dict(threads=args.threads if device == "cpu" else None, iters=args.iters)
     rows = []
-    base_name = f"nn.Linear {str(dtype).replace('torch.', '').replace('float32', 'fp32').replace('bfloat16', 'bf16')}"
+    base_name = f"nn.Linear {_short(dtype)}"
 
     def row(case, baseline_name, cmp, gops=None):
-        pct = 100 * gops / peak_gops if gops and peak_gops else None
         rows.append([device, m, f"{k}x{n}", case, cmp.ours.median_us, baseline_name, cmp.baseline.median_us,
-                     cmp.ratio, gops, pct])
+                     f"{cmp.ratio:.2f}", gops, _pct(gops, peak_gops)])
         print(f"  {device} M={m} K={k} N={n} {case}: lowbit {cmp.ours} | {baseline_name} {cmp.baseline} | "
               f"ratio {cmp.ratio:.2f}", file=sys.stderr, flush=True)
 
@@ -124,7 +131,7 @@ def bench_shape(m, k, n, device, dtype, args, peak_gops):
         t = harness.time_fn(ours_fn, ops, device, **kw)
         gops = harness.us_to_gops(m, n, k, t.median_us)
         rows.append([device, m, f"{k}x{n}", "linear_s8", t.median_us, "torch._int_mm", None, None, gops,
-                     100 * gops / peak_gops if peak_gops else None])
+                     _pct(gops, peak_gops)])
         print(f"  {device} M={m} linear_s8: lowbit {t} | torch._int_mm unavailable: {str(exc).splitlines()[0]}",
               file=sys.stderr)
     return rows
@@ -139,8 +146,9 @@ HEADERS = ["device", "M", "KxN", "case", "lowbit us", "baseline", "baseline us",
 
 def saved_for_backward(layer, x):
     """Storages that a training forward keeps for backward, by kind: the caller's input (shared, no new
-    memory), a parameter (shared), or new (allocated by the forward and alive until backward)."""
-    params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+    memory), the module's parameters and buffers (shared), or new (allocated by the forward and kept
+    alive until backward: the memory a training step pays for this layer)."""
+    params = {p.untyped_storage().data_ptr() for p in list(layer.parameters()) + list(layer.buffers())}
     x_ptr = x.untyped_storage().data_ptr()
     seen = {}
 
@@ -162,7 +170,7 @@ def memory_report(m, k, n, device, dtype):
     ours = _q8_layer(k, n, device, dtype, inference=False)
     base = _torch_layer(k, n, device, dtype)
     rows = []
-    for name, layer in (("Q8Linear (train)", ours), (f"nn.Linear {dtype}", base)):
+    for name, layer in (("Q8Linear (train)", ours), (f"nn.Linear {_short(dtype)}", base)):
         saved = saved_for_backward(layer, x)
         new = [s for s in saved if s[0] == "new"]
         rows.append([name, len(saved),
@@ -172,7 +180,7 @@ def memory_report(m, k, n, device, dtype):
                      sum(b for _, dt, b in new if dt.is_floating_point),
                      sum(b for *_, b in new)])
     saved_table = harness.markdown_table(
-        ["layer", "saved storages", "caller's input bytes (shared)", "parameter bytes (shared)", "new int8 bytes",
+        ["layer", "saved storages", "caller's input bytes (shared)", "parameter + buffer bytes (shared)", "new int8 bytes",
          "new float bytes", "new bytes total"], rows)
 
     inf = _q8_layer(k, n, device, dtype, inference=True)
@@ -183,7 +191,7 @@ def memory_report(m, k, n, device, dtype):
                 ["nn.Linear fp32 (with bias)", ref, 1.0],
                 ["nn.Linear bf16 (with bias)", harness.nbytes(bf16), harness.nbytes(bf16) / ref]]
     inf_table = harness.markdown_table(["inference layer", "parameter + buffer bytes", "vs fp32"], inf_rows)
-    return (f"Memory, {device}, M={m}, K={k}, N={n}, activations {dtype}:\n\n"
+    return (f"Memory, {device}, M={m}, K={k}, N={n}, activations {_short(dtype)}:\n\n"
             f"(a) saved for backward by one training forward (unique storages):\n\n{saved_table}\n\n"
             f"(b) inference state:\n\n{inf_table}\n")
 

@@ -139,7 +139,7 @@ Status gemm_s8_scaled_isa(GemmS8Isa isa, const int8_t* A, int64_t lda, const int
     return Status::invalid(std::string(fn) + ": ISA " + gemm_s8_isa_name(isa) + " not supported by this CPU");
 
   int nt = nthreads > 0 ? nthreads : omp_get_max_threads();
-  if (M * N * (K > 0 ? K : 1) < kParallelMinMacs) nt = 1;
+  if (double(M) * double(N) * double(K > 0 ? K : 1) < double(kParallelMinMacs)) nt = 1;
   const float al = *alpha;
 
   if (isa == GemmS8Isa::kScalar || K == 0) {

@@ -45,6 +45,12 @@ Layout make_layout(const GemmS8Args& a) {
   return L;
 }
 
+// More threads than (panel, strip) units would only allocate panel buffers that stay idle.
+int useful_threads(const Layout& L, int nthreads) {
+  const int64_t units = L.n_panels * L.n_strips;
+  return int(units < nthreads ? units : nthreads);
+}
+
 inline int32_t pair16(int8_t lo, int8_t hi) {
   return int32_t(uint32_t(uint16_t(int16_t(lo))) | (uint32_t(uint16_t(int16_t(hi))) << 16));
 }
@@ -207,11 +213,12 @@ void tile_dispatch(const TileArgs& t, int mr) {
 
 size_t gemm_s8_avx2_workspace_bytes(const GemmS8Args& a, int nthreads) {
   const Layout L = make_layout(a);
-  return L.ap_bytes + size_t(nthreads) * L.bp_bytes;
+  return L.ap_bytes + size_t(useful_threads(L, nthreads)) * L.bp_bytes;
 }
 
 void gemm_s8_avx2(const GemmS8Args& a, void* workspace, int nthreads) {
   const Layout L = make_layout(a);
+  nthreads = useful_threads(L, nthreads);
   char* ws = static_cast<char*>(workspace);
   int32_t* ap_all = reinterpret_cast<int32_t*>(ws);
   char* bp_all = ws + L.ap_bytes;

@@ -17,6 +17,8 @@
 // Threads: units = (panel, strip) in panel-major order, one contiguous range per thread. A thread packs
 //   each panel it reaches into its own L2-sized buffer once and sweeps its strips over it. Every output is
 //   produced by one thread, in a fixed order.
+// Few rows (VNNI, M <= kSmallM): no packing at all, B streamed in place; see small_m below.
+
 // GCC 12's AVX-512 headers self-initialise their "undefined" pass-through operand (_mm512_undefined_ps),
 // which -W(maybe-)uninitialized reports at every use (GCC PR 105593, fixed in 12.3/13).
 #pragma GCC diagnostic push
@@ -65,6 +67,12 @@ Layout make_layout(const GemmS8Args& a, bool vnni) {
   return L;
 }
 
+// More threads than (panel, strip) units would only allocate panel buffers that stay idle.
+int useful_threads(const Layout& L, int nthreads) {
+  const int64_t units = L.n_panels * L.n_strips;
+  return int(units < nthreads ? units : nthreads);
+}
+
 inline int32_t load_i32(const int8_t* p) {
   int32_t v;
   std::memcpy(&v, p, 4);
@@ -73,7 +81,17 @@ inline int32_t load_i32(const int8_t* p) {
 
 inline __mmask64 byte_mask(int64_t n) { return n >= 64 ? ~__mmask64(0) : ((__mmask64(1) << n) - 1); }
 
-// One strip of A into [G][kMR] dwords; for VNNI also corr[i] = 128 * rowsum(A[i]).
+// 128 * sum_k row[k], the term vpdpbusd's u8 bias adds to every output of this row. The sum is exact
+// (|sum| <= 128 K <= 2^24); the product wraps mod 2^32 like the accumulators it is subtracted from.
+int32_t bias_correction(const int8_t* row, int64_t K) {
+  const __m512i ones = _mm512_set1_epi8(1);
+  __m512i acc = _mm512_setzero_si512();
+  for (int64_t k = 0; k < K; k += 64)
+    acc = _mm512_dpbusd_epi32(acc, ones, _mm512_maskz_loadu_epi8(byte_mask(K - k), row + k));
+  return int32_t(uint32_t(_mm512_reduce_add_epi32(acc)) * 128u);
+}
+
+// One strip of A into [G][kMR] dwords; for VNNI also corr[i].
 void pack_a_strip(const GemmS8Args& a, bool vnni, int64_t s, int32_t* ap, int32_t* corr) {
   const int64_t K = a.K;
   for (int r = 0; r < kMR; ++r) {
@@ -88,14 +106,7 @@ void pack_a_strip(const GemmS8Args& a, bool vnni, int64_t s, int32_t* ap, int32_
         std::memcpy(&t, row + 4 * full, size_t(K % 4));
         ap[full * kMR + r] = t;
       }
-      // rowsum with vpdpbusd(1, a): exact, |sum| <= 128 K <= 2^24
-      const __m512i ones = _mm512_set1_epi8(1);
-      __m512i acc = _mm512_setzero_si512();
-      for (int64_t k = 0; k < K; k += 64) {
-        const __m512i v = _mm512_maskz_loadu_epi8(byte_mask(K - k), row + k);
-        acc = _mm512_dpbusd_epi32(acc, ones, v);
-      }
-      corr[i] = int32_t(uint32_t(_mm512_reduce_add_epi32(acc)) * 128u);
+      corr[i] = bias_correction(row, K);
     } else {
       const int64_t full = K / 2;
       for (int64_t g = 0; g < full; ++g) {
@@ -326,13 +337,7 @@ void small_m_block(const GemmS8Args& a, const int8_t* A, const int32_t* corr, in
 void small_m(const GemmS8Args& a, int nthreads) {
   static_assert(kSmallJ == 4, "reduce4 handles four rows of B");
   int32_t corr[kSmallM];
-  const __m512i ones = _mm512_set1_epi8(1);
-  for (int64_t i = 0; i < a.M; ++i) {
-    __m512i acc = _mm512_setzero_si512();
-    for (int64_t k = 0; k < a.K; k += 64)
-      acc = _mm512_dpbusd_epi32(acc, ones, _mm512_maskz_loadu_epi8(byte_mask(a.K - k), a.A + i * a.lda + k));
-    corr[i] = int32_t(uint32_t(_mm512_reduce_add_epi32(acc)) * 128u);
-  }
+  for (int64_t i = 0; i < a.M; ++i) corr[i] = bias_correction(a.A + i * a.lda, a.K);
   const int64_t blocks = ceil_div(a.N, 16);
   const int64_t es = esize(a.otype);
   const __m512 alpha = _mm512_set1_ps(a.alpha);
@@ -362,7 +367,7 @@ void small_m(const GemmS8Args& a, int nthreads) {
 size_t gemm_s8_avx512_workspace_bytes(const GemmS8Args& a, bool vnni, int nthreads) {
   if (vnni && a.M <= kSmallM) return 0;
   const Layout L = make_layout(a, vnni);
-  return L.ap_bytes + L.corr_bytes + size_t(nthreads) * L.bp_bytes;
+  return L.ap_bytes + L.corr_bytes + size_t(useful_threads(L, nthreads)) * L.bp_bytes;
 }
 
 void gemm_s8_avx512(const GemmS8Args& a, bool vnni, void* workspace, int nthreads) {
@@ -371,6 +376,7 @@ void gemm_s8_avx512(const GemmS8Args& a, bool vnni, void* workspace, int nthread
     return;
   }
   const Layout L = make_layout(a, vnni);
+  nthreads = useful_threads(L, nthreads);
   char* ws = static_cast<char*>(workspace);
   int32_t* ap_all = reinterpret_cast<int32_t*>(ws);
   int32_t* corr = reinterpret_cast<int32_t*>(ws + L.ap_bytes);

@@ -2,10 +2,11 @@
 // OpenMP path, and dispatch to quantize_avx512.cpp.
 //
 // Contract (quantize.h): q[i*K + k] = clamp(rne((float(x[i*ldx + k]) + shift[k]) / scale), qmin, qmax),
-// NaN -> 0, all in fp32 in that order. The reference rounds with std::nearbyint (default rounding mode:
-// half to even). The portable fast path clamps first and then rounds with the 1.5 * 2^23 trick; since
-// qmin and qmax are integers, clamp(rne(v)) == rne(clamp(v)), and |clamp(v)| <= 128 is far inside the
-// trick's exact range, so it matches the reference bitwise without a libm call per element.
+// all in fp32 in that order; a NaN quotient is taken as 0 before the clamp (so it gives 0 whenever the
+// range holds 0). The reference rounds with std::nearbyint (default rounding mode: half to even). The
+// portable fast path clamps first and then rounds with the 1.5 * 2^23 trick: qmin and qmax are integers,
+// so clamp(rne(v)) == rne(clamp(v)), and |clamp(v)| <= 128 is far inside the trick's exact range, which
+// matches the reference bitwise without a libm call per element.
 // Work split: (row, column chunk) units, static schedule; units are independent, so results do not
 // depend on the thread count.
 #include "lowbit/kernels/quantize.h"
@@ -61,9 +62,10 @@ inline float load_x(DType t, const void* x, int64_t idx) {
 }
 
 // The definition.
+// NaN becomes 0 before the clamp, so a range that excludes 0 clamps it like any other value.
 inline int8_t quant_ref(float t, float scale, int32_t qmin, int32_t qmax) {
-  const float r = std::nearbyint(t / scale);
-  if (std::isnan(r)) return 0;
+  float r = std::nearbyint(t / scale);
+  if (std::isnan(r)) r = 0.0f;
   if (r < float(qmin)) return int8_t(qmin);
   if (r > float(qmax)) return int8_t(qmax);
   return int8_t(int32_t(r));
@@ -78,11 +80,8 @@ void scalar_range(const QuantizeArgs& a, int64_t i, int64_t k0, int64_t k1) {
   for (int64_t k = k0; k < k1; ++k) {
     float t = load_x(T, a.x, base + k);
     if (SHIFT) t += a.shift[k];
-    const float v = t / a.scale;
-    if (v != v) {
-      q[k] = 0;
-      continue;
-    }
+    float v = t / a.scale;
+    if (v != v) v = 0.0f;
     const float c = v < lo ? lo : (v > hi ? hi : v);
     q[k] = int8_t(int32_t((c + magic) - magic));
   }

@@ -6,6 +6,7 @@
 // add shift, IEEE division by scale (vdivps, never a reciprocal), round half to even (vrndscaleps imm 8:
 // nearest, exceptions suppressed, same as nearbyint in the default rounding mode), NaN -> 0, clamp
 // (+-inf saturate through min/max), then the already-integral value to int8.
+
 // GCC 12's AVX-512 headers self-initialise their "undefined" pass-through operand (_mm512_undefined_ps),
 // which -W(maybe-)uninitialized reports at every use (GCC PR 105593, fixed in 12.3/13).
 #pragma GCC diagnostic push
@@ -44,9 +45,13 @@ void run(const QuantizeArgs& a, int64_t i, int64_t k0, int64_t k1) {
     __m512 t = load16<T>(row, k, m);
     if (SHIFT) t = _mm512_add_ps(t, _mm512_maskz_loadu_ps(m, a.shift + k));
     __m512 r = _mm512_roundscale_ps(_mm512_div_ps(t, scale), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    r = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(r, r, _CMP_ORD_Q), r);  // NaN -> 0 before min/max see it
+    r = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(r, r, _CMP_ORD_Q), r);  // NaN -> 0, then clamped like any value
     r = _mm512_min_ps(_mm512_max_ps(r, lo), hi);
-    _mm512_mask_cvtepi32_storeu_epi8(q + k, m, _mm512_cvtps_epi32(r));
+    const __m128i c = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(r));
+    if (k1 - k >= 16)
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k), c);  // vpmovdb straight to memory is slow on Zen 4
+    else
+      _mm_mask_storeu_epi8(q + k, m, c);
   }
 }
 

@@ -36,7 +36,8 @@ struct Status {
 };
 
 // Largest reduction length for which an int8 x int8 dot product cannot overflow int32:
-// 128 * 128 * K < 2^31  <=>  K <= 131072. Checked by every s8 GEMM entry point.
-constexpr int64_t kMaxGemmS8K = int64_t(1) << 17;
+// 128 * 128 * K <= 2^31 - 1  <=>  K <= 131071 (at K = 2^17 a row and column of -128s reach 2^31).
+// Checked by every s8 GEMM entry point.
+constexpr int64_t kMaxGemmS8K = (int64_t(1) << 17) - 1;
 
 }  // namespace lowbit
