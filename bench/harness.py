@@ -225,10 +225,8 @@ def cpu_int8_peak(cores: int, macs_per_cycle: int = 128) -> tuple[float, str]:
     peak = cores * mhz * 1e6 * macs_per_cycle * 2 / 1e9
     words = (f"int8 peak {peak:.0f} GOP/s = {cores} cores x {mhz:.0f} MHz ({source}) x {macs_per_cycle} int8 "
              f"MAC/cycle x 2 ops/MAC")
-    info = _cpuinfo()
-    if info.get("vendor_id") == "AuthenticAMD" and info.get("cpu family") == "25" and macs_per_cycle > 64:
-        # Zen 4 (family 25 with AVX-512) runs a 512-bit op as two 256-bit halves: one VPDPBUSD zmm per cycle.
-        words += "; this looks like AMD Zen 4, whose 512-bit VNNI issues once per cycle (64 MAC/cycle): peak likely half"
+    if source.startswith("/proc"):
+        words += " (on a VM the nominal clock: boost may be higher)"
     return peak, words
 
 

@@ -5,7 +5,8 @@
 # benchmarks; CUDA when nvcc is there) in $LOWBIT_BENCH_BUILD (default build-bench) and benchmarks that
 # build, imported from python/ where it puts its libraries (never a lowbit installed elsewhere), so the
 # tables belong to this checkout.
-# Environment: PYTHON (python3), LOWBIT_BENCH_THREADS (all cores), LOWBIT_BENCH_JOBS (build jobs).
+# Environment: PYTHON (python3), LOWBIT_BENCH_THREADS (all cores), LOWBIT_BENCH_JOBS (build jobs),
+# LOWBIT_BENCH_CMAKE_ARGS (extra configure arguments, e.g. -DLOWBIT_CUDA_ARCHITECTURES=90a).
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -16,7 +17,8 @@ threads=${LOWBIT_BENCH_THREADS:-$(nproc)}
 
 echo "== building lowbit in $build" >&2
 cmake -S "$root" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DPython3_EXECUTABLE="$(command -v "$python")" \
-  -DLOWBIT_BUILD_PYTHON=ON -DLOWBIT_BUILD_BENCH=ON -DLOWBIT_BUILD_TESTS=OFF -DLOWBIT_BUILD_EXAMPLES=OFF >&2
+  -DLOWBIT_BUILD_PYTHON=ON -DLOWBIT_BUILD_BENCH=ON -DLOWBIT_BUILD_TESTS=OFF -DLOWBIT_BUILD_EXAMPLES=OFF \
+  ${LOWBIT_BENCH_CMAKE_ARGS:-} >&2
 cmake --build "$build" -j "${LOWBIT_BENCH_JOBS:-$(nproc)}" >&2
 
 # With LOWBIT_BUILD_PYTHON outside pip, the build puts lowbit._C and liblowbit.so into python/lowbit.

@@ -169,7 +169,7 @@ TEST(GemmS8, AllPathsMatchRefLargerShapesAllDtypes) {
 }
 
 // Extremes of the int8 range at the largest allowed K: the u8 bias trick of the VNNI path overflows
-// int32 in its intermediate (-128 * 255 * 2^17) and must still land on the exact result.
+// int32 in its intermediate (-128 * 255 * K) and must still land on the exact result.
 TEST(GemmS8, ExtremeValuesAtMaxK) {
   const int64_t K = lowbit::kMaxGemmS8K;
   const int64_t M = 14, N = 3;  // 14 rows: past the few-row path, so the tiled kernels run too
@@ -183,7 +183,8 @@ TEST(GemmS8, ExtremeValuesAtMaxK) {
   }
   std::vector<int32_t> C(size_t(M * N));
   ASSERT_TRUE(lowbit::cpu::gemm_s8s8s32_ref(A.data(), K, B.data(), K, M, N, K, C.data(), N).is_ok());
-  EXPECT_EQ(C[0], int32_t(-128 * 127 * K));  // -2130706432: fits
+  EXPECT_EQ(C[0], int32_t(-128 * 127 * K));
+  EXPECT_EQ(C[1], int32_t(128 * 128 * K));  // 2^31 - 2^14: the largest sum the bound allows
   const float alpha = 1.0f;
   for (GemmS8Isa isa : supported_isas()) {
     std::vector<float> out(size_t(M * N)), ref(size_t(M * N));
@@ -195,10 +196,7 @@ TEST(GemmS8, ExtremeValuesAtMaxK) {
                     .is_ok());
     for (int64_t e = 0; e < M * N; ++e) {
       EXPECT_EQ(float_to_bits(out[e]), float_to_bits(ref[e])) << isa_name(isa) << " element " << e;
-      // (-128)(-128) K = 2^31 (even rows x column 1) is the one sum the K bound lets wrap; it wraps to
-      // INT32_MIN identically on every path. Everything else is exact.
-      const bool wraps = (e / N) % 2 == 0 && e % N == 1;
-      if (!wraps) EXPECT_EQ(out[e], float(C[e])) << isa_name(isa) << " element " << e;
+      EXPECT_EQ(out[e], float(C[e])) << isa_name(isa) << " element " << e;
     }
   }
 }

@@ -2,9 +2,8 @@
 // OpenMP fallback, CPU-feature dispatch and the workspace for the SIMD kernels.
 //
 // Contract (gemm_s8.h): out[i, j] = to_otype(float(acc) * alpha), acc = sum_k A[i*lda + k] * B[j*ldb + k]
-// exact in int32. The references accumulate in uint32, i.e. mod 2^32 like the SIMD instructions, so all
-// paths agree bitwise even in the one case the K bound does not exclude (K = 2^17, every product
-// (-128)(-128): the true sum 2^31 wraps to INT32_MIN everywhere).
+// exact in int32 (K <= kMaxGemmS8K keeps every sum in range). The references accumulate in uint32, i.e.
+// mod 2^32 like the SIMD instructions, which keeps signed overflow out of the picture without a wider type.
 // Built without ISA flags: everything here runs on any x86-64.
 #include "lowbit/kernels/gemm_s8.h"
 
