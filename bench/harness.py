@@ -84,6 +84,8 @@ class Timing:
 
     samples_us: list = field(repr=False)
     copies: int = 1
+    host_us: Optional[float] = None  # GPU: host time per enqueued call
+    spin_us: float = 0.0  # GPU: the spin enqueued before each call
 
     @property
     def median_us(self) -> float:
@@ -93,8 +95,15 @@ class Timing:
     def n(self) -> int:
         return len(self.samples_us)
 
+    @property
+    def host_bound(self) -> bool:
+        """GPU: the host needed longer per call than the GPU did (spin included), so the GPU idled
+        waiting for launches and the time measures the host (or a sync inside the call)."""
+        return self.host_us is not None and self.host_us > self.median_us + self.spin_us
+
     def __str__(self) -> str:
-        return f"{self.median_us:.1f} us (median of {self.n}, {self.copies} copies)"
+        flag = f", HOST-BOUND: {self.host_us:.0f} us/call on the host" if self.host_bound else ""
+        return f"{self.median_us:.1f} us (median of {self.n}, {self.copies} copies{flag})"
 
 
 _sleep_cycles_per_us: Optional[float] = None
@@ -127,14 +136,16 @@ def time_cuda(fn: Callable, arg_sets: Sequence[tuple], warmup: int = 10, iters: 
     torch.cuda.synchronize()
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    t0 = time.perf_counter()
     for i in range(iters):
         args = arg_sets[i % len(arg_sets)]
         torch.cuda._sleep(cycles)  # keeps the queue ahead of the host: the GPU never idles before fn
         starts[i].record()
         fn(*args)
         ends[i].record()
+    host_us = (time.perf_counter() - t0) * 1e6 / iters
     torch.cuda.synchronize()
-    return Timing([s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends)], len(arg_sets))
+    return Timing([s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends)], len(arg_sets), host_us, sleep_us)
 
 
 def time_cpu(fn: Callable, arg_sets: Sequence[tuple], threads: Optional[int] = None, warmup: int = 3,
@@ -280,7 +291,7 @@ def environment_markdown(env: dict) -> str:
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence], align: Optional[str] = None) -> str:
     """Markdown table; align is one letter per column, 'l' or 'r' (default: numbers right)."""
-    cells = [[_fmt(c) for c in row] for row in rows]
+    cells = [[fmt(c) for c in row] for row in rows]
     if align is None:
         align = "".join("r" if rows and isinstance(rows[0][i], (int, float)) else "l" for i in range(len(headers)))
     sep = ["---:" if a == "r" else "---" for a in align]
@@ -289,7 +300,8 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence], align: Opti
     return "\n".join(lines)
 
 
-def _fmt(x) -> str:
+def fmt(x) -> str:
+    """A table cell: n/a for None/NaN, numbers to about 3 significant digits (integers above 1000)."""
     if x is None:
         return "n/a"
     if isinstance(x, float):

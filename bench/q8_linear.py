@@ -28,8 +28,8 @@ import harness  # noqa: E402
 try:
     import lowbit
 except ImportError as exc:  # pragma: no cover - depends on the installation
-    sys.exit(f"q8_linear.py: cannot import lowbit ({exc}); build it first (pip install --no-build-isolation -e ., "
-             "or bench/run_all.sh, which builds it in build-bench)")
+    sys.exit(f"q8_linear.py: cannot import lowbit ({exc}); build it with -DLOWBIT_BUILD_PYTHON=ON and set "
+             "PYTHONPATH=python (bench/run_all.sh does both), or pip install --no-build-isolation -e .")
 
 CPU_SHAPES = [(512, 2048, 2048)]  # (M, K, N)
 GPU_SHAPES = [(m, kn, kn) for kn in (4096, 8192) for m in (16, 256, 2048, 8192)]
@@ -79,61 +79,69 @@ def _fwd_bwd(layer, x, g):
     layer(x).backward(g)
 
 
-def _sets(device, make, bytes_per_copy_hint=None):
+def _sets(device, make):
     """Copies of the operands (make(i) -> tuple) enough to exceed the cache in one rotation."""
     first = make(0)
-    per_copy = bytes_per_copy_hint or harness.nbytes(*first)
-    return [first] + [make(i) for i in range(1, harness.copies_needed(per_copy, device))]
+    return [first] + [make(i) for i in range(1, harness.copies_needed(harness.nbytes(*first), device))]
 
 
 # ---------------------------------------------------------------------------------------------- speed
 
 
-def bench_shape(m, k, n, device, dtype, args, peak_gops):
-    """The three cases at one shape; returns table rows."""
+def _time_side(fn, make, device, kw):
+    """Timing of fn over enough copies from make, or the error's first line: a missing kernel (say, an
+    op not yet on CUDA) costs one cell of the table, not the run."""
+    try:
+        return harness.time_fn(fn, _sets(device, make), device, **kw)
+    except (RuntimeError, NotImplementedError) as exc:
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+    finally:  # the copies are gone with the call: give their memory back before the next side
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+
+def bench_shape(m, k, n, device, dtype, args, peak_gops, notes):
+    """The three cases at one shape, each ours and its baseline timed in this process with the same
+    method (harness.time_fn); returns table rows, appends errors to notes."""
     kw = dict(threads=args.threads if device == "cpu" else None, iters=args.iters)
     rows = []
+
+    def case(name, ours_fn, ours_make, base_name, base_fn, base_make, count_gops=False):
+        base = _time_side(base_fn, base_make, device, kw)
+        ours = _time_side(ours_fn, ours_make, device, kw)
+        cells, us = [], []
+        for side, t in (("lowbit", ours), (base_name, base)):
+            if isinstance(t, str):
+                notes.append(f"{device} M={m} K={k} N={n} {name}, {side}: {t}")
+                cells.append(None)
+                us.append(None)
+            else:  # '*': the GPU waited on the host, the time is the host's (see harness.Timing)
+                cells.append(harness.fmt(t.median_us) + ("*" if t.host_bound else ""))
+                us.append(t.median_us)
+        ok = None not in us
+        gops = harness.us_to_gops(m, n, k, us[0]) if count_gops and us[0] else None
+        rows.append([device, m, f"{k}x{n}", name, cells[0], base_name, cells[1],
+                     f"{us[1] / us[0]:.2f}" if ok else None, gops, _pct(gops, peak_gops)])
+        print(f"  {device} M={m} K={k} N={n} {name}: lowbit {ours} | {base_name} {base}", file=sys.stderr, flush=True)
+
     base_name = f"nn.Linear {_short(dtype)}"
+    case("eval fwd",
+         _fwd, lambda i: (_q8_layer(k, n, device, dtype, inference=True), _x(m, k, dtype, device)),
+         base_name, _fwd, lambda i: (_torch_layer(k, n, device, dtype), _x(m, k, dtype, device)))
+    case("train fwd+bwd",
+         _fwd_bwd, lambda i: (_q8_layer(k, n, device, dtype, inference=False), _x(m, k, dtype, device, True),
+                              harness.random_nonzero((m, n), dtype, device)),
+         base_name, _fwd_bwd, lambda i: (_torch_layer(k, n, device, dtype), _x(m, k, dtype, device, True),
+                                         harness.random_nonzero((m, n), dtype, device)))
 
-    def row(case, baseline_name, cmp, gops=None):
-        rows.append([device, m, f"{k}x{n}", case, cmp.ours.median_us, baseline_name, cmp.baseline.median_us,
-                     f"{cmp.ratio:.2f}", gops, _pct(gops, peak_gops)])
-        print(f"  {device} M={m} K={k} N={n} {case}: lowbit {cmp.ours} | {baseline_name} {cmp.baseline} | "
-              f"ratio {cmp.ratio:.2f}", file=sys.stderr, flush=True)
+    # Raw int8 GEMM on the same kind of int8 operands; ours also dequantizes (alpha) into the output dtype.
+    alpha = torch.tensor(1e-4, dtype=torch.float32, device=device)
 
-    # eval forward from int8 weights
-    ours = _sets(device, lambda i: (_q8_layer(k, n, device, dtype, inference=True), _x(m, k, dtype, device)))
-    base = _sets(device, lambda i: (_torch_layer(k, n, device, dtype), _x(m, k, dtype, device)))
-    row("eval fwd", base_name, harness.compare(_fwd, ours, _fwd, base, device, **kw))
-    del ours, base
-
-    # training forward + backward
-    ours = _sets(device, lambda i: (_q8_layer(k, n, device, dtype, inference=False), _x(m, k, dtype, device, True),
-                                    harness.random_nonzero((m, n), dtype, device)))
-    base = _sets(device, lambda i: (_torch_layer(k, n, device, dtype), _x(m, k, dtype, device, True),
-                                    harness.random_nonzero((m, n), dtype, device)))
-    row("train fwd+bwd", base_name, harness.compare(_fwd_bwd, ours, _fwd_bwd, base, device, **kw))
-    del ours, base
-
-    # raw int8 GEMM: same int8 operands for both; ours also dequantizes (alpha) into the output dtype
     def s8(i):
         return (harness.random_nonzero((m, k), torch.int8, device), harness.random_nonzero((n, k), torch.int8, device))
 
-    ops = _sets(device, s8)
-    alpha = torch.tensor(1e-4, dtype=torch.float32, device=device)
-    ours_fn = lambda qx, qw: lowbit.ops.linear_s8(qx, qw, alpha, dtype)  # noqa: E731
-    base_fn = lambda qx, qw: torch._int_mm(qx, qw.t())  # noqa: E731
-    try:
-        base_fn(*ops[0])
-        cmp = harness.compare(ours_fn, ops, base_fn, ops, device, **kw)
-        row("linear_s8", "torch._int_mm", cmp, harness.us_to_gops(m, n, k, cmp.ours.median_us))
-    except RuntimeError as exc:  # _int_mm has shape limits (CUDA: M > 16): time ours alone
-        t = harness.time_fn(ours_fn, ops, device, **kw)
-        gops = harness.us_to_gops(m, n, k, t.median_us)
-        rows.append([device, m, f"{k}x{n}", "linear_s8", t.median_us, "torch._int_mm", None, None, gops,
-                     _pct(gops, peak_gops)])
-        print(f"  {device} M={m} linear_s8: lowbit {t} | torch._int_mm unavailable: {str(exc).splitlines()[0]}",
-              file=sys.stderr)
+    case("linear_s8", lambda qx, qw: lowbit.ops.linear_s8(qx, qw, alpha, dtype), s8,
+         "torch._int_mm", lambda qx, qw: torch._int_mm(qx, qw.t()), s8, count_gops=True)
     return rows
 
 
@@ -219,7 +227,6 @@ def main():
         else:
             print("q8_linear.py: no GPU, CPU part only", file=sys.stderr)
 
-    out = []
     for device in devices:
         env = harness.environment(device)
         torch.manual_seed(0)
@@ -230,21 +237,22 @@ def main():
         else:
             peak, shapes, dtype = None, GPU_SHAPES, torch.bfloat16
             note = "GPU: CUDA events, 100 us spin before each call, weights rotated past 160 MB."
-        rows = []
+        rows, notes = [], []
         for m, k, n in shapes:
-            rows += bench_shape(m, k, n, device, dtype, args, peak)
-            if device == "cuda":
-                torch.cuda.empty_cache()
+            rows += bench_shape(m, k, n, device, dtype, args, peak, notes)
         m, k, n = shapes[0] if device == "cpu" else (2048, 4096, 4096)
+        try:
+            memory = memory_report(m, k, n, device, dtype)
+        except (RuntimeError, NotImplementedError) as exc:
+            memory = f"Memory, {device}: failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}\n"
+        failed = "".join(f"- failed: {x}\n" for x in notes) + ("\n" if notes else "")
         text = (f"### Q8Linear vs nn.Linear, {device}\n\n{harness.environment_markdown(env)}\n\n{note}\n"
-                f"Times are medians in microseconds.\n\n{harness.markdown_table(HEADERS, rows, 'lrllrlrrrr')}\n\n"
-                f"{memory_report(m, k, n, device, dtype)}")
-        print(text)
-        out.append(text)
-
-    if args.markdown_out:
-        with open(args.markdown_out, "a") as f:
-            f.write("\n".join(out) + "\n")
+                f"Times are medians in microseconds; * marks a host-bound time (the GPU waited on the host).\n\n{harness.markdown_table(HEADERS, rows, 'lrllrlrrrr')}\n\n"
+                f"{failed}{memory}")
+        print(text, flush=True)
+        if args.markdown_out:  # each device's section as soon as it is done
+            with open(args.markdown_out, "a") as f:
+                f.write(text + "\n")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,11 @@ python=${PYTHON:-python3}
 threads=${LOWBIT_BENCH_THREADS:-$(nproc)}
 
 echo "== building lowbit in $build" >&2
+# LOWBIT_TORCH_HAS_CUDA given explicitly: the top level only computes it on a first configure (before
+# Torch_DIR is cached), so a re-run would otherwise build without CUDA.
+torch_cuda=$("$python" -c "import torch; print(int(torch.version.cuda is not None))")
 cmake -S "$root" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DPython3_EXECUTABLE="$(command -v "$python")" \
+  -DLOWBIT_TORCH_HAS_CUDA="$torch_cuda" \
   -DLOWBIT_BUILD_PYTHON=ON -DLOWBIT_BUILD_BENCH=ON -DLOWBIT_BUILD_TESTS=OFF -DLOWBIT_BUILD_EXAMPLES=OFF \
   ${LOWBIT_BENCH_CMAKE_ARGS:-} >&2
 cmake --build "$build" -j "${LOWBIT_BENCH_JOBS:-$(nproc)}" >&2
@@ -41,7 +45,7 @@ if [[ -x $build/bench/bench_gemm_s8 ]]; then
     echo "### lowbit::cpu::gemm_s8_scaled (Google Benchmark, OMP_NUM_THREADS=$threads)"
     echo
     echo '```'
-    OMP_NUM_THREADS=$threads "$build/bench/bench_gemm_s8" --benchmark_min_time=0.5 2>&1
+    OMP_NUM_THREADS=$threads "$build/bench/bench_gemm_s8" 2>&1
     echo '```'
     echo
   } | tee -a "$out"
