@@ -142,6 +142,16 @@ def bench_shape(m, k, n, device, dtype, args, peak_gops, notes):
 
     case("linear_s8", lambda qx, qw: lowbit.ops.linear_s8(qx, qw, alpha, dtype), s8,
          "torch._int_mm", lambda qx, qw: torch._int_mm(qx, qw.t()), s8, count_gops=True)
+    if device == "cuda":
+        # The foundation's bar for the CUDA kernel: faster than a plain fp32 GEMM (torch's default
+        # fp32 matmul, TF32 off).
+        def f32(i):
+            return (harness.random_nonzero((m, k), torch.float32, device),
+                    harness.random_nonzero((n, k), torch.float32, device))
+
+        torch.backends.cuda.matmul.allow_tf32 = False
+        case("linear_s8 vs fp32", lambda qx, qw: lowbit.ops.linear_s8(qx, qw, alpha, torch.float32), s8,
+             "F.linear fp32", lambda x, w: torch.nn.functional.linear(x, w), f32, count_gops=True)
     return rows
 
 
