@@ -60,9 +60,15 @@ inline void check_scalar(const at::Tensor& s, const at::Tensor& ref, const char*
   check_same_device(ref, ref_name, s, op, arg);
 }
 
-// s_eff = max(scale, eps) as one fp32 element on the device of `scale` (no host round trip).
+// t as float32. Calls aten::to only for a real conversion: aten::to returns its input unchanged when
+// the dtype already matches, which the dispatcher's schema checks forbid below autograd.
+inline at::Tensor as_float(const at::Tensor& t) {
+  return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat);
+}
+
+// s_eff = max(fp32(scale), fp32(eps)) as one fp32 element on the device of `scale` (no host round trip).
 inline at::Tensor clamp_scale(const at::Tensor& scale, const at::Tensor& eps) {
-  return at::maximum(scale.detach().to(at::kFloat).reshape({}), eps.detach().to(at::kFloat).reshape({}));
+  return at::maximum(as_float(scale.detach()).reshape({}), as_float(eps.detach()).reshape({}));
 }
 
 // Host-side value checks need a device sync on CUDA; they are skipped while a CUDA graph is captured

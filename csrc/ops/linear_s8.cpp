@@ -53,7 +53,7 @@ at::Tensor linear_s8_cpu(const at::Tensor& qx, const at::Tensor& qw, const at::T
   auto out = at::empty(a.out_shape, qx.options().dtype(out_dtype));
   if (out.numel() == 0) return out;
   auto x = qx.contiguous(), w = qw.contiguous();
-  auto al = alpha.detach().to(at::kFloat).contiguous();
+  auto al = as_float(alpha.detach()).contiguous();
   check_status(cpu::gemm_s8_scaled(x.data_ptr<int8_t>(), a.K, w.data_ptr<int8_t>(), a.K, a.M, a.N, a.K,
                                    al.data_ptr<float>(), kernel_dtype(out_dtype, kOp, "out_dtype"), out.data_ptr(),
                                    a.N),
@@ -69,7 +69,7 @@ at::Tensor linear_s8_cuda(const at::Tensor& qx, const at::Tensor& qw, const at::
   auto out = at::empty(a.out_shape, qx.options().dtype(out_dtype));
   if (out.numel() == 0) return out;
   auto x = qx.contiguous(), w = qw.contiguous();
-  auto al = alpha.detach().to(at::kFloat).contiguous();
+  auto al = as_float(alpha.detach()).contiguous();
   check_status(cuda::gemm_s8_scaled(x.data_ptr<int8_t>(), a.K, w.data_ptr<int8_t>(), a.K, a.M, a.N, a.K,
                                     al.data_ptr<float>(), kernel_dtype(out_dtype, kOp, "out_dtype"),
                                     out.data_ptr(), a.N, current_stream(qx)),

@@ -23,14 +23,15 @@ void check_q8_linear(const at::Tensor& x, const at::Tensor& bias_a, const at::Te
               weight.sizes());
   TORCH_CHECK(is_float_dtype(weight.scalar_type()) || weight.scalar_type() == at::kChar, kOp,
               ": weight must be float (trained weight) or int8 (quantized codes), got ", weight.scalar_type());
-  const int64_t K = weight.size(1);
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, kOp, ": x must have in_channels=", K,
-              " features in its last dim, got shape ", x.sizes());
-  TORCH_CHECK(x.numel() > 0, kOp, ": x is an empty batch (shape ", x.sizes(),
+  // sym_* accessors: these checks also run on symbolic shapes under torch.compile.
+  const auto K = weight.sym_size(1);
+  TORCH_CHECK(x.dim() >= 1 && x.sym_size(-1) == K, kOp, ": x must have in_channels=", K,
+              " features in its last dim, got shape ", x.sym_sizes());
+  TORCH_CHECK(x.sym_numel() > 0, kOp, ": x is an empty batch (shape ", x.sym_sizes(),
               "); the activation scale and the LSQ gradient are undefined for no data");
   check_float_tensor(bias_a, kOp, "bias_a");
-  TORCH_CHECK(bias_a.dim() == 1 && bias_a.size(0) == K, kOp, ": bias_a must have shape (", K, ",), got ",
-              bias_a.sizes());
+  TORCH_CHECK(bias_a.dim() == 1 && bias_a.sym_size(0) == K, kOp, ": bias_a must have shape (", K, ",), got ",
+              bias_a.sym_sizes());
   check_same_device(x, "x", weight, kOp, "weight");
   check_same_device(x, "x", bias_a, kOp, "bias_a");
   check_scalar(scale_a, x, "x", kOp, "scale_a");
@@ -105,13 +106,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsq_linear_backward_i
               " must match, with K=", K);
   TORCH_CHECK(grad.size(-1) == N && grad.numel() / N == x.numel() / K, op, ": grad has shape ", grad.sizes(),
               ", expected (..., ", N, ") with the rows of x");
-  const auto G = grad.reshape({-1, N}).to(at::kFloat);
+  const auto G = as_float(grad.reshape({-1, N}));
   const auto s_a = clamp_scale(scale_a, eps), s_w = clamp_scale(scale_w, eps);
   at::Tensor grad_x, grad_b, grad_w, grad_s;
   if (mask[0] || mask[1] || mask[3]) {
     const auto gA = at::mm(G, qw.to(at::kFloat) * s_w);  // dL/dx_hat (M, K), straight through
     // Same fp32 arithmetic as the forward quantizer, so rne(v) equals the forward's code inside the range.
-    const auto v = (x.reshape({-1, K}).to(at::kFloat) + bias_a.to(at::kFloat)) / s_a;
+    const auto v = (as_float(x.reshape({-1, K})) + as_float(bias_a)) / s_a;
     const auto below = v < double(qmin), above = v > double(qmax);
     const auto inside = at::logical_not(at::logical_or(below, above)).logical_and(v == v);
     const auto gx = gA * inside;
@@ -124,6 +125,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsq_linear_backward_i
     }
   }
   if (mask[2]) grad_w = at::mm(G.t(), qx.reshape({-1, K}).to(at::kFloat) * s_a);  // STE, no clip mask
+  return {grad_x, grad_b, grad_w, grad_s};
+}
+
+// Shapes and dtypes only: the backward as fake tensors see it under torch.compile.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsq_linear_backward_meta(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& bias_a, const at::Tensor& qx, const at::Tensor& qw,
+    const at::Tensor& scale_a, const at::Tensor& scale_w, const at::Tensor& eps, int64_t qmin, int64_t qmax,
+    std::array<bool, 4> mask) {
+  at::Tensor grad_x, grad_b, grad_w, grad_s;
+  if (mask[0]) grad_x = at::empty_symint(x.sym_sizes(), x.options());
+  if (mask[1]) grad_b = at::empty_symint(bias_a.sym_sizes(), bias_a.options());
+  if (mask[2]) grad_w = at::empty_symint(qw.sym_sizes(), qw.options().dtype(at::kFloat));
+  if (mask[3]) grad_s = at::empty_symint(scale_a.sym_sizes(), scale_a.options());
   return {grad_x, grad_b, grad_w, grad_s};
 }
 
@@ -145,10 +159,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsq_linear_backward(
   return op.call(grad, x, bias_a, qx, qw, scale_a, scale_w, eps, qmin, qmax, output_mask);
 }
 
-TORCH_LIBRARY_IMPL(lowbit, CompositeExplicitAutograd, m) {
-  m.impl("q8_linear", &q8_linear_composite);
-  m.impl("lsq_linear_backward", &lsq_linear_backward_impl);
-}
+TORCH_LIBRARY_IMPL(lowbit, CompositeExplicitAutograd, m) { m.impl("q8_linear", &q8_linear_composite); }
+// The backward's body is device-generic ATen, registered per backend so fake tensors take the Meta kernel.
+TORCH_LIBRARY_IMPL(lowbit, CPU, m) { m.impl("lsq_linear_backward", &lsq_linear_backward_impl); }
+TORCH_LIBRARY_IMPL(lowbit, Meta, m) { m.impl("lsq_linear_backward", &lsq_linear_backward_meta); }
+#ifdef LOWBIT_WITH_CUDA
+TORCH_LIBRARY_IMPL(lowbit, CUDA, m) { m.impl("lsq_linear_backward", &lsq_linear_backward_impl); }
+#endif
 TORCH_LIBRARY_IMPL(lowbit, Autograd, m) { m.impl("q8_linear", &q8_linear_autograd); }
 
 }  // namespace lowbit::ops

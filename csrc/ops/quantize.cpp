@@ -18,28 +18,32 @@ struct QuantArgs {
   int64_t M, K;
 };
 
-QuantArgs check_quantize(const at::Tensor& x, const std::optional<at::Tensor>& shift, const at::Tensor& scale,
-                         const at::Tensor& eps, int64_t qmin, int64_t qmax) {
+// Checks that hold for symbolic shapes too (the Meta kernel runs them under torch.compile).
+void check_quantize(const at::Tensor& x, const std::optional<at::Tensor>& shift, const at::Tensor& scale,
+                    const at::Tensor& eps, int64_t qmin, int64_t qmax) {
   check_float_tensor(x, kQuantOp, "x");
   TORCH_CHECK(x.dim() >= 1, kQuantOp, ": x must have at least one dimension, got a 0-dim tensor");
-  const int64_t K = x.size(-1);
   TORCH_CHECK(qmin <= qmax && qmin >= -128 && qmax <= 127, kQuantOp,
               ": need -128 <= qmin <= qmax <= 127 (int8 codes), got qmin=", qmin, ", qmax=", qmax);
   if (shift.has_value() && shift->defined()) {
     check_float_tensor(*shift, kQuantOp, "shift");
-    TORCH_CHECK(shift->dim() == 1 && shift->size(0) == K, kQuantOp, ": shift must have shape (", K,
-                ",) (the last dim of x), got ", shift->sizes());
+    TORCH_CHECK(shift->dim() == 1 && shift->sym_size(0) == x.sym_size(-1), kQuantOp, ": shift must have shape (",
+                x.sym_size(-1), ",) (the last dim of x), got ", shift->sym_sizes());
     check_same_device(x, "x", *shift, kQuantOp, "shift");
   }
   check_scalar(scale, x, "x", kQuantOp, "scale");
   check_scalar(eps, x, "x", kQuantOp, "eps");
+}
+
+QuantArgs rows_and_cols(const at::Tensor& x) {
+  const int64_t K = x.size(-1);
   return {K == 0 ? 0 : x.numel() / K, K};
 }
 
 at::Tensor quantize_s8_meta(const at::Tensor& x, const std::optional<at::Tensor>& shift, const at::Tensor& scale,
                             const at::Tensor& eps, int64_t qmin, int64_t qmax) {
   check_quantize(x, shift, scale, eps, qmin, qmax);
-  return at::empty(x.sizes(), x.options().dtype(at::kChar));
+  return at::empty_symint(x.sym_sizes(), x.options().dtype(at::kChar));
 }
 
 // Prepared operands shared by both devices: contiguous x, fp32 shift, fp32 clamped scale.
@@ -51,7 +55,7 @@ QuantOperands prepare(const at::Tensor& x, const std::optional<at::Tensor>& shif
                       const at::Tensor& eps) {
   QuantOperands o;
   o.x = x.contiguous();
-  if (shift.has_value() && shift->defined()) o.shift = shift->detach().to(at::kFloat).contiguous();
+  if (shift.has_value() && shift->defined()) o.shift = as_float(shift->detach()).contiguous();
   o.scale = clamp_scale(scale, eps);
   check_step(o.scale, scale, eps, kQuantOp, "scale");
   return o;
@@ -59,7 +63,8 @@ QuantOperands prepare(const at::Tensor& x, const std::optional<at::Tensor>& shif
 
 at::Tensor quantize_s8_cpu(const at::Tensor& x, const std::optional<at::Tensor>& shift, const at::Tensor& scale,
                            const at::Tensor& eps, int64_t qmin, int64_t qmax) {
-  const auto a = check_quantize(x, shift, scale, eps, qmin, qmax);
+  check_quantize(x, shift, scale, eps, qmin, qmax);
+  const auto a = rows_and_cols(x);
   auto o = prepare(x, shift, scale, eps);
   auto q = at::empty(x.sizes(), x.options().dtype(at::kChar));
   if (q.numel() == 0) return q;
@@ -73,7 +78,8 @@ at::Tensor quantize_s8_cpu(const at::Tensor& x, const std::optional<at::Tensor>&
 #ifdef LOWBIT_WITH_CUDA
 at::Tensor quantize_s8_cuda(const at::Tensor& x, const std::optional<at::Tensor>& shift, const at::Tensor& scale,
                             const at::Tensor& eps, int64_t qmin, int64_t qmax) {
-  const auto a = check_quantize(x, shift, scale, eps, qmin, qmax);
+  check_quantize(x, shift, scale, eps, qmin, qmax);
+  const auto a = rows_and_cols(x);
   c10::cuda::CUDAGuard guard(x.device());
   auto o = prepare(x, shift, scale, eps);
   auto q = at::empty(x.sizes(), x.options().dtype(at::kChar));
@@ -100,7 +106,7 @@ at::Tensor lsq_scale_impl(const at::Tensor& x, double qmax, const std::optional<
   auto s = (mean_abs * (2.0 / std::sqrt(qmax))).to(at::kFloat);
   if (eps.has_value() && eps->defined()) {
     check_scalar(*eps, x, "x", op, "eps");
-    s = at::maximum(s, eps->detach().to(at::kFloat).reshape({}));
+    s = at::maximum(s, as_float(eps->detach()).reshape({}));
   }
   return s;
 }
@@ -123,7 +129,18 @@ TORCH_LIBRARY_IMPL(lowbit, Meta, m) { m.impl("quantize_s8", &quantize_s8_meta); 
 #ifdef LOWBIT_WITH_CUDA
 TORCH_LIBRARY_IMPL(lowbit, CUDA, m) { m.impl("quantize_s8", &quantize_s8_cuda); }
 #endif
-TORCH_LIBRARY_IMPL(lowbit, CompositeExplicitAutograd, m) { m.impl("lsq_scale", &lsq_scale_impl); }
+// lsq_scale's body is device-generic ATen; registered per backend (not as a composite) so that fake
+// tensors under torch.compile take the Meta kernel instead of tracing a reduction by numel.
+at::Tensor lsq_scale_meta(const at::Tensor& x, double qmax, const std::optional<at::Tensor>& eps) {
+  TORCH_CHECK(x.defined() && at::isFloatingType(x.scalar_type()), "lowbit.lsq_scale: x must be a floating-point tensor");
+  TORCH_CHECK(qmax > 0 && std::isfinite(qmax), "lowbit.lsq_scale: qmax must be a positive finite number, got ", qmax);
+  return at::empty({}, x.options().dtype(at::kFloat));
+}
+TORCH_LIBRARY_IMPL(lowbit, CPU, m) { m.impl("lsq_scale", &lsq_scale_impl); }
+TORCH_LIBRARY_IMPL(lowbit, Meta, m) { m.impl("lsq_scale", &lsq_scale_meta); }
+#ifdef LOWBIT_WITH_CUDA
+TORCH_LIBRARY_IMPL(lowbit, CUDA, m) { m.impl("lsq_scale", &lsq_scale_impl); }
+#endif
 // The step size is a statistic, not a function to differentiate (LSQ learns s_a by its own gradient;
 // s_w gets none, as in BIE): its output never carries a grad_fn.
 TORCH_LIBRARY_IMPL(lowbit, Autograd, m) { m.impl("lsq_scale", torch::CppFunction::makeFallthrough()); }

@@ -7,7 +7,7 @@
 //   so both give bitwise equal codes.
 // * `scale` points to ONE fp32 value, already clamped below by eps by the caller (> 0, finite). It lives
 //   on the device of x (host memory for the CPU kernels), so no host sync is needed on CUDA.
-// * A NaN input gives code 0; +-inf clamps to qmax / qmin.
+// * A NaN input gives 0 before the clamp (so code 0 whenever qmin <= 0 <= qmax); +-inf clamp to qmax / qmin.
 // * qmin/qmax: -128/127 for 8 bits, -8/7 for 4 bits (codes are stored one per int8 here; packing is a
 //   separate step).
 #pragma once

@@ -1,0 +1,28 @@
+"""torch.library.opcheck on every lowbit operator: schema (no aliasing, no mutation), autograd
+registration, fake-tensor / Meta kernels and AOT dispatch with dynamic shapes (what torch.compile needs)."""
+import pytest
+import torch
+from torch.library import opcheck
+
+import lowbit  # noqa: F401
+
+
+def _cases(device):
+    e = torch.tensor(1e-5, device=device)
+    x = torch.randn(5, 7, device=device)
+    q = lambda *s: torch.randint(-128, 128, s, dtype=torch.int8, device=device)  # noqa: E731
+    yield "quantize_s8", (x, torch.randn(7, device=device), torch.tensor(0.05, device=device), e, -128, 127)
+    yield "lsq_scale", (x, 127.0, e)
+    yield "linear_s8", (q(5, 7), q(3, 7), torch.tensor(0.01, device=device), torch.float32)
+    yield "q8_linear", (x.clone().requires_grad_(), torch.zeros(7, device=device, requires_grad=True),
+                        torch.randn(3, 7, device=device, requires_grad=True),
+                        torch.tensor(0.05, device=device, requires_grad=True), torch.tensor(0.01, device=device), e)
+    yield "lsq_linear_backward", (torch.randn(5, 3, device=device), x, torch.zeros(7, device=device), q(5, 7), q(3, 7),
+                                  torch.tensor(0.05, device=device), torch.tensor(0.01, device=device), e, -128, 127,
+                                  [True, True, True, True])
+
+
+@pytest.mark.parametrize("name", ["quantize_s8", "lsq_scale", "linear_s8", "q8_linear", "lsq_linear_backward"])
+def test_opcheck(device, name):
+    args = dict(_cases(device))[name]
+    opcheck(getattr(torch.ops.lowbit, name).default, args)
