@@ -4,10 +4,24 @@
 fixes a BIE defect the behaviour differs as listed in docs/compat.md."""
 from __future__ import annotations
 
-from .nn import Q8Linear
+import torch
+
+from .nn import Q4Conv2d, Q4Linear, Q4MatMul, Q8Linear
 from .tools import prepare_layers
 
 Q8LinearCutlass = Q8Linear
+Q4LinearCutlass = Q4Linear
 prepare_bie_layers = prepare_layers
 
-__all__ = ["Q8LinearCutlass", "prepare_bie_layers"]
+
+class Q4Conv2dCutlass(Q4Conv2d):
+    """BIE's positional order: ``(in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
+    a_bit=4, w_bit=4, device=None, dtype=torch.float)``; ``groups`` is keyword-only here."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, a_bit=4, w_bit=4,
+                 device=None, dtype=torch.float, *, groups=1):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, a_bit, w_bit,
+                         device=device, dtype=dtype)
+
+
+__all__ = ["Q8LinearCutlass", "Q4LinearCutlass", "Q4Conv2dCutlass", "Q4MatMul", "prepare_bie_layers"]

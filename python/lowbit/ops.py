@@ -37,3 +37,36 @@ def q8_linear(x: Tensor, bias_a: Tensor, weight: Tensor, scale_a: Tensor, scale_
     ``weight`` is float (quantized here with ``scale_w``) or int8 codes (a frozen ``qweight``).
     Gradients: straight-through for x (clip-masked) and a float weight, LSQ for ``scale_a``."""
     return _ops.q8_linear(x, bias_a, weight, scale_a, scale_w, eps)
+
+
+def q4_linear(x: Tensor, bias_a: Tensor, weight: Tensor, scale_a: Tensor, scale_w: Tensor, eps: Tensor) -> Tensor:
+    """The Q4Linear forward, differentiable: as :func:`q8_linear` with codes in [-8, 7]; a frozen weight
+    is int8 (N, ceil(K/2)) holding int4 pairs (:func:`pack_s4`)."""
+    return _ops.q4_linear(x, bias_a, weight, scale_a, scale_w, eps)
+
+
+def pack_s4(codes: Tensor) -> Tensor:
+    """int8 codes in [-8, 7] (..., K) -> int4 pairs (..., ceil(K/2)), first code in the high nibble
+    (BIE's format). Codes outside [-8, 7] are an error (checked on the CPU)."""
+    return _ops.pack_s4(codes)
+
+
+def unpack_s4(packed: Tensor, K: int) -> Tensor:
+    """int4 pairs (..., ceil(K/2)) -> int8 codes (..., K) in [-8, 7]."""
+    return _ops.unpack_s4(packed, K)
+
+
+def q4_conv2d(x: Tensor, bias_a: Tensor, weight: Tensor, scale_a: Tensor, scale_w: Tensor, eps: Tensor,
+              stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups: int = 1) -> Tensor:
+    """The Q4Conv2d forward, differentiable: ``s_a*s_w * conv2d(Q(x + bias_a[c]), Q(W))`` with 4-bit codes.
+
+    x (N, C, H, W); weight float (O, C/groups, kh, kw) or a frozen int8 qweight (O, kh, kw, ceil((C/groups)/2));
+    output (N, O, Ho, Wo) in x's dtype, channels_last memory."""
+    return _ops.q4_conv2d(x, bias_a, weight, scale_a, scale_w, eps, list(stride), list(padding), list(dilation),
+                          groups)
+
+
+def q4_matmul(x: Tensor, y: Tensor, x_clip: Tensor, y_clip: Tensor, eps: Tensor) -> Tensor:
+    """The Q4MatMul forward, differentiable: ``s_x*s_y * (Q(x) @ Q(y).T)`` over the last two dims, batch
+    dims broadcast; x (..., m, k), y (..., n, k) of one float dtype."""
+    return _ops.q4_matmul(x, y, x_clip, y_clip, eps)

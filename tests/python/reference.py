@@ -54,3 +54,22 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     out, ref = out.double().cpu(), ref.double().cpu()
     assert torch.isfinite(out).all(), "non-finite values in output"
     return ((out - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+def lsq_input_grads(gA, t32, s, qmin, qmax, numel):
+    """STE-masked input gradient and LSQ scale gradient (float64) for codes of t32 / s (t32 fp32)."""
+    v = (t32.float() / torch.tensor(s, dtype=torch.float32)).double()
+    below, above = v < qmin, v > qmax
+    gx = gA * ~(below | above)
+    r = torch.where(below, float(qmin), torch.where(above, float(qmax), torch.round(v) - v))
+    return gx, (r * gA).sum() / math.sqrt(numel * qmax)
+
+
+def pack_s4(codes: torch.Tensor) -> torch.Tensor:
+    """int4 pairs along the last dim, first code in the high nibble (docs/formats.md)."""
+    c = codes.to(torch.int64)
+    if c.shape[-1] % 2:
+        c = torch.cat([c, torch.zeros(*c.shape[:-1], 1, dtype=torch.int64)], -1)
+    hi, lo = c[..., 0::2] & 0xF, c[..., 1::2] & 0xF
+    b = (hi << 4) | lo
+    return torch.where(b > 127, b - 256, b).to(torch.int8)

@@ -17,12 +17,28 @@ def _cases(device):
     yield "q8_linear", (x.clone().requires_grad_(), torch.zeros(7, device=device, requires_grad=True),
                         torch.randn(3, 7, device=device, requires_grad=True),
                         torch.tensor(0.05, device=device, requires_grad=True), torch.tensor(0.01, device=device), e)
+    yield "q4_linear", (x.clone().requires_grad_(), torch.zeros(7, device=device, requires_grad=True),
+                        torch.randn(3, 7, device=device, requires_grad=True),
+                        torch.tensor(0.05, device=device, requires_grad=True), torch.tensor(0.01, device=device), e)
+    yield "pack_s4", (torch.randint(-8, 8, (4, 7), dtype=torch.int8, device=device),)
+    yield "unpack_s4", (q(4, 4), 7)
+    img = torch.randn(2, 4, 6, 5, device=device)
+    conv_tail = ([2, 1], [1, 1], [1, 2], 2)
+    yield "q4_conv2d", (img.clone().requires_grad_(), torch.zeros(4, device=device, requires_grad=True),
+                        torch.randn(6, 2, 3, 3, device=device, requires_grad=True),
+                        torch.tensor(0.05, device=device, requires_grad=True), torch.tensor(0.01, device=device), e,
+                        *conv_tail)
+    yield "q4_matmul", (torch.randn(2, 5, 7, device=device, requires_grad=True),
+                        torch.randn(3, 7, device=device, requires_grad=True),
+                        torch.tensor(0.05, device=device, requires_grad=True),
+                        torch.tensor(0.04, device=device, requires_grad=True), e)
     yield "lsq_linear_backward", (torch.randn(5, 3, device=device), x, torch.zeros(7, device=device), q(5, 7), q(3, 7),
                                   torch.tensor(0.05, device=device), torch.tensor(0.01, device=device), e, -128, 127,
                                   [True, True, True, True])
 
 
-@pytest.mark.parametrize("name", ["quantize_s8", "lsq_scale", "linear_s8", "q8_linear", "lsq_linear_backward"])
+@pytest.mark.parametrize("name", ["quantize_s8", "lsq_scale", "linear_s8", "q8_linear", "q4_linear", "pack_s4",
+                                  "unpack_s4", "q4_conv2d", "q4_matmul", "lsq_linear_backward"])
 def test_opcheck(device, name):
     args = dict(_cases(device))[name]
     opcheck(getattr(torch.ops.lowbit, name).default, args)

@@ -5,10 +5,10 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from .qat_linear import QATLinearBase
+from .qat_base import QATBase
 
 
-class Q8Linear(QATLinearBase):
+class Q8Linear(QATBase):
     """Linear layer with 8-bit weights and activations, trained with LSQ (Esser et al., 2020).
 
     ``y = s_a * s_w * (Q(x + bias_a; s_a) @ Q(W; s_w).T)`` with ``Q(t; s) = clamp(rne(t / max(s, eps)),
@@ -32,6 +32,17 @@ class Q8Linear(QATLinearBase):
     def __init__(self, in_channels: int, out_channels: int, a_bit: int = 8, w_bit: int = 8, device=None,
                  dtype: torch.dtype = torch.float) -> None:
         super().__init__(in_channels, out_channels, a_bit, w_bit, device=device, dtype=dtype)
+
+    @property
+    def in_features(self) -> int:
+        return self.in_channels
+
+    @property
+    def out_features(self) -> int:
+        return self.out_channels
+
+    def _qweight_shape(self) -> tuple:
+        return (self.out_channels, self.in_channels)
 
     def _weight_scale(self) -> Tensor:
         return ops.lsq_scale(self.weight, float(self._qmax), self.eps)

@@ -1,6 +1,6 @@
-"""Shared state and lifecycle of the quantization-aware-training linear layers (Q8Linear; the 4-bit
-layer reuses it): parameters, lazy LSQ activation-scale initialisation, the frozen ``qweight`` and its
-invalidation, and state-dict validation. No numerics here: every number comes from ``lowbit.ops``."""
+"""Shared state and lifecycle of the quantization-aware-training layers (Q8Linear, Q4Linear, Q4Conv2d):
+parameters, lazy LSQ activation-scale initialisation, the frozen ``qweight`` and its invalidation, and
+state-dict validation. No numerics here: every number comes from ``lowbit.ops``."""
 from __future__ import annotations
 
 import math
@@ -20,12 +20,12 @@ def _check_positive_int(name: str, value) -> int:
     return value
 
 
-class QATLinearBase(LowbitLayer):
-    """y = s_a * s_w * (Q(x + bias_a) @ Q(W).T) with an LSQ-learned activation step ``scale_a``.
+class QATBase(LowbitLayer):
+    """A layer computing with Q(x + bias_a) and Q(W), with an LSQ-learned activation step ``scale_a``.
 
-    State (BIE's keys): parameters ``weight`` (out, in) float32, ``bias_a`` (in,) and ``scale_a`` ()
+    State (BIE's keys): parameters ``weight`` float32, ``bias_a`` (in_channels,) and ``scale_a`` ()
     in ``dtype``; buffers ``scale_w`` () float32 and ``eps`` () in ``dtype``; after
-    :meth:`generate_quantized_weight`, the buffer ``qweight``."""
+    :meth:`generate_quantized_weight`, the buffer ``qweight`` (layout per subclass, docs/formats.md)."""
 
     # Subclasses set these.
     _bits: int = 8
@@ -35,7 +35,7 @@ class QATLinearBase(LowbitLayer):
     _act_init_qmax: float = 127.0
 
     def __init__(self, in_channels: int, out_channels: int, a_bit: int, w_bit: int, device=None,
-                 dtype: torch.dtype = torch.float) -> None:
+                 dtype: torch.dtype = torch.float, weight_shape: Optional[tuple] = None) -> None:
         super().__init__()
         self.in_channels = _check_positive_int("in_channels", in_channels)
         self.out_channels = _check_positive_int("out_channels", out_channels)
@@ -45,8 +45,9 @@ class QATLinearBase(LowbitLayer):
         if dtype not in _FLOAT_DTYPES:
             raise ValueError(f"dtype must be one of {_FLOAT_DTYPES}, got {dtype}")
         self.a_bit, self.w_bit, self.dtype = a_bit, w_bit, dtype
+        self._weight_shape = tuple(weight_shape or (out_channels, in_channels))
         self.weight: Optional[torch.nn.Parameter] = torch.nn.Parameter(
-            torch.empty(out_channels, in_channels, device=device, dtype=torch.float32))
+            torch.empty(self._weight_shape, device=device, dtype=torch.float32))
         self.bias_a = torch.nn.Parameter(torch.zeros(in_channels, device=device, dtype=dtype))
         self.scale_a = torch.nn.Parameter(torch.zeros((), device=device, dtype=dtype))
         self.register_buffer("scale_w", torch.ones((), device=device, dtype=torch.float32))
@@ -55,15 +56,6 @@ class QATLinearBase(LowbitLayer):
         self._qweight_version: Optional[int] = None  # weight._version when qweight was made or loaded
         self._scale_a_ready = False  # scale_a known non-zero (checked once: one host read)
         self.reset_parameters()
-
-    # ---------------------------------------------------------------- nn.Linear-style aliases
-    @property
-    def in_features(self) -> int:
-        return self.in_channels
-
-    @property
-    def out_features(self) -> int:
-        return self.out_channels
 
     def extra_repr(self) -> str:
         return (f"in_channels={self.in_channels}, out_channels={self.out_channels}, bits={self._bits}, "
@@ -79,8 +71,8 @@ class QATLinearBase(LowbitLayer):
 
     def set_weight_data(self, x: Tensor) -> None:
         """Replace the float weight (keeps it trainable: BIE freezes it, I-21)."""
-        if tuple(x.shape) != (self.out_channels, self.in_channels):
-            raise ValueError(f"weight must have shape {(self.out_channels, self.in_channels)}, got {tuple(x.shape)}")
+        if tuple(x.shape) != self._weight_shape:
+            raise ValueError(f"weight must have shape {self._weight_shape}, got {tuple(x.shape)}")
         self.weight = torch.nn.Parameter(x.detach().to(torch.float32).clone())
         self.qweight = None
 
@@ -141,6 +133,9 @@ class QATLinearBase(LowbitLayer):
         return self._forward_op(x, self._eval_qweight(), self.scale_w)
 
     # ---------------------------------------------------------------- subclass hooks
+    def _after_load(self, state_dict, prefix) -> None:
+        """Called after a state dict was loaded into this layer."""
+
     def _weight_scale(self) -> Tensor:
         raise NotImplementedError
 
@@ -151,7 +146,7 @@ class QATLinearBase(LowbitLayer):
         raise NotImplementedError
 
     def _qweight_shape(self) -> tuple:
-        return (self.out_channels, self.in_channels)
+        raise NotImplementedError
 
     # ---------------------------------------------------------------- internals
     def _init_scale_a(self, x: Tensor) -> None:
@@ -202,6 +197,7 @@ class QATLinearBase(LowbitLayer):
             self.weight = None  # a qweight-only (inference) checkpoint
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        self._after_load(state_dict, prefix)
         self._scale_a_ready = False
         self._qweight_version = (self.weight._version if self.weight is not None else None) if has_q else None
         if not has_q:

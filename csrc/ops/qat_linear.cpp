@@ -1,74 +1,88 @@
-// Op family "q8_linear": the Q8Linear layer's forward (composite of quantize_s8 and linear_s8), its
-// autograd Function, and lsq_linear_backward (shared with the 4-bit layers: the codes range is an
-// argument). Checks, autograd and composition only; kernels do the numerics.
+// Op family "QAT linear": the Q8Linear and Q4Linear forwards (composites of quantize_s8, unpack_s4 and
+// linear_s8), their autograd Function, and lsq_linear_backward. The two widths differ only in the code
+// range and in how a frozen weight is stored (int8 codes for 8 bits, int4 pairs for 4 bits).
 #include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <cmath>
 
 #include "common.h"
+#include "lowbit/kernels/common.h"
+#include "lowbit/kernels/pack_int4.h"
 #include "lowbit/ops.h"
+#include "lsq.h"
 
 namespace lowbit::ops {
 namespace {
 
-constexpr const char* kOp = "lowbit.q8_linear";
-constexpr int64_t kQmin = -128, kQmax = 127;
+struct LinearSpec {
+  const char* op;
+  int64_t qmin, qmax;
+  bool packed_s4;  // a frozen (int8-dtype) weight holds int4 pairs rather than int8 codes
+};
+constexpr LinearSpec kQ8{"lowbit.q8_linear", -128, 127, false};
+constexpr LinearSpec kQ4{"lowbit.q4_linear", -8, 7, true};
 
-void check_q8_linear(const at::Tensor& x, const at::Tensor& bias_a, const at::Tensor& weight,
-                     const at::Tensor& scale_a, const at::Tensor& scale_w, const at::Tensor& eps) {
-  check_float_tensor(x, kOp, "x");
-  TORCH_CHECK(weight.defined(), kOp, ": weight is undefined (None)");
-  TORCH_CHECK(weight.dim() == 2, kOp, ": weight must be 2-D (out_channels, in_channels), got shape ",
-              weight.sizes());
-  TORCH_CHECK(is_float_dtype(weight.scalar_type()) || weight.scalar_type() == at::kChar, kOp,
-              ": weight must be float (trained weight) or int8 (quantized codes), got ", weight.scalar_type());
+void check_qat_linear(const LinearSpec& sp, const at::Tensor& x, const at::Tensor& bias_a, const at::Tensor& weight,
+                      const at::Tensor& scale_a, const at::Tensor& scale_w, const at::Tensor& eps) {
+  const char* op = sp.op;
+  check_float_tensor(x, op, "x");
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dimension");
+  TORCH_CHECK(weight.defined(), op, ": weight is undefined (None)");
+  TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D (out_channels, ...), got shape ", weight.sizes());
+  TORCH_CHECK(is_float_dtype(weight.scalar_type()) || weight.scalar_type() == at::kChar, op,
+              ": weight must be float (trained weight) or int8 (frozen qweight), got ", weight.scalar_type());
   // sym_* accessors: these checks also run on symbolic shapes under torch.compile.
-  const auto K = weight.sym_size(1);
-  TORCH_CHECK(x.dim() >= 1 && x.sym_size(-1) == K, kOp, ": x must have in_channels=", K,
-              " features in its last dim, got shape ", x.sym_sizes());
-  TORCH_CHECK(x.sym_numel() > 0, kOp, ": x is an empty batch (shape ", x.sym_sizes(),
+  const auto K = x.sym_size(-1);
+  if (weight.scalar_type() == at::kChar && sp.packed_s4) {
+    TORCH_CHECK(weight.sym_size(1) == (K + 1) / 2, op, ": a packed int4 qweight for in_channels=", K,
+                " must have ", (K + 1) / 2, " bytes per row, got shape ", weight.sym_sizes());
+  } else {
+    TORCH_CHECK(weight.sym_size(1) == K, op, ": x must have in_channels=", weight.sym_size(1),
+                " features in its last dim, got shape ", x.sym_sizes());
+  }
+  TORCH_CHECK(x.sym_numel() > 0, op, ": x is an empty batch (shape ", x.sym_sizes(),
               "); the activation scale and the LSQ gradient are undefined for no data");
-  check_float_tensor(bias_a, kOp, "bias_a");
-  TORCH_CHECK(bias_a.dim() == 1 && bias_a.sym_size(0) == K, kOp, ": bias_a must have shape (", K, ",), got ",
+  check_float_tensor(bias_a, op, "bias_a");
+  TORCH_CHECK(bias_a.dim() == 1 && bias_a.sym_size(0) == K, op, ": bias_a must have shape (", K, ",), got ",
               bias_a.sym_sizes());
-  check_same_device(x, "x", weight, kOp, "weight");
-  check_same_device(x, "x", bias_a, kOp, "bias_a");
-  check_scalar(scale_a, x, "x", kOp, "scale_a");
-  check_scalar(scale_w, x, "x", kOp, "scale_w");
-  check_scalar(eps, x, "x", kOp, "eps");
+  check_same_device(x, "x", weight, op, "weight");
+  check_same_device(x, "x", bias_a, op, "bias_a");
+  check_scalar(scale_a, x, "x", op, "scale_a");
+  check_scalar(scale_w, x, "x", op, "scale_w");
+  check_scalar(eps, x, "x", op, "eps");
 }
 
-struct Q8Forward {
-  at::Tensor y, qx, qw;
+struct QatForward {
+  at::Tensor y, qx, qw;  // output; int8 codes of x (x's shape) and of the weight (N, K)
 };
 
-// y = s_a * s_w * (Qx . Qw^T) through the dispatcher (works for every backend, Meta included).
-Q8Forward q8_forward(const at::Tensor& x, const at::Tensor& bias_a, const at::Tensor& weight,
-                     const at::Tensor& scale_a, const at::Tensor& scale_w, const at::Tensor& eps) {
-  check_q8_linear(x, bias_a, weight, scale_a, scale_w, eps);
-  Q8Forward f;
-  f.qx = quantize_s8(x, bias_a, scale_a, eps, kQmin, kQmax);
-  f.qw = weight.scalar_type() == at::kChar ? weight : quantize_s8(weight, std::nullopt, scale_w, eps, kQmin, kQmax);
+// y = s_a * s_w * (Qx . Qw^T) through the dispatcher (every backend, Meta included).
+QatForward qat_forward(const LinearSpec& sp, const at::Tensor& x, const at::Tensor& bias_a, const at::Tensor& weight,
+                       const at::Tensor& scale_a, const at::Tensor& scale_w, const at::Tensor& eps) {
+  check_qat_linear(sp, x, bias_a, weight, scale_a, scale_w, eps);
+  QatForward f;
+  f.qx = quantize_s8(x, bias_a, scale_a, eps, sp.qmin, sp.qmax);
+  if (weight.scalar_type() != at::kChar) {
+    f.qw = quantize_s8(weight, std::nullopt, scale_w, eps, sp.qmin, sp.qmax);
+  } else {
+    f.qw = sp.packed_s4 ? unpack_s4(weight, x.size(-1)) : weight;
+  }
   const auto alpha = clamp_scale(scale_a, eps) * clamp_scale(scale_w, eps);  // one fp32 multiply
   f.y = linear_s8(f.qx, f.qw, alpha, x.scalar_type());
   return f;
 }
 
-at::Tensor q8_linear_composite(const at::Tensor& x, const at::Tensor& bias_a, const at::Tensor& weight,
-                               const at::Tensor& scale_a, const at::Tensor& scale_w, const at::Tensor& eps) {
-  return q8_forward(x, bias_a, weight, scale_a, scale_w, eps).y;
-}
-
 // Saved for backward: the int8 codes qx (M x K) and qw (N x K), the scalars, and a reference to the
 // caller's input x (no copy): the clip mask and the LSQ term need v = (x + bias_a) / s_a exactly.
-class Q8LinearFunction : public torch::autograd::Function<Q8LinearFunction> {
+template <const LinearSpec& Spec>
+class QatLinearFunction : public torch::autograd::Function<QatLinearFunction<Spec>> {
  public:
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& bias_a,
                             const at::Tensor& weight, const at::Tensor& scale_a, const at::Tensor& scale_w,
                             const at::Tensor& eps) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto f = q8_forward(x, bias_a, weight, scale_a, scale_w, eps);
+    auto f = qat_forward(Spec, x, bias_a, weight, scale_a, scale_w, eps);
     ctx->save_for_backward({x, bias_a, f.qx, f.qw, scale_a, scale_w, eps});
     ctx->saved_data["weight_dtype"] = c10::IValue(static_cast<int64_t>(weight.scalar_type()));
     return f.y;
@@ -81,15 +95,23 @@ class Q8LinearFunction : public torch::autograd::Function<Q8LinearFunction> {
     const std::array<bool, 4> mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
                                       ctx->needs_input_grad(2) && weight_dtype != at::kChar,
                                       ctx->needs_input_grad(3)};
-    auto [gx, gb, gw, gs] = lsq_linear_backward(grads[0], s[0], s[1], s[2], s[3], s[4], s[5], s[6], kQmin, kQmax, mask);
+    auto [gx, gb, gw, gs] =
+        lsq_linear_backward(grads[0], s[0], s[1], s[2], s[3], s[4], s[5], s[6], Spec.qmin, Spec.qmax, mask);
     if (gw.defined()) gw = gw.to(weight_dtype);
     return {gx, gb, gw, gs, at::Tensor(), at::Tensor()};
   }
 };
 
-at::Tensor q8_linear_autograd(const at::Tensor& x, const at::Tensor& bias_a, const at::Tensor& weight,
-                              const at::Tensor& scale_a, const at::Tensor& scale_w, const at::Tensor& eps) {
-  return Q8LinearFunction::apply(x, bias_a, weight, scale_a, scale_w, eps);
+template <const LinearSpec& Spec>
+at::Tensor qat_linear_composite(const at::Tensor& x, const at::Tensor& bias_a, const at::Tensor& weight,
+                                const at::Tensor& scale_a, const at::Tensor& scale_w, const at::Tensor& eps) {
+  return qat_forward(Spec, x, bias_a, weight, scale_a, scale_w, eps).y;
+}
+
+template <const LinearSpec& Spec>
+at::Tensor qat_linear_autograd(const at::Tensor& x, const at::Tensor& bias_a, const at::Tensor& weight,
+                               const at::Tensor& scale_a, const at::Tensor& scale_w, const at::Tensor& eps) {
+  return QatLinearFunction<Spec>::apply(x, bias_a, weight, scale_a, scale_w, eps);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsq_linear_backward_impl(
@@ -107,24 +129,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsq_linear_backward_i
   TORCH_CHECK(grad.size(-1) == N && grad.numel() / N == x.numel() / K, op, ": grad has shape ", grad.sizes(),
               ", expected (..., ", N, ") with the rows of x");
   const auto G = as_float(grad.reshape({-1, N}));
-  const auto s_a = clamp_scale(scale_a, eps), s_w = clamp_scale(scale_w, eps);
   at::Tensor grad_x, grad_b, grad_w, grad_s;
   if (mask[0] || mask[1] || mask[3]) {
-    const auto gA = at::mm(G, qw.to(at::kFloat) * s_w);  // dL/dx_hat (M, K), straight through
-    // Same fp32 arithmetic as the forward quantizer, so rne(v) equals the forward's code inside the range.
-    const auto v = (as_float(x.reshape({-1, K})) + as_float(bias_a)) / s_a;
-    const auto below = v < double(qmin), above = v > double(qmax);
-    const auto inside = at::logical_not(at::logical_or(below, above)).logical_and(v == v);
-    const auto gx = gA * inside;
-    if (mask[0]) grad_x = gx.to(x.scalar_type()).reshape(x.sizes());
-    if (mask[1]) grad_b = gx.sum(0).to(bias_a.scalar_type());
-    if (mask[3]) {
-      auto r = at::where(below, double(qmin), at::where(above, double(qmax), at::round(v) - v));
-      const double g = 1.0 / std::sqrt(double(x.numel()) * double(qmax));
-      grad_s = ((r * gA).sum(at::kDouble) * g).to(scale_a.scalar_type()).reshape(scale_a.sizes());
-    }
+    const auto gA = at::mm(G, qw.to(at::kFloat) * clamp_scale(scale_w, eps)).reshape(x.sizes());  // dL/dx_hat
+    auto g = lsq_input_grads(gA, x, bias_a, x.dim() - 1, scale_a, eps, qmin, qmax, mask[0], mask[1], mask[3]);
+    grad_x = g.grad_x;
+    grad_b = g.grad_shift;
+    grad_s = g.grad_scale;
   }
-  if (mask[2]) grad_w = at::mm(G.t(), qx.reshape({-1, K}).to(at::kFloat) * s_a);  // STE, no clip mask
+  if (mask[2]) grad_w = at::mm(G.t(), qx.reshape({-1, K}).to(at::kFloat) * clamp_scale(scale_a, eps));  // STE, no mask
   return {grad_x, grad_b, grad_w, grad_s};
 }
 
@@ -149,6 +162,12 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& bias_a, const at::Te
   return op.call(x, bias_a, weight, scale_a, scale_w, eps);
 }
 
+at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& bias_a, const at::Tensor& weight, const at::Tensor& scale_a,
+                     const at::Tensor& scale_w, const at::Tensor& eps) {
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("lowbit::q4_linear", "").typed<decltype(q4_linear)>();
+  return op.call(x, bias_a, weight, scale_a, scale_w, eps);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsq_linear_backward(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& bias_a, const at::Tensor& qx, const at::Tensor& qw,
     const at::Tensor& scale_a, const at::Tensor& scale_w, const at::Tensor& eps, int64_t qmin, int64_t qmax,
@@ -159,13 +178,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsq_linear_backward(
   return op.call(grad, x, bias_a, qx, qw, scale_a, scale_w, eps, qmin, qmax, output_mask);
 }
 
-TORCH_LIBRARY_IMPL(lowbit, CompositeExplicitAutograd, m) { m.impl("q8_linear", &q8_linear_composite); }
+TORCH_LIBRARY_IMPL(lowbit, CompositeExplicitAutograd, m) {
+  m.impl("q8_linear", &qat_linear_composite<kQ8>);
+  m.impl("q4_linear", &qat_linear_composite<kQ4>);
+}
+TORCH_LIBRARY_IMPL(lowbit, Autograd, m) {
+  m.impl("q8_linear", &qat_linear_autograd<kQ8>);
+  m.impl("q4_linear", &qat_linear_autograd<kQ4>);
+}
 // The backward's body is device-generic ATen, registered per backend so fake tensors take the Meta kernel.
 TORCH_LIBRARY_IMPL(lowbit, CPU, m) { m.impl("lsq_linear_backward", &lsq_linear_backward_impl); }
 TORCH_LIBRARY_IMPL(lowbit, Meta, m) { m.impl("lsq_linear_backward", &lsq_linear_backward_meta); }
 #ifdef LOWBIT_WITH_CUDA
 TORCH_LIBRARY_IMPL(lowbit, CUDA, m) { m.impl("lsq_linear_backward", &lsq_linear_backward_impl); }
 #endif
-TORCH_LIBRARY_IMPL(lowbit, Autograd, m) { m.impl("q8_linear", &q8_linear_autograd); }
 
 }  // namespace lowbit::ops

@@ -1,0 +1,126 @@
+// Int4 pairs on CUDA: pack_s4 / unpack_s4 on device pointers. Contract and format:
+// include/lowbit/kernels/pack_int4.h.
+//
+// Both are pure byte shuffles, bound by memory traffic, so the kernels are the simplest coalesced form:
+// one thread per OUTPUT byte, grid-stride over int64 flat indices (any rows * K fits, no launch
+// dimension can overflow). Consecutive threads write consecutive bytes; the two codes a packing thread
+// reads (or the packed byte two unpacking threads share) come through L1, so the redundant reads cost
+// no DRAM traffic. No alignment is assumed: any base pointer and any row stride work.
+//
+// Unlike the CPU version, pack_s4 does not check the range of the codes (reporting a bad code would need
+// a host sync): it keeps the low 4 bits of each code, so an in-range code packs exactly as on the CPU.
+#include "lowbit/kernels/pack_int4.h"
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <string>
+
+namespace lowbit {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+__global__ void __launch_bounds__(kThreads) pack_s4_kernel(
+    const int8_t* __restrict__ codes,  // (rows, K), row stride ldc
+    int64_t K,                         // codes per row
+    int64_t ldc,                       // row stride of codes in bytes
+    int64_t pc,                        // packed bytes per row: ceil(K / 2)
+    int64_t total,                     // rows * pc
+    int8_t* __restrict__ packed) {     // (rows, pc), contiguous
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += stride) {
+    const int64_t r = e / pc;
+    const int64_t k = 2 * (e - r * pc);
+    const int8_t* c = codes + r * ldc + k;
+    const uint32_t hi = uint8_t(c[0]) & 0x0Fu;
+    const uint32_t lo = k + 1 < K ? uint8_t(c[1]) & 0x0Fu : 0u;  // odd K: last low nibble is 0
+    packed[e] = int8_t(uint8_t((hi << 4) | lo));
+  }
+}
+
+__global__ void __launch_bounds__(kThreads) unpack_s4_kernel(
+    const int8_t* __restrict__ packed,  // (rows, ceil(K / 2)), row stride ldp
+    int64_t K,                          // codes per row
+    int64_t ldp,                        // row stride of packed in bytes
+    int64_t total,                      // rows * K
+    int8_t* __restrict__ codes) {       // (rows, K), contiguous
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += stride) {
+    const int64_t r = e / K;
+    const int64_t k = e - r * K;
+    const uint32_t b = uint8_t(packed[r * ldp + (k >> 1)]);
+    const uint32_t nib = (k & 1) ? (b & 0x0Fu) : (b >> 4);  // first code in the high nibble
+    codes[e] = int8_t(int32_t(nib ^ 8u) - 8);                // sign-extend: 8..15 -> -8..-1
+  }
+}
+
+// Blocks for `work` threads: enough to cover it, capped at a few waves (the loops are grid-stride).
+Status grid_for(const char* fn, int64_t work, int* blocks) {
+  int device = 0, sms = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err != cudaSuccess) return Status::device(std::string(fn) + ": " + cudaGetErrorString(err));
+  const int64_t needed = (work + kThreads - 1) / kThreads;
+  const int64_t cap = int64_t(sms > 0 ? sms : 1) * (2048 / kThreads) * 4;
+  *blocks = static_cast<int>(std::min(needed, cap));
+  return Status::ok();
+}
+
+Status launched(const char* fn) {
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return Status::device(std::string(fn) + ": kernel launch failed: " + cudaGetErrorString(err));
+  return Status::ok();
+}
+
+// Same checks as the CPU entry points (minus the code range for pack).
+Status check(const char* fn, const void* in, const char* in_name, int64_t rows, int64_t K, int64_t ld,
+             const char* ld_name, int64_t ld_min, const char* ld_rule, const void* out, const char* out_name) {
+  const std::string f = std::string(fn) + ": ";
+  if (rows < 0) return Status::invalid(f + "rows must be >= 0, got " + std::to_string(rows));
+  if (K < 0) return Status::invalid(f + "K must be >= 0, got " + std::to_string(K));
+  if (ld < 0) return Status::invalid(f + ld_name + " must be >= 0, got " + std::to_string(ld));
+  if (rows > 0 && ld < ld_min)
+    return Status::invalid(f + ld_name + " must be >= " + std::to_string(ld_min) + " (" + ld_rule + "), got " +
+                           std::to_string(ld));
+  if (rows == 0 || K == 0) return Status::ok();
+  if (in == nullptr) return Status::invalid(f + in_name + " is null but rows*K > 0");
+  if (out == nullptr) return Status::invalid(f + out_name + " is null but rows*K > 0");
+  if (rows > std::numeric_limits<int64_t>::max() / std::max(ld, K))
+    return Status::invalid(f + "rows * max(K, " + ld_name + ") overflows int64 (rows=" + std::to_string(rows) +
+                           ", K=" + std::to_string(K) + ", " + ld_name + "=" + std::to_string(ld) + ")");
+  return Status::ok();
+}
+
+}  // namespace
+
+Status pack_s4(const int8_t* codes, int64_t rows, int64_t K, int64_t ldc, int8_t* packed, CUstream_st* stream) {
+  const char* fn = "lowbit::cuda::pack_s4";
+  Status s = check(fn, codes, "codes", rows, K, ldc, "ldc", K, "K", packed, "packed");
+  if (!s.is_ok() || rows == 0 || K == 0) return s;
+  const int64_t pc = packed_s4_cols(K);
+  const int64_t total = rows * pc;
+  int blocks = 0;
+  s = grid_for(fn, total, &blocks);
+  if (!s.is_ok()) return s;
+  pack_s4_kernel<<<blocks, kThreads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(codes, K, ldc, pc, total, packed);
+  return launched(fn);
+}
+
+Status unpack_s4(const int8_t* packed, int64_t rows, int64_t K, int64_t ldp, int8_t* codes, CUstream_st* stream) {
+  const char* fn = "lowbit::cuda::unpack_s4";
+  Status s = check(fn, packed, "packed", rows, K, ldp, "ldp", packed_s4_cols(K), "ceil(K/2)", codes, "codes");
+  if (!s.is_ok() || rows == 0 || K == 0) return s;
+  const int64_t total = rows * K;
+  int blocks = 0;
+  s = grid_for(fn, total, &blocks);
+  if (!s.is_ok()) return s;
+  unpack_s4_kernel<<<blocks, kThreads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(packed, K, ldp, total, codes);
+  return launched(fn);
+}
+
+}  // namespace cuda
+}  // namespace lowbit

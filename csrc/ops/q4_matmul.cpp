@@ -1,0 +1,196 @@
+// Op family "q4_matmul": the Q4MatMul layer, out = s_x*s_y * (Q(x) . Q(y)^T) over the last two dims with
+// broadcast batch dims (attention scores). Forward = quantize both operands + one s8 GEMM per batch;
+// backward = float batched matmuls of the dequantized operands + the shared LSQ input gradients.
+#include <ATen/ExpandUtils.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include "common.h"
+#include "gemm_dispatch.h"
+#include "lowbit/ops.h"
+#include "lsq.h"
+
+namespace lowbit::ops {
+namespace {
+
+constexpr const char* kOp = "lowbit.q4_matmul";
+constexpr int64_t kQmin = -8, kQmax = 7;
+
+struct MatmulArgs {
+  std::vector<int64_t> batch;
+  int64_t B, m, n, k;
+};
+
+// Checks that hold for symbolic shapes too (the Meta kernel runs them under torch.compile).
+void check_matmul(const at::Tensor& x, const at::Tensor& y, const at::Tensor& x_clip, const at::Tensor& y_clip,
+                  const at::Tensor& eps) {
+  check_float_tensor(x, kOp, "x");
+  check_float_tensor(y, kOp, "y");
+  TORCH_CHECK(x.dim() >= 2 && y.dim() >= 2, kOp, ": x (..., m, k) and y (..., n, k) need 2 or more dims, got ",
+              x.sym_sizes(), " and ", y.sym_sizes());
+  TORCH_CHECK(x.scalar_type() == y.scalar_type(), kOp, ": x and y must have the same dtype, got ", x.scalar_type(),
+              " and ", y.scalar_type());
+  TORCH_CHECK(x.sym_size(-1) == y.sym_size(-1), kOp, ": x (..., m, k) and y (..., n, k) must agree on k, got ",
+              x.sym_sizes(), " and ", y.sym_sizes());
+  TORCH_CHECK(x.sym_numel() > 0 && y.sym_numel() > 0, kOp, ": empty operands (", x.sym_sizes(), ", ", y.sym_sizes(),
+              "); the clip scales and their LSQ gradients are undefined for no data");
+  check_same_device(x, "x", y, kOp, "y");
+  check_scalar(x_clip, x, "x", kOp, "x_clip");
+  check_scalar(y_clip, x, "x", kOp, "y_clip");
+  check_scalar(eps, x, "x", kOp, "eps");
+}
+
+template <typename T>
+std::vector<T> cat(std::vector<T> v, std::initializer_list<T> tail) {
+  v.insert(v.end(), tail);
+  return v;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> matmul_forward_meta(const at::Tensor& x, const at::Tensor& y,
+                                                                   const at::Tensor& x_clip, const at::Tensor& y_clip,
+                                                                   const at::Tensor& eps) {
+  check_matmul(x, y, x_clip, y_clip, eps);
+  const auto batch = at::infer_size_symint(x.sym_sizes().slice(0, x.dim() - 2), y.sym_sizes().slice(0, y.dim() - 2));
+  const auto m = x.sym_size(-2), n = y.sym_size(-2), k = x.sym_size(-1);
+  return {at::empty_symint(cat<c10::SymInt>(batch, {m, n}), x.options()),
+          at::empty_symint(cat<c10::SymInt>(batch, {m, k}), x.options().dtype(at::kChar)),
+          at::empty_symint(cat<c10::SymInt>(batch, {n, k}), x.options().dtype(at::kChar))};
+}
+
+MatmulArgs matmul_args(const at::Tensor& x, const at::Tensor& y) {
+  MatmulArgs a;
+  a.batch = at::infer_size(x.sizes().slice(0, x.dim() - 2), y.sizes().slice(0, y.dim() - 2));
+  a.B = 1;
+  for (auto d : a.batch) a.B *= d;
+  a.m = x.size(-2);
+  a.n = y.size(-2);
+  a.k = x.size(-1);
+  return a;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> matmul_forward_impl(const at::Tensor& x, const at::Tensor& y,
+                                                                   const at::Tensor& x_clip, const at::Tensor& y_clip,
+                                                                   const at::Tensor& eps) {
+  check_matmul(x, y, x_clip, y_clip, eps);
+  const auto a = matmul_args(x, y);
+  c10::OptionalDeviceGuard guard(x.device());
+  const auto qx = quantize_s8(x.expand(cat<int64_t>(a.batch, {a.m, a.k})).contiguous(), std::nullopt, x_clip, eps, kQmin, kQmax);
+  const auto qy = quantize_s8(y.expand(cat<int64_t>(a.batch, {a.n, a.k})).contiguous(), std::nullopt, y_clip, eps, kQmin, kQmax);
+  const auto alpha = clamp_scale(x_clip, eps) * clamp_scale(y_clip, eps);
+  auto out = at::empty(cat<int64_t>(a.batch, {a.m, a.n}), x.options());
+  const int64_t esize = out.element_size();
+  for (int64_t b = 0; b < a.B; ++b)
+    gemm_s8_on(x.device(), qx.data_ptr<int8_t>() + b * a.m * a.k, a.k, qy.data_ptr<int8_t>() + b * a.n * a.k, a.k, a.m,
+               a.n, a.k, alpha.data_ptr<float>(), x.scalar_type(),
+               static_cast<char*>(out.data_ptr()) + b * a.m * a.n * esize, a.n, kOp);
+  return {out, qx, qy};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> q4_matmul_forward(const at::Tensor& x, const at::Tensor& y,
+                                                                 const at::Tensor& x_clip, const at::Tensor& y_clip,
+                                                                 const at::Tensor& eps) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("lowbit::q4_matmul_forward", "")
+                       .typed<decltype(q4_matmul_forward)>();
+  return op.call(x, y, x_clip, y_clip, eps);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsq_matmul_backward(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& y, const at::Tensor& qx, const at::Tensor& qy,
+    const at::Tensor& x_clip, const at::Tensor& y_clip, const at::Tensor& eps, int64_t qmin, int64_t qmax,
+    std::array<bool, 4> mask) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("lowbit::lsq_matmul_backward", "")
+                       .typed<decltype(lsq_matmul_backward)>();
+  return op.call(grad, x, y, qx, qy, x_clip, y_clip, eps, qmin, qmax, mask);
+}
+
+// Straight-through: dL/dx_hat = G . y_hat, dL/dy_hat = G^T . x_hat on the broadcast operands; the LSQ
+// input gradients there; then summed back over broadcast batch dims.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsq_matmul_backward_impl(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& y, const at::Tensor& qx, const at::Tensor& qy,
+    const at::Tensor& x_clip, const at::Tensor& y_clip, const at::Tensor& eps, int64_t qmin, int64_t qmax,
+    std::array<bool, 4> mask) {
+  const auto G = as_float(grad);
+  at::Tensor gx, gy, gsx, gsy;
+  if (mask[0] || mask[2]) {
+    const auto gA = at::matmul(G, qy.to(at::kFloat) * clamp_scale(y_clip, eps));
+    auto g = lsq_input_grads(gA, x.expand(qx.sizes()), std::nullopt, x.dim() - 1, x_clip, eps, qmin, qmax, mask[0],
+                             false, mask[2], x.numel());
+    if (mask[0]) gx = at::sum_to(g.grad_x, x.sizes());
+    gsx = g.grad_scale;
+  }
+  if (mask[1] || mask[3]) {
+    const auto gB = at::matmul(G.transpose(-1, -2), qx.to(at::kFloat) * clamp_scale(x_clip, eps));
+    auto g = lsq_input_grads(gB, y.expand(qy.sizes()), std::nullopt, y.dim() - 1, y_clip, eps, qmin, qmax, mask[1],
+                             false, mask[3], y.numel());
+    if (mask[1]) gy = at::sum_to(g.grad_x, y.sizes());
+    gsy = g.grad_scale;
+  }
+  return {gx, gy, gsx, gsy};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsq_matmul_backward_meta(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& y, const at::Tensor& qx, const at::Tensor& qy,
+    const at::Tensor& x_clip, const at::Tensor& y_clip, const at::Tensor& eps, int64_t qmin, int64_t qmax,
+    std::array<bool, 4> mask) {
+  return {mask[0] ? at::empty_like(x) : at::Tensor(), mask[1] ? at::empty_like(y) : at::Tensor(),
+          mask[2] ? at::empty_like(x_clip) : at::Tensor(), mask[3] ? at::empty_like(y_clip) : at::Tensor()};
+}
+
+class Q4MatMulFunction : public torch::autograd::Function<Q4MatMulFunction> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& y,
+                            const at::Tensor& x_clip, const at::Tensor& y_clip, const at::Tensor& eps) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [out, qx, qy] = q4_matmul_forward(x, y, x_clip, y_clip, eps);
+    ctx->save_for_backward({x, y, qx, qy, x_clip, y_clip, eps});
+    return out;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto s = ctx->get_saved_variables();
+    const std::array<bool, 4> mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(1), ctx->needs_input_grad(2),
+                                      ctx->needs_input_grad(3)};
+    auto [gx, gy, gsx, gsy] = lsq_matmul_backward(grads[0], s[0], s[1], s[2], s[3], s[4], s[5], s[6], kQmin, kQmax, mask);
+    return {gx, gy, gsx, gsy, at::Tensor()};
+  }
+};
+
+at::Tensor q4_matmul_composite(const at::Tensor& x, const at::Tensor& y, const at::Tensor& x_clip,
+                               const at::Tensor& y_clip, const at::Tensor& eps) {
+  return std::get<0>(q4_matmul_forward(x, y, x_clip, y_clip, eps));
+}
+
+at::Tensor q4_matmul_autograd(const at::Tensor& x, const at::Tensor& y, const at::Tensor& x_clip,
+                              const at::Tensor& y_clip, const at::Tensor& eps) {
+  return Q4MatMulFunction::apply(x, y, x_clip, y_clip, eps);
+}
+
+}  // namespace
+
+at::Tensor q4_matmul(const at::Tensor& x, const at::Tensor& y, const at::Tensor& x_clip, const at::Tensor& y_clip,
+                     const at::Tensor& eps) {
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("lowbit::q4_matmul", "").typed<decltype(q4_matmul)>();
+  return op.call(x, y, x_clip, y_clip, eps);
+}
+
+TORCH_LIBRARY_IMPL(lowbit, CPU, m) {
+  m.impl("q4_matmul_forward", &matmul_forward_impl);
+  m.impl("lsq_matmul_backward", &lsq_matmul_backward_impl);
+}
+TORCH_LIBRARY_IMPL(lowbit, Meta, m) {
+  m.impl("q4_matmul_forward", &matmul_forward_meta);
+  m.impl("lsq_matmul_backward", &lsq_matmul_backward_meta);
+}
+#ifdef LOWBIT_WITH_CUDA
+TORCH_LIBRARY_IMPL(lowbit, CUDA, m) {
+  m.impl("q4_matmul_forward", &matmul_forward_impl);
+  m.impl("lsq_matmul_backward", &lsq_matmul_backward_impl);
+}
+#endif
+TORCH_LIBRARY_IMPL(lowbit, CompositeExplicitAutograd, m) { m.impl("q4_matmul", &q4_matmul_composite); }
+TORCH_LIBRARY_IMPL(lowbit, Autograd, m) { m.impl("q4_matmul", &q4_matmul_autograd); }
+
+}  // namespace lowbit::ops

@@ -1,0 +1,192 @@
+"""Q4Linear, Q4Conv2d, Q4MatMul and the int4 packing ops against float64 references (reference.py).
+
+Tolerances (‖out−ref‖/‖ref‖, DESIGN.md): fp32 1e-5 (fp32 GEMMs/convolutions in the backward); fp16/bf16
+1e-2. Codes, packing and train/eval equality are exact."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lowbit import ops
+from lowbit.compat import Q4Conv2dCutlass, Q4LinearCutlass
+from lowbit.nn import Q4Conv2d, Q4Linear, Q4MatMul
+import reference as ref
+
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+Q4_WQMAX = 5.6345 ** 2  # BIE's weight-scale constant 5.6345 = sqrt(Q4_WQMAX)
+
+
+def _steps(layer):
+    s_a = max(ref.f32(layer.scale_a.item()), ref.f32(layer.eps.item()))
+    return s_a, ref.f32(layer.scale_w.item())
+
+
+# ------------------------------------------------------------------------------------------ packing
+def test_pack_worked_example_and_round_trip(device):
+    codes = torch.tensor([[-8, 7, 1]], dtype=torch.int8, device=device)
+    packed = ops.pack_s4(codes)
+    assert packed.cpu().tolist() == [[-121, 16]]  # 0x87, 0x10
+    for K in (1, 2, 17, 64):
+        c = torch.randint(-8, 8, (5, K), dtype=torch.int8, device=device)
+        p = ops.pack_s4(c)
+        assert torch.equal(p.cpu(), ref.pack_s4(c.cpu()))
+        assert torch.equal(ops.unpack_s4(p, K), c)
+    with pytest.raises(RuntimeError, match="bytes per row"):
+        ops.unpack_s4(p, 66)
+
+
+def test_pack_rejects_out_of_range_codes():
+    with pytest.raises(RuntimeError):
+        ops.pack_s4(torch.tensor([[9, 0]], dtype=torch.int8))
+
+
+# ------------------------------------------------------------------------------------------ Q4Linear
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape,N", [((7, 33), 5), ((2, 3, 64), 17), ((1, 1), 3), ((50, 129), 31)])
+def test_q4_linear_forward_and_gradients(device, dtype, shape, N):
+    K = shape[-1]
+    layer = Q4Linear(K, N, device=device)
+    with torch.no_grad():
+        layer.bias_a.copy_(torch.randn(K) * 0.1)
+    x = torch.randn(shape).to(dtype).to(device).requires_grad_()
+    y = layer(x)
+    assert y.dtype == dtype and y.shape == (*shape[:-1], N)
+    W = layer.weight.detach().cpu()
+    assert layer.scale_w.item() == ref.lsq_scale(W, Q4_WQMAX, 1e-5)  # set by prepare_params, BIE's rule
+    s_a, s_w = _steps(layer)
+    w_codes = ref.codes(W, s_w, -8, 7)
+    y_ref, qx = ref.q_linear_forward(x.detach().cpu(), layer.bias_a.detach().cpu(), w_codes, s_a, s_w, -8, 7)
+    assert ref.rel_err(y, y_ref) < TOL[dtype]
+    G = torch.randn(y.shape, dtype=torch.float64).to(dtype)
+    (y * G.to(device)).sum().backward()
+    gx, gb, gw, gs = ref.q_linear_backward(G.double(), x.detach().cpu(), layer.bias_a.detach().cpu(), w_codes, qx,
+                                          s_a, s_w, -8, 7)
+    tol = TOL[dtype]
+    assert x.grad.dtype == dtype and ref.rel_err(x.grad, gx) < tol
+    assert ref.rel_err(layer.bias_a.grad, gb) < tol
+    assert ref.rel_err(layer.weight.grad, gw) < tol
+    assert ref.rel_err(layer.scale_a.grad, gs) < max(tol, 1e-5)
+
+
+def test_q4_linear_eval_qweight_and_state_dict(device):
+    layer = Q4Linear(45, 13, device=device)
+    x = torch.randn(6, 45, device=device)
+    y_train = layer(x)
+    layer.eval()
+    assert torch.equal(layer(x), y_train)
+    q = layer.qweight
+    assert q.dtype == torch.int8 and q.shape == (13, 23)
+    s_w = ref.f32(layer.scale_w.item())
+    assert torch.equal(q.cpu(), ref.pack_s4(ref.codes(layer.weight.detach().cpu(), s_w, -8, 7).to(torch.int8)))
+    sd = layer.state_dict()
+    other = Q4LinearCutlass(45, 13).to(device).eval()
+    other.load_state_dict(sd)
+    assert torch.equal(other(x), y_train)
+    layer.generate_quantized_weight(qweight_only=True)
+    inf = Q4Linear(45, 13, device=device).eval()
+    inf.load_state_dict(layer.state_dict())
+    assert inf.weight is None and torch.equal(inf(x), y_train)
+    bad = dict(sd)
+    bad["qweight"] = torch.zeros(13, 45, dtype=torch.int8)
+    with pytest.raises(RuntimeError, match=r"shape \(13, 23\)"):
+        Q4Linear(45, 13).load_state_dict(bad)
+    with pytest.raises(RuntimeError, match="in_channels=45"):
+        layer.train()
+        Q4Linear(45, 13, device=device)(torch.randn(2, 44, device=device))
+
+
+# ------------------------------------------------------------------------------------------ Q4Conv2d
+CONV_CASES = [
+    # (N, C, H, W, O, k, stride, padding, dilation, groups)
+    (2, 6, 9, 7, 4, (3, 3), (1, 1), (1, 1), (1, 1), 1),
+    (1, 5, 8, 11, 3, (3, 2), (2, 1), (2, 0), (1, 2), 1),
+    (3, 8, 6, 6, 6, (1, 1), (1, 1), (0, 0), (1, 1), 2),
+    (2, 4, 10, 9, 8, (5, 3), (2, 2), (1, 2), (2, 1), 4),
+    (1, 3, 5, 5, 2, (1, 1), (2, 2), (0, 0), (1, 1), 1),
+]
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_q4_conv2d_forward_and_gradients(device, case, channels_last):
+    N, C, H, W, O, k, stride, padding, dilation, groups = case
+    layer = Q4Conv2d(C, O, k, stride, padding, dilation, groups, device=device)
+    with torch.no_grad():
+        layer.bias_a.copy_(torch.randn(C) * 0.1)
+    x = torch.randn(N, C, H, W, device=device)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_()
+    y = layer(x)
+    s_a, s_w = _steps(layer)
+    Wt = layer.weight.detach().cpu()
+    b = layer.bias_a.detach().cpu().view(1, -1, 1, 1)
+    xq = ref.codes(x.detach().cpu().float() + b.float(), s_a, -8, 7) * s_a
+    wq = ref.codes(Wt, s_w, -8, 7) * s_w
+    conv = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    y_ref = F.conv2d(xq, wq, **conv)
+    assert y.shape == y_ref.shape and ref.rel_err(y, y_ref) < 1e-5
+    G = torch.randn(y.shape, dtype=torch.float64)
+    (y * G.float().to(device)).sum().backward()
+    gA = torch.nn.grad.conv2d_input(x.shape, wq, G, **conv)
+    gW = torch.nn.grad.conv2d_weight(xq, Wt.shape, G, **conv)
+    gx, gs = ref.lsq_input_grads(gA, x.detach().cpu().float() + b.float(), s_a, -8, 7, x.numel())
+    assert ref.rel_err(x.grad, gx) < 1e-5
+    assert ref.rel_err(layer.bias_a.grad, gx.sum((0, 2, 3))) < 1e-5
+    assert ref.rel_err(layer.weight.grad, gW) < 1e-5
+    assert ref.rel_err(layer.scale_a.grad, gs) < 1e-5
+    layer.eval()
+    assert torch.equal(layer(x), y)
+    cg = C // groups
+    assert layer.qweight.shape == (O, *k, (cg + 1) // 2)
+
+
+def test_q4_conv2d_compat_and_bad_input(device):
+    layer = Q4Conv2dCutlass(4, 6, 3, 1, 1).to(device)  # BIE's positional order
+    assert layer.padding == (1, 1) and layer.groups == 1
+    layer(torch.randn(1, 4, 5, 5, device=device))
+    with pytest.raises(RuntimeError, match="weight must have shape|in_channels"):
+        layer(torch.randn(1, 5, 5, 5, device=device))
+    with pytest.raises(RuntimeError, match="smaller than the dilated kernel"):
+        Q4Conv2d(4, 6, 5, device=device)(torch.randn(1, 4, 3, 3, device=device))
+    with pytest.raises(RuntimeError, match="smaller than the dilated kernel"):
+        Q4Conv2d(4, 6, 3, stride=2, device=device)(torch.randn(1, 4, 2, 2, device=device))
+    with pytest.raises(RuntimeError, match="4-D"):
+        layer(torch.randn(4, 5, 5, device=device))
+    with pytest.raises(ValueError):
+        Q4Conv2d(4, 6, 3, groups=3)
+
+
+# ------------------------------------------------------------------------------------------ Q4MatMul
+@pytest.mark.parametrize("xs,ys", [((5, 8), (4, 8)), ((2, 3, 5, 8), (2, 3, 4, 8)), ((2, 3, 5, 8), (3, 4, 8)),
+                                   ((1, 7, 9), (2, 1, 3, 9))])
+def test_q4_matmul_forward_and_gradients(device, xs, ys):
+    mm = Q4MatMul(device=device)
+    x = torch.randn(xs, device=device, requires_grad=True)
+    y = (torch.randn(ys, device=device) * 3).requires_grad_()
+    out = mm(x, y)
+    sx = ref.lsq_scale(x.detach().cpu(), 127.0)
+    sy = ref.lsq_scale(y.detach().cpu(), 127.0)  # from y itself (BIE used x: I-11)
+    assert mm.x_clip.item() == sx and mm.y_clip.item() == sy
+    xq = ref.codes(x.detach().cpu(), sx, -8, 7) * sx
+    yq = ref.codes(y.detach().cpu(), sy, -8, 7) * sy
+    out_ref = xq @ yq.transpose(-1, -2)
+    assert out.shape == out_ref.shape and ref.rel_err(out, out_ref) < 1e-5
+    G = torch.randn(out.shape, dtype=torch.float64)
+    (out * G.float().to(device)).sum().backward()
+    batch = out.shape[:-2]
+    xe, ye = x.detach().cpu().expand(*batch, *xs[-2:]), y.detach().cpu().expand(*batch, *ys[-2:])
+    gx, gsx = ref.lsq_input_grads(G @ yq.expand(*batch, *ys[-2:]), xe, sx, -8, 7, x.numel())
+    gy, gsy = ref.lsq_input_grads(G.transpose(-1, -2) @ xq.expand(*batch, *xs[-2:]), ye, sy, -8, 7, y.numel())
+    assert ref.rel_err(x.grad, gx.sum_to_size(xs)) < 1e-5
+    assert ref.rel_err(y.grad, gy.sum_to_size(ys)) < 1e-5
+    assert ref.rel_err(mm.x_clip.grad, gsx) < 1e-5 and ref.rel_err(mm.y_clip.grad, gsy) < 1e-5
+
+
+def test_q4_matmul_bad_input(device):
+    mm = Q4MatMul(device=device)
+    with pytest.raises(RuntimeError, match="agree on k"):
+        mm(torch.randn(2, 3, 4, device=device), torch.randn(2, 5, 5, device=device))
+    with pytest.raises(RuntimeError, match="same dtype"):
+        mm(torch.randn(2, 3, 4, device=device), torch.randn(2, 5, 4, device=device, dtype=torch.float16))
+    with pytest.raises(RuntimeError, match="2 or more dims"):
+        mm(torch.randn(4, device=device), torch.randn(5, 4, device=device))
