@@ -1,5 +1,5 @@
-// lowbit::nn::Q8Linear: state and lifecycle only (lazy LSQ init, frozen qweight, invalidation); every
-// number comes from the lowbit ops, exactly as in python/lowbit/nn/qat_linear.py.
+// lowbit::nn::Q8Linear: state only; the lifecycle (lazy LSQ init, frozen qweight, invalidation) is the
+// shared detail::QatState, and every number comes from the lowbit ops, as in python/lowbit/nn/q8_linear.py.
 #include "lowbit/nn/q8_linear.h"
 
 #include <torch/nn/init.h>
@@ -18,14 +18,9 @@ constexpr int64_t kQmin = -128, kQmax = 127;
 Q8LinearImpl::Q8LinearImpl(const Q8LinearOptions& options_) : options(options_) { reset(); }
 
 void Q8LinearImpl::reset() {
-  TORCH_CHECK(options.in_channels() > 0 && options.out_channels() > 0,
-              "Q8Linear: in_channels and out_channels must be positive, got ", options.in_channels(), " and ",
-              options.out_channels());
-  TORCH_CHECK(options.a_bit() == 8 && options.w_bit() == 8, "Q8Linear: a_bit and w_bit must be 8, got ",
-              options.a_bit(), " and ", options.w_bit());
+  detail::check_qat_options("Q8Linear", options.in_channels(), options.out_channels(), options.a_bit(),
+                            options.w_bit(), 8, options.dtype());
   const auto dt = options.dtype();
-  TORCH_CHECK(dt == c10::kFloat || dt == c10::kHalf || dt == c10::kBFloat16,
-              "Q8Linear: dtype must be float32, float16 or bfloat16, got ", dt);
   const auto f32 = torch::TensorOptions().dtype(torch::kFloat32).device(options.device());
   const auto opt = torch::TensorOptions().dtype(dt).device(options.device());
   weight = register_parameter("weight", torch::empty({options.out_channels(), options.in_channels()}, f32));
@@ -39,56 +34,45 @@ void Q8LinearImpl::reset() {
     torch::NoGradGuard no_grad;
     torch::nn::init::kaiming_uniform_(weight, std::sqrt(5.0));
   }
-  scale_a_ready_ = false;
-  qweight_version_ = -1;
-}
-
-void Q8LinearImpl::init_scale_a(const torch::Tensor& x) {
-  if (scale_a_ready_) return;
-  torch::NoGradGuard no_grad;
-  if (scale_a.ne(0).item<bool>() == false) scale_a.copy_(ops::lsq_scale(x, double(kQmax), std::nullopt));
-  scale_a_ready_ = true;
+  state_.reset();
 }
 
 torch::Tensor Q8LinearImpl::set_activation(const torch::Tensor& x) {
-  init_scale_a(x);
+  state_.init_scale_a(scale_a, x);
   return x + bias_a;
 }
 
 void Q8LinearImpl::generate_quantized_weight(bool qweight_only) {
+  if (state_.weight_gone(weight, qweight)) return;
   torch::NoGradGuard no_grad;
-  if (weight_released()) {
-    TORCH_CHECK(has_qweight(), "Q8Linear: neither weight nor qweight is present");
-    return;
-  }
-  scale_w.copy_(ops::lsq_scale(weight, double(kQmax), eps));
-  qweight.set_(ops::quantize_s8(weight, std::nullopt, scale_w, eps, kQmin, kQmax));
-  qweight_version_ = weight._version();
-  if (qweight_only) {
-    weight.set_(torch::empty({0}, weight.options()));
-    weight.set_requires_grad(false);
-  }
-}
-
-const torch::Tensor& Q8LinearImpl::eval_qweight() {
-  const bool stale = !weight_released() && int64_t(weight._version()) != qweight_version_;
-  if (!has_qweight() || stale) generate_quantized_weight(false);
-  return qweight;
+  scale_w.copy_(ops::lsq_scale(weight, double(kQmax), eps));  // frozen from here on (eval)
+  state_.store_qweight(weight, qweight, ops::quantize_s8(weight, std::nullopt, scale_w, eps, kQmin, kQmax),
+                       qweight_only);
 }
 
 torch::Tensor Q8LinearImpl::forward(const torch::Tensor& x) {
   if (is_training()) {
-    TORCH_CHECK(!weight_released(), "Q8Linear: the float weight was released by generate_quantized_weight(true); "
-                                  "this layer is inference-only (call eval())");
-    init_scale_a(x);
-    if (has_qweight()) {  // stale once training resumes
-      torch::NoGradGuard no_grad;
-      qweight.set_(torch::empty({0}, qweight.options()));
-    }
+    state_.begin_training_forward(weight, qweight, scale_a, x);
+    // Q8: the weight step follows the weight every step (as the Python Q8Linear); the 4-bit layers fix it
+    // in prepare_params() instead.
     const auto s_w = ops::lsq_scale(weight, double(kQmax), eps);
     return ops::q8_linear(x, bias_a, weight, scale_a, s_w, eps);
   }
-  return ops::q8_linear(x, bias_a, eval_qweight(), scale_a, scale_w, eps);
+  if (!state_.qweight_current(weight, qweight)) generate_quantized_weight(false);
+  return ops::q8_linear(x, bias_a, qweight, scale_a, scale_w, eps);
+}
+
+void Q8LinearImpl::load(torch::serialize::InputArchive& archive) {
+  const bool was_released = weight_released();
+  torch::nn::Module::load(archive);
+  state_.after_load(weight, qweight, was_released);
+}
+
+std::shared_ptr<torch::nn::Module> Q8LinearImpl::clone(const std::optional<torch::Device>& device) const {
+  auto copy = torch::nn::Cloneable<Q8LinearImpl>::clone(device);
+  auto& c = static_cast<Q8LinearImpl&>(*copy);
+  c.state_.after_clone(state_, state_.qweight_current(weight, qweight), c.weight);
+  return copy;
 }
 
 void Q8LinearImpl::pretty_print(std::ostream& stream) const {

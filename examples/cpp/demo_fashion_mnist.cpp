@@ -1,13 +1,15 @@
 // lowbit demo: train an MLP whose hidden layers are 8-bit (lowbit::nn::Q8Linear) on Fashion-MNIST next
 // to its fp32 twin (torch::nn::Linear everywhere), then compare test accuracy, training time and weight
 // bytes. Both models start from the same weights and see the same batches in the same order, so the
-// difference in the table is the quantization alone.
+// difference between those two rows is the quantization alone. A third model, a small CNN computing with
+// 4-bit weights and activations (lowbit::nn::Q4Conv2d, Q4Linear; fp32 head), is trained the same way
+// (same epochs, batches, optimiser) and shown in the same table.
 //
 //   lowbit_demo [--data DIR] [--epochs N] [--device cpu|cuda] [--batch N] [--lr F] [--seed N]
 //
 // The dataset is the Debian package dataset-fashion-mnist (/usr/share/datasets/fashion-mnist, IDX files
 // gzipped); --data DIR or $LOWBIT_FASHION_MNIST point elsewhere.
-#include <lowbit/nn/q8_linear.h>
+#include <lowbit/nn.h>
 #include <torch/torch.h>
 #include <unistd.h>
 #include <zlib.h>
@@ -148,6 +150,41 @@ int64_t weight_bytes(const Q8MLP& m) {
 }
 int64_t weight_bytes(const FloatMLP& m) {
   return int64_t(m->fc1->weight.nbytes() + m->fc2->weight.nbytes() + m->head->weight.nbytes());
+}
+
+// ----------------------------------------------------------------------------------------------------
+// The 4-bit CNN: conv3x3(1->kC1, pad 1) -> ReLU -> maxpool 2 -> conv3x3(kC1->kC2, pad 1) -> ReLU -> maxpool 2
+// -> flatten -> Q4Linear(kC2*7*7 -> 128) -> ReLU -> fp32 Linear(128 -> 10). The first conv sees the
+// normalised image: every conv and hidden layer is 4-bit, only the 10-way head stays fp32 (as in the MLPs).
+
+constexpr int64_t kC1 = 16, kC2 = 32, kCnnHidden = 128;
+
+struct Q4CNNImpl : torch::nn::Module {
+  using ConvOpts = lowbit::nn::Q4Conv2dOptions;
+  explicit Q4CNNImpl(const torch::Device& d)
+      : conv1(register_module("conv1", lowbit::nn::Q4Conv2d(ConvOpts(1, kC1, 3).padding(1).device(d)))),
+        conv2(register_module("conv2", lowbit::nn::Q4Conv2d(ConvOpts(kC1, kC2, 3).padding(1).device(d)))),
+        fc(register_module("fc", lowbit::nn::Q4Linear(lowbit::nn::Q4LinearOptions(kC2 * 7 * 7, kCnnHidden).device(d)))),
+        head(register_module("head", torch::nn::Linear(kCnnHidden, 10))) {
+    head->to(d);
+  }
+  torch::Tensor forward(const torch::Tensor& images) {  // (n, 784) normalised pixels
+    auto x = images.view({-1, 1, 28, 28});
+    x = torch::max_pool2d(torch::relu(conv1(x)), 2);
+    x = torch::max_pool2d(torch::relu(conv2(x)), 2);
+    return head(torch::relu(fc(x.flatten(1))));
+  }
+  lowbit::nn::Q4Conv2d conv1, conv2;
+  lowbit::nn::Q4Linear fc;
+  torch::nn::Linear head;
+};
+using Q4CNN = std::shared_ptr<Q4CNNImpl>;
+
+// As stored for inference: int4 pairs (half a byte per weight; conv1, with one input channel, pads each
+// pair: a byte per weight) for the 4-bit layers that hold them, fp32 for the head.
+int64_t weight_bytes(const Q4CNN& m) {
+  auto q = [](const auto& l) { return l->has_qweight() ? l->qweight.nbytes() : l->weight.nbytes(); };
+  return int64_t(q(m->conv1) + q(m->conv2) + q(m->fc) + m->head->weight.nbytes());
 }
 
 // Everything the model keeps: parameters and buffers (biases, scales, placeholders included).
@@ -323,21 +360,28 @@ int main(int argc, char** argv) {
     std::printf("Fashion-MNIST: %lld train / %lld test images from %s; device %s, %d CPU threads\n",
                 (long long)data.train.images.size(0), (long long)data.test.images.size(0), cfg.data_dir.c_str(),
                 cfg.device.c_str(), torch::get_num_threads());
-    std::printf("MLP 784-512-256-10, %lld epoch(s), batch %lld, Adam lr %g, seed %lld\n", (long long)cfg.epochs,
-                (long long)cfg.batch, cfg.lr, (long long)cfg.seed);
+    std::printf("MLP 784-512-256-10; CNN conv3x3 1-%lld-%lld + maxpool, %lld-%lld-10; %lld epoch(s), batch %lld, "
+                "Adam lr %g, seed %lld\n", (long long)kC1, (long long)kC2, (long long)(kC2 * 7 * 7),
+                (long long)kCnnHidden, (long long)cfg.epochs, (long long)cfg.batch, cfg.lr, (long long)cfg.seed);
     std::fflush(stdout);
 
     torch::manual_seed(uint64_t(cfg.seed));
     auto fp32 = make_float_mlp(device);
     auto q8 = make_q8_mlp(fp32, device);
+    auto cnn = std::make_shared<Q4CNNImpl>(device);  // its own initial weights: no fp32 twin to copy
 
     const double q8_secs = train(q8, data.train, cfg, "Q8 (lowbit)", device);
     const double fp32_secs = train(fp32, data.train, cfg, "fp32 (torch)", device);
+    const double cnn_secs = train(cnn, data.train, cfg, "Q4 CNN (lowbit)", device);
 
     // Inference form of the Q8 model: int8 codes only, the float weights released.
     q8->fc1->generate_quantized_weight(/*qweight_only=*/true);
     q8->fc2->generate_quantized_weight(/*qweight_only=*/true);
+    cnn->conv1->generate_quantized_weight(/*qweight_only=*/true);
+    cnn->conv2->generate_quantized_weight(/*qweight_only=*/true);
+    cnn->fc->generate_quantized_weight(/*qweight_only=*/true);
     const double q8_acc = accuracy(q8, data.test), fp32_acc = accuracy(fp32, data.test);
+    const double cnn_acc = accuracy(cnn, data.test);
 
     std::printf("\n| model | test accuracy %% | train s | weight bytes | state bytes |\n");
     std::printf("|---|---:|---:|---:|---:|\n");
@@ -345,8 +389,12 @@ int main(int argc, char** argv) {
                 (long long)weight_bytes(q8), (long long)state_bytes(*q8));
     std::printf("| fp32 MLP (torch Linear) | %.2f | %.1f | %lld | %lld |\n", fp32_acc, fp32_secs,
                 (long long)weight_bytes(fp32), (long long)state_bytes(*fp32));
-    std::printf("\nweight bytes: the three weight matrices as stored (Q8 hidden layers: 1 byte per weight after\n"
-                "generate_quantized_weight(qweight_only=true); head fp32). state bytes: all parameters and buffers.\n");
+    std::printf("| Q4 CNN (int4 conv + hidden) | %.2f | %.1f | %lld | %lld |\n", cnn_acc, cnn_secs,
+                (long long)weight_bytes(cnn), (long long)state_bytes(*cnn));
+    std::printf("\nweight bytes: the weight tensors as stored after generate_quantized_weight(qweight_only=true):\n"
+                "Q8 hidden layers 1 byte per weight; Q4 layers int4 pairs, half a byte per weight (the 1-channel\n"
+                "first conv: a byte, half of each pair is padding); heads fp32. state bytes: all parameters and\n"
+                "buffers.\n");
   } catch (const c10::Error& e) {  // torch's own errors: the message without the C++ backtrace
     std::fprintf(stderr, "lowbit_demo: failed: %s\n", e.what_without_backtrace());
     return kExitFailed;

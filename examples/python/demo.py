@@ -1,8 +1,10 @@
 """lowbit demo: an MLP whose hidden layers are 8-bit (lowbit.nn.Q8Linear) trained on Fashion-MNIST next
 to its fp32 twin (torch.nn.Linear everywhere); test accuracy, training time and weight bytes compared.
 
-Both models start from the same weights and see the same batches in the same order, so the difference in
-the table is the quantization alone. Same as examples/cpp/demo_fashion_mnist.cpp.
+Both models start from the same weights and see the same batches in the same order, so the difference
+between those two rows is the quantization alone. A third model, a small CNN computing with 4-bit weights and
+activations (lowbit.nn.Q4Conv2d, Q4Linear; fp32 head), is trained the same way and shown in the same table.
+Same as examples/cpp/demo_fashion_mnist.cpp.
 
     python3 examples/python/demo.py [--data DIR] [--epochs N] [--device cpu|cuda] [--batch N] [--lr F]
 
@@ -68,6 +70,20 @@ def mlp(hidden) -> nn.Sequential:
     return nn.Sequential(hidden(784, 512), nn.ReLU(), hidden(512, 256), nn.ReLU(), nn.Linear(256, 10))
 
 
+C1, C2, CNN_HIDDEN = 16, 32, 128
+
+
+def q4_cnn() -> nn.Sequential:
+    """conv3x3(1->C1, pad 1) -> ReLU -> maxpool 2 -> conv3x3(C1->C2, pad 1) -> ReLU -> maxpool 2 -> flatten ->
+    Q4Linear(C2*7*7 -> 128) -> ReLU -> fp32 Linear(128 -> 10). The first conv sees the normalised image: every
+    conv and hidden layer is 4-bit, only the 10-way head stays fp32 (as in the MLPs)."""
+    return nn.Sequential(
+        nn.Unflatten(1, (1, 28, 28)),
+        lowbit.nn.Q4Conv2d(1, C1, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        lowbit.nn.Q4Conv2d(C1, C2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), lowbit.nn.Q4Linear(C2 * 7 * 7, CNN_HIDDEN), nn.ReLU(), nn.Linear(CNN_HIDDEN, 10))
+
+
 def make_models(device, seed):
     torch.manual_seed(seed)
     fp32 = mlp(nn.Linear).to(device)
@@ -78,13 +94,16 @@ def make_models(device, seed):
         for i in (0, 2):
             q8[i].weight.copy_(fp32[i].weight)
         q8[4].load_state_dict(fp32[4].state_dict())
-    return q8, fp32
+    cnn = q4_cnn().to(device)  # its own initial weights: no fp32 twin to copy
+    return q8, fp32, cnn
 
 
 def weight_bytes(model: nn.Sequential) -> int:
-    """The three weight matrices as stored: int8 codes for a Q8Linear that holds them."""
+    """The weight tensors as stored: int8 codes (Q8) or int4 pairs (Q4) for a lowbit layer that holds them."""
     total = 0
-    for layer in (model[0], model[2], model[4]):
+    for layer in model:
+        if not hasattr(layer, "weight"):
+            continue
         w = getattr(layer, "qweight", None)
         w = w if w is not None else layer.weight
         total += w.numel() * w.element_size()
@@ -210,24 +229,31 @@ def main() -> int:
         return EXIT_NO_DATA
     print(f"Fashion-MNIST: {train_x.shape[0]} train / {test_x.shape[0]} test images from {args.data}; "
           f"device {device}, {torch.get_num_threads()} CPU threads")
-    print(f"MLP 784-512-256-10, {args.epochs} epoch(s), batch {args.batch}, Adam lr {args.lr:g}, seed {args.seed}",
-          flush=True)
+    print(f"MLP 784-512-256-10; CNN conv3x3 1-{C1}-{C2} + maxpool, {C2 * 7 * 7}-{CNN_HIDDEN}-10; {args.epochs} "
+          f"epoch(s), batch {args.batch}, Adam lr {args.lr:g}, seed {args.seed}", flush=True)
 
-    q8, fp32 = make_models(device, args.seed)
+    q8, fp32, cnn = make_models(device, args.seed)
     q8_secs = train(q8, train_x, train_y, args, "Q8 (lowbit)", device)
     fp32_secs = train(fp32, train_x, train_y, args, "fp32 (torch)", device)
+    cnn_secs = train(cnn, train_x, train_y, args, "Q4 CNN (lowbit)", device)
 
-    # Inference form of the Q8 model: int8 codes only, the float weights released.
-    for i in (0, 2):
-        q8[i].generate_quantized_weight(qweight_only=True)
+    # Inference form of the lowbit models: codes only, the float weights released.
+    for layer in list(q8) + list(cnn):
+        if isinstance(layer, (lowbit.nn.Q8Linear, lowbit.nn.Q4Linear, lowbit.nn.Q4Conv2d)):
+            layer.generate_quantized_weight(qweight_only=True)
     q8_acc, fp32_acc = accuracy(q8, test_x, test_y), accuracy(fp32, test_x, test_y)
+    cnn_acc = accuracy(cnn, test_x, test_y)
 
     print("\n| model | test accuracy % | train s | weight bytes | state bytes |\n|---|---:|---:|---:|---:|")
     print(f"| Q8Linear MLP (int8 hidden) | {q8_acc:.2f} | {q8_secs:.1f} | {weight_bytes(q8)} | {state_bytes(q8)} |")
     print(f"| fp32 MLP (torch Linear) | {fp32_acc:.2f} | {fp32_secs:.1f} | {weight_bytes(fp32)} | "
           f"{state_bytes(fp32)} |")
-    print("\nweight bytes: the three weight matrices as stored (Q8 hidden layers: 1 byte per weight after\n"
-          "generate_quantized_weight(qweight_only=True); head fp32). state bytes: all parameters and buffers.")
+    print(f"| Q4 CNN (int4 conv + hidden) | {cnn_acc:.2f} | {cnn_secs:.1f} | {weight_bytes(cnn)} | "
+          f"{state_bytes(cnn)} |")
+    print("\nweight bytes: the weight tensors as stored after generate_quantized_weight(qweight_only=True):\n"
+          "Q8 hidden layers 1 byte per weight; Q4 layers int4 pairs, half a byte per weight (the 1-channel\n"
+          "first conv: a byte, half of each pair is padding); heads fp32. state bytes: all parameters and\n"
+          "buffers.")
     return 0
 
 

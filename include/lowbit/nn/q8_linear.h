@@ -11,6 +11,8 @@
 #include <torch/nn/module.h>
 #include <torch/nn/pimpl.h>
 
+#include "lowbit/nn/qat_state.h"
+
 namespace lowbit::nn {
 
 struct Q8LinearOptions {
@@ -36,6 +38,10 @@ class Q8LinearImpl : public torch::nn::Cloneable<Q8LinearImpl> {
   // Initialise scale_a from x if it is still 0; returns x + bias_a (BIE's helper).
   torch::Tensor set_activation(const torch::Tensor& x);
   void pretty_print(std::ostream& stream) const override;
+  // As Module::load / Cloneable::clone, keeping the lifecycle state consistent with the loaded or
+  // copied tensors (a loaded qweight stays valid for the loaded weight).
+  void load(torch::serialize::InputArchive& archive) override;
+  std::shared_ptr<torch::nn::Module> clone(const std::optional<torch::Device>& device = std::nullopt) const override;
 
   // qweight holds codes (not a 0-element placeholder); the float weight was released (qweight_only).
   bool has_qweight() const { return qweight.numel() > 0; }
@@ -45,10 +51,7 @@ class Q8LinearImpl : public torch::nn::Cloneable<Q8LinearImpl> {
   torch::Tensor weight, bias_a, scale_a, scale_w, eps, qweight;
 
  private:
-  void init_scale_a(const torch::Tensor& x);
-  const torch::Tensor& eval_qweight();
-  bool scale_a_ready_ = false;
-  int64_t qweight_version_ = -1;  // weight._version() when qweight was made
+  detail::QatState state_{"Q8Linear"};  // lazy scale_a, qweight validity (lowbit/nn/qat_state.h)
 };
 TORCH_MODULE(Q8Linear);
 

@@ -1,0 +1,101 @@
+// Lifecycle shared by the C++ QAT modules (see lowbit/nn/qat_state.h); mirrors python/lowbit/nn/qat_base.py.
+#include "lowbit/nn/qat_state.h"
+
+#include <torch/torch.h>
+
+#include "lowbit/ops.h"
+
+namespace lowbit::nn::detail {
+
+void check_qat_options(const char* layer, int64_t in_channels, int64_t out_channels, int64_t a_bit, int64_t w_bit,
+                       int64_t bits, c10::ScalarType dtype) {
+  TORCH_CHECK(in_channels > 0 && out_channels > 0, layer, ": in_channels and out_channels must be positive, got ",
+              in_channels, " and ", out_channels);
+  TORCH_CHECK(a_bit == bits && w_bit == bits, layer, ": computes with ", bits,
+              "-bit weights and activations; got a_bit=", a_bit, ", w_bit=", w_bit);
+  TORCH_CHECK(dtype == c10::kFloat || dtype == c10::kHalf || dtype == c10::kBFloat16, layer,
+              ": dtype must be float32, float16 or bfloat16, got ", dtype);
+}
+
+void make_absent(torch::Tensor& t) {
+  torch::NoGradGuard no_grad;
+  t.set_(torch::empty({0}, t.options()));
+}
+
+torch::Tensor q4_weight_scale(const torch::Tensor& weight, const torch::Tensor& eps) {
+  return ops::lsq_scale(weight.detach(), kQ4WeightScaleQmax, eps);
+}
+
+torch::Tensor q4_pack_weight(const torch::Tensor& weight_in_code_order, const torch::Tensor& scale_w,
+                             const torch::Tensor& eps) {
+  return ops::pack_s4(ops::quantize_s8(weight_in_code_order, std::nullopt, scale_w, eps, -8, 7));
+}
+
+void QatState::reset() {
+  scale_a_ready_ = false;
+  scale_w_ready_ = false;
+  qweight_version_ = -1;
+}
+
+void QatState::init_scale_a(const torch::Tensor& scale_a, const torch::Tensor& x) {
+  if (scale_a_ready_) return;
+  torch::NoGradGuard no_grad;
+  // A non-zero scale_a was set by hand or loaded: keep it (BIE's rule), only 0 means "not yet".
+  if (!scale_a.ne(0).item<bool>()) scale_a.copy_(ops::lsq_scale(x, kActInitQmax, std::nullopt));
+  scale_a_ready_ = true;
+}
+
+void QatState::begin_training_forward(const torch::Tensor& weight, torch::Tensor& qweight,
+                                      const torch::Tensor& scale_a, const torch::Tensor& x) {
+  TORCH_CHECK(present(weight), layer_,
+              ": the float weight was released by generate_quantized_weight(true); this layer is inference-only "
+              "(call eval())");
+  init_scale_a(scale_a, x);
+  if (present(qweight)) {
+    make_absent(qweight);
+    qweight_version_ = -1;
+  }
+}
+
+bool QatState::weight_gone(const torch::Tensor& weight, const torch::Tensor& qweight) const {
+  if (present(weight)) return false;
+  TORCH_CHECK(present(qweight), layer_, ": neither weight nor qweight is present");
+  return true;
+}
+
+void QatState::store_qweight(torch::Tensor& weight, torch::Tensor& qweight, const torch::Tensor& codes,
+                             bool qweight_only) {
+  torch::NoGradGuard no_grad;
+  qweight.set_(codes);
+  qweight_version_ = int64_t(weight._version());
+  if (qweight_only) {
+    make_absent(weight);
+    weight.set_requires_grad(false);  // nothing left to train; optimisers skip it
+  }
+}
+
+bool QatState::qweight_current(const torch::Tensor& weight, const torch::Tensor& qweight) const {
+  if (!present(qweight)) return false;
+  return !present(weight) || int64_t(weight._version()) == qweight_version_;
+}
+
+void QatState::after_load(const torch::Tensor& weight, const torch::Tensor& qweight, bool weight_was_released) {
+  scale_a_ready_ = false;
+  scale_w_ready_ = true;  // Module::load requires every buffer, scale_w included
+  qweight_version_ = present(qweight) && present(weight) ? int64_t(weight._version()) : -1;
+  // InputArchive keeps the module's requires_grad flag; match it to what was loaded.
+  if (!present(weight)) {
+    weight.set_requires_grad(false);  // a qweight-only (inference) checkpoint
+  } else if (weight_was_released) {
+    weight.set_requires_grad(true);
+  }
+}
+
+void QatState::after_clone(const QatState& source, bool source_qweight_current, const torch::Tensor& weight) {
+  scale_a_ready_ = source.scale_a_ready_;
+  scale_w_ready_ = source.scale_w_ready_;
+  qweight_version_ = source_qweight_current && present(weight) ? int64_t(weight._version()) : -1;
+  if (!present(weight)) weight.set_requires_grad(false);  // Cloneable copies data, not the flag
+}
+
+}  // namespace lowbit::nn::detail
