@@ -1,5 +1,5 @@
 // Op family "q4_matmul": the Q4MatMul layer, out = s_x*s_y * (Q(x) . Q(y)^T) over the last two dims with
-// broadcast batch dims (attention scores). Forward = quantize both operands + one s8 GEMM per batch;
+// broadcast batch dims (attention scores). Forward = quantize both operands + one batched s8 GEMM;
 // backward = float batched matmuls of the dequantized operands + the shared LSQ input gradients.
 #include <ATen/ExpandUtils.h>
 #include <torch/autograd.h>
@@ -78,11 +78,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> matmul_forward_impl(const at::Ten
   const auto qy = quantize_s8(y.expand(cat<int64_t>(a.batch, {a.n, a.k})).contiguous(), std::nullopt, y_clip, eps, kQmin, kQmax);
   const auto alpha = clamp_scale(x_clip, eps) * clamp_scale(y_clip, eps);
   auto out = at::empty(cat<int64_t>(a.batch, {a.m, a.n}), x.options());
-  const int64_t esize = out.element_size();
-  for (int64_t b = 0; b < a.B; ++b)
-    gemm_s8_on(x.device(), qx.data_ptr<int8_t>() + b * a.m * a.k, a.k, qy.data_ptr<int8_t>() + b * a.n * a.k, a.k, a.m,
-               a.n, a.k, alpha.data_ptr<float>(), x.scalar_type(),
-               static_cast<char*>(out.data_ptr()) + b * a.m * a.n * esize, a.n, kOp);
+  // qx, qy and out are contiguous (batch..., rows, k|n): one batched GEMM, one kernel launch on CUDA.
+  gemm_s8_batched_on(x.device(), qx.data_ptr<int8_t>(), a.k, a.m * a.k, qy.data_ptr<int8_t>(), a.k, a.n * a.k, a.m,
+                     a.n, a.k, a.B, alpha.data_ptr<float>(), x.scalar_type(), out.data_ptr(), a.n, a.m * a.n, kOp);
   return {out, qx, qy};
 }
 

@@ -1,5 +1,5 @@
 // int8 x int8 GEMM, generic translation unit: argument validation, the scalar references, the portable
-// OpenMP fallback, CPU-feature dispatch and the workspace for the SIMD kernels.
+// OpenMP fallback, CPU-feature dispatch, the workspace for the SIMD kernels, and the batched form.
 //
 // Contract (gemm_s8.h): out[i, j] = to_otype(float(acc) * alpha), acc = sum_k A[i*lda + k] * B[j*ldb + k]
 // exact in int32 (K <= kMaxGemmS8K keeps every sum in range). The references accumulate in uint32, i.e.
@@ -10,6 +10,7 @@
 #include <omp.h>
 
 #include <cmath>
+#include <limits>
 #include <memory>
 #include <new>
 #include <string>
@@ -76,6 +77,42 @@ Status check_scaled(const char* fn, const int8_t* A, int64_t lda, const int8_t* 
   return Status::ok();
 }
 
+// Batched arguments: the batch-level rules first, then the per-batch ones of check_scaled (which every
+// batch shares, so one check covers them all).
+Status check_batched(const char* fn, const int8_t* A, int64_t lda, int64_t strideA, const int8_t* B, int64_t ldb,
+                     int64_t strideB, int64_t M, int64_t N, int64_t K, int64_t batch, const float* alpha,
+                     DType otype, const void* out, int64_t ldo, int64_t strideO) {
+  if (batch < 0) return Status::invalid(fmt_err(fn, "batch must be >= 0", batch));
+  if (strideA < 0) return Status::invalid(fmt_err(fn, "strideA must be >= 0", strideA));
+  if (strideB < 0) return Status::invalid(fmt_err(fn, "strideB must be >= 0", strideB));
+  if (strideO < 0) return Status::invalid(fmt_err(fn, "strideO must be >= 0", strideO));
+  // strideO == 0 would make every batch write the same outputs: a race on CUDA, and the last batch
+  // winning here. Broadcasting is for inputs only.
+  if (batch > 1 && M > 0 && N > 0 && strideO == 0)
+    return Status::invalid(std::string(fn) + ": strideO must be > 0 when batch > 1 (batch = " +
+                           std::to_string(batch) + "): batches would overwrite one output");
+  // The last batch's base is ptr + (batch - 1) * stride (bytes for out: * element size); keep it in int64.
+  if (batch > 1) {
+    const int64_t last = batch - 1, big = std::numeric_limits<int64_t>::max();
+    const int64_t osize = otype == DType::kFloat32 ? 4 : 2;
+    if (strideA > big / last)
+      return Status::invalid(fmt_err(fn, "(batch - 1) * strideA overflows int64, strideA", strideA));
+    if (strideB > big / last)
+      return Status::invalid(fmt_err(fn, "(batch - 1) * strideB overflows int64, strideB", strideB));
+    if (strideO > big / last / osize)
+      return Status::invalid(fmt_err(fn, "(batch - 1) * strideO bytes overflow int64, strideO", strideO));
+  }
+  if (batch == 0) {
+    // Nothing is read or written, so pointers may be null; the shape rules still apply. Stand-ins that
+    // pass the pointer checks of check_scaled (it dereferences only alpha).
+    static const int8_t any_s8 = 0;
+    static const float any_alpha = 1.0f;
+    static float any_out = 0.0f;
+    return check_scaled(fn, &any_s8, lda, &any_s8, ldb, M, N, K, &any_alpha, otype, &any_out, ldo);
+  }
+  return check_scaled(fn, A, lda, B, ldb, M, N, K, alpha, otype, out, ldo);
+}
+
 inline int32_t dot_s8_wrap(const int8_t* a, const int8_t* b, int64_t K) {
   uint32_t acc = 0;  // unsigned: wraps mod 2^32 exactly like vpdpbusd / vpaddd
   for (int64_t k = 0; k < K; ++k) acc += uint32_t(int32_t(a[k]) * int32_t(b[k]));
@@ -109,6 +146,20 @@ GemmS8Isa detect_isa() {
 
 // Below this many multiply-adds a parallel region costs more than it saves.
 constexpr int64_t kParallelMinMacs = int64_t(1) << 18;
+
+// Batched: below this many multiply-adds per batch, whole batches go to threads (one single-threaded
+// GEMM each). Such a GEMM has too few register tiles to keep every core busy, and running it on all
+// threads pays a fork / join (and a workspace allocation) per batch; one batch per thread pays one
+// fork / join in all, and each thread's A, B and packed panels stay in its own cache. Above it, one
+// GEMM already has enough tiles for all threads, and batch-parallel runs would multiply the packing
+// buffers by the thread count for no gain.
+constexpr int64_t kBatchParallelMaxMacs = int64_t(1) << 24;
+
+size_t out_esize(DType t) { return t == DType::kFloat32 ? 4 : 2; }
+
+// Base of batch b. A and B may be null when K == 0 (nothing is read); offsetting null is undefined
+// behaviour, so it stays null.
+inline const int8_t* batch_ptr(const int8_t* p, int64_t b, int64_t stride) { return p ? p + b * stride : p; }
 
 }  // namespace
 
@@ -162,6 +213,57 @@ Status gemm_s8_scaled_isa(GemmS8Isa isa, const int8_t* A, int64_t lda, const int
   return Status::ok();
 }
 
+Status gemm_s8_scaled_batched_isa(GemmS8Isa isa, const int8_t* A, int64_t lda, int64_t strideA, const int8_t* B,
+                                  int64_t ldb, int64_t strideB, int64_t M, int64_t N, int64_t K, int64_t batch,
+                                  const float* alpha, DType otype, void* out, int64_t ldo, int64_t strideO,
+                                  int nthreads, GemmS8BatchSplit split) {
+  const char* fn = "gemm_s8_scaled_batched";
+  Status s = check_batched(fn, A, lda, strideA, B, ldb, strideB, M, N, K, batch, alpha, otype, out, ldo, strideO);
+  if (!s.is_ok()) return s;
+  if (batch == 0 || M == 0 || N == 0) return Status::ok();
+  if (int32_t(isa) > int32_t(gemm_s8_best_isa()))
+    return Status::invalid(std::string(fn) + ": ISA " + gemm_s8_isa_name(isa) + " not supported by this CPU");
+
+  const size_t es = out_esize(otype);
+  // One batch = gemm_s8_scaled_isa on offset pointers: the same code as the unbatched call, hence the
+  // same bits (every path is bitwise equal to the reference, whatever its thread count).
+  auto one = [&](int64_t b, int nt) {
+    return gemm_s8_scaled_isa(isa, batch_ptr(A, b, strideA), lda, batch_ptr(B, b, strideB), ldb, M, N, K, alpha, otype,
+                              static_cast<char*>(out) + size_t(b * strideO) * es, ldo, nt);
+  };
+
+  const int nt = nthreads > 0 ? nthreads : omp_get_max_threads();
+  const double macs = double(M) * double(N) * double(K > 0 ? K : 1);
+  const bool over_batches = split == GemmS8BatchSplit::kOverBatches ||
+                            (split == GemmS8BatchSplit::kAuto && batch > 1 && nt > 1 &&
+                             macs < double(kBatchParallelMaxMacs));
+  if (!over_batches) {
+    for (int64_t b = 0; b < batch; ++b) {
+      s = one(b, nt);
+      if (!s.is_ok()) return s;
+    }
+    return Status::ok();
+  }
+
+  // Each batch on one thread (its inner GEMM opens no parallel region: nthreads == 1). Arguments are
+  // validated, so the only possible failure is a workspace allocation; keep the first one.
+  const int team = int(batch < nt ? batch : nt);
+  bool failed = false;
+  Status first_error = Status::ok();
+#pragma omp parallel for schedule(static) num_threads(team) if (team > 1)
+  for (int64_t b = 0; b < batch; ++b) {
+    Status sb = one(b, 1);
+    if (!sb.is_ok()) {
+#pragma omp critical(lowbit_gemm_s8_batched_error)
+      if (!failed) {
+        failed = true;
+        first_error = sb;
+      }
+    }
+  }
+  return failed ? first_error : Status::ok();
+}
+
 }  // namespace detail
 
 Status gemm_s8_scaled(const int8_t* A, int64_t lda, const int8_t* B, int64_t ldb, int64_t M, int64_t N, int64_t K,
@@ -175,6 +277,27 @@ Status gemm_s8_scaled_ref(const int8_t* A, int64_t lda, const int8_t* B, int64_t
   if (!s.is_ok()) return s;
   if (M == 0 || N == 0) return Status::ok();
   detail::scaled_rows(A, lda, B, ldb, 0, M, N, K, *alpha, otype, out, ldo);
+  return Status::ok();
+}
+
+Status gemm_s8_scaled_batched(const int8_t* A, int64_t lda, int64_t strideA, const int8_t* B, int64_t ldb,
+                              int64_t strideB, int64_t M, int64_t N, int64_t K, int64_t batch, const float* alpha,
+                              DType otype, void* out, int64_t ldo, int64_t strideO) {
+  return detail::gemm_s8_scaled_batched_isa(detail::gemm_s8_best_isa(), A, lda, strideA, B, ldb, strideB, M, N, K,
+                                            batch, alpha, otype, out, ldo, strideO);
+}
+
+Status gemm_s8_scaled_batched_ref(const int8_t* A, int64_t lda, int64_t strideA, const int8_t* B, int64_t ldb,
+                                  int64_t strideB, int64_t M, int64_t N, int64_t K, int64_t batch,
+                                  const float* alpha, DType otype, void* out, int64_t ldo, int64_t strideO) {
+  Status s = detail::check_batched("gemm_s8_scaled_batched_ref", A, lda, strideA, B, ldb, strideB, M, N, K, batch,
+                                   alpha, otype, out, ldo, strideO);
+  if (!s.is_ok()) return s;
+  if (batch == 0 || M == 0 || N == 0) return Status::ok();
+  const size_t es = detail::out_esize(otype);
+  for (int64_t b = 0; b < batch; ++b)
+    detail::scaled_rows(detail::batch_ptr(A, b, strideA), lda, detail::batch_ptr(B, b, strideB), ldb, 0, M, N, K,
+                        *alpha, otype, static_cast<char*>(out) + size_t(b * strideO) * es, ldo);
   return Status::ok();
 }
 

@@ -41,6 +41,16 @@ Status gemm_s8_scaled_isa(GemmS8Isa isa, const int8_t* A, int64_t lda, const int
                           int64_t M, int64_t N, int64_t K, const float* alpha, DType otype, void* out,
                           int64_t ldo, int nthreads = 0);
 
+// How gemm_s8_scaled_batched spreads threads: kAuto picks by per-batch size (see gemm_s8.cpp); the other
+// two force one strategy, so that tests cover both on any shape.
+enum class GemmS8BatchSplit : int32_t { kAuto = 0, kOverBatches = 1, kWithinBatch = 2 };
+
+// Validation + the batched GEMM on `isa` (same rules as gemm_s8_scaled_isa).
+Status gemm_s8_scaled_batched_isa(GemmS8Isa isa, const int8_t* A, int64_t lda, int64_t strideA, const int8_t* B,
+                                  int64_t ldb, int64_t strideB, int64_t M, int64_t N, int64_t K, int64_t batch,
+                                  const float* alpha, DType otype, void* out, int64_t ldo, int64_t strideO,
+                                  int nthreads = 0, GemmS8BatchSplit split = GemmS8BatchSplit::kAuto);
+
 // Per-ISA kernels. workspace: at least *_workspace_bytes() bytes, 64-byte aligned, uninitialised.
 size_t gemm_s8_avx512_workspace_bytes(const GemmS8Args& a, bool vnni, int nthreads);
 void gemm_s8_avx512(const GemmS8Args& a, bool vnni, void* workspace, int nthreads);

@@ -36,14 +36,25 @@
 //     allow it. Each output is reduced by exactly one thread in a fixed k order: deterministic.
 //   * Grid: one CTA per output tile, in a grouped raster (8 tile-rows per group) so that CTAs resident at
 //     the same time share A and B tiles in L2.
+//   * Batched (gemm_s8_scaled_batched): blockIdx.z is the batch; a CTA offsets its A, B and out bases by
+//     z * stride in int64 once, before the pipeline, so the main loop is the unbatched one. Blocks are
+//     dispatched x-fastest, hence batch by batch, and the raster's L2 reuse holds within each batch.
+//     gridDim.z is capped at 65535: the host launches larger batch counts in chunks of 65535 with moved
+//     bases. gemm_s8_scaled is the batch == 1 launch of the same kernel. cp.async is chosen per operand
+//     only if base, ld AND batch stride are multiples of 16 (every batch's chunks aligned); a stride of
+//     0 (broadcast operand) qualifies. Pair stores in the epilogue test the batch's own out base. The
+//     K == 0 fill kernel covers all batches in one flat grid-stride loop.
 //
-// Resources observed (nvcc 13.0, -O3, --resource-usage; sm_80, sm_86, sm_89 and sm_90a alike):
-//   gemm_s8_kernel, all 12 instantiations: 122-126 registers (cap 128 from __launch_bounds__(256, 2)),
-//   0 bytes stack frame, 0 spills, 1 barrier, 64 KB dynamic shared memory. fill_k0_kernel: 18-26 regs.
-// SASS (cuobjdump -sass, sm_90a and sm_80), fast path (both operands on cp.async): the main loop is
-//   121 instructions per 64-byte k-tile: 32 IMMA.16832.S8.S8, 12 LDSM.16.M88.4, 4 LDGSTS.E.BYPASS.128.ZFILL,
-//   1 LDGDEPBAR, 1 DEPBAR.LE SB0, 0x2, 1 BAR.SYNC, the rest address / predicate arithmetic. No local
-//   memory. The byte-load fallback has 16 LDG.E.U8 + 1 STS.128 per chunk instead of an LDGSTS.
+// Resources observed (nvcc 13.0, -O3, --resource-usage; sm_80 and sm_90a; the same before and after the
+// batch index was added):
+//   gemm_s8_kernel, all 12 instantiations: 122-124 registers on sm_80, 122-126 on sm_90a (cap 128 from
+//   __launch_bounds__(256, 2)), 0 bytes stack frame, 0 spills, 1 barrier, 64 KB dynamic shared memory.
+//   fill_k0_kernel (batched): 28-32 registers.
+// SASS (cuobjdump -sass, sm_90a and sm_80; taken before batching, which left the main loop's source as
+//   it was), fast path (both operands on cp.async): the main loop is 121 instructions per 64-byte k-tile:
+//   32 IMMA.16832.S8.S8, 12 LDSM.16.M88.4, 4 LDGSTS.E.BYPASS.128.ZFILL, 1 LDGDEPBAR, 1 DEPBAR.LE SB0, 0x2,
+//   1 BAR.SYNC, the rest address / predicate arithmetic. No local memory. The byte-load fallback has
+//   16 LDG.E.U8 + 1 STS.128 per chunk instead of an LDGSTS.
 //
 // Later: an sm_90a wgmma + TMA kernel will replace this one on Hopper; this file stays the sm_80+ path.
 #include "lowbit/kernels/gemm_s8.h"
@@ -150,20 +161,24 @@ __device__ __forceinline__ void store2(__nv_bfloat16* p, float v0, float v1) {
 }
 
 // ---------------------------------------------------------------------------------------------------
-// The GEMM kernel. One CTA computes one kBM x kBN tile of out.
+// The GEMM kernel. One CTA computes one kBM x kBN tile of out, of batch blockIdx.z (batch b of the launch
+// reads A + b*strideA, B + b*strideB and writes out + b*strideO; the unbatched call is gridDim.z == 1).
 template <typename OutT,   // float, __half or __nv_bfloat16
-          bool kAsyncA,    // A is 16-byte aligned with lda % 16 == 0: cp.async loads, else byte loads
+          bool kAsyncA,    // A 16-byte aligned, lda % 16 == 0 (and strideA, if batched): cp.async, else bytes
           bool kAsyncB>    // same for B
 __global__ void __launch_bounds__(kThreads, 2) gemm_s8_kernel(
-    const int8_t* __restrict__ A,     // (M, K) row-major
+    const int8_t* __restrict__ A,     // (M, K) row-major, batch 0 of this launch
     int64_t lda,                      // row stride of A in bytes (>= K)
-    const int8_t* __restrict__ B,     // (N, K) row-major
+    int64_t strideA,                  // bytes from one batch's A to the next (>= 0)
+    const int8_t* __restrict__ B,     // (N, K) row-major, batch 0 of this launch
     int64_t ldb,                      // row stride of B in bytes (>= K)
+    int64_t strideB,                  // bytes from one batch's B to the next (>= 0)
     int64_t M, int64_t N,             // output rows / columns (>= 1)
     int K,                            // reduction length, 1 .. kMaxGemmS8K
     const float* __restrict__ alpha,  // one fp32 on the device
-    OutT* __restrict__ out,           // (M, N), row stride ldo elements
+    OutT* __restrict__ out,           // (M, N), row stride ldo elements, batch 0 of this launch
     int64_t ldo,                      // row stride of out (>= N)
+    int64_t strideO,                  // elements from one batch's out to the next
     int64_t tiles_m, int64_t tiles_n  // ceil(M / kBM), ceil(N / kBN)
 ) {
   extern __shared__ __align__(128) uint8_t smem[];
@@ -188,6 +203,10 @@ __global__ void __launch_bounds__(kThreads, 2) gemm_s8_kernel(
   }
   const int64_t m0 = tile_m * kBM;
   const int64_t n0 = tile_n * kBN;
+  // This CTA's batch. int64: batch * stride passes 2^32 for large batches of large matrices.
+  const int64_t batch = blockIdx.z;
+  const int8_t* const A_b = A + batch * strideA;
+  const int8_t* const B_b = B + batch * strideB;
 
   // --- Loader state. Thread t copies chunk (t % 4) of rows t/4 + 64*i of each tile; the chunk column
   // and the swizzled shared offsets are the same for every stage.
@@ -200,7 +219,7 @@ __global__ void __launch_bounds__(kThreads, 2) gemm_s8_kernel(
   for (int i = 0; i < kLoadsA; ++i) {
     const int r = ld_row + i * kRowsPerPass;
     a_row_ok[i] = m0 + r < M;
-    a_src[i] = A + (a_row_ok[i] ? m0 + r : M - 1) * lda + ld_chunk * kChunk;
+    a_src[i] = A_b + (a_row_ok[i] ? m0 + r : M - 1) * lda + ld_chunk * kChunk;
     a_dst[i] = swizzle(r, ld_chunk);
   }
   const int8_t* b_src[kLoadsB];
@@ -210,14 +229,16 @@ __global__ void __launch_bounds__(kThreads, 2) gemm_s8_kernel(
   for (int i = 0; i < kLoadsB; ++i) {
     const int r = ld_row + i * kRowsPerPass;
     b_row_ok[i] = n0 + r < N;
-    b_src[i] = B + (b_row_ok[i] ? n0 + r : N - 1) * ldb + ld_chunk * kChunk;
+    b_src[i] = B_b + (b_row_ok[i] ? n0 + r : N - 1) * ldb + ld_chunk * kChunk;
     b_dst[i] = kTileBytesA + swizzle(r, ld_chunk);
   }
 
   // One 16-byte chunk: `valid` bytes from src (0 .. 16), zeros after them.
   auto copy_chunk = [&](auto async_tag, uint32_t dst, const int8_t* src, int valid, const int8_t* base) {
     if constexpr (decltype(async_tag)::value) {
-      // A source is still named when nothing is read (valid == 0): the operand base, always mapped.
+      // A source is still named when nothing is read (valid == 0): the launch's operand base (batch 0
+      // of the launch, always mapped). The kernel parameter rather than A_b / B_b, so the compiler may
+      // re-read it from the constant bank instead of holding another address across the main loop.
       cp_async_16(smem_base + dst, valid > 0 ? src : base, valid);
     } else {
       uint32_t w[4] = {0u, 0u, 0u, 0u};
@@ -318,7 +339,9 @@ __global__ void __launch_bounds__(kThreads, 2) gemm_s8_kernel(
 
   // Phase 3: epilogue. m16n8 accumulator layout: c0, c1 at (row g, cols 2t, 2t+1), c2, c3 at row g+8.
   const float a = __ldg(alpha);
-  const bool pairs_ok = (ldo % 2 == 0) && (reinterpret_cast<uintptr_t>(out) % (2 * sizeof(OutT)) == 0);
+  OutT* const out_b = out + batch * strideO;
+  // Pair stores need this batch's base aligned too (an odd strideO misaligns every other batch).
+  const bool pairs_ok = (ldo % 2 == 0) && (reinterpret_cast<uintptr_t>(out_b) % (2 * sizeof(OutT)) == 0);
   const int g = lane >> 2;
   const int t = lane & 3;
 #pragma unroll
@@ -327,7 +350,7 @@ __global__ void __launch_bounds__(kThreads, 2) gemm_s8_kernel(
     for (int h = 0; h < 2; ++h) {
       const int64_t row = m0 + warp_m * kWM + i * kMmaM + h * 8 + g;
       if (row >= M) continue;
-      OutT* out_row = out + row * ldo;
+      OutT* out_row = out_b + row * ldo;
 #pragma unroll
       for (int j = 0; j < kFragsN; ++j) {
         const int64_t col = n0 + warp_n * kWN + j * kMmaN + 2 * t;
@@ -345,41 +368,61 @@ __global__ void __launch_bounds__(kThreads, 2) gemm_s8_kernel(
 }
 
 // K == 0: every acc is 0, so every output is to_otype(0.0f * alpha) (NaN if alpha is inf/NaN, -0 if
-// alpha < 0): the same value the GEMM epilogue would give.
+// alpha < 0): the same value the GEMM epilogue would give. All batches in one flat grid-stride loop
+// (the host checks that batch * M * N fits in int64).
 template <typename OutT>
-__global__ void __launch_bounds__(256) fill_k0_kernel(int64_t M, int64_t N, const float* __restrict__ alpha,
-                                                     OutT* __restrict__ out, int64_t ldo) {
+__global__ void __launch_bounds__(256) fill_k0_kernel(int64_t batch, int64_t M, int64_t N,
+                                                     const float* __restrict__ alpha, OutT* __restrict__ out,
+                                                     int64_t ldo, int64_t strideO) {
   const float v = dequant(0, __ldg(alpha));
-  const int64_t total = M * N;
+  const int64_t per_batch = M * N;
+  const int64_t total = batch * per_batch;
   for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
        e += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t i = e / N;
-    store1(out + i * ldo + (e - i * N), v);
+    const int64_t b = e / per_batch;
+    const int64_t r = e - b * per_batch;
+    const int64_t i = r / N;
+    store1(out + b * strideO + i * ldo + (r - i * N), v);
   }
 }
 
 // ---------------------------------------------------------------------------------------------------
 // Host side.
 
-std::string where() { return "lowbit::cuda::gemm_s8_scaled: "; }
+// gridDim.y / gridDim.z are limited to 65535: batches beyond that go to further launches.
+constexpr int64_t kMaxBatchPerLaunch = 65535;
 
-Status launch_error(const char* what) {
+// One validated call; `fn` is the public name it arrived through (for messages).
+struct GemmArgs {
+  const char* fn;
+  const int8_t* A;
+  int64_t lda, strideA;
+  const int8_t* B;
+  int64_t ldb, strideB;
+  int64_t M, N, K, batch;
+  const float* alpha;
+  void* out;
+  int64_t ldo, strideO;
+  cudaStream_t stream;
+};
+
+Status launch_error(const char* fn, const char* what) {
   const cudaError_t err = cudaGetLastError();
   if (err == cudaSuccess) return Status::ok();
-  return Status::device(where() + what + ": " + cudaGetErrorString(err));
+  return Status::device(std::string(fn) + what + ": " + cudaGetErrorString(err));
 }
 
 // Raise the kernel's dynamic shared-memory limit to kSmemBytes, once per (kernel, device). The flag
 // array is per template instantiation; a race only repeats an idempotent call.
 template <typename OutT, bool kAsyncA, bool kAsyncB>
-Status allow_smem(int device) {
+Status allow_smem(const char* fn, int device) {
   static std::atomic<bool> done[64];
   if (device >= 0 && device < 64 && done[device].load(std::memory_order_acquire)) return Status::ok();
   const cudaError_t err = cudaFuncSetAttribute(gemm_s8_kernel<OutT, kAsyncA, kAsyncB>,
                                                cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   if (err != cudaSuccess) {
     cudaGetLastError();  // clear it: the error is returned, not left for the next caller
-    return Status::device(where() + "cudaFuncSetAttribute(MaxDynamicSharedMemorySize=" +
+    return Status::device(std::string(fn) + "cudaFuncSetAttribute(MaxDynamicSharedMemorySize=" +
                           std::to_string(kSmemBytes) + ") failed: " + cudaGetErrorString(err));
   }
   if (device >= 0 && device < 64) done[device].store(true, std::memory_order_release);
@@ -387,45 +430,60 @@ Status allow_smem(int device) {
 }
 
 template <typename OutT, bool kAsyncA, bool kAsyncB>
-Status launch_gemm(const int8_t* A, int64_t lda, const int8_t* B, int64_t ldb, int64_t M, int64_t N, int64_t K,
-                   const float* alpha, void* out, int64_t ldo, cudaStream_t stream) {
+Status launch_gemm(const GemmArgs& g) {
   int device = 0;
   const cudaError_t err = cudaGetDevice(&device);
-  if (err != cudaSuccess) return Status::device(where() + "cudaGetDevice failed: " + cudaGetErrorString(err));
-  Status st = allow_smem<OutT, kAsyncA, kAsyncB>(device);
+  if (err != cudaSuccess) return Status::device(std::string(g.fn) + "cudaGetDevice failed: " + cudaGetErrorString(err));
+  Status st = allow_smem<OutT, kAsyncA, kAsyncB>(g.fn, device);
   if (!st.is_ok()) return st;
-  const int64_t tiles_m = (M + kBM - 1) / kBM;
-  const int64_t tiles_n = (N + kBN - 1) / kBN;
-  gemm_s8_kernel<OutT, kAsyncA, kAsyncB><<<static_cast<unsigned>(tiles_m * tiles_n), kThreads, kSmemBytes, stream>>>(
-      A, lda, B, ldb, M, N, static_cast<int>(K), alpha, static_cast<OutT*>(out), ldo, tiles_m, tiles_n);
-  return launch_error("gemm kernel launch failed");
+  const int64_t tiles_m = (g.M + kBM - 1) / kBM;
+  const int64_t tiles_n = (g.N + kBN - 1) / kBN;
+  // Batch on z, tiles on x: blocks are dispatched x-fastest, so the CTAs resident together belong to
+  // one or two batches and the grouped raster's L2 reuse holds within each batch.
+  for (int64_t b0 = 0; b0 < g.batch; b0 += kMaxBatchPerLaunch) {
+    const int64_t nb = g.batch - b0 < kMaxBatchPerLaunch ? g.batch - b0 : kMaxBatchPerLaunch;
+    const dim3 grid(static_cast<unsigned>(tiles_m * tiles_n), 1, static_cast<unsigned>(nb));
+    gemm_s8_kernel<OutT, kAsyncA, kAsyncB><<<grid, kThreads, kSmemBytes, g.stream>>>(
+        g.A + b0 * g.strideA, g.lda, g.strideA, g.B + b0 * g.strideB, g.ldb, g.strideB, g.M, g.N,
+        static_cast<int>(g.K), g.alpha, static_cast<OutT*>(g.out) + b0 * g.strideO, g.ldo, g.strideO, tiles_m,
+        tiles_n);
+    st = launch_error(g.fn, "gemm kernel launch failed");
+    if (!st.is_ok()) return st;
+  }
+  return Status::ok();
+}
+
+// cp.async needs every 16-byte chunk source aligned in every batch: base, row stride and (when there
+// is more than one batch) batch stride all multiples of 16.
+bool async_ok(const int8_t* p, int64_t ld, int64_t stride, int64_t batch) {
+  return reinterpret_cast<uintptr_t>(p) % 16 == 0 && ld % 16 == 0 && (batch == 1 || stride % 16 == 0);
 }
 
 template <typename OutT>
-Status launch_by_alignment(const int8_t* A, int64_t lda, const int8_t* B, int64_t ldb, int64_t M, int64_t N,
-                           int64_t K, const float* alpha, void* out, int64_t ldo, cudaStream_t stream) {
-  const bool async_a = reinterpret_cast<uintptr_t>(A) % 16 == 0 && lda % 16 == 0;
-  const bool async_b = reinterpret_cast<uintptr_t>(B) % 16 == 0 && ldb % 16 == 0;
-  if (async_a && async_b) return launch_gemm<OutT, true, true>(A, lda, B, ldb, M, N, K, alpha, out, ldo, stream);
-  if (async_a) return launch_gemm<OutT, true, false>(A, lda, B, ldb, M, N, K, alpha, out, ldo, stream);
-  if (async_b) return launch_gemm<OutT, false, true>(A, lda, B, ldb, M, N, K, alpha, out, ldo, stream);
-  return launch_gemm<OutT, false, false>(A, lda, B, ldb, M, N, K, alpha, out, ldo, stream);
+Status launch_by_alignment(const GemmArgs& g) {
+  const bool async_a = async_ok(g.A, g.lda, g.strideA, g.batch);
+  const bool async_b = async_ok(g.B, g.ldb, g.strideB, g.batch);
+  if (async_a && async_b) return launch_gemm<OutT, true, true>(g);
+  if (async_a) return launch_gemm<OutT, true, false>(g);
+  if (async_b) return launch_gemm<OutT, false, true>(g);
+  return launch_gemm<OutT, false, false>(g);
 }
 
 template <typename OutT>
-Status launch_fill(int64_t M, int64_t N, const float* alpha, void* out, int64_t ldo, cudaStream_t stream) {
-  const int64_t total = M * N;
+Status launch_fill(const GemmArgs& g) {
+  const int64_t total = g.batch * g.M * g.N;  // checked against int64 overflow by the caller
   const int64_t blocks = (total + 255) / 256 < 4096 ? (total + 255) / 256 : 4096;
-  fill_k0_kernel<OutT><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(M, N, alpha, static_cast<OutT*>(out), ldo);
-  return launch_error("K == 0 fill kernel launch failed");
+  fill_k0_kernel<OutT><<<static_cast<unsigned>(blocks), 256, 0, g.stream>>>(
+      g.batch, g.M, g.N, g.alpha, static_cast<OutT*>(g.out), g.ldo, g.strideO);
+  return launch_error(g.fn, "K == 0 fill kernel launch failed");
 }
 
-}  // namespace
-
-Status gemm_s8_scaled(const int8_t* A, int64_t lda, const int8_t* B, int64_t ldb, int64_t M, int64_t N,
-                      int64_t K, const float* alpha, DType otype, void* out, int64_t ldo, CUstream_st* stream) {
-  const std::string fn = where();
+// Validation shared by both entry points, then the launch. gemm_s8_scaled arrives here with batch == 1
+// and zero strides, which every batch rule accepts, so its behaviour and messages are as before.
+Status run(GemmArgs g, DType otype) {
+  const std::string fn = g.fn;
   auto num = [](int64_t v) { return std::to_string(v); };
+  const int64_t M = g.M, N = g.N, K = g.K, batch = g.batch;
   if (otype != DType::kFloat32 && otype != DType::kFloat16 && otype != DType::kBFloat16)
     return Status::invalid(fn + "otype must be float32, float16 or bfloat16, got code " +
                            std::to_string(static_cast<int32_t>(otype)));
@@ -436,37 +494,77 @@ Status gemm_s8_scaled(const int8_t* A, int64_t lda, const int8_t* B, int64_t ldb
     return Status::invalid(fn + "K must be <= kMaxGemmS8K (" + num(kMaxGemmS8K) + ") so int32 cannot overflow, got " +
                            num(K));
   // Stride rules as on the CPU: never negative, and covering the row whenever the matrix has rows.
-  if (lda < 0 || (M > 0 && lda < K))
-    return Status::invalid(fn + "lda must be >= 0 and >= K (" + num(K) + ") when M > 0, got " + num(lda));
-  if (ldb < 0 || (N > 0 && ldb < K))
-    return Status::invalid(fn + "ldb must be >= 0 and >= K (" + num(K) + ") when N > 0, got " + num(ldb));
-  if (ldo < 0 || (M > 0 && ldo < N))
-    return Status::invalid(fn + "ldo must be >= 0 and >= N (" + num(N) + ") when M > 0, got " + num(ldo));
-  if (M == 0 || N == 0) return Status::ok();  // empty output: no launch
-  if (alpha == nullptr) return Status::invalid(fn + "alpha must not be null");
-  if (out == nullptr) return Status::invalid(fn + "out must not be null");
-  if (K > 0 && A == nullptr) return Status::invalid(fn + "A must not be null (K = " + num(K) + ")");
-  if (K > 0 && B == nullptr) return Status::invalid(fn + "B must not be null (K = " + num(K) + ")");
+  if (g.lda < 0 || (M > 0 && g.lda < K))
+    return Status::invalid(fn + "lda must be >= 0 and >= K (" + num(K) + ") when M > 0, got " + num(g.lda));
+  if (g.ldb < 0 || (N > 0 && g.ldb < K))
+    return Status::invalid(fn + "ldb must be >= 0 and >= K (" + num(K) + ") when N > 0, got " + num(g.ldb));
+  if (g.ldo < 0 || (M > 0 && g.ldo < N))
+    return Status::invalid(fn + "ldo must be >= 0 and >= N (" + num(N) + ") when M > 0, got " + num(g.ldo));
+  if (batch < 0) return Status::invalid(fn + "batch must be >= 0, got " + num(batch));
+  if (g.strideA < 0) return Status::invalid(fn + "strideA must be >= 0, got " + num(g.strideA));
+  if (g.strideB < 0) return Status::invalid(fn + "strideB must be >= 0, got " + num(g.strideB));
+  if (g.strideO < 0) return Status::invalid(fn + "strideO must be >= 0, got " + num(g.strideO));
+  // Every batch writing the same outputs would be a write race between CTAs: broadcast is for inputs.
+  if (batch > 1 && M > 0 && N > 0 && g.strideO == 0)
+    return Status::invalid(fn + "strideO must be > 0 when batch > 1 (batch = " + num(batch) +
+                           "): batches would overwrite one output");
+  if (batch > 1) {
+    // The last batch's base is p + (batch - 1) * stride, formed in int64 on host and device.
+    const int64_t last = batch - 1, big = std::numeric_limits<int64_t>::max();
+    const int64_t osize = otype == DType::kFloat32 ? 4 : 2;
+    if (g.strideA > big / last)
+      return Status::invalid(fn + "(batch - 1) * strideA overflows int64 (batch = " + num(batch) + ", strideA = " +
+                             num(g.strideA) + ")");
+    if (g.strideB > big / last)
+      return Status::invalid(fn + "(batch - 1) * strideB overflows int64 (batch = " + num(batch) + ", strideB = " +
+                             num(g.strideB) + ")");
+    if (g.strideO > big / last / osize)
+      return Status::invalid(fn + "(batch - 1) * strideO bytes overflow int64 (batch = " + num(batch) +
+                             ", strideO = " + num(g.strideO) + ")");
+  }
+  if (batch == 0 || M == 0 || N == 0) return Status::ok();  // empty output: no launch
+  if (g.alpha == nullptr) return Status::invalid(fn + "alpha must not be null");
+  if (g.out == nullptr) return Status::invalid(fn + "out must not be null");
+  if (K > 0 && g.A == nullptr) return Status::invalid(fn + "A must not be null (K = " + num(K) + ")");
+  if (K > 0 && g.B == nullptr) return Status::invalid(fn + "B must not be null (K = " + num(K) + ")");
   const int64_t tiles = ((M + kBM - 1) / kBM) * ((N + kBN - 1) / kBN);
   if (tiles > int64_t(0x7fffffff))
     return Status::invalid(fn + "M x N needs " + num(tiles) + " tiles of 128 x 128, more than a grid holds (2^31 - 1)");
-  if (K == 0 && M > std::numeric_limits<int64_t>::max() / N)
-    return Status::invalid(fn + "M * N overflows int64 (M=" + num(M) + ", N=" + num(N) + ")");
+  if (K == 0 && (M > std::numeric_limits<int64_t>::max() / N ||
+                 batch > std::numeric_limits<int64_t>::max() / (M * N)))
+    return Status::invalid(fn + "batch * M * N overflows int64 (batch=" + num(batch) + ", M=" + num(M) +
+                           ", N=" + num(N) + ")");
 
-  cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   if (K == 0) {
     switch (otype) {
-      case DType::kFloat32: return launch_fill<float>(M, N, alpha, out, ldo, s);
-      case DType::kFloat16: return launch_fill<__half>(M, N, alpha, out, ldo, s);
-      case DType::kBFloat16: return launch_fill<__nv_bfloat16>(M, N, alpha, out, ldo, s);
+      case DType::kFloat32: return launch_fill<float>(g);
+      case DType::kFloat16: return launch_fill<__half>(g);
+      case DType::kBFloat16: return launch_fill<__nv_bfloat16>(g);
     }
   }
   switch (otype) {
-    case DType::kFloat32: return launch_by_alignment<float>(A, lda, B, ldb, M, N, K, alpha, out, ldo, s);
-    case DType::kFloat16: return launch_by_alignment<__half>(A, lda, B, ldb, M, N, K, alpha, out, ldo, s);
-    case DType::kBFloat16: return launch_by_alignment<__nv_bfloat16>(A, lda, B, ldb, M, N, K, alpha, out, ldo, s);
+    case DType::kFloat32: return launch_by_alignment<float>(g);
+    case DType::kFloat16: return launch_by_alignment<__half>(g);
+    case DType::kBFloat16: return launch_by_alignment<__nv_bfloat16>(g);
   }
   return Status::invalid(fn + "unreachable otype");
+}
+
+}  // namespace
+
+Status gemm_s8_scaled(const int8_t* A, int64_t lda, const int8_t* B, int64_t ldb, int64_t M, int64_t N,
+                      int64_t K, const float* alpha, DType otype, void* out, int64_t ldo, CUstream_st* stream) {
+  return run({"lowbit::cuda::gemm_s8_scaled: ", A, lda, 0, B, ldb, 0, M, N, K, 1, alpha, out, ldo, 0,
+              reinterpret_cast<cudaStream_t>(stream)},
+             otype);
+}
+
+Status gemm_s8_scaled_batched(const int8_t* A, int64_t lda, int64_t strideA, const int8_t* B, int64_t ldb,
+                              int64_t strideB, int64_t M, int64_t N, int64_t K, int64_t batch, const float* alpha,
+                              DType otype, void* out, int64_t ldo, int64_t strideO, CUstream_st* stream) {
+  return run({"lowbit::cuda::gemm_s8_scaled_batched: ", A, lda, strideA, B, ldb, strideB, M, N, K, batch, alpha,
+              out, ldo, strideO, reinterpret_cast<cudaStream_t>(stream)},
+             otype);
 }
 
 }  // namespace cuda

@@ -9,6 +9,16 @@
 //   conversion to fp16/bf16 is round-to-nearest-even: bitwise the same on CPU and CUDA.
 // * Every M, N, K >= 1 is valid (tails handled); K <= kMaxGemmS8K so that int32 cannot overflow.
 // * Deterministic: each output is reduced by one thread in a fixed order (no split-K, no atomics).
+//
+// Batched form (gemm_s8_scaled_batched): `batch` independent GEMMs of the same M, N, K, strides, alpha and
+// otype. Batch b reads A + b*strideA and B + b*strideB and writes out + b*strideO; strideA / strideB are
+// in int8 elements (bytes), strideO in elements of otype. Each batch is exactly gemm_s8_scaled on those
+// pointers (same rounding, bitwise the same result, on CPU and CUDA alike).
+// * batch >= 0 (0: nothing to do). Strides >= 0. A stride of 0 broadcasts that operand to every batch
+//   (e.g. one B for all); strideO == 0 is allowed only when batch == 1 (or the output is empty).
+// * Outputs of different batches must not overlap (only the trivial strideO == 0 case is diagnosed;
+//   interleaved layouts such as out (M, batch, N) with ldo = batch*N, strideO = N are fine).
+// * (batch - 1) * stride must fit in int64 for each operand.
 #pragma once
 #include "lowbit/kernels/common.h"
 
@@ -25,6 +35,18 @@ Status gemm_s8_scaled(const int8_t* A, int64_t lda, const int8_t* B, int64_t ldb
 Status gemm_s8_scaled_ref(const int8_t* A, int64_t lda, const int8_t* B, int64_t ldb, int64_t M, int64_t N,
                           int64_t K, const float* alpha, DType otype, void* out, int64_t ldo);
 
+// Batched (see the top of this file). Small per-batch problems run one batch per thread (OpenMP over
+// the batch); larger ones run one after the other, each on all threads. Bitwise equal, batch by batch,
+// to gemm_s8_scaled_ref.
+Status gemm_s8_scaled_batched(const int8_t* A, int64_t lda, int64_t strideA, const int8_t* B, int64_t ldb,
+                              int64_t strideB, int64_t M, int64_t N, int64_t K, int64_t batch, const float* alpha,
+                              DType otype, void* out, int64_t ldo, int64_t strideO);
+
+// Scalar reference of the batched form: gemm_s8_scaled_ref batch by batch (single thread).
+Status gemm_s8_scaled_batched_ref(const int8_t* A, int64_t lda, int64_t strideA, const int8_t* B, int64_t ldb,
+                                  int64_t strideB, int64_t M, int64_t N, int64_t K, int64_t batch,
+                                  const float* alpha, DType otype, void* out, int64_t ldo, int64_t strideO);
+
 // Plain int32 result (C = A * B^T), scalar reference, for tests of the integer part.
 Status gemm_s8s8s32_ref(const int8_t* A, int64_t lda, const int8_t* B, int64_t ldb, int64_t M, int64_t N,
                         int64_t K, int32_t* C, int64_t ldc);
@@ -39,6 +61,12 @@ namespace cuda {
 // Tensor-core (mma.sync s8) GEMM; device pointers; runs on `stream`; allocates nothing.
 Status gemm_s8_scaled(const int8_t* A, int64_t lda, const int8_t* B, int64_t ldb, int64_t M, int64_t N,
                       int64_t K, const float* alpha, DType otype, void* out, int64_t ldo, CUstream_st* stream);
+
+// Batched (see the top of this file): all batches in one kernel launch (several only past 65535
+// batches, the grid's z limit); gemm_s8_scaled is its batch == 1 case. Allocates nothing.
+Status gemm_s8_scaled_batched(const int8_t* A, int64_t lda, int64_t strideA, const int8_t* B, int64_t ldb,
+                              int64_t strideB, int64_t M, int64_t N, int64_t K, int64_t batch, const float* alpha,
+                              DType otype, void* out, int64_t ldo, int64_t strideO, CUstream_st* stream);
 
 }  // namespace cuda
 }  // namespace lowbit
