@@ -66,6 +66,9 @@ inline at::Tensor as_float(const at::Tensor& t) {
   return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat);
 }
 
+// t in dtype dt, calling aten::to only for a real conversion (same reason as as_float).
+inline at::Tensor as_dtype(const at::Tensor& t, at::ScalarType dt) { return t.scalar_type() == dt ? t : t.to(dt); }
+
 // s_eff = max(fp32(scale), fp32(eps)) as one fp32 element on the device of `scale` (no host round trip).
 inline at::Tensor clamp_scale(const at::Tensor& scale, const at::Tensor& eps) {
   return at::maximum(as_float(scale.detach()).reshape({}), as_float(eps.detach()).reshape({}));
@@ -93,6 +96,16 @@ inline void check_step(const at::Tensor& s_eff, const at::Tensor& scale, const a
   const double ev = eps.detach().to(at::kDouble).reshape({}).item<double>();
   TORCH_CHECK(false, op, ": the quantization step max(", scale_name, ", eps) must be finite and > 0, got ",
               scale_name, "=", sv, ", eps=", ev);
+}
+
+// The optional output bias of a layer with `channels` outputs: float, (channels,), on x's device.
+inline void check_output_bias(const std::optional<at::Tensor>& bias, const at::Tensor& x, c10::SymInt channels,
+                              const char* op) {
+  if (!bias.has_value() || !bias->defined()) return;
+  check_float_tensor(*bias, op, "bias");
+  TORCH_CHECK(bias->dim() == 1 && bias->sym_size(0) == channels, op, ": bias must have shape (", channels,
+              ",), got ", bias->sym_sizes());
+  check_same_device(x, "x", *bias, op, "bias");
 }
 
 #ifdef LOWBIT_WITH_CUDA

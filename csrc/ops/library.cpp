@@ -22,11 +22,17 @@ TORCH_LIBRARY(lowbit, m) {
   //   s_a = max(scale_a, eps), s_w = max(scale_w, eps). weight is float (N, K) (quantized here with
   //   scale_w), or int8 codes (N, K) (a frozen qweight). Output: x's dtype. Differentiable in x, bias_a,
   //   scale_a (LSQ) and a float weight (straight-through).
-  m.def("q8_linear(Tensor x, Tensor bias_a, Tensor weight, Tensor scale_a, Tensor scale_w, Tensor eps) -> Tensor");
+  // bias: an optional float output bias (N,), added after the dequantizing epilogue (what nn.Linear's bias
+  // becomes under lowbit.convert; BIE's layers have none).
+  m.def(
+      "q8_linear(Tensor x, Tensor bias_a, Tensor weight, Tensor scale_a, Tensor scale_w, Tensor eps, Tensor? bias=None) "
+      "-> Tensor");
 
   // The Q4Linear layer: as q8_linear with codes in [-8, 7]; a frozen weight is int8 of shape
   // (N, ceil(K/2)) holding int4 pairs (pack_s4).
-  m.def("q4_linear(Tensor x, Tensor bias_a, Tensor weight, Tensor scale_a, Tensor scale_w, Tensor eps) -> Tensor");
+  m.def(
+      "q4_linear(Tensor x, Tensor bias_a, Tensor weight, Tensor scale_a, Tensor scale_w, Tensor eps, Tensor? bias=None) "
+      "-> Tensor");
 
   // int8 codes in [-8, 7] (..., K) -> int4 pairs (..., ceil(K/2)), first code in the high nibble; and back.
   m.def("pack_s4(Tensor codes) -> Tensor");
@@ -35,10 +41,11 @@ TORCH_LIBRARY(lowbit, m) {
   // The Q4Conv2d layer: y = s_a*s_w * conv2d(Q(x + bias_a[c]), Q(W)) with codes in [-8, 7], zero padding
   // of the quantized input, any stride/padding/dilation/groups. x (N, C, H, W) float (any memory format);
   // weight float (O, C/groups, kh, kw), or int8 (O, kh, kw, ceil((C/groups)/2)): a frozen qweight, int4
-  // pairs along the input channels in OHWI order. Output (N, O, Ho, Wo) in x's dtype, channels_last memory.
+  // pairs along the input channels in OHWI order. Output (N, O, Ho, Wo) in x's dtype, channels_last memory,
+  // plus the optional output bias (O,) per channel.
   m.def(
       "q4_conv2d(Tensor x, Tensor bias_a, Tensor weight, Tensor scale_a, Tensor scale_w, Tensor eps, int[2] stride, "
-      "int[2] padding, int[2] dilation, int groups) -> Tensor");
+      "int[2] padding, int[2] dilation, int groups, Tensor? bias=None) -> Tensor");
   // The forward's kernels, also returning the int8 codes it used (qx NHWC, qw OHWI) for the backward.
   m.def(
       "q4_conv2d_forward(Tensor x, Tensor bias_a, Tensor weight, Tensor scale_a, Tensor scale_w, Tensor eps, "

@@ -217,14 +217,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsq_conv2d_backward_m
   return {grad_x, grad_b, grad_w, grad_s};
 }
 
+// y (N, O, Ho, Wo) += bias[o], in y's dtype (y is fresh: the in-place add aliases nothing of the caller's).
+void add_output_bias(at::Tensor& y, const at::Tensor& x, const std::optional<at::Tensor>& bias) {
+  check_output_bias(bias, x, y.sym_size(1), kOp);
+  if (bias.has_value() && bias->defined()) y.add_(as_dtype(*bias, y.scalar_type()).reshape({1, -1, 1, 1}));
+}
+
 class Q4Conv2dFunction : public torch::autograd::Function<Q4Conv2dFunction> {
  public:
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& bias_a,
                             const at::Tensor& weight, const at::Tensor& scale_a, const at::Tensor& scale_w,
                             const at::Tensor& eps, at::IntArrayRef stride, at::IntArrayRef padding,
-                            at::IntArrayRef dilation, int64_t groups) {
+                            at::IntArrayRef dilation, int64_t groups, const std::optional<at::Tensor>& bias) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [y, qx, qw] = q4_conv2d_forward(x, bias_a, weight, scale_a, scale_w, eps, stride, padding, dilation, groups);
+    add_output_bias(y, x, bias);
+    const bool has_bias = bias.has_value() && bias->defined();
+    ctx->saved_data["has_bias"] = has_bias;
+    ctx->saved_data["bias_dtype"] = static_cast<int64_t>(has_bias ? bias->scalar_type() : at::kFloat);
     ctx->save_for_backward({x, bias_a, qx, qw, scale_a, scale_w, eps});
     ctx->saved_data["stride"] = stride.vec();
     ctx->saved_data["padding"] = padding.vec();
@@ -246,31 +256,38 @@ class Q4Conv2dFunction : public torch::autograd::Function<Q4Conv2dFunction> {
         ctx->saved_data["padding"].toIntVector(), ctx->saved_data["dilation"].toIntVector(),
         ctx->saved_data["groups"].toInt(), kQmin, kQmax, mask);
     if (gw.defined()) gw = gw.to(weight_dtype);
-    return {gx, gb, gw, gs, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    // Output bias: the upstream gradient summed over batch and space. Autograd edges exist only for the
+    // tensor inputs present (the int lists are not edges), so a given bias is edge 6.
+    at::Tensor gbias;
+    if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(6))
+      gbias = grads[0].sum({0, 2, 3}, false, at::kFloat).to(static_cast<at::ScalarType>(ctx->saved_data["bias_dtype"].toInt()));
+    return {gx, gb, gw, gs, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), gbias};
   }
 };
 
 at::Tensor q4_conv2d_composite(const at::Tensor& x, const at::Tensor& bias_a, const at::Tensor& weight,
                                const at::Tensor& scale_a, const at::Tensor& scale_w, const at::Tensor& eps,
                                at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                               int64_t groups) {
-  return std::get<0>(q4_conv2d_forward(x, bias_a, weight, scale_a, scale_w, eps, stride, padding, dilation, groups));
+                               int64_t groups, const std::optional<at::Tensor>& bias) {
+  auto y = std::get<0>(q4_conv2d_forward(x, bias_a, weight, scale_a, scale_w, eps, stride, padding, dilation, groups));
+  add_output_bias(y, x, bias);
+  return y;
 }
 
 at::Tensor q4_conv2d_autograd(const at::Tensor& x, const at::Tensor& bias_a, const at::Tensor& weight,
                               const at::Tensor& scale_a, const at::Tensor& scale_w, const at::Tensor& eps,
                               at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                              int64_t groups) {
-  return Q4Conv2dFunction::apply(x, bias_a, weight, scale_a, scale_w, eps, stride, padding, dilation, groups);
+                              int64_t groups, const std::optional<at::Tensor>& bias) {
+  return Q4Conv2dFunction::apply(x, bias_a, weight, scale_a, scale_w, eps, stride, padding, dilation, groups, bias);
 }
 
 }  // namespace
 
 at::Tensor q4_conv2d(const at::Tensor& x, const at::Tensor& bias_a, const at::Tensor& weight, const at::Tensor& scale_a,
                      const at::Tensor& scale_w, const at::Tensor& eps, at::IntArrayRef stride, at::IntArrayRef padding,
-                     at::IntArrayRef dilation, int64_t groups) {
+                     at::IntArrayRef dilation, int64_t groups, const std::optional<at::Tensor>& bias) {
   static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("lowbit::q4_conv2d", "").typed<decltype(q4_conv2d)>();
-  return op.call(x, bias_a, weight, scale_a, scale_w, eps, stride, padding, dilation, groups);
+  return op.call(x, bias_a, weight, scale_a, scale_w, eps, stride, padding, dilation, groups, bias);
 }
 
 TORCH_LIBRARY_IMPL(lowbit, CPU, m) {

@@ -59,8 +59,10 @@ struct QatForward {
 
 // y = s_a * s_w * (Qx . Qw^T) through the dispatcher (every backend, Meta included).
 QatForward qat_forward(const LinearSpec& sp, const at::Tensor& x, const at::Tensor& bias_a, const at::Tensor& weight,
-                       const at::Tensor& scale_a, const at::Tensor& scale_w, const at::Tensor& eps) {
+                       const at::Tensor& scale_a, const at::Tensor& scale_w, const at::Tensor& eps,
+                       const std::optional<at::Tensor>& bias) {
   check_qat_linear(sp, x, bias_a, weight, scale_a, scale_w, eps);
+  check_output_bias(bias, x, weight.sym_size(0), sp.op);
   QatForward f;
   f.qx = quantize_s8(x, bias_a, scale_a, eps, sp.qmin, sp.qmax);
   if (weight.scalar_type() != at::kChar) {
@@ -70,6 +72,7 @@ QatForward qat_forward(const LinearSpec& sp, const at::Tensor& x, const at::Tens
   }
   const auto alpha = clamp_scale(scale_a, eps) * clamp_scale(scale_w, eps);  // one fp32 multiply
   f.y = linear_s8(f.qx, f.qw, alpha, x.scalar_type());
+  if (bias.has_value() && bias->defined()) f.y.add_(as_dtype(*bias, f.y.scalar_type()));
   return f;
 }
 
@@ -80,11 +83,14 @@ class QatLinearFunction : public torch::autograd::Function<QatLinearFunction<Spe
  public:
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& bias_a,
                             const at::Tensor& weight, const at::Tensor& scale_a, const at::Tensor& scale_w,
-                            const at::Tensor& eps) {
+                            const at::Tensor& eps, const std::optional<at::Tensor>& bias) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto f = qat_forward(Spec, x, bias_a, weight, scale_a, scale_w, eps);
+    auto f = qat_forward(Spec, x, bias_a, weight, scale_a, scale_w, eps, bias);
     ctx->save_for_backward({x, bias_a, f.qx, f.qw, scale_a, scale_w, eps});
     ctx->saved_data["weight_dtype"] = c10::IValue(static_cast<int64_t>(weight.scalar_type()));
+    const bool has_bias = bias.has_value() && bias->defined();
+    ctx->saved_data["has_bias"] = has_bias;
+    ctx->saved_data["bias_dtype"] = c10::IValue(static_cast<int64_t>(has_bias ? bias->scalar_type() : at::kFloat));
     return f.y;
   }
 
@@ -98,20 +104,29 @@ class QatLinearFunction : public torch::autograd::Function<QatLinearFunction<Spe
     auto [gx, gb, gw, gs] =
         lsq_linear_backward(grads[0], s[0], s[1], s[2], s[3], s[4], s[5], s[6], Spec.qmin, Spec.qmax, mask);
     if (gw.defined()) gw = gw.to(weight_dtype);
-    return {gx, gb, gw, gs, at::Tensor(), at::Tensor()};
+    // Output bias: the upstream gradient summed over rows. Autograd edges exist only for tensor inputs that
+    // are present, so a given bias is edge 6 and an absent one has no edge at all.
+    at::Tensor gbias;
+    if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(6)) {
+      const auto dt = static_cast<at::ScalarType>(ctx->saved_data["bias_dtype"].toInt());
+      gbias = grads[0].reshape({-1, grads[0].size(-1)}).sum(0, false, at::kFloat).to(dt);
+    }
+    return {gx, gb, gw, gs, at::Tensor(), at::Tensor(), gbias};
   }
 };
 
 template <const LinearSpec& Spec>
 at::Tensor qat_linear_composite(const at::Tensor& x, const at::Tensor& bias_a, const at::Tensor& weight,
-                                const at::Tensor& scale_a, const at::Tensor& scale_w, const at::Tensor& eps) {
-  return qat_forward(Spec, x, bias_a, weight, scale_a, scale_w, eps).y;
+                                const at::Tensor& scale_a, const at::Tensor& scale_w, const at::Tensor& eps,
+                                const std::optional<at::Tensor>& bias) {
+  return qat_forward(Spec, x, bias_a, weight, scale_a, scale_w, eps, bias).y;
 }
 
 template <const LinearSpec& Spec>
 at::Tensor qat_linear_autograd(const at::Tensor& x, const at::Tensor& bias_a, const at::Tensor& weight,
-                               const at::Tensor& scale_a, const at::Tensor& scale_w, const at::Tensor& eps) {
-  return QatLinearFunction<Spec>::apply(x, bias_a, weight, scale_a, scale_w, eps);
+                               const at::Tensor& scale_a, const at::Tensor& scale_w, const at::Tensor& eps,
+                               const std::optional<at::Tensor>& bias) {
+  return QatLinearFunction<Spec>::apply(x, bias_a, weight, scale_a, scale_w, eps, bias);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsq_linear_backward_impl(
@@ -157,15 +172,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsq_linear_backward_m
 }  // namespace
 
 at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& bias_a, const at::Tensor& weight, const at::Tensor& scale_a,
-                     const at::Tensor& scale_w, const at::Tensor& eps) {
+                     const at::Tensor& scale_w, const at::Tensor& eps, const std::optional<at::Tensor>& bias) {
   static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("lowbit::q8_linear", "").typed<decltype(q8_linear)>();
-  return op.call(x, bias_a, weight, scale_a, scale_w, eps);
+  return op.call(x, bias_a, weight, scale_a, scale_w, eps, bias);
 }
 
 at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& bias_a, const at::Tensor& weight, const at::Tensor& scale_a,
-                     const at::Tensor& scale_w, const at::Tensor& eps) {
+                     const at::Tensor& scale_w, const at::Tensor& eps, const std::optional<at::Tensor>& bias) {
   static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("lowbit::q4_linear", "").typed<decltype(q4_linear)>();
-  return op.call(x, bias_a, weight, scale_a, scale_w, eps);
+  return op.call(x, bias_a, weight, scale_a, scale_w, eps, bias);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsq_linear_backward(

@@ -22,11 +22,13 @@ at::Tensor linear_s8(const at::Tensor& qx, const at::Tensor& qw, const at::Tenso
 
 // The Q8Linear layer's differentiable forward (see csrc/ops/library.cpp).
 at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& bias_a, const at::Tensor& weight,
-                     const at::Tensor& scale_a, const at::Tensor& scale_w, const at::Tensor& eps);
+                     const at::Tensor& scale_a, const at::Tensor& scale_w, const at::Tensor& eps,
+                     const std::optional<at::Tensor>& bias = std::nullopt);
 
 // The Q4Linear layer's differentiable forward (weight float, or int4 pairs (N, ceil(K/2))).
 at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& bias_a, const at::Tensor& weight,
-                     const at::Tensor& scale_a, const at::Tensor& scale_w, const at::Tensor& eps);
+                     const at::Tensor& scale_a, const at::Tensor& scale_w, const at::Tensor& eps,
+                     const std::optional<at::Tensor>& bias = std::nullopt);
 
 // int8 codes in [-8, 7] <-> int4 pairs along the last dim (docs/formats.md).
 at::Tensor pack_s4(const at::Tensor& codes);
@@ -35,7 +37,8 @@ at::Tensor unpack_s4(const at::Tensor& packed, int64_t K);
 // The Q4Conv2d layer's differentiable forward (see csrc/ops/library.cpp).
 at::Tensor q4_conv2d(const at::Tensor& x, const at::Tensor& bias_a, const at::Tensor& weight,
                      const at::Tensor& scale_a, const at::Tensor& scale_w, const at::Tensor& eps,
-                     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
+                     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                     const std::optional<at::Tensor>& bias = std::nullopt);
 
 // The Q4MatMul layer's differentiable forward: s_x*s_y * (Q(x) . Q(y)^T) over the last two dims.
 at::Tensor q4_matmul(const at::Tensor& x, const at::Tensor& y, const at::Tensor& x_clip, const at::Tensor& y_clip,

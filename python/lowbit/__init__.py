@@ -24,10 +24,11 @@ except (ImportError, OSError) as exc:  # pragma: no cover - depends on the insta
     ) from exc
 
 from . import nn, ops  # noqa: E402
+from .convert import convert  # noqa: E402
 from .tools import prepare_layers  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["nn", "ops", "compat", "prepare_layers", "__version__"]
+__all__ = ["nn", "ops", "compat", "convert", "prepare_layers", "__version__"]
 
 
 def __getattr__(name):

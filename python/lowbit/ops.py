@@ -31,18 +31,21 @@ def linear_s8(qx: Tensor, qw: Tensor, alpha: Tensor, out_dtype: torch.dtype) -> 
     return _ops.linear_s8(qx, qw, alpha, out_dtype)
 
 
-def q8_linear(x: Tensor, bias_a: Tensor, weight: Tensor, scale_a: Tensor, scale_w: Tensor, eps: Tensor) -> Tensor:
+def q8_linear(x: Tensor, bias_a: Tensor, weight: Tensor, scale_a: Tensor, scale_w: Tensor, eps: Tensor,
+              bias: Optional[Tensor] = None) -> Tensor:
     """The Q8Linear forward, differentiable: ``s_a*s_w * (Q(x + bias_a; s_a) @ Q(W; s_w).T)``.
 
     ``weight`` is float (quantized here with ``scale_w``) or int8 codes (a frozen ``qweight``).
-    Gradients: straight-through for x (clip-masked) and a float weight, LSQ for ``scale_a``."""
-    return _ops.q8_linear(x, bias_a, weight, scale_a, scale_w, eps)
+    Gradients: straight-through for x (clip-masked) and a float weight, LSQ for ``scale_a``. ``bias``: an
+    optional float output bias (N,) added after the epilogue."""
+    return _ops.q8_linear(x, bias_a, weight, scale_a, scale_w, eps, bias)
 
 
-def q4_linear(x: Tensor, bias_a: Tensor, weight: Tensor, scale_a: Tensor, scale_w: Tensor, eps: Tensor) -> Tensor:
+def q4_linear(x: Tensor, bias_a: Tensor, weight: Tensor, scale_a: Tensor, scale_w: Tensor, eps: Tensor,
+              bias: Optional[Tensor] = None) -> Tensor:
     """The Q4Linear forward, differentiable: as :func:`q8_linear` with codes in [-8, 7]; a frozen weight
     is int8 (N, ceil(K/2)) holding int4 pairs (:func:`pack_s4`)."""
-    return _ops.q4_linear(x, bias_a, weight, scale_a, scale_w, eps)
+    return _ops.q4_linear(x, bias_a, weight, scale_a, scale_w, eps, bias)
 
 
 def pack_s4(codes: Tensor) -> Tensor:
@@ -57,13 +60,13 @@ def unpack_s4(packed: Tensor, K: int) -> Tensor:
 
 
 def q4_conv2d(x: Tensor, bias_a: Tensor, weight: Tensor, scale_a: Tensor, scale_w: Tensor, eps: Tensor,
-              stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups: int = 1) -> Tensor:
+              stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups: int = 1, bias: Optional[Tensor] = None) -> Tensor:
     """The Q4Conv2d forward, differentiable: ``s_a*s_w * conv2d(Q(x + bias_a[c]), Q(W))`` with 4-bit codes.
 
     x (N, C, H, W); weight float (O, C/groups, kh, kw) or a frozen int8 qweight (O, kh, kw, ceil((C/groups)/2));
     output (N, O, Ho, Wo) in x's dtype, channels_last memory."""
     return _ops.q4_conv2d(x, bias_a, weight, scale_a, scale_w, eps, list(stride), list(padding), list(dilation),
-                          groups)
+                          groups, bias)
 
 
 def q4_matmul(x: Tensor, y: Tensor, x_clip: Tensor, y_clip: Tensor, eps: Tensor) -> Tensor:

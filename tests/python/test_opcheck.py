@@ -19,7 +19,8 @@ def _cases(device):
                         torch.tensor(0.05, device=device, requires_grad=True), torch.tensor(0.01, device=device), e)
     yield "q4_linear", (x.clone().requires_grad_(), torch.zeros(7, device=device, requires_grad=True),
                         torch.randn(3, 7, device=device, requires_grad=True),
-                        torch.tensor(0.05, device=device, requires_grad=True), torch.tensor(0.01, device=device), e)
+                        torch.tensor(0.05, device=device, requires_grad=True), torch.tensor(0.01, device=device), e,
+                        torch.randn(3, device=device, requires_grad=True))
     yield "pack_s4", (torch.randint(-8, 8, (4, 7), dtype=torch.int8, device=device),)
     yield "unpack_s4", (q(4, 4), 7)
     img = torch.randn(2, 4, 6, 5, device=device)
@@ -27,7 +28,7 @@ def _cases(device):
     yield "q4_conv2d", (img.clone().requires_grad_(), torch.zeros(4, device=device, requires_grad=True),
                         torch.randn(6, 2, 3, 3, device=device, requires_grad=True),
                         torch.tensor(0.05, device=device, requires_grad=True), torch.tensor(0.01, device=device), e,
-                        *conv_tail)
+                        *conv_tail, torch.randn(6, device=device, requires_grad=True))
     yield "q4_matmul", (torch.randn(2, 5, 7, device=device, requires_grad=True),
                         torch.randn(3, 7, device=device, requires_grad=True),
                         torch.tensor(0.05, device=device, requires_grad=True),

@@ -21,7 +21,7 @@ def _pair(name: str, v: IntPair, minimum: int) -> Tuple[int, int]:
 
 
 class Q4Conv2d(Q4Base):
-    """``y = s_a * s_w * conv2d(Q(x + bias_a[c]), Q(W))`` with 4-bit codes, like ``nn.Conv2d`` without bias.
+    """``y = s_a * s_w * conv2d(Q(x + bias_a[c]), Q(W)) (+ bias)`` with 4-bit codes, like ``nn.Conv2d``.
 
     NCHW input (channels_last accepted), any H and W, stride / padding / dilation as ints or pairs,
     ``groups``. Padding pads the quantized input with zeros. The output is (N, O, Ho, Wo) in x's dtype
@@ -32,7 +32,7 @@ class Q4Conv2d(Q4Base):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: IntPair, stride: IntPair = 1,
                  padding: IntPair = 0, dilation: IntPair = 1, groups: int = 1, a_bit: int = 4, w_bit: int = 4,
-                 device=None, dtype: torch.dtype = torch.float) -> None:
+                 device=None, dtype: torch.dtype = torch.float, bias: bool = False) -> None:
         self.kernel_size = _pair("kernel_size", kernel_size, 1)
         self.stride = _pair("stride", stride, 1)
         self.padding = _pair("padding", padding, 0)
@@ -43,7 +43,7 @@ class Q4Conv2d(Q4Base):
             raise ValueError(f"groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}")
         self.groups = groups
         super().__init__(in_channels, out_channels, a_bit, w_bit, device=device, dtype=dtype,
-                         weight_shape=(out_channels, in_channels // groups, *self.kernel_size))
+                         weight_shape=(out_channels, in_channels // groups, *self.kernel_size), bias=bias)
 
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", kernel_size={self.kernel_size}, stride={self.stride}, "
@@ -58,7 +58,7 @@ class Q4Conv2d(Q4Base):
 
     def _forward_op(self, x: Tensor, weight: Tensor, scale_w: Tensor) -> Tensor:
         return ops.q4_conv2d(x, self.bias_a, weight, self.scale_a, scale_w, self.eps, self.stride, self.padding,
-                             self.dilation, self.groups)
+                             self.dilation, self.groups, self.bias)
 
     def set_activation(self, x: Tensor) -> Tensor:
         """Initialise ``scale_a`` from x if it is still 0; return x + bias_a over the channel dim."""

@@ -25,8 +25,8 @@ class Q4Linear(Q4Base):
     """
 
     def __init__(self, in_channels: int, out_channels: int, a_bit: int = 4, w_bit: int = 4, device=None,
-                 dtype: torch.dtype = torch.float) -> None:
-        super().__init__(in_channels, out_channels, a_bit, w_bit, device=device, dtype=dtype)
+                 dtype: torch.dtype = torch.float, bias: bool = False) -> None:
+        super().__init__(in_channels, out_channels, a_bit, w_bit, device=device, dtype=dtype, bias=bias)
 
     @property
     def in_features(self) -> int:
@@ -40,4 +40,4 @@ class Q4Linear(Q4Base):
         return (self.out_channels, (self.in_channels + 1) // 2)
 
     def _forward_op(self, x: Tensor, weight: Tensor, scale_w: Tensor) -> Tensor:
-        return ops.q4_linear(x, self.bias_a, weight, self.scale_a, scale_w, self.eps)
+        return ops.q4_linear(x, self.bias_a, weight, self.scale_a, scale_w, self.eps, self.bias)

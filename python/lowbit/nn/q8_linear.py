@@ -30,8 +30,8 @@ class Q8Linear(QATBase):
     _act_init_qmax = 127.0
 
     def __init__(self, in_channels: int, out_channels: int, a_bit: int = 8, w_bit: int = 8, device=None,
-                 dtype: torch.dtype = torch.float) -> None:
-        super().__init__(in_channels, out_channels, a_bit, w_bit, device=device, dtype=dtype)
+                 dtype: torch.dtype = torch.float, bias: bool = False) -> None:
+        super().__init__(in_channels, out_channels, a_bit, w_bit, device=device, dtype=dtype, bias=bias)
 
     @property
     def in_features(self) -> int:
@@ -51,4 +51,4 @@ class Q8Linear(QATBase):
         return ops.quantize_s8(weight, None, scale_w, self.eps, self._qmin, self._qmax)
 
     def _forward_op(self, x: Tensor, weight: Tensor, scale_w: Tensor) -> Tensor:
-        return ops.q8_linear(x, self.bias_a, weight, self.scale_a, scale_w, self.eps)
+        return ops.q8_linear(x, self.bias_a, weight, self.scale_a, scale_w, self.eps, self.bias)

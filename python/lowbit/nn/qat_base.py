@@ -35,7 +35,7 @@ class QATBase(LowbitLayer):
     _act_init_qmax: float = 127.0
 
     def __init__(self, in_channels: int, out_channels: int, a_bit: int, w_bit: int, device=None,
-                 dtype: torch.dtype = torch.float, weight_shape: Optional[tuple] = None) -> None:
+                 dtype: torch.dtype = torch.float, weight_shape: Optional[tuple] = None, bias: bool = False) -> None:
         super().__init__()
         self.in_channels = _check_positive_int("in_channels", in_channels)
         self.out_channels = _check_positive_int("out_channels", out_channels)
@@ -50,6 +50,10 @@ class QATBase(LowbitLayer):
             torch.empty(self._weight_shape, device=device, dtype=torch.float32))
         self.bias_a = torch.nn.Parameter(torch.zeros(in_channels, device=device, dtype=dtype))
         self.scale_a = torch.nn.Parameter(torch.zeros((), device=device, dtype=dtype))
+        # Optional float output bias (what nn.Linear/nn.Conv2d's bias becomes under lowbit.convert); BIE's
+        # layers have none, so it is off by default and absent from their state dicts.
+        self.bias: Optional[torch.nn.Parameter] = (
+            torch.nn.Parameter(torch.zeros(out_channels, device=device, dtype=torch.float32)) if bias else None)
         self.register_buffer("scale_w", torch.ones((), device=device, dtype=torch.float32))
         self.register_buffer("eps", torch.tensor(1e-5, device=device, dtype=dtype))
         self.register_buffer("qweight", None)

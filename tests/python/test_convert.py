@@ -1,0 +1,72 @@
+"""lowbit.convert: layers swapped by name pattern, weights and biases copied, the result runs and trains."""
+import pytest
+import torch
+
+import lowbit
+from lowbit.nn import Q4Conv2d, Q4Linear, Q8Linear
+import reference as ref
+
+
+def _mlp():
+    return torch.nn.Sequential(torch.nn.Linear(20, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16), torch.nn.ReLU(),
+                               torch.nn.Linear(16, 4))
+
+
+def test_convert_q8_copies_weights_and_keeps_excluded(device):
+    model = _mlp().to(device)
+    q = lowbit.convert(model, "q8", exclude=["4"])
+    assert isinstance(q[0], Q8Linear) and isinstance(q[2], Q8Linear) and type(q[4]) is torch.nn.Linear
+    assert type(model[0]) is torch.nn.Linear  # not in place by default
+    assert torch.equal(q[0].weight, model[0].weight) and torch.equal(q[0].bias, model[0].bias)
+    assert q[0].bias is not None and "bias" in q[0].state_dict()
+    x = torch.randn(64, 20, device=device)
+    y, y_ref = q(x), model(x)
+    assert ref.rel_err(y, y_ref.detach()) < 0.1  # 8-bit quantization error of a small MLP
+
+
+def test_output_bias_matches_the_math(device):
+    layer = Q8Linear(12, 5, device=device, bias=True)
+    with torch.no_grad():
+        layer.bias.copy_(torch.randn(5))
+    x = torch.randn(3, 12, device=device, requires_grad=True)
+    y = layer(x)
+    s_a = max(ref.f32(layer.scale_a.item()), 1e-5)
+    s_w = ref.lsq_scale(layer.weight.detach().cpu(), 127.0, 1e-5)
+    y_ref, _ = ref.q_linear_forward(x.detach().cpu(), layer.bias_a.detach().cpu(),
+                                    ref.codes(layer.weight.detach().cpu(), s_w, -128, 127), s_a, s_w, -128, 127)
+    assert ref.rel_err(y, y_ref + layer.bias.detach().cpu().double()) < 1e-5
+    g = torch.randn(3, 5, device=device)
+    (y * g).sum().backward()
+    assert ref.rel_err(layer.bias.grad, g.sum(0).double()) < 1e-6
+
+
+def test_convert_q4_cnn_trains(device):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3, stride=2),
+                                torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(8 * 3 * 3, 2)).to(device)
+    q = lowbit.convert(model, "q4", rules=[("5", None)])
+    assert isinstance(q[0], Q4Conv2d) and isinstance(q[2], Q4Conv2d) and type(q[5]) is torch.nn.Linear
+    assert q[2].stride == (2, 2) and q[0].padding == (1, 1) and q[0].bias is not None
+    x = torch.randn(32, 3, 8, 8, device=device)
+    target = (x.mean((1, 2, 3)) > 0).long()
+    opt = torch.optim.Adam(q.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(40):
+        loss = torch.nn.functional.cross_entropy(q(x), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_convert_root_rules_and_errors():
+    assert isinstance(lowbit.convert(torch.nn.Linear(4, 3), "q4"), Q4Linear)
+    m = _mlp()
+    q = lowbit.convert(m, None, rules=[("2", "q4")])
+    assert isinstance(q[2], Q4Linear) and type(q[0]) is torch.nn.Linear
+    assert lowbit.convert(m, "q8", inplace=True) is m and isinstance(m[0], Q8Linear)
+    with pytest.raises(ValueError, match="kind"):
+        lowbit.convert(_mlp(), "q3")
+    with pytest.raises(ValueError, match="padding_mode"):
+        lowbit.convert(torch.nn.Sequential(torch.nn.Conv2d(2, 2, 3, padding_mode="reflect")), "q4")
