@@ -23,7 +23,8 @@ if ! $PY -c "import torch, sys; sys.exit(0 if torch.__version__.split('+')[0] ==
   $PY -m pip install -q torch==2.11.0
 fi
 pip_pkgs=()
-for m in numpy pytest; do $PY -c "import $m" 2>/dev/null || pip_pkgs+=("$m"); done
+# safetensors: the Python library the checkpoint tests check interchange against.
+for m in numpy pytest safetensors; do $PY -c "import $m" 2>/dev/null || pip_pkgs+=("$m"); done
 if [ ${#pip_pkgs[@]} -gt 0 ]; then $PY -m pip install -q "${pip_pkgs[@]}"; fi
 
 BUILD=${LOWBIT_BUILD_DIR:-build}

@@ -23,12 +23,12 @@ except (ImportError, OSError) as exc:  # pragma: no cover - depends on the insta
         "lowbit source tree (needs torch==2.11.0, CMake >= 3.25 and a C++17 compiler)."
     ) from exc
 
-from . import nn, ops  # noqa: E402
+from . import io, nn, ops  # noqa: E402
 from .convert import convert  # noqa: E402
 from .tools import prepare_layers  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["nn", "ops", "compat", "convert", "prepare_layers", "__version__"]
+__all__ = ["io", "nn", "ops", "compat", "convert", "prepare_layers", "__version__"]
 
 
 def __getattr__(name):
