@@ -27,60 +27,16 @@
 #include "lowbit/kernels/common.h"
 #include "lowbit/kernels/gemm_s8.h"
 
+#include "cuda_test_util.h"
+
 namespace {
 
 using lowbit::DType;
 using lowbit::Status;
 
-bool cuda_available() {
-  int n = 0;
-  if (cudaGetDeviceCount(&n) != cudaSuccess) {
-    cudaGetLastError();
-    return false;
-  }
-  return n > 0;
-}
+using namespace lowbit_test;
 
-#define CUDA_ASSERT(expr)                                                             \
-  do {                                                                                \
-    const cudaError_t err_ = (expr);                                                  \
-    ASSERT_EQ(err_, cudaSuccess) << #expr << " failed: " << cudaGetErrorString(err_); \
-  } while (0)
-
-// Owning device allocation (tests may allocate; the kernels never do).
-class DeviceBuffer {
- public:
-  explicit DeviceBuffer(size_t bytes) {
-    if (cudaMalloc(&ptr_, bytes == 0 ? 1 : bytes) != cudaSuccess) ptr_ = nullptr;
-  }
-  ~DeviceBuffer() {
-    if (ptr_ != nullptr) cudaFree(ptr_);
-  }
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-  uint8_t* bytes() const { return static_cast<uint8_t*>(ptr_); }
-  bool ok() const { return ptr_ != nullptr; }
-
- private:
-  void* ptr_ = nullptr;
-};
-
-size_t dtype_size(DType t) { return t == DType::kFloat32 ? 4 : 2; }
-
-class CudaGemmBatched : public ::testing::Test {
- protected:
-  void SetUp() override {
-    if (!cuda_available()) GTEST_SKIP() << "no CUDA device present";
-    CUDA_ASSERT(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
-  }
-  void TearDown() override {
-    if (stream_ != nullptr) cudaStreamDestroy(stream_);
-  }
-  CUstream_st* stream() const { return reinterpret_cast<CUstream_st*>(stream_); }
-  cudaStream_t stream_ = nullptr;
-};
-
-constexpr uint8_t kOutPoison = 0xFF;  // NaN in every output dtype: never a value the kernel produces here
+class CudaGemmBatched : public CudaStreamTest {};
 
 struct BCase {
   int64_t M, N, K, batch;
@@ -112,32 +68,16 @@ void run_batched_case(const BCase& c, std::mt19937& rng, CUstream_st* stream, in
   const size_t a_bytes = c.a_off + span(c.batch, c.sA, c.M, c.lda) + 1;
   const size_t b_bytes = c.b_off + span(c.batch, c.sB, c.N, c.ldb) + 1;
   const size_t o_bytes = (c.o_off + span(c.batch, c.sO, c.M, c.ldo)) * es + 64;  // 64 guard bytes after
-  std::vector<int8_t> ha(a_bytes), hb(b_bytes);
-  std::uniform_int_distribution<int> byte(-128, 127);
-  for (auto& v : ha) v = int8_t(byte(rng));
-  for (auto& v : hb) v = int8_t(byte(rng));
-
-  DeviceBuffer da(a_bytes), db(b_bytes), dalpha(4), dout(o_bytes);
-  ASSERT_TRUE(da.ok() && db.ok() && dalpha.ok() && dout.ok()) << "cudaMalloc failed";
-  CUDA_ASSERT(cudaMemcpy(da.bytes(), ha.data(), a_bytes, cudaMemcpyHostToDevice));
-  CUDA_ASSERT(cudaMemcpy(db.bytes(), hb.data(), b_bytes, cudaMemcpyHostToDevice));
-  CUDA_ASSERT(cudaMemcpy(dalpha.bytes(), &c.alpha, 4, cudaMemcpyHostToDevice));
-
-  std::vector<uint8_t> got(o_bytes), again(o_bytes);
-  for (int run = 0; run < device_runs; ++run) {
-    CUDA_ASSERT(cudaMemset(dout.bytes(), kOutPoison, o_bytes));
-    const Status st = lowbit::cuda::gemm_s8_scaled_batched(
-        reinterpret_cast<const int8_t*>(da.bytes() + c.a_off), c.lda, c.sA,
-        reinterpret_cast<const int8_t*>(db.bytes() + c.b_off), c.ldb, c.sB, c.M, c.N, c.K, c.batch,
-        reinterpret_cast<const float*>(dalpha.bytes()), c.otype, dout.bytes() + c.o_off * es, c.ldo, c.sO, stream);
-    ASSERT_TRUE(st.is_ok()) << st.message;
-    CUDA_ASSERT(cudaStreamSynchronize(reinterpret_cast<cudaStream_t>(stream)));
-    CUDA_ASSERT(cudaGetLastError());
-    CUDA_ASSERT(cudaMemcpy(run == 0 ? got.data() : again.data(), dout.bytes(), o_bytes, cudaMemcpyDeviceToHost));
-    if (run > 0) {
-      ASSERT_TRUE(got == again) << "run " << run << " on the same inputs gave different bits";
-    }
-  }
+  std::vector<int8_t> ha, hb;
+  std::vector<uint8_t> got;
+  run_gemm_on_device(rng, a_bytes, b_bytes, o_bytes, c.alpha, reinterpret_cast<cudaStream_t>(stream),
+                     [&](const GemmOperands& d) {
+                       return lowbit::cuda::gemm_s8_scaled_batched(
+                           d.A(c.a_off), c.lda, c.sA, d.B(c.b_off), c.ldb, c.sB, c.M, c.N, c.K, c.batch,
+                           d.alpha_ptr(), c.otype, d.out.bytes() + c.o_off * es, c.ldo, c.sO, stream);
+                     },
+                     device_runs, &ha, &hb, &got);
+  if (::testing::Test::HasFatalFailure()) return;
 
   std::vector<uint8_t> ref(o_bytes, kOutPoison);
   const Status rs = lowbit::cpu::gemm_s8_scaled_batched_ref(ha.data() + c.a_off, c.lda, c.sA, hb.data() + c.b_off,
@@ -161,8 +101,6 @@ void run_batched_case(const BCase& c, std::mt19937& rng, CUstream_st* stream, in
            << int(ref[b]) << (ref[b] == kOutPoison ? " (outside every output window: stray write)" : "");
   }
 }
-
-int64_t round_up16(int64_t v) { return (v + 15) / 16 * 16; }
 
 // Layout variants of a batched problem (see the file comment). Strides left at -1 become contiguous.
 BCase make_case(int64_t M, int64_t N, int64_t K, int64_t batch, int kind, float alpha, DType t) {
@@ -282,19 +220,17 @@ TEST_F(CudaGemmBatched, LargerBatchesDeterministic) {
 TEST_F(CudaGemmBatched, BatchOneEqualsUnbatched) {
   const int64_t M = 129, N = 200, K = 1031;
   std::mt19937 rng(1);
-  std::vector<int8_t> ha(size_t(M * K)), hb(size_t(N * K));
-  std::uniform_int_distribution<int> byte(-128, 127);
-  for (auto& v : ha) v = int8_t(byte(rng));
-  for (auto& v : hb) v = int8_t(byte(rng));
+  const std::vector<int8_t> ha = random_bytes(size_t(M * K), rng);
+  const std::vector<int8_t> hb = random_bytes(size_t(N * K), rng);
   const float alpha = 3e-4f;
-  DeviceBuffer da(ha.size()), db(hb.size()), dalpha(4), o1(size_t(M * N) * 2), o2(size_t(M * N) * 2);
-  ASSERT_TRUE(da.ok() && db.ok() && dalpha.ok() && o1.ok() && o2.ok());
-  CUDA_ASSERT(cudaMemcpy(da.bytes(), ha.data(), ha.size(), cudaMemcpyHostToDevice));
-  CUDA_ASSERT(cudaMemcpy(db.bytes(), hb.data(), hb.size(), cudaMemcpyHostToDevice));
-  CUDA_ASSERT(cudaMemcpy(dalpha.bytes(), &alpha, 4, cudaMemcpyHostToDevice));
-  const auto* pa = reinterpret_cast<const int8_t*>(da.bytes());
-  const auto* pb = reinterpret_cast<const int8_t*>(db.bytes());
-  const auto* pal = reinterpret_cast<const float*>(dalpha.bytes());
+  GemmOperands d(ha.size(), hb.size(), size_t(M * N) * 2);
+  DeviceBuffer o2(size_t(M * N) * 2);
+  ASSERT_TRUE(d.ok() && o2.ok());
+  upload(d, ha, hb, alpha);
+  if (HasFatalFailure()) return;
+  const DeviceBuffer& o1 = d.out;
+  const int8_t *pa = d.A(), *pb = d.B();
+  const float* pal = d.alpha_ptr();
   ASSERT_TRUE(
       lowbit::cuda::gemm_s8_scaled(pa, K, pb, K, M, N, K, pal, DType::kFloat16, o1.bytes(), N, stream()).is_ok());
   ASSERT_TRUE(lowbit::cuda::gemm_s8_scaled_batched(pa, K, 0, pb, K, 0, M, N, K, 1, pal, DType::kFloat16, o2.bytes(), N,
@@ -308,35 +244,30 @@ TEST_F(CudaGemmBatched, BatchOneEqualsUnbatched) {
 }
 
 TEST_F(CudaGemmBatched, EmptyIsNoOp) {
-  DeviceBuffer a(64), b(64), alpha(4), out(256);
-  ASSERT_TRUE(a.ok() && b.ok() && alpha.ok() && out.ok());
+  GemmOperands d(64, 64, 256);
+  ASSERT_TRUE(d.ok());
+  DeviceBuffer& out = d.out;
   CUDA_ASSERT(cudaMemset(out.bytes(), kOutPoison, 256));
-  const auto* pa = reinterpret_cast<const int8_t*>(a.bytes());
-  const auto* pb = reinterpret_cast<const int8_t*>(b.bytes());
-  const auto* pal = reinterpret_cast<const float*>(alpha.bytes());
+  const int8_t *pa = d.A(), *pb = d.B();
+  const float* pal = d.alpha_ptr();
   using lowbit::cuda::gemm_s8_scaled_batched;
   const DType f = DType::kFloat32;
   EXPECT_TRUE(gemm_s8_scaled_batched(nullptr, 8, 8, nullptr, 8, 8, 4, 4, 8, 0, nullptr, f, nullptr, 4, 16, stream())
                   .is_ok());
   EXPECT_TRUE(gemm_s8_scaled_batched(pa, 8, 8, pb, 8, 8, 0, 4, 8, 3, pal, f, out.bytes(), 4, 0, stream()).is_ok());
   EXPECT_TRUE(gemm_s8_scaled_batched(pa, 8, 8, pb, 8, 8, 4, 0, 8, 3, pal, f, out.bytes(), 0, 0, stream()).is_ok());
-  CUDA_ASSERT(cudaStreamSynchronize(stream_));
-  std::vector<uint8_t> got(256);
-  CUDA_ASSERT(cudaMemcpy(got.data(), out.bytes(), 256, cudaMemcpyDeviceToHost));
-  for (uint8_t v : got) EXPECT_EQ(v, kOutPoison);
+  expect_untouched(out, 256, kOutPoison, stream_);
 }
 
 TEST_F(CudaGemmBatched, RejectsInvalidArguments) {
-  DeviceBuffer a(4096), b(4096), alpha(4), out(4096);
-  ASSERT_TRUE(a.ok() && b.ok() && alpha.ok() && out.ok());
-  const auto* pa = reinterpret_cast<const int8_t*>(a.bytes());
-  const auto* pb = reinterpret_cast<const int8_t*>(b.bytes());
-  const auto* pal = reinterpret_cast<const float*>(alpha.bytes());
-  void* po = out.bytes();
+  GemmOperands d(4096, 4096, 4096);
+  ASSERT_TRUE(d.ok());
+  const int8_t *pa = d.A(), *pb = d.B();
+  const float* pal = d.alpha_ptr();
+  void* po = d.out.bytes();
   using lowbit::cuda::gemm_s8_scaled_batched;
   auto expect_invalid = [](const Status& s, const char* what, const char* needle) {
-    EXPECT_EQ(s.code, Status::Code::kInvalidArgument) << what;
-    EXPECT_NE(s.message.find(needle), std::string::npos) << what << ": " << s.message;
+    lowbit_test::expect_invalid(s, what, needle);
     EXPECT_NE(s.message.find("gemm_s8_scaled_batched"), std::string::npos) << what << ": " << s.message;
   };
   const DType f = DType::kFloat16;
@@ -381,14 +312,7 @@ TEST_F(CudaGemmBatched, PerfReport) {
   DeviceBuffer da(a_bytes), db(b_bytes), dout(o_bytes), dalpha(4);
   ASSERT_TRUE(da.ok() && db.ok() && dout.ok() && dalpha.ok()) << "cudaMalloc failed";
   {
-    std::vector<uint8_t> h(a_bytes);
-    uint64_t st = 0x9E3779B97F4A7C15ull;
-    for (auto& v : h) {
-      st ^= st << 13;
-      st ^= st >> 7;
-      st ^= st << 17;
-      v = uint8_t(st >> 24);
-    }
+    std::vector<uint8_t> h = xorshift_bytes(a_bytes);
     CUDA_ASSERT(cudaMemcpy(da.bytes(), h.data(), a_bytes, cudaMemcpyHostToDevice));
     std::reverse(h.begin(), h.end());
     CUDA_ASSERT(cudaMemcpy(db.bytes(), h.data(), b_bytes, cudaMemcpyHostToDevice));
@@ -398,31 +322,12 @@ TEST_F(CudaGemmBatched, PerfReport) {
   const auto* pa = reinterpret_cast<const int8_t*>(da.bytes());
   const auto* pb = reinterpret_cast<const int8_t*>(db.bytes());
   const auto* pal = reinterpret_cast<const float*>(dalpha.bytes());
-  cudaEvent_t e0, e1;
-  CUDA_ASSERT(cudaEventCreate(&e0));
-  CUDA_ASSERT(cudaEventCreate(&e1));
-  auto median_ms = [&](auto&& launch) -> double {
-    for (int w = 0; w < 2; ++w)
-      if (!launch().is_ok()) return -1.0;
-    std::vector<float> ms;
-    for (int r = 0; r < 10; ++r) {
-      cudaEventRecord(e0, stream_);
-      if (!launch().is_ok()) return -1.0;
-      cudaEventRecord(e1, stream_);
-      cudaEventSynchronize(e1);
-      float t = 0.f;
-      cudaEventElapsedTime(&t, e0, e1);
-      ms.push_back(t);
-    }
-    std::sort(ms.begin(), ms.end());
-    return 0.5 * (ms[4] + ms[5]);
-  };
-  const double batched_ms = median_ms([&] {
+  const double batched_ms = median_ms(stream_, [&] {
     return lowbit::cuda::gemm_s8_scaled_batched(pa, K, M * K, pb, K, N * K, M, N, K, batch, pal, DType::kFloat16,
                                                 dout.bytes(), N, M * N, stream());
   });
   ASSERT_GT(batched_ms, 0.0) << "batched launch failed";
-  const double loop_ms = median_ms([&] {
+  const double loop_ms = median_ms(stream_, [&] {
     for (int64_t b = 0; b < batch; ++b) {
       const Status s = lowbit::cuda::gemm_s8_scaled(pa + b * M * K, K, pb + b * N * K, K, M, N, K, pal, DType::kFloat16,
                                                     dout.bytes() + size_t(b * M * N) * 2, N, stream());
@@ -441,8 +346,6 @@ TEST_F(CudaGemmBatched, PerfReport) {
   }
   RecordProperty("gemm_batched_384x1024x1024x128_ms", std::to_string(batched_ms));
   RecordProperty("gemm_loop_384x1024x1024x128_ms", std::to_string(loop_ms));
-  cudaEventDestroy(e0);
-  cudaEventDestroy(e1);
   CUDA_ASSERT(cudaGetLastError());
 }
 

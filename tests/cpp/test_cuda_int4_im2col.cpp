@@ -22,71 +22,19 @@
 #include "lowbit/kernels/im2col.h"
 #include "lowbit/kernels/pack_int4.h"
 
+#include "cuda_test_util.h"
+
 namespace {
 
 using lowbit::Conv2dShape;
 using lowbit::packed_s4_cols;
 using lowbit::Status;
 
-bool cuda_available() {
-  int n = 0;
-  if (cudaGetDeviceCount(&n) != cudaSuccess) {
-    cudaGetLastError();
-    return false;
-  }
-  return n > 0;
-}
-
-#define CUDA_ASSERT(expr)                                                             \
-  do {                                                                                \
-    const cudaError_t err_ = (expr);                                                  \
-    ASSERT_EQ(err_, cudaSuccess) << #expr << " failed: " << cudaGetErrorString(err_); \
-  } while (0)
-
-// Owning device allocation (tests may allocate; the kernels never do).
-class DeviceBuffer {
- public:
-  explicit DeviceBuffer(size_t bytes) : bytes_(bytes) {
-    if (cudaMalloc(&ptr_, bytes == 0 ? 1 : bytes) != cudaSuccess) {
-      ptr_ = nullptr;
-      cudaGetLastError();  // an out-of-memory error must not surface at the next launch check
-    }
-  }
-  ~DeviceBuffer() {
-    if (ptr_ != nullptr) cudaFree(ptr_);
-  }
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-  int8_t* data() const { return static_cast<int8_t*>(ptr_); }
-  bool ok() const { return ptr_ != nullptr; }
-  size_t size() const { return bytes_; }
-
- private:
-  void* ptr_ = nullptr;
-  size_t bytes_ = 0;
-};
+using namespace lowbit_test;
 
 constexpr int8_t kPoison = int8_t(0xA5);  // -91: never a code unpack_s4 produces
 
-class CudaInt4Im2col : public ::testing::Test {
- protected:
-  void SetUp() override {
-    if (!cuda_available()) GTEST_SKIP() << "no CUDA device present";
-    CUDA_ASSERT(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
-  }
-  void TearDown() override {
-    if (stream_ != nullptr) cudaStreamDestroy(stream_);
-  }
-  CUstream_st* stream() const { return reinterpret_cast<CUstream_st*>(stream_); }
-  cudaStream_t stream_ = nullptr;
-};
-
-std::vector<int8_t> random_bytes(size_t n, std::mt19937& rng, int lo = -128, int hi = 127) {
-  std::uniform_int_distribution<int> d(lo, hi);
-  std::vector<int8_t> v(n);
-  for (auto& x : v) x = int8_t(d(rng));
-  return v;
-}
+class CudaInt4Im2col : public CudaStreamTest {};
 
 // Uploads `in` at byte offset in_off of a fresh device buffer, poisons an output of out_len bytes placed
 // at byte offset out_off with `guard` poison bytes after it, runs `kernel(d_in, d_out)`, and returns the
@@ -98,13 +46,8 @@ void run_device(const std::vector<int8_t>& in, size_t in_off, size_t out_len, si
   DeviceBuffer din(in_off + in.size()), dout(out_off + out_len + guard);
   ASSERT_TRUE(din.ok() && dout.ok()) << "cudaMalloc failed";
   CUDA_ASSERT(cudaMemcpy(din.data() + in_off, in.data(), in.size(), cudaMemcpyHostToDevice));
-  CUDA_ASSERT(cudaMemset(dout.data(), uint8_t(kPoison), dout.size()));
-  const Status st = kernel(din.data() + in_off, dout.data() + out_off);
-  ASSERT_TRUE(st.is_ok()) << st.message;
-  CUDA_ASSERT(cudaStreamSynchronize(stream));
-  CUDA_ASSERT(cudaGetLastError());
-  got->assign(dout.size(), 0);
-  CUDA_ASSERT(cudaMemcpy(got->data(), dout.data(), dout.size(), cudaMemcpyDeviceToHost));
+  run_on_poisoned(dout, uint8_t(kPoison), stream, [&] { return kernel(din.data() + in_off, dout.data() + out_off); },
+                  got);
 }
 
 // got = (out_off poison bytes, out_len output bytes, guard poison bytes): compare with want.
@@ -211,10 +154,7 @@ TEST_F(CudaInt4Im2col, PackEmptyIsNoOp) {
   EXPECT_TRUE(lowbit::cuda::pack_s4(nullptr, 3, 0, 0, nullptr, stream()).is_ok());
   EXPECT_TRUE(lowbit::cuda::unpack_s4(d.data(), 0, 5, 3, d.data(), stream()).is_ok());
   EXPECT_TRUE(lowbit::cuda::unpack_s4(nullptr, 3, 0, 0, nullptr, stream()).is_ok());
-  CUDA_ASSERT(cudaStreamSynchronize(stream_));
-  std::vector<uint8_t> got(16);
-  CUDA_ASSERT(cudaMemcpy(got.data(), d.data(), 16, cudaMemcpyDeviceToHost));
-  for (uint8_t b : got) EXPECT_EQ(b, 0x5A);
+  expect_untouched(d, 16, 0x5A, stream_);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -341,10 +281,6 @@ TEST_F(CudaInt4Im2col, Im2colInt64Indexing) {
 TEST_F(CudaInt4Im2col, RejectsInvalidArguments) {
   DeviceBuffer a(4096), b(1 << 16);
   ASSERT_TRUE(a.ok() && b.ok());
-  auto expect_invalid = [](const Status& s, const char* what) {
-    EXPECT_EQ(s.code, Status::Code::kInvalidArgument) << what;
-    EXPECT_FALSE(s.message.empty()) << what;
-  };
   using lowbit::cuda::pack_s4;
   using lowbit::cuda::unpack_s4;
   expect_invalid(pack_s4(a.data(), -1, 4, 4, b.data(), stream()), "pack rows < 0");

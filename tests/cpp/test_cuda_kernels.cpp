@@ -27,52 +27,14 @@
 #include "lowbit/kernels/gemm_s8.h"
 #include "lowbit/kernels/quantize.h"
 
+#include "cuda_test_util.h"
+
 namespace {
 
 using lowbit::DType;
 using lowbit::Status;
 
-bool cuda_available() {
-  int n = 0;
-  if (cudaGetDeviceCount(&n) != cudaSuccess) {
-    cudaGetLastError();
-    return false;
-  }
-  return n > 0;
-}
-
-#define LOWBIT_REQUIRE_CUDA()                                          \
-  do {                                                                 \
-    if (!cuda_available()) GTEST_SKIP() << "no CUDA device present";  \
-  } while (0)
-
-#define CUDA_ASSERT(expr)                                                                  \
-  do {                                                                                     \
-    const cudaError_t err_ = (expr);                                                       \
-    ASSERT_EQ(err_, cudaSuccess) << #expr << " failed: " << cudaGetErrorString(err_);      \
-  } while (0)
-
-// Owning device allocation (tests may allocate; the kernels never do).
-class DeviceBuffer {
- public:
-  explicit DeviceBuffer(size_t bytes) : bytes_(bytes) {
-    if (cudaMalloc(&ptr_, bytes == 0 ? 1 : bytes) != cudaSuccess) ptr_ = nullptr;
-  }
-  ~DeviceBuffer() {
-    if (ptr_ != nullptr) cudaFree(ptr_);
-  }
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-  uint8_t* bytes() const { return static_cast<uint8_t*>(ptr_); }
-  size_t size() const { return bytes_; }
-  bool ok() const { return ptr_ != nullptr; }
-
- private:
-  void* ptr_ = nullptr;
-  size_t bytes_ = 0;
-};
-
-size_t dtype_size(DType t) { return t == DType::kFloat32 ? 4 : 2; }
+using namespace lowbit_test;
 
 // Host float -> the storage bits of dtype t, appended to a byte vector at byte offset `at`.
 void put_value(std::vector<uint8_t>& buf, size_t at, DType t, float v) {
@@ -84,18 +46,7 @@ void put_value(std::vector<uint8_t>& buf, size_t at, DType t, float v) {
   }
 }
 
-class CudaKernels : public ::testing::Test {
- protected:
-  void SetUp() override {
-    LOWBIT_REQUIRE_CUDA();
-    CUDA_ASSERT(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
-  }
-  void TearDown() override {
-    if (stream_ != nullptr) cudaStreamDestroy(stream_);
-  }
-  CUstream_st* stream() const { return reinterpret_cast<CUstream_st*>(stream_); }
-  cudaStream_t stream_ = nullptr;
-};
+class CudaKernels : public CudaStreamTest {};
 
 // ---------------------------------------------------------------------------------------------------
 // quantize_s8
@@ -158,17 +109,15 @@ void run_quant_case(const QuantCase& c, std::mt19937& rng, CUstream_st* stream) 
   CUDA_ASSERT(cudaMemcpy(dx.bytes(), hx.data(), hx.size(), cudaMemcpyHostToDevice));
   CUDA_ASSERT(cudaMemcpy(dshift.bytes(), hshift.data(), hshift.size() * 4, cudaMemcpyHostToDevice));
   CUDA_ASSERT(cudaMemcpy(dscale.bytes(), &c.scale, 4, cudaMemcpyHostToDevice));
-  CUDA_ASSERT(cudaMemset(dq.bytes(), kPoison, q_bytes));
 
   const float* dshift_p = c.shift_mode == 0 ? nullptr : reinterpret_cast<const float*>(dshift.bytes()) + shift_off;
-  const Status st = lowbit::cuda::quantize_s8(c.xtype, dx.bytes() + c.x_off * es, c.M, c.K, c.ldx, dshift_p,
-                                              reinterpret_cast<const float*>(dscale.bytes()), c.qmin, c.qmax,
-                                              reinterpret_cast<int8_t*>(dq.bytes() + c.q_off), stream);
-  ASSERT_TRUE(st.is_ok()) << st.message;
-  CUDA_ASSERT(cudaStreamSynchronize(reinterpret_cast<cudaStream_t>(stream)));
-  CUDA_ASSERT(cudaGetLastError());
-  std::vector<uint8_t> got(q_bytes);
-  CUDA_ASSERT(cudaMemcpy(got.data(), dq.bytes(), q_bytes, cudaMemcpyDeviceToHost));
+  std::vector<uint8_t> got;
+  run_on_poisoned(dq, kPoison, reinterpret_cast<cudaStream_t>(stream), [&] {
+    return lowbit::cuda::quantize_s8(c.xtype, dx.bytes() + c.x_off * es, c.M, c.K, c.ldx, dshift_p,
+                                     reinterpret_cast<const float*>(dscale.bytes()), c.qmin, c.qmax,
+                                     reinterpret_cast<int8_t*>(dq.bytes() + c.q_off), stream);
+  }, &got);
+  if (::testing::Test::HasFatalFailure()) return;
 
   std::vector<int8_t> ref(size_t(c.M) * size_t(c.K) + 1, 0);
   const Status rs = lowbit::cpu::quantize_s8_ref(c.xtype, hx.data() + c.x_off * es, c.M, c.K, c.ldx,
@@ -228,10 +177,7 @@ TEST_F(CudaKernels, QuantizeEmptyIsNoOp) {
   auto* q = reinterpret_cast<int8_t*>(dq.bytes());
   EXPECT_TRUE(lowbit::cuda::quantize_s8(DType::kFloat32, dq.bytes(), 0, 5, 5, nullptr, sc, -128, 127, q, stream()).is_ok());
   EXPECT_TRUE(lowbit::cuda::quantize_s8(DType::kFloat32, dq.bytes(), 5, 0, 0, nullptr, sc, -128, 127, q, stream()).is_ok());
-  CUDA_ASSERT(cudaStreamSynchronize(stream_));
-  std::vector<uint8_t> got(16);
-  CUDA_ASSERT(cudaMemcpy(got.data(), dq.bytes(), 16, cudaMemcpyDeviceToHost));
-  for (uint8_t b : got) EXPECT_EQ(b, 0x5A);
+  expect_untouched(dq, 16, 0x5A, stream_);
 }
 
 TEST_F(CudaKernels, QuantizeRejectsInvalidArguments) {
@@ -241,10 +187,6 @@ TEST_F(CudaKernels, QuantizeRejectsInvalidArguments) {
   const float* sc = reinterpret_cast<const float*>(dscale.bytes());
   int8_t* q = reinterpret_cast<int8_t*>(dq.bytes());
   using lowbit::cuda::quantize_s8;
-  auto expect_invalid = [](const Status& s, const char* what) {
-    EXPECT_EQ(s.code, Status::Code::kInvalidArgument) << what;
-    EXPECT_FALSE(s.message.empty()) << what;
-  };
   expect_invalid(quantize_s8(DType::kFloat32, nullptr, 4, 4, 4, nullptr, sc, -128, 127, q, stream()), "x null");
   expect_invalid(quantize_s8(DType::kFloat32, x, 4, 4, 4, nullptr, nullptr, -128, 127, q, stream()), "scale null");
   expect_invalid(quantize_s8(DType::kFloat32, x, 4, 4, 4, nullptr, sc, -128, 127, nullptr, stream()), "q null");
@@ -275,8 +217,6 @@ struct GemmCase {
   }
 };
 
-constexpr uint8_t kOutPoison = 0xFF;  // NaN in every output dtype: never a value the kernel produces here
-
 // Runs one case. With device_runs > 1 the kernel runs again on the same inputs (output re-poisoned)
 // and must give the same bits: determinism.
 void run_gemm_case(const GemmCase& c, std::mt19937& rng, CUstream_st* stream, int device_runs = 1) {
@@ -285,33 +225,16 @@ void run_gemm_case(const GemmCase& c, std::mt19937& rng, CUstream_st* stream, in
   const size_t a_bytes = c.a_off + size_t(c.M) * size_t(c.lda) + 1;
   const size_t b_bytes = c.b_off + size_t(c.N) * size_t(c.ldb) + 1;
   const size_t o_bytes = (c.o_off + size_t(c.M) * size_t(c.ldo)) * es + 64;
-  std::vector<int8_t> ha(a_bytes), hb(b_bytes);
-  std::uniform_int_distribution<int> byte(-128, 127);
-  for (auto& v : ha) v = int8_t(byte(rng));  // padding too: garbage the kernel must not use
-  for (auto& v : hb) v = int8_t(byte(rng));
-
-  DeviceBuffer da(a_bytes), db(b_bytes), dalpha(4), dout(o_bytes);
-  ASSERT_TRUE(da.ok() && db.ok() && dalpha.ok() && dout.ok()) << "cudaMalloc failed";
-  CUDA_ASSERT(cudaMemcpy(da.bytes(), ha.data(), a_bytes, cudaMemcpyHostToDevice));
-  CUDA_ASSERT(cudaMemcpy(db.bytes(), hb.data(), b_bytes, cudaMemcpyHostToDevice));
-  CUDA_ASSERT(cudaMemcpy(dalpha.bytes(), &c.alpha, 4, cudaMemcpyHostToDevice));
-  CUDA_ASSERT(cudaMemset(dout.bytes(), kOutPoison, o_bytes));
-
-  std::vector<uint8_t> got(o_bytes), again(o_bytes);
-  for (int run = 0; run < device_runs; ++run) {
-    if (run > 0) CUDA_ASSERT(cudaMemset(dout.bytes(), kOutPoison, o_bytes));
-    const Status st = lowbit::cuda::gemm_s8_scaled(
-        reinterpret_cast<const int8_t*>(da.bytes() + c.a_off), c.lda,
-        reinterpret_cast<const int8_t*>(db.bytes() + c.b_off), c.ldb, c.M, c.N, c.K,
-        reinterpret_cast<const float*>(dalpha.bytes()), c.otype, dout.bytes() + c.o_off * es, c.ldo, stream);
-    ASSERT_TRUE(st.is_ok()) << st.message;
-    CUDA_ASSERT(cudaStreamSynchronize(reinterpret_cast<cudaStream_t>(stream)));
-    CUDA_ASSERT(cudaGetLastError());
-    CUDA_ASSERT(cudaMemcpy(run == 0 ? got.data() : again.data(), dout.bytes(), o_bytes, cudaMemcpyDeviceToHost));
-    if (run > 0) {
-      ASSERT_TRUE(got == again) << "run " << run << " on the same inputs gave different bits";
-    }
-  }
+  std::vector<int8_t> ha, hb;
+  std::vector<uint8_t> got;
+  run_gemm_on_device(rng, a_bytes, b_bytes, o_bytes, c.alpha, reinterpret_cast<cudaStream_t>(stream),
+                     [&](const GemmOperands& d) {
+                       return lowbit::cuda::gemm_s8_scaled(d.A(c.a_off), c.lda, d.B(c.b_off), c.ldb, c.M, c.N, c.K,
+                                                           d.alpha_ptr(), c.otype, d.out.bytes() + c.o_off * es, c.ldo,
+                                                           stream);
+                     },
+                     device_runs, &ha, &hb, &got);
+  if (::testing::Test::HasFatalFailure()) return;
 
   std::vector<uint8_t> ref(o_bytes, kOutPoison);
   const Status rs = lowbit::cpu::gemm_s8_scaled_ref(ha.data() + c.a_off, c.lda, hb.data() + c.b_off, c.ldb, c.M, c.N,
@@ -338,8 +261,6 @@ void run_gemm_case(const GemmCase& c, std::mt19937& rng, CUstream_st* stream, in
   for (size_t b = first + size_t(c.M) * c.ldo * es; b < o_bytes; ++b)
     ASSERT_EQ(got[b], kOutPoison) << "written past out end";
 }
-
-int64_t round_up16(int64_t v) { return (v + 15) / 16 * 16; }
 
 TEST_F(CudaKernels, GemmMatchesReference) {
   // Sizes from {1, 3, 17, 33, 127, 129, 255, 1000, 1031}: tails of the 128-wide tiles, of the 64-byte
@@ -392,19 +313,16 @@ TEST_F(CudaKernels, GemmExactAtTheKBound) {
   const int64_t M = 2, N = 3, K = lowbit::kMaxGemmS8K;
   std::vector<int8_t> ha(size_t(M * K), int8_t(-128)), hb(size_t(N * K), int8_t(-128));
   const float alpha = 1.0f;
-  DeviceBuffer da(ha.size()), db(hb.size()), dalpha(4), dout(size_t(M * N) * 4);
-  ASSERT_TRUE(da.ok() && db.ok() && dalpha.ok() && dout.ok());
-  CUDA_ASSERT(cudaMemcpy(da.bytes(), ha.data(), ha.size(), cudaMemcpyHostToDevice));
-  CUDA_ASSERT(cudaMemcpy(db.bytes(), hb.data(), hb.size(), cudaMemcpyHostToDevice));
-  CUDA_ASSERT(cudaMemcpy(dalpha.bytes(), &alpha, 4, cudaMemcpyHostToDevice));
-  const Status st = lowbit::cuda::gemm_s8_scaled(reinterpret_cast<const int8_t*>(da.bytes()), K,
-                                                 reinterpret_cast<const int8_t*>(db.bytes()), K, M, N, K,
-                                                 reinterpret_cast<const float*>(dalpha.bytes()), DType::kFloat32,
-                                                 dout.bytes(), N, stream());
+  GemmOperands d(ha.size(), hb.size(), size_t(M * N) * 4);
+  ASSERT_TRUE(d.ok());
+  upload(d, ha, hb, alpha);
+  if (HasFatalFailure()) return;
+  const Status st = lowbit::cuda::gemm_s8_scaled(d.A(), K, d.B(), K, M, N, K, d.alpha_ptr(), DType::kFloat32,
+                                                 d.out.bytes(), N, stream());
   ASSERT_TRUE(st.is_ok()) << st.message;
   CUDA_ASSERT(cudaStreamSynchronize(stream_));
   std::vector<float> got(size_t(M * N)), ref(size_t(M * N));
-  CUDA_ASSERT(cudaMemcpy(got.data(), dout.bytes(), got.size() * 4, cudaMemcpyDeviceToHost));
+  CUDA_ASSERT(cudaMemcpy(got.data(), d.out.bytes(), got.size() * 4, cudaMemcpyDeviceToHost));
   ASSERT_TRUE(lowbit::cpu::gemm_s8_scaled_ref(ha.data(), K, hb.data(), K, M, N, K, &alpha, DType::kFloat32,
                                               ref.data(), N).is_ok());
   for (size_t e = 0; e < got.size(); ++e) {
@@ -424,32 +342,24 @@ TEST_F(CudaKernels, GemmZeroK) {
 }
 
 TEST_F(CudaKernels, GemmEmptyIsNoOp) {
-  DeviceBuffer a(64), b(64), alpha(4), out(256);
-  ASSERT_TRUE(a.ok() && b.ok() && alpha.ok() && out.ok());
+  GemmOperands d(64, 64, 256);
+  ASSERT_TRUE(d.ok());
+  DeviceBuffer& out = d.out;
   CUDA_ASSERT(cudaMemset(out.bytes(), kOutPoison, 256));
-  const auto* pa = reinterpret_cast<const int8_t*>(a.bytes());
-  const auto* pb = reinterpret_cast<const int8_t*>(b.bytes());
-  const auto* pal = reinterpret_cast<const float*>(alpha.bytes());
+  const int8_t *pa = d.A(), *pb = d.B();
+  const float* pal = d.alpha_ptr();
   EXPECT_TRUE(lowbit::cuda::gemm_s8_scaled(pa, 8, pb, 8, 0, 4, 8, pal, DType::kFloat32, out.bytes(), 4, stream()).is_ok());
   EXPECT_TRUE(lowbit::cuda::gemm_s8_scaled(pa, 8, pb, 8, 4, 0, 8, pal, DType::kFloat16, out.bytes(), 0, stream()).is_ok());
-  CUDA_ASSERT(cudaStreamSynchronize(stream_));
-  std::vector<uint8_t> got(256);
-  CUDA_ASSERT(cudaMemcpy(got.data(), out.bytes(), 256, cudaMemcpyDeviceToHost));
-  for (uint8_t v : got) EXPECT_EQ(v, kOutPoison);
+  expect_untouched(out, 256, kOutPoison, stream_);
 }
 
 TEST_F(CudaKernels, GemmRejectsInvalidArguments) {
-  DeviceBuffer a(4096), b(4096), alpha(4), out(4096);
-  ASSERT_TRUE(a.ok() && b.ok() && alpha.ok() && out.ok());
-  const auto* pa = reinterpret_cast<const int8_t*>(a.bytes());
-  const auto* pb = reinterpret_cast<const int8_t*>(b.bytes());
-  const auto* pal = reinterpret_cast<const float*>(alpha.bytes());
-  void* po = out.bytes();
+  GemmOperands d(4096, 4096, 4096);
+  ASSERT_TRUE(d.ok());
+  const int8_t *pa = d.A(), *pb = d.B();
+  const float* pal = d.alpha_ptr();
+  void* po = d.out.bytes();
   using lowbit::cuda::gemm_s8_scaled;
-  auto expect_invalid = [](const Status& s, const char* what) {
-    EXPECT_EQ(s.code, Status::Code::kInvalidArgument) << what;
-    EXPECT_FALSE(s.message.empty()) << what;
-  };
   const DType f = DType::kFloat16;
   expect_invalid(gemm_s8_scaled(nullptr, 8, pb, 8, 4, 4, 8, pal, f, po, 4, stream()), "A null");
   expect_invalid(gemm_s8_scaled(pa, 8, nullptr, 8, 4, 4, 8, pal, f, po, 4, stream()), "B null");
@@ -508,37 +418,15 @@ TEST_F(CudaKernels, PerfReport) {
   DeviceBuffer da(max_ab), db(max_ab), dout(max_out), dalpha(4);
   ASSERT_TRUE(da.ok() && db.ok() && dout.ok() && dalpha.ok());
   {
-    std::vector<uint8_t> h(max_ab);
-    uint64_t st = 0x9E3779B97F4A7C15ull;
-    for (auto& v : h) { st ^= st << 13; st ^= st >> 7; st ^= st << 17; v = uint8_t(st >> 24); }
+    std::vector<uint8_t> h = xorshift_bytes(max_ab);
     CUDA_ASSERT(cudaMemcpy(da.bytes(), h.data(), max_ab, cudaMemcpyHostToDevice));
     std::reverse(h.begin(), h.end());
     CUDA_ASSERT(cudaMemcpy(db.bytes(), h.data(), max_ab, cudaMemcpyHostToDevice));
   }
   const float alpha = 1e-5f;
   CUDA_ASSERT(cudaMemcpy(dalpha.bytes(), &alpha, 4, cudaMemcpyHostToDevice));
-  cudaEvent_t e0, e1;
-  CUDA_ASSERT(cudaEventCreate(&e0));
-  CUDA_ASSERT(cudaEventCreate(&e1));
-  auto median_ms = [&](auto&& launch) -> double {
-    for (int w = 0; w < 2; ++w) {
-      if (!launch().is_ok()) return -1.0;
-    }
-    std::vector<float> ms;
-    for (int r = 0; r < 10; ++r) {
-      cudaEventRecord(e0, stream_);
-      if (!launch().is_ok()) return -1.0;
-      cudaEventRecord(e1, stream_);
-      cudaEventSynchronize(e1);
-      float t = 0.f;
-      cudaEventElapsedTime(&t, e0, e1);
-      ms.push_back(t);
-    }
-    std::sort(ms.begin(), ms.end());
-    return 0.5 * (ms[4] + ms[5]);
-  };
   for (const auto& s : shapes) {
-    const double ms = median_ms([&] {
+    const double ms = median_ms(stream_, [&] {
       return lowbit::cuda::gemm_s8_scaled(reinterpret_cast<const int8_t*>(da.bytes()), s.lda,
                                           reinterpret_cast<const int8_t*>(db.bytes()), s.ldb, s.M, s.N, s.K,
                                           reinterpret_cast<const float*>(dalpha.bytes()), DType::kFloat16,
@@ -561,7 +449,7 @@ TEST_F(CudaKernels, PerfReport) {
     CUDA_ASSERT(cudaMemset(dshift.bytes(), 0, size_t(K) * 4));
     const float scale = 0.02f;
     CUDA_ASSERT(cudaMemcpy(dscale.bytes(), &scale, 4, cudaMemcpyHostToDevice));
-    const double ms = median_ms([&] {
+    const double ms = median_ms(stream_, [&] {
       return lowbit::cuda::quantize_s8(DType::kBFloat16, da.bytes(), M, K, K,
                                        reinterpret_cast<const float*>(dshift.bytes()),
                                        reinterpret_cast<const float*>(dscale.bytes()), -128, 127,
@@ -573,8 +461,6 @@ TEST_F(CudaKernels, PerfReport) {
                 (long long)K, ms, gbs);
     RecordProperty("quantize_bf16_GBps", std::to_string(gbs));
   }
-  cudaEventDestroy(e0);
-  cudaEventDestroy(e1);
   CUDA_ASSERT(cudaGetLastError());
 }
 

@@ -16,6 +16,7 @@
 #include "../../csrc/kernels/cpu/gemm_s8_internal.h"
 #include "lowbit/kernels/float_convert.h"
 #include "lowbit/kernels/gemm_s8.h"
+#include "test_util.h"
 
 namespace {
 
@@ -23,24 +24,13 @@ using lowbit::DType;
 using lowbit::Status;
 using lowbit::float_to_bits;
 using lowbit::cpu::detail::GemmS8Isa;
-
-std::vector<GemmS8Isa> supported_isas() {
-  std::vector<GemmS8Isa> v;
-  for (GemmS8Isa isa : {GemmS8Isa::kScalar, GemmS8Isa::kAvx2, GemmS8Isa::kAvx512bw, GemmS8Isa::kAvx512vnni})
-    if (int32_t(isa) <= int32_t(lowbit::cpu::detail::gemm_s8_best_isa())) v.push_back(isa);
-  return v;
-}
+using namespace lowbit_test;
 
 const char* isa_name(GemmS8Isa isa) { return lowbit::cpu::detail::gemm_s8_isa_name(isa); }
 
-size_t esize(DType t) { return t == DType::kFloat32 ? 4 : 2; }
-
 std::vector<int8_t> random_s8(size_t n, uint32_t seed) {
   std::mt19937 g(seed);
-  std::uniform_int_distribution<int> d(-128, 127);
-  std::vector<int8_t> v(n);
-  for (auto& x : v) x = int8_t(d(g));
-  return v;
+  return random_bytes(n, g);
 }
 
 struct Problem {
@@ -58,7 +48,7 @@ Problem make_problem(int64_t M, int64_t N, int64_t K, int64_t pad, uint32_t seed
 // Runs `isa` and the reference on p into buffers pre-filled with a sentinel, compares them byte for byte
 // (padding columns included, so writes outside the (M, N) window are caught too).
 void expect_isa_matches_ref(GemmS8Isa isa, const Problem& p, float alpha, DType ot, int nthreads = 0) {
-  const size_t bytes = size_t(std::max<int64_t>(p.M * p.ldo, 1)) * esize(ot);
+  const size_t bytes = size_t(std::max<int64_t>(p.M * p.ldo, 1)) * dtype_size(ot);
   std::vector<uint8_t> got(bytes, 0xA5), want(bytes, 0xA5);
   Status s = lowbit::cpu::detail::gemm_s8_scaled_isa(isa, p.A.data(), p.lda, p.B.data(), p.ldb, p.M, p.N, p.K,
                                                      &alpha, ot, got.data(), p.ldo, nthreads);
@@ -69,7 +59,7 @@ void expect_isa_matches_ref(GemmS8Isa isa, const Problem& p, float alpha, DType 
   if (std::memcmp(got.data(), want.data(), bytes) != 0) {
     for (size_t b = 0; b < bytes; ++b)
       if (got[b] != want[b]) {
-        const int64_t e = int64_t(b / esize(ot));
+        const int64_t e = int64_t(b / dtype_size(ot));
         FAIL() << isa_name(isa) << " " << lowbit::dtype_name(ot) << " M=" << p.M << " N=" << p.N << " K=" << p.K
                << " threads=" << nthreads << ": first mismatch at row " << e / p.ldo << " col " << e % p.ldo;
       }
@@ -252,11 +242,6 @@ TEST(GemmS8, ZeroSizes) {
   std::vector<int32_t> C(6, 9);
   ASSERT_TRUE(lowbit::cpu::gemm_s8s8s32_ref(nullptr, 0, nullptr, 0, 2, 3, 0, C.data(), 3).is_ok());
   for (int32_t v : C) EXPECT_EQ(v, 0);
-}
-
-void expect_invalid(const Status& s, const char* what) {
-  EXPECT_EQ(s.code, Status::Code::kInvalidArgument) << what;
-  EXPECT_FALSE(s.message.empty()) << what;
 }
 
 TEST(GemmS8, InvalidArguments) {

@@ -20,6 +20,7 @@
 #include "../../csrc/kernels/cpu/gemm_s8_internal.h"
 #include "lowbit/kernels/float_convert.h"
 #include "lowbit/kernels/gemm_s8.h"
+#include "test_util.h"
 
 namespace {
 
@@ -27,13 +28,7 @@ using lowbit::DType;
 using lowbit::Status;
 using lowbit::cpu::detail::GemmS8BatchSplit;
 using lowbit::cpu::detail::GemmS8Isa;
-
-std::vector<GemmS8Isa> supported_isas() {
-  std::vector<GemmS8Isa> v;
-  for (GemmS8Isa isa : {GemmS8Isa::kScalar, GemmS8Isa::kAvx2, GemmS8Isa::kAvx512bw, GemmS8Isa::kAvx512vnni})
-    if (int32_t(isa) <= int32_t(lowbit::cpu::detail::gemm_s8_best_isa())) v.push_back(isa);
-  return v;
-}
+using namespace lowbit_test;
 
 const char* split_name(GemmS8BatchSplit s) {
   switch (s) {
@@ -43,8 +38,6 @@ const char* split_name(GemmS8BatchSplit s) {
   }
   return "?";
 }
-
-size_t esize(DType t) { return t == DType::kFloat32 ? 4 : 2; }
 
 constexpr uint8_t kSentinel = 0xA5;
 
@@ -90,13 +83,11 @@ Batched make_batched(int64_t M, int64_t N, int64_t K, int64_t batch, int layout,
     default: break;
   }
   std::mt19937 g(seed);
-  std::uniform_int_distribution<int> d(-128, 127);
   const int64_t last = batch > 0 ? batch - 1 : 0;
-  p.A.resize(size_t(std::max<int64_t>(last * p.sA + M * p.lda, 1)));
-  p.B.resize(size_t(std::max<int64_t>(last * p.sB + N * p.ldb, 1)));
-  for (auto& v : p.A) v = int8_t(d(g));  // row padding and gaps too: garbage that must not leak in
-  for (auto& v : p.B) v = int8_t(d(g));
-  p.out_bytes = size_t(std::max<int64_t>(last * p.sO + M * p.ldo, 1)) * esize(ot);
+  // Row padding and gaps too: garbage that must not leak in.
+  p.A = random_bytes(size_t(std::max<int64_t>(last * p.sA + M * p.lda, 1)), g);
+  p.B = random_bytes(size_t(std::max<int64_t>(last * p.sB + N * p.ldb, 1)), g);
+  p.out_bytes = size_t(std::max<int64_t>(last * p.sO + M * p.ldo, 1)) * dtype_size(ot);
   return p;
 }
 
@@ -106,7 +97,7 @@ std::vector<uint8_t> per_batch_ref(const Batched& p) {
   for (int64_t b = 0; b < p.batch; ++b) {
     const Status s = lowbit::cpu::gemm_s8_scaled_ref(p.A.data() + b * p.sA, p.lda, p.B.data() + b * p.sB, p.ldb, p.M,
                                                      p.N, p.K, &p.alpha, p.otype,
-                                                     want.data() + size_t(b * p.sO) * esize(p.otype), p.ldo);
+                                                     want.data() + size_t(b * p.sO) * dtype_size(p.otype), p.ldo);
     EXPECT_TRUE(s.is_ok()) << s.message;
   }
   return want;
@@ -118,7 +109,7 @@ void expect_same_bytes(const std::vector<uint8_t>& got, const std::vector<uint8_
   if (std::memcmp(got.data(), want.data(), got.size()) == 0) return;
   for (size_t i = 0; i < got.size(); ++i)
     if (got[i] != want[i]) {
-      const int64_t e = int64_t(i / esize(p.otype));
+      const int64_t e = int64_t(i / dtype_size(p.otype));
       FAIL() << what << " " << p.str() << ": first mismatch at element " << e << " (byte " << i << "), got 0x"
              << std::hex << int(got[i]) << " want 0x" << int(want[i])
              << (want[i] == kSentinel ? " (outside every output window)" : "");
@@ -209,7 +200,7 @@ TEST(GemmS8Batched, ZeroK) {
   const float alpha = -2.0f;
   const int64_t M = 3, N = 4, batch = 5, ldo = N + 1, sO = M * ldo + 2;
   for (DType ot : {DType::kFloat32, DType::kFloat16, DType::kBFloat16}) {
-    const size_t bytes = size_t((batch - 1) * sO + M * ldo) * esize(ot);
+    const size_t bytes = size_t((batch - 1) * sO + M * ldo) * dtype_size(ot);
     std::vector<uint8_t> got(bytes, kSentinel), want(bytes, kSentinel);
     ASSERT_TRUE(lowbit::cpu::gemm_s8_scaled_batched(nullptr, 0, 0, nullptr, 0, 0, M, N, 0, batch, &alpha, ot,
                                                     got.data(), ldo, sO)
@@ -217,7 +208,7 @@ TEST(GemmS8Batched, ZeroK) {
     for (int64_t b = 0; b < batch; ++b)
       for (int64_t i = 0; i < M; ++i)
         for (int64_t j = 0; j < N; ++j) {
-          const size_t at = size_t(b * sO + i * ldo + j) * esize(ot);
+          const size_t at = size_t(b * sO + i * ldo + j) * dtype_size(ot);
           if (ot == DType::kFloat32) {
             const float v = -0.0f;
             std::memcpy(&want[at], &v, 4);
@@ -254,12 +245,6 @@ TEST(GemmS8Batched, EmptyIsNoOp) {
   ASSERT_TRUE(
       lowbit::cpu::gemm_s8_scaled_ref(A.data(), 4, B.data(), 4, 4, 4, 4, &one, DType::kFloat32, o2.data(), 4).is_ok());
   EXPECT_TRUE(o1 == o2);
-}
-
-void expect_invalid(const Status& s, const char* what, const char* needle = nullptr) {
-  EXPECT_EQ(s.code, Status::Code::kInvalidArgument) << what;
-  EXPECT_FALSE(s.message.empty()) << what;
-  if (needle != nullptr) EXPECT_NE(s.message.find(needle), std::string::npos) << what << ": " << s.message;
 }
 
 TEST(GemmS8Batched, InvalidArguments) {

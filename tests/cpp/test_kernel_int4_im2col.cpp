@@ -19,20 +19,15 @@
 
 #include "lowbit/kernels/im2col.h"
 #include "lowbit/kernels/pack_int4.h"
+#include "test_util.h"
 
 namespace {
 
 using lowbit::Conv2dShape;
 using lowbit::Status;
 using lowbit::packed_s4_cols;
-
-void expect_invalid(const Status& s, const std::string& what, const std::string& mention = "") {
-  EXPECT_EQ(s.code, Status::Code::kInvalidArgument) << what;
-  EXPECT_FALSE(s.message.empty()) << what;
-  if (!mention.empty()) {
-    EXPECT_NE(s.message.find(mention), std::string::npos) << what << ": " << s.message;
-  }
-}
+using lowbit_test::expect_invalid;
+using lowbit_test::random_bytes;
 
 // ---------------------------------------------------------------------------------------------------
 // pack_s4 / unpack_s4
@@ -209,13 +204,6 @@ int64_t out_size(int64_t in, int64_t k, int64_t stride, int64_t pad, int64_t dil
   return n;
 }
 
-std::vector<int8_t> random_codes(size_t n, std::mt19937& rng) {
-  std::uniform_int_distribution<int> d(-128, 127);
-  std::vector<int8_t> v(n);
-  for (auto& x : v) x = int8_t(d(rng));
-  return v;
-}
-
 // Checks one (shape, group): direct convolution vs cols . W^T with O random filters, cols fully
 // written and nothing past it.
 void check_conv(const ConvCase& c, std::mt19937& rng) {
@@ -227,8 +215,8 @@ void check_conv(const ConvCase& c, std::mt19937& rng) {
   ASSERT_EQ(Ho, s.out_h());
   ASSERT_EQ(Wo, s.out_w());
   const int64_t O = 5, L = s.kh * s.kw * c.Cg, rows = s.N * Ho * Wo;
-  const std::vector<int8_t> x = random_codes(size_t(s.N * s.H * s.W * s.C), rng);
-  const std::vector<int8_t> w = random_codes(size_t(O * L), rng);  // OHWI: (o, a, b, c)
+  const std::vector<int8_t> x = random_bytes(size_t(s.N * s.H * s.W * s.C), rng);
+  const std::vector<int8_t> w = random_bytes(size_t(O * L), rng);  // OHWI: (o, a, b, c)
 
   // Direct convolution over the group's channels.
   std::vector<int64_t> want(size_t(rows * O), 0);
@@ -313,8 +301,8 @@ TEST(Im2colS8, GroupedConvolution) {
   const Conv2dShape s{2, 7, 8, 9, 3, 2, 2, 1, 1, 1, 1, 2};
   const int64_t G = 3, Cg = s.C / G, Og = 2, Ho = s.out_h(), Wo = s.out_w(), L = s.kh * s.kw * Cg;
   std::mt19937 rng(5);
-  const std::vector<int8_t> x = random_codes(size_t(s.N * s.H * s.W * s.C), rng);
-  const std::vector<int8_t> w = random_codes(size_t(G * Og * L), rng);  // (g, o, a, b, c)
+  const std::vector<int8_t> x = random_bytes(size_t(s.N * s.H * s.W * s.C), rng);
+  const std::vector<int8_t> w = random_bytes(size_t(G * Og * L), rng);  // (g, o, a, b, c)
   const int64_t rows = s.N * Ho * Wo;
   std::vector<int8_t> cols(size_t(rows * L));
   for (int64_t g = 0; g < G; ++g) {
@@ -344,7 +332,7 @@ TEST(Im2colS8, GroupedConvolution) {
 TEST(Im2colS8, PointwiseIsTheInput) {
   const Conv2dShape s{3, 5, 6, 7, 1, 1, 1, 1, 0, 0, 1, 1};
   std::mt19937 rng(9);
-  const std::vector<int8_t> x = random_codes(size_t(s.N * s.H * s.W * s.C), rng);
+  const std::vector<int8_t> x = random_bytes(size_t(s.N * s.H * s.W * s.C), rng);
   std::vector<int8_t> cols(x.size(), 0);
   ASSERT_TRUE(lowbit::cpu::im2col_s8_nhwc(x.data(), s, 0, s.C, cols.data()).is_ok());
   EXPECT_EQ(cols, x);

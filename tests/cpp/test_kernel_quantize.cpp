@@ -15,6 +15,7 @@
 #include "../../csrc/kernels/cpu/quantize_internal.h"
 #include "lowbit/kernels/float_convert.h"
 #include "lowbit/kernels/quantize.h"
+#include "test_util.h"
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -30,6 +31,7 @@ using lowbit::float_to_bits;
 using lowbit::float_to_half;
 using lowbit::half_to_float;
 using lowbit::Status;
+using lowbit_test::expect_invalid;
 
 const float kInf = std::numeric_limits<float>::infinity();
 const float kNaN = std::numeric_limits<float>::quiet_NaN();
@@ -221,12 +223,6 @@ TEST(QuantizeS8, EmptyIsNoOp) {
   EXPECT_TRUE(lowbit::cpu::quantize_s8(DType::kFloat32, x, 4, 0, 0, nullptr, &scale, -128, 127, q.data()).is_ok());
   EXPECT_TRUE(lowbit::cpu::quantize_s8_ref(DType::kFloat32, nullptr, 0, 4, 4, nullptr, nullptr, -128, 127, nullptr).is_ok());
   for (int8_t v : q) EXPECT_EQ(v, 42);
-}
-
-void expect_invalid(const Status& s, const char* what, const char* needle) {
-  EXPECT_EQ(s.code, Status::Code::kInvalidArgument) << what;
-  EXPECT_FALSE(s.message.empty()) << what;
-  EXPECT_NE(s.message.find(needle), std::string::npos) << what << ": " << s.message;
 }
 
 TEST(QuantizeS8, InvalidArguments) {

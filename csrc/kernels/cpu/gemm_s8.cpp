@@ -10,11 +10,11 @@
 #include <omp.h>
 
 #include <cmath>
-#include <limits>
 #include <memory>
 #include <new>
 #include <string>
 
+#include "../validate.h"
 #include "gemm_s8_internal.h"
 #include "lowbit/kernels/float_convert.h"
 
@@ -23,37 +23,11 @@ namespace cpu {
 namespace detail {
 namespace {
 
-std::string fmt_err(const char* fn, const char* what, int64_t got) {
-  return std::string(fn) + ": " + what + ", got " + std::to_string(got);
-}
-
-bool valid_dtype(DType t) {
-  const int32_t v = static_cast<int32_t>(t);
-  return v >= 0 && v <= 2;
-}
-
-// ld rules: a stride must cover its row whenever the matrix has rows, and is never negative.
-Status check_ld(const char* fn, const char* name, int64_t ld, int64_t rows, int64_t row_len,
-                const char* row_len_name) {
-  if (ld < 0) return Status::invalid(fmt_err(fn, (std::string(name) + " must be >= 0").c_str(), ld));
-  if (rows > 0 && ld < row_len)
-    return Status::invalid(fmt_err(
-        fn, (std::string(name) + " must be >= " + row_len_name + " (" + std::to_string(row_len) + ")").c_str(),
-        ld));
-  return Status::ok();
-}
-
+// The shape rules (validate::gemm_shape) and the pointers of A and B, which are read whenever their
+// matrix has elements.
 Status check_gemm_common(const char* fn, const int8_t* A, int64_t lda, const int8_t* B, int64_t ldb, int64_t M,
                          int64_t N, int64_t K) {
-  if (M < 0) return Status::invalid(fmt_err(fn, "M must be >= 0", M));
-  if (N < 0) return Status::invalid(fmt_err(fn, "N must be >= 0", N));
-  if (K < 0) return Status::invalid(fmt_err(fn, "K must be >= 0", K));
-  if (K > kMaxGemmS8K)
-    return Status::invalid(
-        fmt_err(fn, ("K must be <= kMaxGemmS8K (" + std::to_string(kMaxGemmS8K) + ")").c_str(), K));
-  Status s = check_ld(fn, "lda", lda, M, K, "K");
-  if (!s.is_ok()) return s;
-  s = check_ld(fn, "ldb", ldb, N, K, "K");
+  Status s = validate::gemm_shape(fn, lda, ldb, M, N, K);
   if (!s.is_ok()) return s;
   if (A == nullptr && M > 0 && K > 0) return Status::invalid(std::string(fn) + ": A is null but M*K > 0");
   if (B == nullptr && N > 0 && K > 0) return Status::invalid(std::string(fn) + ": B is null but N*K > 0");
@@ -64,9 +38,9 @@ Status check_scaled(const char* fn, const int8_t* A, int64_t lda, const int8_t* 
                     int64_t N, int64_t K, const float* alpha, DType otype, const void* out, int64_t ldo) {
   Status s = check_gemm_common(fn, A, lda, B, ldb, M, N, K);
   if (!s.is_ok()) return s;
-  if (!valid_dtype(otype))
-    return Status::invalid(fmt_err(fn, "otype must be float32, float16 or bfloat16", static_cast<int32_t>(otype)));
-  s = check_ld(fn, "ldo", ldo, M, N, "N");
+  s = validate::gemm_otype(fn, otype);
+  if (!s.is_ok()) return s;
+  s = validate::gemm_ld(fn, "ldo", ldo, M, N, "N");
   if (!s.is_ok()) return s;
   if (M > 0 && N > 0) {
     if (out == nullptr) return Status::invalid(std::string(fn) + ": out is null but M*N > 0");
@@ -82,26 +56,8 @@ Status check_scaled(const char* fn, const int8_t* A, int64_t lda, const int8_t* 
 Status check_batched(const char* fn, const int8_t* A, int64_t lda, int64_t strideA, const int8_t* B, int64_t ldb,
                      int64_t strideB, int64_t M, int64_t N, int64_t K, int64_t batch, const float* alpha,
                      DType otype, const void* out, int64_t ldo, int64_t strideO) {
-  if (batch < 0) return Status::invalid(fmt_err(fn, "batch must be >= 0", batch));
-  if (strideA < 0) return Status::invalid(fmt_err(fn, "strideA must be >= 0", strideA));
-  if (strideB < 0) return Status::invalid(fmt_err(fn, "strideB must be >= 0", strideB));
-  if (strideO < 0) return Status::invalid(fmt_err(fn, "strideO must be >= 0", strideO));
-  // strideO == 0 would make every batch write the same outputs: a race on CUDA, and the last batch
-  // winning here. Broadcasting is for inputs only.
-  if (batch > 1 && M > 0 && N > 0 && strideO == 0)
-    return Status::invalid(std::string(fn) + ": strideO must be > 0 when batch > 1 (batch = " +
-                           std::to_string(batch) + "): batches would overwrite one output");
-  // The last batch's base is ptr + (batch - 1) * stride (bytes for out: * element size); keep it in int64.
-  if (batch > 1) {
-    const int64_t last = batch - 1, big = std::numeric_limits<int64_t>::max();
-    const int64_t osize = otype == DType::kFloat32 ? 4 : 2;
-    if (strideA > big / last)
-      return Status::invalid(fmt_err(fn, "(batch - 1) * strideA overflows int64, strideA", strideA));
-    if (strideB > big / last)
-      return Status::invalid(fmt_err(fn, "(batch - 1) * strideB overflows int64, strideB", strideB));
-    if (strideO > big / last / osize)
-      return Status::invalid(fmt_err(fn, "(batch - 1) * strideO bytes overflow int64, strideO", strideO));
-  }
+  Status s = validate::gemm_batch(fn, strideA, strideB, M, N, batch, otype, strideO);
+  if (!s.is_ok()) return s;
   if (batch == 0) {
     // Nothing is read or written, so pointers may be null; the shape rules still apply. Stand-ins that
     // pass the pointer checks of check_scaled (it dereferences only alpha).
@@ -306,7 +262,7 @@ Status gemm_s8s8s32_ref(const int8_t* A, int64_t lda, const int8_t* B, int64_t l
   const char* fn = "gemm_s8s8s32_ref";
   Status s = detail::check_gemm_common(fn, A, lda, B, ldb, M, N, K);
   if (!s.is_ok()) return s;
-  s = detail::check_ld(fn, "ldc", ldc, M, N, "N");
+  s = validate::gemm_ld(fn, "ldc", ldc, M, N, "N");
   if (!s.is_ok()) return s;
   if (C == nullptr && M > 0 && N > 0) return Status::invalid(std::string(fn) + ": C is null but M*N > 0");
   for (int64_t i = 0; i < M; ++i)

@@ -18,8 +18,9 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <limits>
 #include <string>
+
+#include "../validate.h"
 
 namespace lowbit {
 namespace cpu {
@@ -27,29 +28,6 @@ namespace {
 
 constexpr int64_t kParallelMinBytes = 1 << 18;  // below this much traffic a parallel region costs more than it saves
 constexpr int64_t kBlockBytes = 1 << 18;        // codes checked-then-packed per thread per block (fits L2)
-
-std::string err(const char* fn, const std::string& what) { return std::string(fn) + ": " + what; }
-
-// Shared argument checks. `ld` is the row stride of the strided side (codes for pack, packed for unpack),
-// `ld_min` its smallest legal value (`ld_rule` says what that is), `ld_name` its name in messages.
-Status check(const char* fn, const void* in, const char* in_name, int64_t rows, int64_t K, int64_t ld,
-             const char* ld_name, int64_t ld_min, const char* ld_rule, const void* out, const char* out_name) {
-  if (rows < 0) return Status::invalid(err(fn, "rows must be >= 0, got " + std::to_string(rows)));
-  if (K < 0) return Status::invalid(err(fn, "K must be >= 0, got " + std::to_string(K)));
-  if (ld < 0) return Status::invalid(err(fn, std::string(ld_name) + " must be >= 0, got " + std::to_string(ld)));
-  if (rows > 0 && ld < ld_min)
-    return Status::invalid(err(fn, std::string(ld_name) + " must be >= " + std::to_string(ld_min) + " (" + ld_rule +
-                                       "), got " + std::to_string(ld)));
-  if (rows == 0 || K == 0) return Status::ok();  // nothing is read or written: null pointers are fine
-  if (in == nullptr) return Status::invalid(err(fn, std::string(in_name) + " is null but rows*K > 0"));
-  if (out == nullptr) return Status::invalid(err(fn, std::string(out_name) + " is null but rows*K > 0"));
-  // Every address formed is below rows * max(ld, K): make sure that fits int64.
-  if (rows > std::numeric_limits<int64_t>::max() / std::max(ld, K))
-    return Status::invalid(err(fn, "rows * max(K, " + std::string(ld_name) + ") overflows int64 (rows=" +
-                                       std::to_string(rows) + ", K=" + std::to_string(K) + ", " + ld_name + "=" +
-                                       std::to_string(ld) + ")"));
-  return Status::ok();
-}
 
 int threads_for(int64_t bytes) { return bytes < kParallelMinBytes ? 1 : omp_get_max_threads(); }
 
@@ -86,7 +64,7 @@ inline void unpack_row(const int8_t* p, int64_t K, int8_t* c) {
 
 Status pack_s4(const int8_t* codes, int64_t rows, int64_t K, int64_t ldc, int8_t* packed) {
   const char* fn = "lowbit::cpu::pack_s4";
-  Status s = check(fn, codes, "codes", rows, K, ldc, "ldc", K, "K", packed, "packed");
+  Status s = validate::pack_unpack_s4(fn, codes, "codes", rows, K, ldc, "ldc", K, "K", packed, "packed");
   if (!s.is_ok() || rows == 0 || K == 0) return s;
 
   const int64_t pc = packed_s4_cols(K);
@@ -105,7 +83,7 @@ Status pack_s4(const int8_t* codes, int64_t rows, int64_t K, int64_t ldc, int8_t
       int64_t k = 0;
       while (k < K && c[k] >= -8 && c[k] <= 7) ++k;  // row_in_range said there is one
       const std::string row = std::to_string(first_bad);
-      return Status::invalid(err(fn, "code " + std::to_string(int(c[k])) + " at row " + row + ", col " +
+      return Status::invalid(validate::err(fn, "code " + std::to_string(int(c[k])) + " at row " + row + ", col " +
                                          std::to_string(k) + " is outside the int4 range [-8, 7] (rows before " +
                                          row + " are packed, the rest are not written)"));
     }
@@ -115,7 +93,8 @@ Status pack_s4(const int8_t* codes, int64_t rows, int64_t K, int64_t ldc, int8_t
 
 Status unpack_s4(const int8_t* packed, int64_t rows, int64_t K, int64_t ldp, int8_t* codes) {
   const char* fn = "lowbit::cpu::unpack_s4";
-  Status s = check(fn, packed, "packed", rows, K, ldp, "ldp", packed_s4_cols(K), "ceil(K/2)", codes, "codes");
+  Status s = validate::pack_unpack_s4(fn, packed, "packed", rows, K, ldp, "ldp", packed_s4_cols(K), "ceil(K/2)",
+                                      codes, "codes");
   if (!s.is_ok() || rows == 0 || K == 0) return s;
 
   const int nt = threads_for(rows * K);

@@ -16,6 +16,7 @@
 #include <cmath>
 #include <string>
 
+#include "../validate.h"
 #include "lowbit/kernels/float_convert.h"
 #include "quantize_internal.h"
 
@@ -27,29 +28,13 @@ namespace {
 constexpr int64_t kChunk = 8192;            // columns per work unit
 constexpr int64_t kParallelMinElems = 1 << 16;  // below this a parallel region costs more than it saves
 
-std::string err(const char* fn, const std::string& what) { return std::string(fn) + ": " + what; }
-
+// validate::quantize_s8, then the value of *scale (host memory here).
 Status check(const char* fn, DType xtype, const void* x, int64_t M, int64_t K, int64_t ldx, const float* scale,
              int32_t qmin, int32_t qmax, const int8_t* q) {
-  const int32_t xt = static_cast<int32_t>(xtype);
-  if (xt < 0 || xt > 2)
-    return Status::invalid(err(fn, "xtype must be float32, float16 or bfloat16, got " + std::to_string(xt)));
-  if (M < 0) return Status::invalid(err(fn, "M must be >= 0, got " + std::to_string(M)));
-  if (K < 0) return Status::invalid(err(fn, "K must be >= 0, got " + std::to_string(K)));
-  if (ldx < 0) return Status::invalid(err(fn, "ldx must be >= 0, got " + std::to_string(ldx)));
-  if (M > 0 && ldx < K)
-    return Status::invalid(err(fn, "ldx must be >= K (" + std::to_string(K) + "), got " + std::to_string(ldx)));
-  if (qmin < -128) return Status::invalid(err(fn, "qmin must be >= -128, got " + std::to_string(qmin)));
-  if (qmax > 127) return Status::invalid(err(fn, "qmax must be <= 127, got " + std::to_string(qmax)));
-  if (qmin > qmax)
-    return Status::invalid(
-        err(fn, "qmin must be <= qmax, got qmin=" + std::to_string(qmin) + " qmax=" + std::to_string(qmax)));
-  if (M == 0 || K == 0) return Status::ok();
-  if (x == nullptr) return Status::invalid(err(fn, "x is null but M*K > 0"));
-  if (q == nullptr) return Status::invalid(err(fn, "q is null but M*K > 0"));
-  if (scale == nullptr) return Status::invalid(err(fn, "scale is null"));
+  Status s = validate::quantize_s8(fn, xtype, x, M, K, ldx, scale, qmin, qmax, q);
+  if (!s.is_ok() || M == 0 || K == 0) return s;
   if (!std::isfinite(*scale) || !(*scale > 0.0f))
-    return Status::invalid(err(fn, "*scale must be finite and > 0, got " + std::to_string(*scale)));
+    return Status::invalid(validate::err(fn, "*scale must be finite and > 0, got " + std::to_string(*scale)));
   return Status::ok();
 }
 
@@ -119,7 +104,7 @@ Status quantize_s8_path(bool use_avx512, DType xtype, const void* x, int64_t M, 
   if (!s.is_ok()) return s;
   if (M == 0 || K == 0) return Status::ok();
   if (use_avx512 && !quantize_avx512_supported())
-    return Status::invalid(err(fn, "AVX-512 path requested but not supported by this CPU"));
+    return Status::invalid(validate::err(fn, "AVX-512 path requested but not supported by this CPU"));
 
   const QuantizeArgs a{xtype, x, M, K, ldx, shift, *scale, qmin, qmax, q};
   const int64_t chunks = (K + kChunk - 1) / kChunk;

@@ -73,6 +73,8 @@
 #include <string>
 #include <type_traits>
 
+#include "../validate.h"
+
 namespace lowbit {
 namespace cuda {
 namespace {
@@ -392,7 +394,7 @@ __global__ void __launch_bounds__(256) fill_k0_kernel(int64_t batch, int64_t M, 
 // gridDim.y / gridDim.z are limited to 65535: batches beyond that go to further launches.
 constexpr int64_t kMaxBatchPerLaunch = 65535;
 
-// One validated call; `fn` is the public name it arrived through (for messages).
+// One validated call; `fn` is the public name it arrived through (for messages, without the ": ").
 struct GemmArgs {
   const char* fn;
   const int8_t* A;
@@ -409,7 +411,7 @@ struct GemmArgs {
 Status launch_error(const char* fn, const char* what) {
   const cudaError_t err = cudaGetLastError();
   if (err == cudaSuccess) return Status::ok();
-  return Status::device(std::string(fn) + what + ": " + cudaGetErrorString(err));
+  return Status::device(validate::err(fn, std::string(what) + ": " + cudaGetErrorString(err)));
 }
 
 // Raise the kernel's dynamic shared-memory limit to kSmemBytes, once per (kernel, device). The flag
@@ -422,7 +424,7 @@ Status allow_smem(const char* fn, int device) {
                                                cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   if (err != cudaSuccess) {
     cudaGetLastError();  // clear it: the error is returned, not left for the next caller
-    return Status::device(std::string(fn) + "cudaFuncSetAttribute(MaxDynamicSharedMemorySize=" +
+    return Status::device(std::string(fn) + ": cudaFuncSetAttribute(MaxDynamicSharedMemorySize=" +
                           std::to_string(kSmemBytes) + ") failed: " + cudaGetErrorString(err));
   }
   if (device >= 0 && device < 64) done[device].store(true, std::memory_order_release);
@@ -433,7 +435,7 @@ template <typename OutT, bool kAsyncA, bool kAsyncB>
 Status launch_gemm(const GemmArgs& g) {
   int device = 0;
   const cudaError_t err = cudaGetDevice(&device);
-  if (err != cudaSuccess) return Status::device(std::string(g.fn) + "cudaGetDevice failed: " + cudaGetErrorString(err));
+  if (err != cudaSuccess) return Status::device(std::string(g.fn) + ": cudaGetDevice failed: " + cudaGetErrorString(err));
   Status st = allow_smem<OutT, kAsyncA, kAsyncB>(g.fn, device);
   if (!st.is_ok()) return st;
   const int64_t tiles_m = (g.M + kBM - 1) / kBM;
@@ -479,49 +481,18 @@ Status launch_fill(const GemmArgs& g) {
 }
 
 // Validation shared by both entry points, then the launch. gemm_s8_scaled arrives here with batch == 1
-// and zero strides, which every batch rule accepts, so its behaviour and messages are as before.
+// and zero strides, which every batch rule accepts, so its behaviour and messages are as before. The
+// argument rules are the CPU's (csrc/kernels/validate.h); the pointers are checked only when there is
+// output, and alpha stays on the device (no host read).
 Status run(GemmArgs g, DType otype) {
-  const std::string fn = g.fn;
+  const std::string fn = std::string(g.fn) + ": ";
   auto num = [](int64_t v) { return std::to_string(v); };
   const int64_t M = g.M, N = g.N, K = g.K, batch = g.batch;
-  if (otype != DType::kFloat32 && otype != DType::kFloat16 && otype != DType::kBFloat16)
-    return Status::invalid(fn + "otype must be float32, float16 or bfloat16, got code " +
-                           std::to_string(static_cast<int32_t>(otype)));
-  if (M < 0) return Status::invalid(fn + "M must be >= 0, got " + num(M));
-  if (N < 0) return Status::invalid(fn + "N must be >= 0, got " + num(N));
-  if (K < 0) return Status::invalid(fn + "K must be >= 0, got " + num(K));
-  if (K > kMaxGemmS8K)
-    return Status::invalid(fn + "K must be <= kMaxGemmS8K (" + num(kMaxGemmS8K) + ") so int32 cannot overflow, got " +
-                           num(K));
-  // Stride rules as on the CPU: never negative, and covering the row whenever the matrix has rows.
-  if (g.lda < 0 || (M > 0 && g.lda < K))
-    return Status::invalid(fn + "lda must be >= 0 and >= K (" + num(K) + ") when M > 0, got " + num(g.lda));
-  if (g.ldb < 0 || (N > 0 && g.ldb < K))
-    return Status::invalid(fn + "ldb must be >= 0 and >= K (" + num(K) + ") when N > 0, got " + num(g.ldb));
-  if (g.ldo < 0 || (M > 0 && g.ldo < N))
-    return Status::invalid(fn + "ldo must be >= 0 and >= N (" + num(N) + ") when M > 0, got " + num(g.ldo));
-  if (batch < 0) return Status::invalid(fn + "batch must be >= 0, got " + num(batch));
-  if (g.strideA < 0) return Status::invalid(fn + "strideA must be >= 0, got " + num(g.strideA));
-  if (g.strideB < 0) return Status::invalid(fn + "strideB must be >= 0, got " + num(g.strideB));
-  if (g.strideO < 0) return Status::invalid(fn + "strideO must be >= 0, got " + num(g.strideO));
-  // Every batch writing the same outputs would be a write race between CTAs: broadcast is for inputs.
-  if (batch > 1 && M > 0 && N > 0 && g.strideO == 0)
-    return Status::invalid(fn + "strideO must be > 0 when batch > 1 (batch = " + num(batch) +
-                           "): batches would overwrite one output");
-  if (batch > 1) {
-    // The last batch's base is p + (batch - 1) * stride, formed in int64 on host and device.
-    const int64_t last = batch - 1, big = std::numeric_limits<int64_t>::max();
-    const int64_t osize = otype == DType::kFloat32 ? 4 : 2;
-    if (g.strideA > big / last)
-      return Status::invalid(fn + "(batch - 1) * strideA overflows int64 (batch = " + num(batch) + ", strideA = " +
-                             num(g.strideA) + ")");
-    if (g.strideB > big / last)
-      return Status::invalid(fn + "(batch - 1) * strideB overflows int64 (batch = " + num(batch) + ", strideB = " +
-                             num(g.strideB) + ")");
-    if (g.strideO > big / last / osize)
-      return Status::invalid(fn + "(batch - 1) * strideO bytes overflow int64 (batch = " + num(batch) +
-                             ", strideO = " + num(g.strideO) + ")");
-  }
+  Status st = validate::gemm_otype(g.fn, otype);
+  if (st.is_ok()) st = validate::gemm_shape(g.fn, g.lda, g.ldb, M, N, K);
+  if (st.is_ok()) st = validate::gemm_ld(g.fn, "ldo", g.ldo, M, N, "N");
+  if (st.is_ok()) st = validate::gemm_batch(g.fn, g.strideA, g.strideB, M, N, batch, otype, g.strideO);
+  if (!st.is_ok()) return st;
   if (batch == 0 || M == 0 || N == 0) return Status::ok();  // empty output: no launch
   if (g.alpha == nullptr) return Status::invalid(fn + "alpha must not be null");
   if (g.out == nullptr) return Status::invalid(fn + "out must not be null");
@@ -554,7 +525,7 @@ Status run(GemmArgs g, DType otype) {
 
 Status gemm_s8_scaled(const int8_t* A, int64_t lda, const int8_t* B, int64_t ldb, int64_t M, int64_t N,
                       int64_t K, const float* alpha, DType otype, void* out, int64_t ldo, CUstream_st* stream) {
-  return run({"lowbit::cuda::gemm_s8_scaled: ", A, lda, 0, B, ldb, 0, M, N, K, 1, alpha, out, ldo, 0,
+  return run({"lowbit::cuda::gemm_s8_scaled", A, lda, 0, B, ldb, 0, M, N, K, 1, alpha, out, ldo, 0,
               reinterpret_cast<cudaStream_t>(stream)},
              otype);
 }
@@ -562,7 +533,7 @@ Status gemm_s8_scaled(const int8_t* A, int64_t lda, const int8_t* B, int64_t ldb
 Status gemm_s8_scaled_batched(const int8_t* A, int64_t lda, int64_t strideA, const int8_t* B, int64_t ldb,
                               int64_t strideB, int64_t M, int64_t N, int64_t K, int64_t batch, const float* alpha,
                               DType otype, void* out, int64_t ldo, int64_t strideO, CUstream_st* stream) {
-  return run({"lowbit::cuda::gemm_s8_scaled_batched: ", A, lda, strideA, B, ldb, strideB, M, N, K, batch, alpha,
+  return run({"lowbit::cuda::gemm_s8_scaled_batched", A, lda, strideA, B, ldb, strideB, M, N, K, batch, alpha,
               out, ldo, strideO, reinterpret_cast<cudaStream_t>(stream)},
              otype);
 }

@@ -8,8 +8,8 @@
 //
 // Decoding a flat index takes five divisions; 64-bit integer division is a long instruction sequence on
 // the GPU, so when every index the kernel forms fits comfortably in int32 (the common case) the same
-// kernel is instantiated with int32 arithmetic; otherwise int64. The host side validates exactly as the
-// CPU entry point does and launches nothing for an invalid shape.
+// kernel is instantiated with int32 arithmetic; otherwise int64. The host side validates with the checks the
+// CPU entry point uses (csrc/kernels/validate.h) and launches nothing for an invalid shape.
 #include "lowbit/kernels/im2col.h"
 
 #include <cuda_runtime.h>
@@ -17,7 +17,8 @@
 #include <algorithm>
 #include <cstdint>
 #include <string>
-#include <utility>
+
+#include "../validate.h"
 
 namespace lowbit {
 namespace cuda {
@@ -56,62 +57,12 @@ __global__ void __launch_bounds__(kThreads) im2col_kernel(const Unit* __restrict
   }
 }
 
-std::string err(const char* fn, const std::string& what) { return std::string(fn) + ": " + what; }
-
-bool mul(int64_t a, int64_t b, int64_t* out) { return !__builtin_mul_overflow(a, b, out); }
-
-// The same checks as lowbit::cpu::im2col_s8_nhwc (csrc/kernels/cpu/im2col.cpp), same messages; Ho and
-// Wo from a non-negative numerator (Conv2dShape::out_h() truncates a negative one toward zero).
-// `padded_max` gets the largest padded extent (H + 2ph or W + 2pw), which bounds every tap coordinate.
-Status check(const char* fn, const int8_t* x, const Conv2dShape& s, int64_t c0, int64_t Cg, const int8_t* cols,
-             int64_t* Ho, int64_t* Wo, int64_t* x_len, int64_t* cols_len, int64_t* padded_max) {
-  const std::pair<const char*, int64_t> positive[] = {{"N", s.N}, {"H", s.H}, {"W", s.W}, {"C", s.C},
-                                                      {"kh", s.kh}, {"kw", s.kw}, {"sh", s.sh}, {"sw", s.sw},
-                                                      {"dh", s.dh}, {"dw", s.dw}, {"Cg", Cg}};
-  for (const auto& v : positive)
-    if (v.second < 1) return Status::invalid(err(fn, std::string(v.first) + " must be >= 1, got " + std::to_string(v.second)));
-  if (s.ph < 0) return Status::invalid(err(fn, "ph must be >= 0, got " + std::to_string(s.ph)));
-  if (s.pw < 0) return Status::invalid(err(fn, "pw must be >= 0, got " + std::to_string(s.pw)));
-  if (c0 < 0) return Status::invalid(err(fn, "c0 must be >= 0, got " + std::to_string(c0)));
-  if (c0 > s.C - Cg)
-    return Status::invalid(err(fn, "c0 + Cg must be <= C (" + std::to_string(s.C) + "), got c0=" +
-                                       std::to_string(c0) + " Cg=" + std::to_string(Cg)));
-  const int64_t ext_in[2] = {s.H, s.W}, pad[2] = {s.ph, s.pw}, k[2] = {s.kh, s.kw}, d[2] = {s.dh, s.dw},
-                st[2] = {s.sh, s.sw};
-  int64_t out[2];
-  *padded_max = 0;
-  for (int i = 0; i < 2; ++i) {
-    const char* ax = i == 0 ? "H" : "W";
-    int64_t padded = 0, span = 0;
-    if (!mul(pad[i], 2, &padded) || __builtin_add_overflow(padded, ext_in[i], &padded) ||
-        !mul(d[i], k[i] - 1, &span))
-      return Status::invalid(err(fn, std::string("the padded ") + ax + " extent or the dilated kernel overflows int64"));
-    if (padded - span - 1 < 0)
-      return Status::invalid(err(fn, std::string("the dilated kernel (") + std::to_string(span + 1) +
-                                         ") is larger than the padded input (" + std::to_string(padded) + ") along " +
-                                         ax + ": no output (" + (i == 0 ? "Ho" : "Wo") + " < 1)"));
-    out[i] = (padded - span - 1) / st[i] + 1;
-    *padded_max = std::max(*padded_max, padded);
-  }
-  int64_t rows = 0, row_len = 0;
-  if (!mul(s.N, s.H, x_len) || !mul(*x_len, s.W, x_len) || !mul(*x_len, s.C, x_len))
-    return Status::invalid(err(fn, "N*H*W*C overflows int64"));
-  if (!mul(s.N, out[0], &rows) || !mul(rows, out[1], &rows) || !mul(s.kh, s.kw, &row_len) ||
-      !mul(row_len, Cg, &row_len) || !mul(rows, row_len, cols_len))
-    return Status::invalid(err(fn, "N*Ho*Wo*kh*kw*Cg overflows int64"));
-  if (x == nullptr) return Status::invalid(err(fn, "x is null"));
-  if (cols == nullptr) return Status::invalid(err(fn, "cols is null"));
-  *Ho = out[0];
-  *Wo = out[1];
-  return Status::ok();
-}
-
 // Blocks for `work` threads: enough to cover it, capped at a few waves (the loop is grid-stride).
 Status grid_for(const char* fn, int64_t work, int* blocks) {
   int device = 0, sms = 0;
   cudaError_t e = cudaGetDevice(&device);
   if (e == cudaSuccess) e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  if (e != cudaSuccess) return Status::device(err(fn, cudaGetErrorString(e)));
+  if (e != cudaSuccess) return Status::device(validate::err(fn, cudaGetErrorString(e)));
   const int64_t needed = (work + kThreads - 1) / kThreads;
   const int64_t cap = int64_t(sms > 0 ? sms : 1) * (2048 / kThreads) * 4;
   *blocks = static_cast<int>(std::min(needed, cap));
@@ -143,9 +94,11 @@ void launch_any_index(bool narrow, const int8_t* x, const Conv2dShape& s, int64_
 Status im2col_s8_nhwc(const int8_t* x, const Conv2dShape& s, int64_t c0, int64_t Cg, int8_t* cols,
                       CUstream_st* stream) {
   const char* fn = "lowbit::cuda::im2col_s8_nhwc";
-  int64_t Ho = 0, Wo = 0, x_len = 0, cols_len = 0, padded_max = 0;
-  Status st = check(fn, x, s, c0, Cg, cols, &Ho, &Wo, &x_len, &cols_len, &padded_max);
+  validate::Im2colDims dims;
+  Status st = validate::im2col_s8_nhwc(fn, x, s, c0, Cg, cols, &dims);
   if (!st.is_ok()) return st;
+  const int64_t Ho = dims.Ho, Wo = dims.Wo, x_len = dims.x_len, cols_len = dims.cols_len,
+                padded_max = dims.padded_max;
 
   // Widest unit every tap is made of, in x and in cols.
   auto fits = [&](int64_t u) {
@@ -173,7 +126,8 @@ Status im2col_s8_nhwc(const int8_t* x, const Conv2dShape& s, int64_t c0, int64_t
     default: launch_any_index<uint8_t>(narrow, x, s, c0, Cg, cols, Ho, Wo, total_units, blocks, cs); break;
   }
   const cudaError_t e = cudaGetLastError();
-  if (e != cudaSuccess) return Status::device(err(fn, std::string("kernel launch failed: ") + cudaGetErrorString(e)));
+  if (e != cudaSuccess)
+    return Status::device(validate::err(fn, std::string("kernel launch failed: ") + cudaGetErrorString(e)));
   return Status::ok();
 }
 

@@ -15,8 +15,9 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <limits>
 #include <string>
+
+#include "../validate.h"
 
 namespace lowbit {
 namespace cuda {
@@ -76,30 +77,11 @@ Status launched(const char* fn) {
   return Status::ok();
 }
 
-// Same checks as the CPU entry points (minus the code range for pack).
-Status check(const char* fn, const void* in, const char* in_name, int64_t rows, int64_t K, int64_t ld,
-             const char* ld_name, int64_t ld_min, const char* ld_rule, const void* out, const char* out_name) {
-  const std::string f = std::string(fn) + ": ";
-  if (rows < 0) return Status::invalid(f + "rows must be >= 0, got " + std::to_string(rows));
-  if (K < 0) return Status::invalid(f + "K must be >= 0, got " + std::to_string(K));
-  if (ld < 0) return Status::invalid(f + ld_name + " must be >= 0, got " + std::to_string(ld));
-  if (rows > 0 && ld < ld_min)
-    return Status::invalid(f + ld_name + " must be >= " + std::to_string(ld_min) + " (" + ld_rule + "), got " +
-                           std::to_string(ld));
-  if (rows == 0 || K == 0) return Status::ok();
-  if (in == nullptr) return Status::invalid(f + in_name + " is null but rows*K > 0");
-  if (out == nullptr) return Status::invalid(f + out_name + " is null but rows*K > 0");
-  if (rows > std::numeric_limits<int64_t>::max() / std::max(ld, K))
-    return Status::invalid(f + "rows * max(K, " + ld_name + ") overflows int64 (rows=" + std::to_string(rows) +
-                           ", K=" + std::to_string(K) + ", " + ld_name + "=" + std::to_string(ld) + ")");
-  return Status::ok();
-}
-
 }  // namespace
 
 Status pack_s4(const int8_t* codes, int64_t rows, int64_t K, int64_t ldc, int8_t* packed, CUstream_st* stream) {
   const char* fn = "lowbit::cuda::pack_s4";
-  Status s = check(fn, codes, "codes", rows, K, ldc, "ldc", K, "K", packed, "packed");
+  Status s = validate::pack_unpack_s4(fn, codes, "codes", rows, K, ldc, "ldc", K, "K", packed, "packed");
   if (!s.is_ok() || rows == 0 || K == 0) return s;
   const int64_t pc = packed_s4_cols(K);
   const int64_t total = rows * pc;
@@ -112,7 +94,8 @@ Status pack_s4(const int8_t* codes, int64_t rows, int64_t K, int64_t ldc, int8_t
 
 Status unpack_s4(const int8_t* packed, int64_t rows, int64_t K, int64_t ldp, int8_t* codes, CUstream_st* stream) {
   const char* fn = "lowbit::cuda::unpack_s4";
-  Status s = check(fn, packed, "packed", rows, K, ldp, "ldp", packed_s4_cols(K), "ceil(K/2)", codes, "codes");
+  Status s = validate::pack_unpack_s4(fn, packed, "packed", rows, K, ldp, "ldp", packed_s4_cols(K), "ceil(K/2)",
+                                      codes, "codes");
   if (!s.is_ok() || rows == 0 || K == 0) return s;
   const int64_t total = rows * K;
   int blocks = 0;

@@ -33,9 +33,10 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <limits>
 #include <string>
 #include <type_traits>
+
+#include "../validate.h"
 
 namespace lowbit {
 namespace cuda {
@@ -184,32 +185,16 @@ Status launch(const void* x_raw, int64_t M, int64_t K, int64_t ldx, const float*
 
 Status quantize_s8(DType xtype, const void* x, int64_t M, int64_t K, int64_t ldx, const float* shift,
                    const float* scale, int32_t qmin, int32_t qmax, int8_t* q, CUstream_st* stream) {
-  const std::string fn = "lowbit::cuda::quantize_s8: ";
-  if (xtype != DType::kFloat32 && xtype != DType::kFloat16 && xtype != DType::kBFloat16)
-    return Status::invalid(fn + "xtype must be float32, float16 or bfloat16, got code " +
-                           std::to_string(static_cast<int32_t>(xtype)));
-  if (M < 0) return Status::invalid(fn + "M must be >= 0, got " + std::to_string(M));
-  if (K < 0) return Status::invalid(fn + "K must be >= 0, got " + std::to_string(K));
-  if (ldx < 0) return Status::invalid(fn + "ldx must be >= 0, got " + std::to_string(ldx));
-  if (M > 0 && ldx < K)
-    return Status::invalid(fn + "ldx must be >= K (" + std::to_string(K) + "), got " + std::to_string(ldx));
-  if (qmin < -128 || qmax > 127 || qmin > qmax)
-    return Status::invalid(fn + "need -128 <= qmin <= qmax <= 127, got qmin=" + std::to_string(qmin) +
-                           " qmax=" + std::to_string(qmax));
-  if (M == 0 || K == 0) return Status::ok();  // nothing to read or write
-  if (x == nullptr) return Status::invalid(fn + "x must not be null");
-  if (scale == nullptr) return Status::invalid(fn + "scale must not be null");
-  if (q == nullptr) return Status::invalid(fn + "q must not be null");
-  if (M > std::numeric_limits<int64_t>::max() / K || M > std::numeric_limits<int64_t>::max() / ldx)
-    return Status::invalid(fn + "M * max(K, ldx) overflows int64 (M=" + std::to_string(M) +
-                           ", K=" + std::to_string(K) + ", ldx=" + std::to_string(ldx) + ")");
+  const char* fn = "lowbit::cuda::quantize_s8";
+  const Status st = validate::quantize_s8(fn, xtype, x, M, K, ldx, scale, qmin, qmax, q);
+  if (!st.is_ok() || M == 0 || K == 0) return st;  // invalid, or nothing to read or write
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   switch (xtype) {
     case DType::kFloat32: return launch<float>(x, M, K, ldx, shift, scale, qmin, qmax, q, s);
     case DType::kFloat16: return launch<__half>(x, M, K, ldx, shift, scale, qmin, qmax, q, s);
     case DType::kBFloat16: return launch<__nv_bfloat16>(x, M, K, ldx, shift, scale, qmin, qmax, q, s);
   }
-  return Status::invalid(fn + "unreachable dtype");
+  return Status::invalid(validate::err(fn, "unreachable dtype"));
 }
 
 }  // namespace cuda
