@@ -45,6 +45,10 @@ class Q4Conv2d(Q4Base):
         super().__init__(in_channels, out_channels, a_bit, w_bit, device=device, dtype=dtype,
                          weight_shape=(out_channels, in_channels // groups, *self.kernel_size), bias=bias)
 
+    def constructor_args(self) -> dict:
+        return {**super().constructor_args(), "kernel_size": list(self.kernel_size), "stride": list(self.stride),
+                "padding": list(self.padding), "dilation": list(self.dilation), "groups": self.groups}
+
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}")

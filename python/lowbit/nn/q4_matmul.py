@@ -29,6 +29,10 @@ class Q4MatMul(torch.nn.Module):
         self.register_buffer("eps", torch.tensor(1e-5, device=device, dtype=dtype))
         self._clips_ready = False
 
+    def constructor_args(self) -> dict:
+        """Keyword arguments that rebuild this layer (lowbit.save records them)."""
+        return {"dtype": str(self.dtype)}
+
     def set_activation_scale(self, x: Tensor, y: Tensor) -> None:
         """Initialise each clip that is still 0 from its own operand."""
         if self._clips_ready:

@@ -61,6 +61,11 @@ class QATBase(LowbitLayer):
         self._scale_a_ready = False  # scale_a known non-zero (checked once: one host read)
         self.reset_parameters()
 
+    def constructor_args(self) -> dict:
+        """Keyword arguments that rebuild this layer's structure (lowbit.save records them)."""
+        return {"in_channels": self.in_channels, "out_channels": self.out_channels, "dtype": str(self.dtype),
+                "bias": self.bias is not None}
+
     def extra_repr(self) -> str:
         return (f"in_channels={self.in_channels}, out_channels={self.out_channels}, bits={self._bits}, "
                 f"dtype={self.dtype}, qweight={'yes' if self.qweight is not None else 'no'}")
