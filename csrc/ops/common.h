@@ -98,6 +98,21 @@ inline void check_step(const at::Tensor& s_eff, const at::Tensor& scale, const a
               scale_name, "=", sv, ", eps=", ev);
 }
 
+// The state every QAT op shares: the shift bias_a (channels,), the weight on x's device, the scalars
+// scale_a, scale_w, eps.
+inline void check_qat_state(const at::Tensor& x, const at::Tensor& bias_a, c10::SymInt channels,
+                            const at::Tensor& weight, const at::Tensor& scale_a, const at::Tensor& scale_w,
+                            const at::Tensor& eps, const char* op) {
+  check_float_tensor(bias_a, op, "bias_a");
+  TORCH_CHECK(bias_a.dim() == 1 && bias_a.sym_size(0) == channels, op, ": bias_a must have shape (", channels,
+              ",), got ", bias_a.sym_sizes());
+  check_same_device(x, "x", weight, op, "weight");
+  check_same_device(x, "x", bias_a, op, "bias_a");
+  check_scalar(scale_a, x, "x", op, "scale_a");
+  check_scalar(scale_w, x, "x", op, "scale_w");
+  check_scalar(eps, x, "x", op, "eps");
+}
+
 // The optional output bias of a layer with `channels` outputs: float, (channels,), on x's device.
 inline void check_output_bias(const std::optional<at::Tensor>& bias, const at::Tensor& x, c10::SymInt channels,
                               const char* op) {

@@ -66,14 +66,7 @@ ConvOut check_conv(const at::Tensor& x, const at::Tensor& bias_a, const at::Tens
   }
   TORCH_CHECK(O >= 1 && O % groups == 0 && kh >= 1 && kw >= 1, kOp, ": out_channels=", O,
               " must be a positive multiple of groups=", groups, " and the kernel non-empty");
-  check_float_tensor(bias_a, kOp, "bias_a");
-  TORCH_CHECK(bias_a.dim() == 1 && bias_a.sym_size(0) == C, kOp, ": bias_a must have shape (", C, ",), got ",
-              bias_a.sym_sizes());
-  check_same_device(x, "x", weight, kOp, "weight");
-  check_same_device(x, "x", bias_a, kOp, "bias_a");
-  check_scalar(scale_a, x, "x", kOp, "scale_a");
-  check_scalar(scale_w, x, "x", kOp, "scale_w");
-  check_scalar(eps, x, "x", kOp, "eps");
+  check_qat_state(x, bias_a, C, weight, scale_a, scale_w, eps, kOp);
   return {O, conv_out_size(x.sym_size(2), kh, stride[0], padding[0], dilation[0]),
           conv_out_size(x.sym_size(3), kw, stride[1], padding[1], dilation[1]), Cg};
 }

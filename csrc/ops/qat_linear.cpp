@@ -43,14 +43,7 @@ void check_qat_linear(const LinearSpec& sp, const at::Tensor& x, const at::Tenso
   }
   TORCH_CHECK(x.sym_numel() > 0, op, ": x is an empty batch (shape ", x.sym_sizes(),
               "); the activation scale and the LSQ gradient are undefined for no data");
-  check_float_tensor(bias_a, op, "bias_a");
-  TORCH_CHECK(bias_a.dim() == 1 && bias_a.sym_size(0) == K, op, ": bias_a must have shape (", K, ",), got ",
-              bias_a.sym_sizes());
-  check_same_device(x, "x", weight, op, "weight");
-  check_same_device(x, "x", bias_a, op, "bias_a");
-  check_scalar(scale_a, x, "x", op, "scale_a");
-  check_scalar(scale_w, x, "x", op, "scale_w");
-  check_scalar(eps, x, "x", op, "eps");
+  check_qat_state(x, bias_a, K, weight, scale_a, scale_w, eps, op);
 }
 
 struct QatForward {

@@ -42,4 +42,5 @@ def _cases(device):
                                   "unpack_s4", "q4_conv2d", "q4_matmul", "lsq_linear_backward"])
 def test_opcheck(device, name):
     args = dict(_cases(device))[name]
-    opcheck(getattr(torch.ops.lowbit, name).default, args)
+    results = opcheck(getattr(torch.ops.lowbit, name).default, args)  # raises on a failed check
+    assert results and all(v == "SUCCESS" for v in results.values()), results

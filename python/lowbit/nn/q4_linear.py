@@ -6,9 +6,10 @@ from torch import Tensor
 
 from .. import ops
 from .q4_base import Q4Base
+from .qat_base import LinearShape
 
 
-class Q4Linear(Q4Base):
+class Q4Linear(LinearShape, Q4Base):
     """Linear layer with 4-bit weights and activations, trained with LSQ.
 
     ``y = s_a * s_w * (Q(x + bias_a; s_a) @ Q(W; s_w).T)``, ``Q(t; s) = clamp(rne(t / max(s, eps)), -8, 7)``,
@@ -27,14 +28,6 @@ class Q4Linear(Q4Base):
     def __init__(self, in_channels: int, out_channels: int, a_bit: int = 4, w_bit: int = 4, device=None,
                  dtype: torch.dtype = torch.float, bias: bool = False) -> None:
         super().__init__(in_channels, out_channels, a_bit, w_bit, device=device, dtype=dtype, bias=bias)
-
-    @property
-    def in_features(self) -> int:
-        return self.in_channels
-
-    @property
-    def out_features(self) -> int:
-        return self.out_channels
 
     def _qweight_shape(self) -> tuple:
         return (self.out_channels, (self.in_channels + 1) // 2)

@@ -5,10 +5,10 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from .qat_base import QATBase
+from .qat_base import LinearShape, QATBase
 
 
-class Q8Linear(QATBase):
+class Q8Linear(LinearShape, QATBase):
     """Linear layer with 8-bit weights and activations, trained with LSQ (Esser et al., 2020).
 
     ``y = s_a * s_w * (Q(x + bias_a; s_a) @ Q(W; s_w).T)`` with ``Q(t; s) = clamp(rne(t / max(s, eps)),
@@ -32,14 +32,6 @@ class Q8Linear(QATBase):
     def __init__(self, in_channels: int, out_channels: int, a_bit: int = 8, w_bit: int = 8, device=None,
                  dtype: torch.dtype = torch.float, bias: bool = False) -> None:
         super().__init__(in_channels, out_channels, a_bit, w_bit, device=device, dtype=dtype, bias=bias)
-
-    @property
-    def in_features(self) -> int:
-        return self.in_channels
-
-    @property
-    def out_features(self) -> int:
-        return self.out_channels
 
     def _qweight_shape(self) -> tuple:
         return (self.out_channels, self.in_channels)

@@ -211,3 +211,18 @@ class QATBase(LowbitLayer):
         self._qweight_version = (self.weight._version if self.weight is not None else None) if has_q else None
         if not has_q:
             self.qweight = None
+
+
+class LinearShape:
+    """nn.Linear-style aliases and the (out, in) weight layout of the QAT linear layers."""
+
+    in_channels: int
+    out_channels: int
+
+    @property
+    def in_features(self) -> int:
+        return self.in_channels
+
+    @property
+    def out_features(self) -> int:
+        return self.out_channels
