@@ -215,3 +215,19 @@ def test_trains(device):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0] and math.isfinite(losses[-1])
+
+
+@pytest.mark.parametrize("cls", ["Q8Linear", "Q4Linear"])
+def test_torch_compile_fullgraph(device, cls):
+    """Training (forward + backward) and eval (frozen qweight) capture as one graph each."""
+    layer = getattr(lowbit.nn, cls)(48, 20, device=device)
+    x = torch.randn(6, 48, device=device)
+    layer(x)  # eager first call: initialises scale_a
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    ref = layer(x)
+    y = compiled(x)
+    y.sum().backward()
+    assert torch.equal(y, ref) and layer.weight.grad is not None
+    layer.eval()
+    ref = layer(x)  # eager: makes qweight
+    assert torch.equal(compiled(x), ref)

@@ -169,6 +169,10 @@ class QATBase(LowbitLayer):
         self._scale_a_ready = True
 
     def _eval_qweight(self) -> Tensor:
+        if self.qweight is not None and torch.compiler.is_compiling():
+            # A compiled graph cannot guard on the version counter; the eager call that precedes
+            # compilation (and any eager call after a weight update) has already refreshed qweight.
+            return self.qweight
         stale = self.weight is not None and self.weight._version != self._qweight_version
         if self.qweight is None or stale:
             self.generate_quantized_weight(qweight_only=False)
