@@ -29,20 +29,9 @@ void Q4Conv2dImpl::reset() {
   TORCH_CHECK(o.groups() >= 1 && o.in_channels() % o.groups() == 0 && o.out_channels() % o.groups() == 0,
               "Q4Conv2d: groups=", o.groups(), " must be positive and divide in_channels=", o.in_channels(),
               " and out_channels=", o.out_channels());
-  const auto f32 = torch::TensorOptions().dtype(torch::kFloat32).device(o.device());
-  const auto opt = torch::TensorOptions().dtype(o.dtype()).device(o.device());
   const auto k = o.kernel_size();
-  weight = register_parameter("weight",
-                              torch::empty({o.out_channels(), o.in_channels() / o.groups(), k->at(0), k->at(1)}, f32));
-  bias_a = register_parameter("bias_a", torch::zeros({o.in_channels()}, opt));
-  scale_a = register_parameter("scale_a", torch::zeros({}, opt));
-  scale_w = register_buffer("scale_w", torch::ones({}, f32));
-  eps = register_buffer("eps", torch::full({}, 1e-5, opt));
-  qweight = register_buffer("qweight", torch::empty({0}, f32.dtype(torch::kInt8)));  // absent until generated
-  {
-    torch::NoGradGuard no_grad;
-    torch::nn::init::kaiming_uniform_(weight, std::sqrt(5.0));  // as nn::Conv2d
-  }
+  detail::register_qat_state(*this, {o.out_channels(), o.in_channels() / o.groups(), k->at(0), k->at(1)},
+                             o.in_channels(), o.dtype(), o.device(), {weight, bias_a, scale_a, scale_w, eps, qweight});
   state_.reset();
 }
 

@@ -16,18 +16,8 @@ Q4LinearImpl::Q4LinearImpl(const Q4LinearOptions& options_) : options(options_) 
 void Q4LinearImpl::reset() {
   detail::check_qat_options("Q4Linear", options.in_channels(), options.out_channels(), options.a_bit(),
                             options.w_bit(), 4, options.dtype());
-  const auto f32 = torch::TensorOptions().dtype(torch::kFloat32).device(options.device());
-  const auto opt = torch::TensorOptions().dtype(options.dtype()).device(options.device());
-  weight = register_parameter("weight", torch::empty({options.out_channels(), options.in_channels()}, f32));
-  bias_a = register_parameter("bias_a", torch::zeros({options.in_channels()}, opt));
-  scale_a = register_parameter("scale_a", torch::zeros({}, opt));
-  scale_w = register_buffer("scale_w", torch::ones({}, f32));
-  eps = register_buffer("eps", torch::full({}, 1e-5, opt));
-  qweight = register_buffer("qweight", torch::empty({0}, f32.dtype(torch::kInt8)));  // absent until generated
-  {
-    torch::NoGradGuard no_grad;
-    torch::nn::init::kaiming_uniform_(weight, std::sqrt(5.0));  // as nn::Linear
-  }
+  detail::register_qat_state(*this, {options.out_channels(), options.in_channels()}, options.in_channels(),
+                             options.dtype(), options.device(), {weight, bias_a, scale_a, scale_w, eps, qweight});
   state_.reset();
 }
 

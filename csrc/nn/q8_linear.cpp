@@ -20,20 +20,8 @@ Q8LinearImpl::Q8LinearImpl(const Q8LinearOptions& options_) : options(options_) 
 void Q8LinearImpl::reset() {
   detail::check_qat_options("Q8Linear", options.in_channels(), options.out_channels(), options.a_bit(),
                             options.w_bit(), 8, options.dtype());
-  const auto dt = options.dtype();
-  const auto f32 = torch::TensorOptions().dtype(torch::kFloat32).device(options.device());
-  const auto opt = torch::TensorOptions().dtype(dt).device(options.device());
-  weight = register_parameter("weight", torch::empty({options.out_channels(), options.in_channels()}, f32));
-  bias_a = register_parameter("bias_a", torch::zeros({options.in_channels()}, opt));
-  scale_a = register_parameter("scale_a", torch::zeros({}, opt));
-  scale_w = register_buffer("scale_w", torch::ones({}, f32));
-  eps = register_buffer("eps", torch::full({}, 1e-5, opt));
-  // libtorch modules cannot unregister state, so "absent" is a 0-element tensor, swapped in place.
-  qweight = register_buffer("qweight", torch::empty({0}, f32.dtype(torch::kInt8)));
-  {
-    torch::NoGradGuard no_grad;
-    torch::nn::init::kaiming_uniform_(weight, std::sqrt(5.0));
-  }
+  detail::register_qat_state(*this, {options.out_channels(), options.in_channels()}, options.in_channels(),
+                             options.dtype(), options.device(), {weight, bias_a, scale_a, scale_w, eps, qweight});
   state_.reset();
 }
 

@@ -5,7 +5,24 @@
 
 #include "lowbit/ops.h"
 
+#include <cmath>
+
 namespace lowbit::nn::detail {
+
+void register_qat_state(torch::nn::Module& m, torch::IntArrayRef weight_shape, int64_t in_channels,
+                        c10::ScalarType dtype, c10::Device device, QatTensors out) {
+  const auto f32 = torch::TensorOptions().dtype(torch::kFloat32).device(device);
+  const auto opt = torch::TensorOptions().dtype(dtype).device(device);
+  out.weight = m.register_parameter("weight", torch::empty(weight_shape, f32));
+  out.bias_a = m.register_parameter("bias_a", torch::zeros({in_channels}, opt));
+  out.scale_a = m.register_parameter("scale_a", torch::zeros({}, opt));
+  out.scale_w = m.register_buffer("scale_w", torch::ones({}, f32));
+  out.eps = m.register_buffer("eps", torch::full({}, 1e-5, opt));
+  out.qweight = m.register_buffer("qweight", torch::empty({0}, f32.dtype(torch::kInt8)));  // absent until generated
+  torch::NoGradGuard no_grad;
+  torch::nn::init::kaiming_uniform_(out.weight, std::sqrt(5.0));  // as nn::Linear / nn::Conv2d
+}
+
 
 void check_qat_options(const char* layer, int64_t in_channels, int64_t out_channels, int64_t a_bit, int64_t w_bit,
                        int64_t bits, c10::ScalarType dtype) {

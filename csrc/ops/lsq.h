@@ -2,6 +2,7 @@
 // matmul). Composite ATen code of the op floor; the math is docs/ops.md "Backward".
 #pragma once
 #include <ATen/ATen.h>
+#include <torch/autograd.h>
 
 #include <cmath>
 #include <optional>
@@ -52,6 +53,33 @@ inline LsqInputGrads lsq_input_grads(const at::Tensor& gA, const at::Tensor& x, 
     g.grad_scale = ((r * gA).sum(at::kDouble) * k).to(scale.scalar_type()).reshape(scale.sizes());
   }
   return g;
+}
+
+// The autograd Functions of the QAT ops (linear, conv) share their first six inputs (x, bias_a, weight,
+// scale_a, scale_w, eps) and an optional output bias (edge 6 when given: absent tensors have no edge).
+// Saves what backward needs to know about them.
+inline void save_qat_meta(torch::autograd::AutogradContext* ctx, const at::Tensor& weight,
+                          const std::optional<at::Tensor>& bias) {
+  const bool has_bias = bias.has_value() && bias->defined();
+  ctx->saved_data["weight_dtype"] = static_cast<int64_t>(weight.scalar_type());
+  ctx->saved_data["has_bias"] = has_bias;
+  ctx->saved_data["bias_dtype"] = static_cast<int64_t>(has_bias ? bias->scalar_type() : at::kFloat);
+}
+
+// Which of (x, bias_a, weight, scale_a) need a gradient; a frozen int8 weight gets none.
+inline std::array<bool, 4> qat_grad_mask(torch::autograd::AutogradContext* ctx) {
+  const auto weight_dtype = static_cast<at::ScalarType>(ctx->saved_data["weight_dtype"].toInt());
+  return {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
+          ctx->needs_input_grad(2) && weight_dtype != at::kChar, ctx->needs_input_grad(3)};
+}
+
+// The weight gradient in the weight's dtype, and the output bias gradient (grad summed over `dims`).
+inline at::Tensor qat_weight_grad(torch::autograd::AutogradContext* ctx, const at::Tensor& gw) {
+  return gw.defined() ? gw.to(static_cast<at::ScalarType>(ctx->saved_data["weight_dtype"].toInt())) : gw;
+}
+inline at::Tensor qat_bias_grad(torch::autograd::AutogradContext* ctx, const at::Tensor& grad, at::IntArrayRef dims) {
+  if (!ctx->saved_data["has_bias"].toBool() || !ctx->needs_input_grad(6)) return at::Tensor();
+  return grad.sum(dims, false, at::kFloat).to(static_cast<at::ScalarType>(ctx->saved_data["bias_dtype"].toInt()));
 }
 
 }  // namespace lowbit::ops

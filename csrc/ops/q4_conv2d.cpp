@@ -225,36 +225,27 @@ class Q4Conv2dFunction : public torch::autograd::Function<Q4Conv2dFunction> {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [y, qx, qw] = q4_conv2d_forward(x, bias_a, weight, scale_a, scale_w, eps, stride, padding, dilation, groups);
     add_output_bias(y, x, bias);
-    const bool has_bias = bias.has_value() && bias->defined();
-    ctx->saved_data["has_bias"] = has_bias;
-    ctx->saved_data["bias_dtype"] = static_cast<int64_t>(has_bias ? bias->scalar_type() : at::kFloat);
+    save_qat_meta(ctx, weight, bias);
     ctx->save_for_backward({x, bias_a, qx, qw, scale_a, scale_w, eps});
     ctx->saved_data["stride"] = stride.vec();
     ctx->saved_data["padding"] = padding.vec();
     ctx->saved_data["dilation"] = dilation.vec();
     ctx->saved_data["groups"] = groups;
-    ctx->saved_data["weight_dtype"] = static_cast<int64_t>(weight.scalar_type());
     return y;
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const auto s = ctx->get_saved_variables();
-    const auto weight_dtype = static_cast<at::ScalarType>(ctx->saved_data["weight_dtype"].toInt());
-    const std::array<bool, 4> mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
-                                      ctx->needs_input_grad(2) && weight_dtype != at::kChar,
-                                      ctx->needs_input_grad(3)};
     auto [gx, gb, gw, gs] = lsq_conv2d_backward(
         grads[0], s[0], s[1], s[2], s[3], s[4], s[5], s[6], ctx->saved_data["stride"].toIntVector(),
         ctx->saved_data["padding"].toIntVector(), ctx->saved_data["dilation"].toIntVector(),
-        ctx->saved_data["groups"].toInt(), kQmin, kQmax, mask);
-    if (gw.defined()) gw = gw.to(weight_dtype);
+        ctx->saved_data["groups"].toInt(), kQmin, kQmax, qat_grad_mask(ctx));
     // Output bias: the upstream gradient summed over batch and space. Autograd edges exist only for the
     // tensor inputs present (the int lists are not edges), so a given bias is edge 6.
-    at::Tensor gbias;
-    if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(6))
-      gbias = grads[0].sum({0, 2, 3}, false, at::kFloat).to(static_cast<at::ScalarType>(ctx->saved_data["bias_dtype"].toInt()));
-    return {gx, gb, gw, gs, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), gbias};
+    const auto gbias = qat_bias_grad(ctx, grads[0], {0, 2, 3});
+    const at::Tensor none;  // eps, scale_w and the four non-tensor arguments
+    return {gx, gb, qat_weight_grad(ctx, gw), gs, none, none, none, none, none, none, gbias};
   }
 };
 

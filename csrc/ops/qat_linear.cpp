@@ -80,31 +80,17 @@ class QatLinearFunction : public torch::autograd::Function<QatLinearFunction<Spe
     at::AutoDispatchBelowADInplaceOrView guard;
     auto f = qat_forward(Spec, x, bias_a, weight, scale_a, scale_w, eps, bias);
     ctx->save_for_backward({x, bias_a, f.qx, f.qw, scale_a, scale_w, eps});
-    ctx->saved_data["weight_dtype"] = c10::IValue(static_cast<int64_t>(weight.scalar_type()));
-    const bool has_bias = bias.has_value() && bias->defined();
-    ctx->saved_data["has_bias"] = has_bias;
-    ctx->saved_data["bias_dtype"] = c10::IValue(static_cast<int64_t>(has_bias ? bias->scalar_type() : at::kFloat));
+    save_qat_meta(ctx, weight, bias);
     return f.y;
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const auto s = ctx->get_saved_variables();
-    const auto weight_dtype = static_cast<at::ScalarType>(ctx->saved_data["weight_dtype"].toInt());
-    const std::array<bool, 4> mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
-                                      ctx->needs_input_grad(2) && weight_dtype != at::kChar,
-                                      ctx->needs_input_grad(3)};
-    auto [gx, gb, gw, gs] =
-        lsq_linear_backward(grads[0], s[0], s[1], s[2], s[3], s[4], s[5], s[6], Spec.qmin, Spec.qmax, mask);
-    if (gw.defined()) gw = gw.to(weight_dtype);
-    // Output bias: the upstream gradient summed over rows. Autograd edges exist only for tensor inputs that
-    // are present, so a given bias is edge 6 and an absent one has no edge at all.
-    at::Tensor gbias;
-    if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(6)) {
-      const auto dt = static_cast<at::ScalarType>(ctx->saved_data["bias_dtype"].toInt());
-      gbias = grads[0].reshape({-1, grads[0].size(-1)}).sum(0, false, at::kFloat).to(dt);
-    }
-    return {gx, gb, gw, gs, at::Tensor(), at::Tensor(), gbias};
+    auto [gx, gb, gw, gs] = lsq_linear_backward(grads[0], s[0], s[1], s[2], s[3], s[4], s[5], s[6], Spec.qmin,
+                                                Spec.qmax, qat_grad_mask(ctx));
+    const auto gbias = qat_bias_grad(ctx, grads[0].reshape({-1, grads[0].size(-1)}), {0});  // summed over rows
+    return {gx, gb, qat_weight_grad(ctx, gw), gs, at::Tensor(), at::Tensor(), gbias};
   }
 };
 

@@ -8,6 +8,7 @@
 // "Absent" tensors are 0-element placeholders swapped in place: libtorch modules cannot unregister
 // state. No numerics here beyond calling lowbit ops; each module supplies its own quantizer.
 #pragma once
+#include <torch/nn/module.h>
 #include <torch/types.h>
 
 #include <cstdint>
@@ -24,6 +25,15 @@ inline constexpr double kQ4WeightScaleQmax = 5.6345 * 5.6345;
 // the module computes with), a float dtype for bias_a / scale_a / eps.
 void check_qat_options(const char* layer, int64_t in_channels, int64_t out_channels, int64_t a_bit, int64_t w_bit,
                        int64_t bits, c10::ScalarType dtype);
+
+// Registers BIE's state on module m: parameters weight (weight_shape, fp32, kaiming-uniform as
+// nn::Linear / nn::Conv2d), bias_a (in_channels,) and scale_a () in dtype; buffers scale_w () fp32 = 1,
+// eps () in dtype = 1e-5, and qweight (absent: a 0-element int8 placeholder until generated).
+struct QatTensors {
+  torch::Tensor &weight, &bias_a, &scale_a, &scale_w, &eps, &qweight;
+};
+void register_qat_state(torch::nn::Module& m, torch::IntArrayRef weight_shape, int64_t in_channels,
+                        c10::ScalarType dtype, c10::Device device, QatTensors out);
 
 // Present = not a 0-element placeholder.
 inline bool present(const torch::Tensor& t) { return t.defined() && t.numel() > 0; }
