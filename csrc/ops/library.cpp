@@ -75,4 +75,57 @@ TORCH_LIBRARY(lowbit, m) {
   m.def(
       "lsq_linear_backward(Tensor grad, Tensor x, Tensor bias_a, Tensor qx, Tensor qw, Tensor scale_a, "
       "Tensor scale_w, Tensor eps, int qmin, int qmax, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+
+  // ---- Weight-only quantized linear layers (MPQLinear, MBWQLinear; include/lowbit/kernels/wq.h) ----
+  // The weight arguments (the runtime form every checkpoint format is prepared into):
+  //   qweight (qrows, N) int32 words; scales, zeros (G, N) float (one dtype); g_idx (K,) int32 group of each
+  //   stored row; perm (K,) int32 stored row -> input channel (None or empty: identity); channel_scale (K
+  //   elements, scales' dtype; None: ones); seg_bits / seg_rows: width and exclusive end row of each segment;
+  //   asym: w = s*(q - z) (integer zero points) instead of w = s*q - z.
+  // y = (x * channel_scale) . W (+ bias): x (..., K) float, y (..., N) in x's dtype, fp32 accumulation.
+  // Differentiable in x and bias. CPU, CUDA, Meta.
+  m.def(
+      "wq_linear(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, Tensor g_idx, Tensor? perm, "
+      "Tensor? channel_scale, int[] seg_bits, int[] seg_rows, bool asym, Tensor? bias=None) -> Tensor");
+  // Its forward kernels (no autograd) and the input gradient (grad . W^T) * channel_scale.
+  m.def(
+      "wq_linear_forward(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, Tensor g_idx, Tensor? perm, "
+      "Tensor? channel_scale, int[] seg_bits, int[] seg_rows, bool asym, Tensor? bias=None) -> Tensor");
+  m.def(
+      "wq_linear_grad_input(Tensor grad, Tensor qweight, Tensor scales, Tensor zeros, Tensor g_idx, Tensor? perm, "
+      "Tensor? channel_scale, int[] seg_bits, int[] seg_rows, bool asym) -> Tensor");
+  // The dense weight W (K, N) in input-channel order, each element rounded once to dtype (no channel_scale).
+  m.def(
+      "wq_dequantize(Tensor qweight, Tensor scales, Tensor zeros, Tensor g_idx, Tensor? perm, int[] seg_bits, "
+      "int[] seg_rows, bool asym, ScalarType dtype) -> Tensor");
+  // Unsigned codes (K, N) int32 <-> words (qrows, N) int32 in the segment layout (qrows = the rows used).
+  m.def("wq_pack(Tensor codes, int[] seg_bits, int[] seg_rows) -> Tensor");
+  m.def("wq_unpack(Tensor qweight, int[] seg_bits, int[] seg_rows) -> Tensor");
+  // GPTQ packed zero points: integer zero points z (G, N) (any dtype holding integers in [1, 2^bits]) ->
+  // (G, ceil(N*bits/32)) int32 words holding z - 1 along N, LSB first; and back (z = stored + 1, as `dtype`).
+  m.def("wq_pack_zeros(Tensor zeros, int bits) -> Tensor");
+  m.def("wq_unpack_zeros(Tensor qzeros, int bits, int N, ScalarType dtype) -> Tensor");
+  // Round-to-nearest quantization of a float weight (N, K) (nn.Linear layout) per group of group_size
+  // input channels (-1: one group). mode "float_zero": min-max, w = s*q - z; "int_zero": min-max with an
+  // integer zero point, w = s*(q - z); "int_zero_sym": s = max|w| / (2^(bits-1) - 1/2)... see docs/formats.md.
+  // Returns codes (K, N) int32, scales (G, N), zeros (G, N) in the weight's dtype.
+  m.def("wq_quantize_rtn(Tensor weight, int bits, int group_size, str mode) -> (Tensor, Tensor, Tensor)");
+  // GBA double-quantization decode (BIE's prepare_params), in the dtype of the dq scales:
+  //   sym: scales = (hi4(qstatistic) - qscales_zeros) * qscales_scales, zeros = (lo4 - qzeros_zeros) * qzeros_scales
+  //   asym: scales = (qscales - qscales_zeros) * qscales_scales; zeros is returned empty.
+  // Result (G, N).
+  m.def(
+      "wq_gba_decode(Tensor qstat, Tensor qscales_zeros, Tensor qscales_scales, Tensor? qzeros_zeros, "
+      "Tensor? qzeros_scales, bool asym, int N) -> (Tensor, Tensor)");
+  // Layout of an MBWQ layer (checked on the host): channel-mix from q_groups (2G,) int16 pairs (bits, first
+  // word row), or layer-mix (q_groups None: one width `bits`, groups of group_size stored rows).
+  // Returns (g_idx (K,) int32 on q_groups' device (or CPU), segments (2, nseg) int64 [bits; end row] on the
+  // CPU, q_group_map (2K,) int16 (BIE's: group, rows left in the group)).
+  m.def(
+      "wq_mbwq_layout(Tensor? q_groups, int K, int qrows, int bits, int group_size) -> (Tensor, Tensor, Tensor)");
+  // Checks a stored-row -> channel permutation (int16 read as uint16, int32 or int64; all zeros = identity)
+  // and returns it as int32, or an empty tensor for the identity.
+  m.def("wq_check_perm(Tensor perm, int K) -> Tensor");
+  // Checks that every g_idx entry is in [0, groups); returns it as int32.
+  m.def("wq_check_g_idx(Tensor g_idx, int K, int groups) -> Tensor");
 }

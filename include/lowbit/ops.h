@@ -50,4 +50,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsq_linear_backward(
     const at::Tensor& qw, const at::Tensor& scale_a, const at::Tensor& scale_w, const at::Tensor& eps, int64_t qmin,
     int64_t qmax, std::array<bool, 4> output_mask);
 
+// ---- Weight-only quantized linear layers (schemas and formulas: csrc/ops/library.cpp, docs/ops.md) ----
+// y = (x * channel_scale) . W (+ bias), differentiable in x and bias.
+at::Tensor wq_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros,
+                     const at::Tensor& g_idx, const std::optional<at::Tensor>& perm,
+                     const std::optional<at::Tensor>& channel_scale, at::IntArrayRef seg_bits, at::IntArrayRef seg_rows,
+                     bool asym, const std::optional<at::Tensor>& bias = std::nullopt);
+at::Tensor wq_linear_forward(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                             const at::Tensor& zeros, const at::Tensor& g_idx, const std::optional<at::Tensor>& perm,
+                             const std::optional<at::Tensor>& channel_scale, at::IntArrayRef seg_bits,
+                             at::IntArrayRef seg_rows, bool asym, const std::optional<at::Tensor>& bias);
+at::Tensor wq_linear_grad_input(const at::Tensor& grad, const at::Tensor& qweight, const at::Tensor& scales,
+                                const at::Tensor& zeros, const at::Tensor& g_idx, const std::optional<at::Tensor>& perm,
+                                const std::optional<at::Tensor>& channel_scale, at::IntArrayRef seg_bits,
+                                at::IntArrayRef seg_rows, bool asym);
+// Dense W (K, N) in input-channel order.
+at::Tensor wq_dequantize(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros,
+                         const at::Tensor& g_idx, const std::optional<at::Tensor>& perm, at::IntArrayRef seg_bits,
+                         at::IntArrayRef seg_rows, bool asym, at::ScalarType dtype);
+
 }  // namespace lowbit::ops

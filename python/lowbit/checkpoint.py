@@ -18,11 +18,11 @@ from typing import Union
 import torch
 
 from . import io
-from .nn import Q4Conv2d, Q4Linear, Q4MatMul, Q8Linear
+from .nn import MBWQLinear, MPQLinear, Q4Conv2d, Q4Linear, Q4MatMul, Q8Linear
 
 FORMAT, VERSION = "lowbit-checkpoint", 1
 CONFIG, TENSORS = "lowbit.json", "model.safetensors"
-LAYER_CLASSES = {cls.__name__: cls for cls in (Q8Linear, Q4Linear, Q4Conv2d, Q4MatMul)}
+LAYER_CLASSES = {cls.__name__: cls for cls in (Q8Linear, Q4Linear, Q4Conv2d, Q4MatMul, MPQLinear, MBWQLinear)}
 _DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16)}
 
 

@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import torch
 
-from .nn import Q4Conv2d, Q4Linear, Q4MatMul, Q8Linear
+from .nn import MBWQLinear, MPQLinear, Q4Conv2d, Q4Linear, Q4MatMul, Q8Linear
 from .tools import prepare_layers
 
 Q8LinearCutlass = Q8Linear
 Q4LinearCutlass = Q4Linear
 prepare_bie_layers = prepare_layers
+# Weight-only layers: one class serves CUDA, CPU (and MLX's layout through to_mlx / from_mlx).
+MPQLinearCuda = MPQLinear
+MPQLinearMlx = MPQLinear
+MBWQLinearCuda = MBWQLinear
 
 
 class Q4Conv2dCutlass(Q4Conv2d):
@@ -24,4 +28,5 @@ class Q4Conv2dCutlass(Q4Conv2d):
                          device=device, dtype=dtype)
 
 
-__all__ = ["Q8LinearCutlass", "Q4LinearCutlass", "Q4Conv2dCutlass", "Q4MatMul", "prepare_bie_layers"]
+__all__ = ["Q8LinearCutlass", "Q4LinearCutlass", "Q4Conv2dCutlass", "Q4MatMul", "prepare_bie_layers", "MPQLinearCuda",
+           "MPQLinearMlx", "MBWQLinearCuda"]

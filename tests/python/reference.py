@@ -73,3 +73,87 @@ def pack_s4(codes: torch.Tensor) -> torch.Tensor:
     hi, lo = c[..., 0::2] & 0xF, c[..., 1::2] & 0xF
     b = (hi << 4) | lo
     return torch.where(b > 127, b - 256, b).to(torch.int8)
+
+
+# ---- Weight-only formats (spec_weight_only: GPTQ row packing, exl2 segments, GBA, MBWQ) ----------------
+# Pure Python/torch bit manipulation in int64, independent of lowbit's packers.
+
+def pack_stream(codes: torch.Tensor, seg_bits, seg_rows) -> torch.Tensor:
+    """Codes (K, N) -> int32 words in the segment layout: per 32-row chunk of a b-bit segment, code j sits at
+    bit j*b of the little-endian concatenation of the chunk's b words (padding rows are 0)."""
+    K, N = codes.shape
+    words, r0 = [], 0
+    for b, end in zip(seg_bits, seg_rows):
+        for c0 in range(r0, end, 32):
+            acc = [0] * N
+            chunk = codes[c0:min(c0 + 32, end)].long()
+            for j in range(chunk.shape[0]):
+                for n in range(N):
+                    acc[n] |= int(chunk[j, n]) << (j * b)
+            for i in range(b):
+                words.append([((a >> (32 * i)) & 0xFFFFFFFF) for a in acc])
+        r0 = end
+    w = torch.tensor(words, dtype=torch.long).reshape(-1, N)
+    return torch.where(w >= 2 ** 31, w - 2 ** 32, w).to(torch.int32)
+
+
+def unpack_stream(qweight: torch.Tensor, seg_bits, seg_rows) -> torch.Tensor:
+    """Inverse of pack_stream: int32 words -> codes (K, N) int64."""
+    q = qweight.long() & 0xFFFFFFFF
+    N = q.shape[1]
+    out, r0, w0 = [], 0, 0
+    for b, end in zip(seg_bits, seg_rows):
+        for c0 in range(r0, end, 32):
+            vals = [sum(int(q[w0 + i, n]) << (32 * i) for i in range(b)) for n in range(N)]
+            for j in range(min(32, end - c0)):
+                out.append([(v >> (j * b)) & ((1 << b) - 1) for v in vals])
+            w0 += b
+        r0 = end
+    return torch.tensor(out, dtype=torch.long).reshape(-1, N)
+
+
+def pack_zeros_gptq(z: torch.Tensor, b: int) -> torch.Tensor:
+    """GPTQ v1 zero points (G, N) -> (G, ceil(N*b/32)) words holding z - 1 along N, LSB first."""
+    G, N = z.shape
+    per = 32 // b
+    words = []
+    for g in range(G):
+        row = []
+        for w in range(-(-N // per)):
+            v = 0
+            for i in range(per):
+                n = w * per + i
+                if n < N:
+                    v |= ((int(z[g, n]) - 1) & ((1 << b) - 1)) << (i * b)
+            row.append(v - 2 ** 32 if v >= 2 ** 31 else v)
+        words.append(row)
+    return torch.tensor(words, dtype=torch.int32)
+
+
+def wq_dense(codes, scales, zeros, g_idx, asym, perm=None) -> torch.Tensor:
+    """W (K, N) float64 in input-channel order: stored row r -> channel perm[r];
+    sym: s*q - z, asym: s*(q - z), with (s, z) of group g_idx[r]."""
+    q = codes.double()
+    s = scales.double()[g_idx.long()]
+    z = zeros.double()[g_idx.long()]
+    w = s * (q - z) if asym else s * q - z
+    if perm is None:
+        return w
+    out = torch.empty_like(w)
+    out[perm.long()] = w
+    return out
+
+
+def wq_tol(x64: torch.Tensor, W: torch.Tensor, out_dtype: torch.dtype, cs=None, weight_rounding=False) -> torch.Tensor:
+    """Per-element bound for a weight-only matmul against the float64 reference. fp32 accumulation in any
+    order: 1e-5 * sum|x'||W|. A 16-bit output adds its rounding of |ref| (2^-8 bf16, 2^-11 fp16). With
+    weight_rounding (the large-M path multiplies by the weight and x' rounded to the activation dtype) each
+    product term may carry two such roundings."""
+    xs = x64.abs() if cs is None else (x64 * cs.double()).abs()
+    mag = xs @ W.abs()
+    eps = {torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}[out_dtype]
+    ref = (x64 if cs is None else x64 * cs.double()) @ W
+    tol = 1e-5 * mag + eps * ref.abs() + 1e-6
+    if weight_rounding:
+        tol = tol + 2 * eps * mag
+    return tol

@@ -33,14 +33,26 @@ def _cases(device):
                         torch.randn(3, 7, device=device, requires_grad=True),
                         torch.tensor(0.05, device=device, requires_grad=True),
                         torch.tensor(0.04, device=device, requires_grad=True), e)
+    # weight-only: 3-bit codes, K = 40 (a partial chunk), act-order g_idx, a permutation, channel_scale
+    K, N = 40, 6
+    wq = (torch.randint(-2**31, 2**31 - 1, (6, N), dtype=torch.int32, device=device),
+          torch.rand(3, N, device=device) * 0.1, torch.randn(3, N, device=device) * 0.1,
+          torch.randint(0, 3, (K,), dtype=torch.int32, device=device),
+          torch.randperm(K, device=device).to(torch.int32), torch.rand(K, device=device) + 0.5, [3], [K], False)
+    yield "wq_linear", (torch.randn(3, K, device=device, requires_grad=True), *wq,
+                        torch.randn(N, device=device, requires_grad=True))
+    yield "wq_linear_large_m", (torch.randn(20, K, device=device, requires_grad=True), *wq)
+    yield "wq_dequantize", (wq[0], wq[1], wq[2], wq[3], wq[4], [3], [K], True, torch.float16)
     yield "lsq_linear_backward", (torch.randn(5, 3, device=device), x, torch.zeros(7, device=device), q(5, 7), q(3, 7),
                                   torch.tensor(0.05, device=device), torch.tensor(0.01, device=device), e, -128, 127,
                                   [True, True, True, True])
 
 
 @pytest.mark.parametrize("name", ["quantize_s8", "lsq_scale", "linear_s8", "q8_linear", "q4_linear", "pack_s4",
-                                  "unpack_s4", "q4_conv2d", "q4_matmul", "lsq_linear_backward"])
+                                  "unpack_s4", "q4_conv2d", "q4_matmul", "lsq_linear_backward", "wq_linear",
+                                  "wq_linear_large_m", "wq_dequantize"])
 def test_opcheck(device, name):
     args = dict(_cases(device))[name]
-    results = opcheck(getattr(torch.ops.lowbit, name).default, args)  # raises on a failed check
+    op = name[:-len("_large_m")] if name.endswith("_large_m") else name  # the same op past the fused-kernel M
+    results = opcheck(getattr(torch.ops.lowbit, op).default, args)  # raises on a failed check
     assert results and all(v == "SUCCESS" for v in results.values()), results

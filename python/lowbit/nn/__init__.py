@@ -4,5 +4,6 @@ from .q4_conv2d import Q4Conv2d
 from .q4_linear import Q4Linear
 from .q4_matmul import Q4MatMul
 from .q8_linear import Q8Linear
+from .wq_linear import MBWQLinear, MPQLinear
 
-__all__ = ["LowbitLayer", "Q8Linear", "Q4Linear", "Q4Conv2d", "Q4MatMul"]
+__all__ = ["LowbitLayer", "Q8Linear", "Q4Linear", "Q4Conv2d", "Q4MatMul", "MPQLinear", "MBWQLinear"]

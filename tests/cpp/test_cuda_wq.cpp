@@ -1,0 +1,811 @@
+// CUDA weight-only quantized matmul / dequantize (include/lowbit/kernels/wq.h, csrc/kernels/cuda/wq_matmul.cu).
+//
+// * wq_matmul against the float64 reference of wq_test_util.h (the math of wq.h on the UNPACKED codes, so
+//   packing and decoding are checked too), with the documented tolerance of wq_compare:
+//     |y - ref| <= 1e-5 * sum_k |x'_k| |W_kn| (+ |bias|)  +  one rounding of |ref| to the output dtype
+//   (the CUDA reduction order differs from the CPU's, so the two agree to fp32 rounding, not bitwise).
+//   Every run: the output is poisoned with NaN bytes first (an unwritten element fails), its row padding
+//   must stay poisoned, the split-K workspace is filled with NaN bytes (its contents must be ignored), and
+//   the call is made twice: both results must be bitwise equal (determinism).
+// * Shapes: K = 1, 31, 33, 100, 257, 4096 x N = 1, 3, 5, 37, 130, 5504 (N % 4 != 0 and an unaligned
+//   qweight take the scalar-load path, which must give the same bits as the vector path), every width
+//   alone, channel-mix mixes of {8, 6, 5, 4, 3, 2, 1}, act-order g_idx (the per-row path), groups
+//   straddling chunks, perm + channel_scale, asym / sym, every x dtype and sdtype, bias, M = 1, 2, 3, 5,
+//   8, 9, 17, 33, padded strides (x padding is NaN), garbage in the padding bits and extra word rows,
+//   columns whose scales / zeros fail the exactness test of the fast dequantization (mixed in one warp).
+// * Out-of-range g_idx / perm entries are clamped (wq.h): equal to the reference with clamped indices.
+// * CUDA graph capture (the split-K reduce launch included) gives the bits of a direct call.
+// * wq_dequantize bitwise equal to the CPU kernel and to the fp32 formula rounded once.
+// * Errors (bad segment description, null pointers, strides, dtypes, a too-small or null workspace):
+//   kInvalidArgument naming the problem, nothing written. Empty shapes write nothing.
+// * SanitizerSmoke: small runs of every path for racecheck / synccheck; LargeLayerShapes (K = 4096,
+//   N = 5504 / 5500, 4- and 2-bit) is left out of memcheck by scripts/gpu-check's *Large* filter.
+// No timing here (the speed is benchmarked elsewhere). Skipped when the machine has no CUDA device.
+#include <gtest/gtest.h>
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "lowbit/kernels/common.h"
+#include "lowbit/kernels/wq.h"
+
+#include "cuda_test_util.h"
+#include "wq_test_util.h"
+
+namespace {
+
+using lowbit::DType;
+using lowbit::Status;
+using lowbit::WqWeight;
+using namespace lowbit_test;
+
+constexpr DType kDtypes[] = {DType::kFloat32, DType::kFloat16, DType::kBFloat16};
+constexpr double kRtol = 1e-5;
+
+// Copies n host bytes to d + off (no-op for n == 0). Fatal failures return from here only.
+void to_device(const DeviceBuffer& d, const void* h, size_t n, size_t off = 0) {
+  if (n == 0) return;
+  CUDA_ASSERT(cudaMemcpy(d.bytes() + off, h, n, cudaMemcpyHostToDevice));
+}
+
+// A device copy of a HostWq; `w` is its descriptor with device pointers. qoff shifts qweight by that many
+// words inside its buffer (1..3: not 16-byte aligned, the scalar-load path).
+struct DeviceWq {
+  DeviceWq(const HostWq& h, size_t qoff_words)
+      : qoff(qoff_words),
+        q(4 * (h.qweight.size() + qoff_words)),
+        g(4 * h.g_idx.size()),
+        perm(4 * h.perm.size()),
+        s(h.scales.size()),
+        z(h.zeros.size()),
+        cs(h.channel_scale.size()) {}
+  size_t qoff;
+  DeviceBuffer q, g, perm, s, z, cs;
+  WqWeight w;
+};
+
+void upload_wq(const HostWq& h, DeviceWq* d) {
+  ASSERT_TRUE(d->q.ok() && d->g.ok() && d->perm.ok() && d->s.ok() && d->z.ok() && d->cs.ok()) << "cudaMalloc failed";
+  to_device(d->q, h.qweight.data(), 4 * h.qweight.size(), 4 * d->qoff);
+  to_device(d->g, h.g_idx.data(), 4 * h.g_idx.size());
+  to_device(d->perm, h.perm.data(), 4 * h.perm.size());
+  to_device(d->s, h.scales.data(), h.scales.size());
+  to_device(d->z, h.zeros.data(), h.zeros.size());
+  to_device(d->cs, h.channel_scale.data(), h.channel_scale.size());
+  d->w = h.view();
+  d->w.qweight = h.qweight.empty() ? nullptr : reinterpret_cast<const uint32_t*>(d->q.bytes()) + d->qoff;
+  d->w.g_idx = h.g_idx.empty() ? nullptr : reinterpret_cast<const int32_t*>(d->g.bytes());
+  d->w.perm = h.perm.empty() ? nullptr : reinterpret_cast<const int32_t*>(d->perm.bytes());
+  d->w.scales = h.scales.empty() ? nullptr : d->s.bytes();
+  d->w.zeros = h.zeros.empty() ? nullptr : d->z.bytes();
+  d->w.channel_scale = h.channel_scale.empty() ? nullptr : d->cs.bytes();
+}
+
+struct Case {
+  WqSpec spec;
+  int64_t M = 1;
+  DType xtype = DType::kFloat32;
+  bool bias = false;
+  int64_t ldx_pad = 0, ldo_pad = 0;
+  size_t qoff = 0;
+};
+
+std::string describe(const Case& c) {
+  std::string s = "K=" + std::to_string(c.spec.K) + " N=" + std::to_string(c.spec.N) + " M=" + std::to_string(c.M) +
+                  " segs={";
+  for (const auto& g : c.spec.segments) s += std::to_string(g.bits) + ":" + std::to_string(g.rows) + " ";
+  s += "} gs=" + std::to_string(c.spec.group_size) + (c.spec.act_order ? " act-order" : "") +
+       (c.spec.asym ? " asym" : " sym") + (c.spec.perm ? " perm" : "") + (c.spec.channel_scale ? " cscale" : "") +
+       " x=" + lowbit::dtype_name(c.xtype) + " sd=" + lowbit::dtype_name(c.spec.sdtype) + (c.bias ? " bias" : "") +
+       " ldx+" + std::to_string(c.ldx_pad) + " ldo+" + std::to_string(c.ldo_pad) + " qoff=" + std::to_string(c.qoff) +
+       " seed=" + std::to_string(c.spec.seed);
+  return s;
+}
+
+class CudaWq : public CudaStreamTest {
+ protected:
+  // Runs wq_matmul of `h` (already on the device as d) twice on a poisoned output (the workspace poisoned
+  // too) and checks it against the float64 reference; *bytes_out (optional) receives the output bytes.
+  void run_and_check(const Case& c, const HostWq& h, const DeviceWq& d, std::vector<uint8_t>* bytes_out = nullptr) {
+    const int64_t M = c.M, N = h.N, K = h.K;
+    const int64_t ldx = K + c.ldx_pad, ldo = N + c.ldo_pad;
+    const HostFloats x = random_matrix(M, K, ldx, c.xtype, c.spec.seed * 31u + 7u);
+    HostFloats bias;
+    if (c.bias) bias = random_floats(size_t(N), c.spec.sdtype, c.spec.seed * 17u + 3u, -0.5, 0.5);
+    DeviceBuffer dx(x.bytes.size()), db(bias.bytes.size());
+    ASSERT_TRUE(dx.ok() && db.ok()) << "cudaMalloc failed";
+    to_device(dx, x.bytes.data(), x.bytes.size());
+    to_device(db, bias.bytes.data(), bias.bytes.size());
+    if (HasFatalFailure()) return;
+
+    std::vector<double> mag;
+    const std::vector<double> ref = ref_matmul(h, x.values, M, ldx, c.bias ? &bias.values : nullptr, &mag);
+
+    size_t wsb = 0;
+    const Status ws_st = lowbit::cuda::wq_matmul_workspace(d.w, M, &wsb);
+    ASSERT_TRUE(ws_st.is_ok()) << ws_st.message;
+    DeviceBuffer ws(wsb);
+    ASSERT_TRUE(ws.ok()) << "cudaMalloc failed";
+    if (wsb > 0) CUDA_ASSERT(cudaMemset(ws.bytes(), 0xFF, wsb));  // NaN: contents must be ignored
+
+    const size_t es = wq_dtype_size(c.xtype);
+    DeviceBuffer out(size_t(M * ldo) * es);
+    ASSERT_TRUE(out.ok()) << "cudaMalloc failed";
+    std::vector<uint8_t> got;
+    run_on_poisoned(
+        out, kOutPoison, stream_,
+        [&] {
+          return lowbit::cuda::wq_matmul(d.w, dx.bytes(), c.xtype, M, ldx, c.bias ? db.bytes() : nullptr,
+                                         out.bytes(), ldo, wsb > 0 ? ws.bytes() : nullptr, wsb, stream());
+        },
+        &got, 2);
+    if (HasFatalFailure()) return;
+    const std::string err = wq_compare(got.data(), c.xtype, M, N, ldo, ref, mag, kRtol, kOutPoison);
+    ASSERT_TRUE(err.empty()) << err << " (workspace " << wsb << " bytes)";
+    if (bytes_out != nullptr) *bytes_out = std::move(got);
+  }
+
+  void check_case(const Case& c, std::vector<uint8_t>* bytes_out = nullptr) {
+    SCOPED_TRACE(describe(c));
+    const HostWq h = make_wq(c.spec);
+    DeviceWq d(h, c.qoff);
+    upload_wq(h, &d);
+    if (HasFatalFailure()) return;
+    run_and_check(c, h, d, bytes_out);
+  }
+};
+
+// ---------------------------------------------------------------------------------------------------
+// wq_matmul
+
+TEST_F(CudaWq, OddShapes) {
+  uint32_t seed = 1;
+  for (int64_t K : {1, 31, 33, 100, 257, 4096})
+    for (int64_t N : {1, 3, 5, 37, 130, 5504}) {
+      Case c;
+      c.spec.K = K;
+      c.spec.N = N;
+      c.spec.group_size = K >= 1024 ? 128 : 32;
+      c.spec.asym = seed % 2 == 0;
+      c.spec.garbage_padding = true;
+      c.spec.extra_qrows = seed % 3;
+      c.spec.seed = seed++;
+      c.spec.sdtype = kDtypes[seed % 3];
+      c.xtype = kDtypes[(seed / 3) % 3];
+      c.M = K * N > 1000000 ? 1 : 1 + int64_t(seed % 3);
+      c.bias = seed % 2 == 1;
+      c.ldx_pad = seed % 3;
+      c.ldo_pad = (seed / 2) % 3;
+      check_case(c);
+      if (HasFatalFailure()) return;
+    }
+}
+
+// The decode-sized shapes a layer runs (4-bit and 2-bit, group 128; N = 5504 is the one BIE corrupted
+// memory at; N = 5500 is its scalar-path twin), M = 1 and a few rows.
+TEST_F(CudaWq, LargeLayerShapes) {
+  uint32_t seed = 50;
+  for (int32_t b : {4, 2})
+    for (int64_t N : {5504, 5500}) {
+        const int64_t M = N == 5504 ? 1 : 3;
+        Case c;
+        c.spec.K = 4096;
+        c.spec.N = N;
+        c.spec.segments = {{b, 0}};
+        c.spec.group_size = 128;
+        c.spec.asym = b == 4;
+        c.spec.seed = seed++;
+        c.spec.sdtype = DType::kFloat16;
+        c.xtype = M == 1 ? DType::kFloat16 : DType::kBFloat16;
+        c.M = M;
+        c.bias = M == 3;
+        check_case(c);
+        if (HasFatalFailure()) return;
+      }
+}
+
+TEST_F(CudaWq, EveryWidthAlone) {
+  uint32_t seed = 100;
+  for (int32_t b : {1, 2, 3, 4, 5, 6, 8})
+    for (int64_t N : {128, 130})  // vector and scalar loads
+      for (bool asym : {false, true}) {
+        Case c;
+        c.spec.K = 257;  // a partial last chunk
+        c.spec.N = N;
+        c.spec.segments = {{b, 0}};
+        c.spec.group_size = 64;
+        c.spec.asym = asym;
+        c.spec.garbage_padding = true;
+        c.spec.extra_qrows = 2;
+        c.spec.seed = seed++;
+        c.spec.sdtype = kDtypes[seed % 3];
+        c.xtype = kDtypes[(seed / 3) % 3];
+        c.M = 1 + int64_t(seed % 2);
+        check_case(c);
+        if (HasFatalFailure()) return;
+      }
+}
+
+TEST_F(CudaWq, ChannelMixSegments) {
+  uint32_t seed = 200;
+  const std::vector<std::vector<WqSegSpec>> mixes = {
+      {{8, 32}, {6, 64}, {5, 32}, {4, 64}, {3, 32}, {2, 0}},  // 2-bit gets the rest (33 rows at K = 257)
+      {{2, 32}, {3, 32}, {5, 64}, {1, 0}},
+      {{6, 32}, {8, 0}},
+      {{1, 64}, {5, 0}},
+  };
+  for (const auto& mix : mixes)
+    for (int64_t M : {1, 9}) {
+      Case c;
+      c.spec.K = 257;
+      c.spec.N = 130;
+      c.spec.segments = mix;
+      c.spec.group_size = 64;
+      c.spec.asym = seed % 2 == 1;
+      c.spec.garbage_padding = true;
+      c.spec.seed = seed++;
+      c.spec.sdtype = kDtypes[seed % 3];
+      c.M = M;
+      c.xtype = kDtypes[(seed + 1) % 3];
+      c.bias = true;
+      c.ldo_pad = 5;
+      check_case(c);
+      if (HasFatalFailure()) return;
+    }
+  // A large mix: every segment long enough to be split over several blocks (and N % 4 == 0).
+  Case c;
+  c.spec.K = 2048 + 96;
+  c.spec.N = 512;
+  c.spec.segments = {{8, 256}, {6, 256}, {5, 512}, {4, 512}, {3, 256}, {2, 0}};
+  c.spec.group_size = 128;
+  c.spec.seed = seed++;
+  c.M = 2;
+  c.xtype = DType::kFloat16;
+  check_case(c);
+}
+
+TEST_F(CudaWq, ActOrderPermChannelScale) {
+  uint32_t seed = 300;
+  for (bool act : {false, true})
+    for (bool perm : {false, true})
+      for (bool cs : {false, true})
+        for (bool asym : {false, true}) {
+          Case c;
+          c.spec.K = 160;
+          c.spec.N = 70;
+          c.spec.segments = {{4, 64}, {3, 0}};
+          c.spec.group_size = 32;
+          c.spec.act_order = act;
+          c.spec.groups = act ? 5 : 0;
+          c.spec.perm = perm;
+          c.spec.channel_scale = cs;
+          c.spec.asym = asym;
+          c.spec.seed = seed++;
+          c.spec.sdtype = kDtypes[seed % 3];
+          c.M = 5;
+          c.xtype = kDtypes[(seed / 2) % 3];
+          c.bias = (seed % 2) == 0;
+          c.ldx_pad = 1;
+          check_case(c);
+          if (HasFatalFailure()) return;
+        }
+  // Act-order at a size with several splits, vector loads.
+  Case c;
+  c.spec.K = 1024;
+  c.spec.N = 256;
+  c.spec.group_size = 128;
+  c.spec.act_order = true;
+  c.spec.perm = true;
+  c.spec.channel_scale = true;
+  c.spec.seed = seed++;
+  c.M = 8;
+  c.xtype = DType::kFloat16;
+  check_case(c);
+}
+
+// Groups of 48 rows: chunks alternate between one group and two (the per-row group path); 7: every chunk
+// mixed; 1000: one group over several chunks.
+TEST_F(CudaWq, GroupsStraddlingChunks) {
+  uint32_t seed = 400;
+  for (int64_t gs : {48, 7, 1000}) {
+    Case c;
+    c.spec.K = 200;
+    c.spec.N = 45;
+    c.spec.segments = {{5, 96}, {2, 0}};
+    c.spec.group_size = gs;
+    c.spec.perm = true;
+    c.spec.seed = seed++;
+    c.M = 4;
+    c.xtype = DType::kBFloat16;
+    check_case(c);
+    if (HasFatalFailure()) return;
+  }
+}
+
+TEST_F(CudaWq, DtypesBiasAndRowCounts) {
+  uint32_t seed = 500;
+  for (DType xt : kDtypes)
+    for (DType sd : kDtypes)
+      for (bool bias : {false, true}) {
+        Case c;
+        c.spec.K = 300;
+        c.spec.N = 68;
+        c.spec.segments = {{4, 128}, {6, 0}};
+        c.spec.group_size = 64;
+        c.spec.asym = seed % 2 == 0;
+        c.spec.sdtype = sd;
+        c.spec.seed = seed++;
+        c.xtype = xt;
+        c.bias = bias;
+        c.M = 2;
+        check_case(c);
+        if (HasFatalFailure()) return;
+      }
+  for (int64_t M : {1, 2, 3, 5, 8, 9, 17, 33}) {  // every M-tile width, several M-tiles
+    Case c;
+    c.spec.K = 777;
+    c.spec.N = 200;
+    c.spec.group_size = 128;
+    c.spec.seed = seed++;
+    c.spec.sdtype = kDtypes[seed % 3];
+    c.xtype = kDtypes[(seed / 3) % 3];
+    c.M = M;
+    c.bias = M % 2 == 1;
+    c.ldx_pad = 3;
+    c.ldo_pad = 1;
+    check_case(c);
+    if (HasFatalFailure()) return;
+  }
+}
+
+// The scalar-load path (qweight not 16-byte aligned) computes the same sums in the same order as the
+// vector path: bitwise equal outputs.
+TEST_F(CudaWq, UnalignedQweightMatchesAligned) {
+  uint32_t seed = 600;
+  for (int32_t b : {4, 3, 8}) {
+    Case c;
+    c.spec.K = 1000;
+    c.spec.N = 260;
+    c.spec.segments = {{b, 0}};
+    c.spec.group_size = 128;
+    c.spec.seed = seed++;
+    c.M = 3;
+    c.xtype = DType::kFloat16;
+    c.bias = true;
+    std::vector<uint8_t> aligned;
+    check_case(c, &aligned);
+    if (HasFatalFailure()) return;
+    for (size_t qoff : {1, 2, 3}) {
+      c.qoff = qoff;
+      std::vector<uint8_t> got;
+      check_case(c, &got);
+      if (HasFatalFailure()) return;
+      EXPECT_TRUE(got == aligned) << "bits " << b << " qoff " << qoff << ": differs from the aligned run";
+    }
+  }
+}
+
+// Scales / zeros whose fast-path constant C = s * 2^(23-P) + z is not exact in fp32 (tiny scale, large
+// zero; asym: a non-integer zero point) must fall back to the generic dequantization for their thread,
+// while neighbouring threads of the same warp take the fast path.
+TEST_F(CudaWq, MixedFastAndGenericColumns) {
+  uint32_t seed = 700;
+  for (bool asym : {false, true})
+    for (int64_t N : {256, 258}) {
+      Case c;
+      c.spec.K = 512;
+      c.spec.N = N;
+      c.spec.group_size = 128;
+      c.spec.asym = asym;
+      c.spec.sdtype = DType::kFloat16;
+      c.spec.seed = seed++;
+      c.M = 2;
+      c.xtype = DType::kFloat32;
+      SCOPED_TRACE(describe(c));
+      HostWq h = make_wq(c.spec);
+      for (int64_t g = 0; g < h.groups; ++g)
+        for (int64_t n = 0; n < N; n += 7) {
+          const size_t i = size_t(g * N + n);
+          const float s = asym ? h.scale_f[i] : 0x1.004p-14f;  // s * 2^7 + 1000.5 needs 25 bits
+          const float z = asym ? 3.5f : 1000.5f;
+          wq_store(h.sdtype, h.scales.data(), i, s);
+          wq_store(h.sdtype, h.zeros.data(), i, z);
+          h.scale_f[i] = wq_load(h.sdtype, h.scales.data(), i);
+          h.zero_f[i] = wq_load(h.sdtype, h.zeros.data(), i);
+        }
+      DeviceWq d(h, 0);
+      upload_wq(h, &d);
+      if (HasFatalFailure()) return;
+      run_and_check(c, h, d);
+      if (HasFatalFailure()) return;
+    }
+}
+
+// Out-of-range g_idx / perm entries (which the layers never pass) are clamped into range: the result is
+// the reference computed with the clamped indices, and nothing is read or written out of bounds
+// (scripts/gpu-check runs this under compute-sanitizer).
+TEST_F(CudaWq, IndicesAreClamped) {
+  WqSpec s;
+  s.K = 300;
+  s.N = 96;
+  s.group_size = 64;
+  s.perm = true;
+  s.seed = 750;
+  const HostWq good = make_wq(s);
+  HostWq bad = good;   // what the device gets
+  HostWq want = good;  // the same with every index clamped: the reference
+  for (int64_t r = 0; r < s.K; ++r) {
+    const size_t i = size_t(r);
+    if (r % 5 == 1) bad.g_idx[i] = int32_t(good.groups + r);
+    if (r % 7 == 2) bad.g_idx[i] = -int32_t(r) - 1;
+    if (r % 11 == 3) bad.perm[i] = int32_t(s.K + r);
+    if (r % 13 == 4) bad.perm[i] = -5;
+    want.g_idx[i] = std::min<int32_t>(std::max<int32_t>(bad.g_idx[i], 0), int32_t(good.groups - 1));
+    want.perm[i] = std::min<int32_t>(std::max<int32_t>(bad.perm[i], 0), int32_t(s.K - 1));
+  }
+  Case c;
+  c.spec = s;
+  c.M = 3;
+  SCOPED_TRACE(describe(c));
+  DeviceWq d(bad, 0);
+  upload_wq(bad, &d);
+  if (HasFatalFailure()) return;
+  run_and_check(c, want, d);
+}
+
+// Capturing wq_matmul (split-K main kernels and the reduce kernel) in a CUDA graph and replaying it gives
+// the bits of the direct call.
+TEST_F(CudaWq, CapturesInCudaGraph) {
+  for (int pass = 0; pass < 2; ++pass) {
+    Case c;
+    c.spec.K = 4096;
+    c.spec.N = 130;
+    c.spec.segments = pass == 0 ? std::vector<WqSegSpec>{{4, 0}} : std::vector<WqSegSpec>{{4, 2048}, {2, 0}};
+    c.spec.group_size = 128;
+    c.spec.seed = 780 + uint32_t(pass);
+    c.M = pass == 0 ? 1 : 3;
+    c.xtype = DType::kBFloat16;
+    c.bias = true;
+    SCOPED_TRACE(describe(c));
+    const HostWq h = make_wq(c.spec);
+    DeviceWq d(h, 0);
+    upload_wq(h, &d);
+    if (HasFatalFailure()) return;
+    std::vector<uint8_t> direct;
+    run_and_check(c, h, d, &direct);
+    if (HasFatalFailure()) return;
+
+    const int64_t M = c.M, K = h.K, N = h.N;
+    const HostFloats x = random_matrix(M, K, K, c.xtype, c.spec.seed * 31u + 7u);  // the same x as run_and_check
+    HostFloats bias = random_floats(size_t(N), c.spec.sdtype, c.spec.seed * 17u + 3u, -0.5, 0.5);
+    DeviceBuffer dx(x.bytes.size()), db(bias.bytes.size());
+    ASSERT_TRUE(dx.ok() && db.ok());
+    to_device(dx, x.bytes.data(), x.bytes.size());
+    to_device(db, bias.bytes.data(), bias.bytes.size());
+    size_t wsb = 0;
+    ASSERT_TRUE(lowbit::cuda::wq_matmul_workspace(d.w, M, &wsb).is_ok());
+    ASSERT_GT(wsb, size_t(0)) << "this shape is meant to use the split-K workspace";
+    DeviceBuffer ws(wsb), out(size_t(M * N) * 2);
+    ASSERT_TRUE(ws.ok() && out.ok());
+    CUDA_ASSERT(cudaMemset(out.bytes(), kOutPoison, out.size()));
+    if (HasFatalFailure()) return;
+
+    cudaGraph_t graph = nullptr;
+    cudaGraphExec_t exec = nullptr;
+    CUDA_ASSERT(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeGlobal));
+    const Status st = lowbit::cuda::wq_matmul(d.w, dx.bytes(), c.xtype, M, K, db.bytes(), out.bytes(), N, ws.bytes(),
+                                              wsb, stream());
+    const cudaError_t end = cudaStreamEndCapture(stream_, &graph);
+    ASSERT_TRUE(st.is_ok()) << st.message;
+    ASSERT_EQ(end, cudaSuccess) << cudaGetErrorString(end);
+    CUDA_ASSERT(cudaGraphInstantiate(&exec, graph, 0));
+    for (int replay = 0; replay < 2; ++replay) {
+      CUDA_ASSERT(cudaMemsetAsync(out.bytes(), kOutPoison, out.size(), stream_));
+      CUDA_ASSERT(cudaGraphLaunch(exec, stream_));
+      CUDA_ASSERT(cudaStreamSynchronize(stream_));
+      std::vector<uint8_t> got(out.size());
+      CUDA_ASSERT(cudaMemcpy(got.data(), out.bytes(), got.size(), cudaMemcpyDeviceToHost));
+      EXPECT_TRUE(got == direct) << "graph replay " << replay << " differs from the direct call";
+    }
+    cudaGraphExecDestroy(exec);
+    cudaGraphDestroy(graph);
+  }
+}
+
+// Small runs of every code path for compute-sanitizer's racecheck / synccheck (scripts/gpu-check): the
+// per-warp x' tile (__syncwarp), the block reduction (__syncthreads), split-K + reduce, the per-row group
+// path, dequantize.
+TEST_F(CudaWq, SanitizerSmoke) {
+  uint32_t seed = 760;
+  for (bool act : {false, true}) {
+    Case c;
+    c.spec.K = 1024 + 40;
+    c.spec.N = 130;
+    c.spec.segments = {{4, 512}, {3, 0}};
+    c.spec.group_size = 64;
+    c.spec.act_order = act;
+    c.spec.perm = true;
+    c.spec.channel_scale = true;
+    c.spec.seed = seed++;
+    c.M = act ? 9 : 2;
+    c.xtype = DType::kFloat16;
+    c.bias = true;
+    check_case(c);
+    if (HasFatalFailure()) return;
+  }
+  WqSpec s;
+  s.K = 100;
+  s.N = 40;
+  s.segments = {{2, 64}, {5, 0}};
+  s.seed = seed++;
+  const HostWq h = make_wq(s);
+  DeviceWq d(h, 0);
+  upload_wq(h, &d);
+  if (HasFatalFailure()) return;
+  DeviceBuffer out(size_t(100 * 40) * 2);
+  ASSERT_TRUE(out.ok());
+  std::vector<uint8_t> got;
+  run_on_poisoned(
+      out, kOutPoison, stream_,
+      [&] { return lowbit::cuda::wq_dequantize(d.w, 0, 40, DType::kBFloat16, out.bytes(), 40, stream()); }, &got);
+}
+
+TEST_F(CudaWq, EmptyShapesWriteNothing) {
+  WqSpec s;
+  s.K = 64;
+  s.N = 40;
+  s.seed = 790;
+  const HostWq h = make_wq(s);
+  DeviceWq d(h, 0);
+  upload_wq(h, &d);
+  if (HasFatalFailure()) return;
+  DeviceBuffer x(64 * 4), out(256);
+  ASSERT_TRUE(x.ok() && out.ok());
+  CUDA_ASSERT(cudaMemset(out.bytes(), kOutPoison, out.size()));
+  size_t wsb = 1;
+  ASSERT_TRUE(lowbit::cuda::wq_matmul_workspace(d.w, 0, &wsb).is_ok());
+  EXPECT_EQ(wsb, size_t(0));
+  Status st = lowbit::cuda::wq_matmul(d.w, x.bytes(), DType::kFloat32, 0, 64, nullptr, out.bytes(), 40, nullptr, 0,
+                                      stream());
+  EXPECT_TRUE(st.is_ok()) << st.message;
+  st = lowbit::cuda::wq_dequantize(d.w, 7, 7, DType::kFloat16, out.bytes(), 1, stream());
+  EXPECT_TRUE(st.is_ok()) << st.message;
+  WqWeight n0 = d.w;  // N = 0: no pointer is needed
+  n0.N = 0;
+  n0.qweight = nullptr;
+  n0.scales = n0.zeros = nullptr;
+  n0.g_idx = nullptr;
+  ASSERT_TRUE(lowbit::cuda::wq_matmul_workspace(n0, 5, &wsb).is_ok());
+  EXPECT_EQ(wsb, size_t(0));
+  st = lowbit::cuda::wq_matmul(n0, x.bytes(), DType::kFloat32, 1, 64, nullptr, out.bytes(), 0, nullptr, 0, stream());
+  EXPECT_TRUE(st.is_ok()) << st.message;
+  expect_untouched(out, out.size(), kOutPoison, stream_);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// wq_dequantize: bitwise equal to the CPU kernel and to the fp32 formula of wq.h rounded once.
+
+TEST_F(CudaWq, DequantizeExact) {
+  uint32_t seed = 800;
+  struct D {
+    int64_t K, N;
+    std::vector<WqSegSpec> segs;
+    int64_t n0, n1;
+  };
+  const std::vector<D> shapes = {
+      {1, 1, {{4, 1}}, 0, 1},
+      {100, 37, {{3, 100}}, 0, 37},
+      {257, 130, {{8, 32}, {6, 64}, {5, 32}, {4, 64}, {3, 32}, {2, 0}}, 5, 101},
+      {160, 33, {{1, 32}, {2, 0}}, 32, 33},
+      {1000, 600, {{4, 512}, {5, 0}}, 0, 600},
+  };
+  for (const D& dd : shapes)
+    for (DType ot : kDtypes)
+      for (bool perm : {false, true}) {
+        WqSpec s;
+        s.K = dd.K;
+        s.N = dd.N;
+        s.segments = dd.segs;
+        s.group_size = 32;
+        s.act_order = seed % 3 == 0;
+        s.perm = perm;
+        s.asym = seed % 2 == 0;
+        s.sdtype = kDtypes[seed % 3];
+        s.channel_scale = true;  // must be ignored
+        s.garbage_padding = true;
+        s.seed = seed++;
+        SCOPED_TRACE("K=" + std::to_string(dd.K) + " N=" + std::to_string(dd.N) + " otype=" + lowbit::dtype_name(ot) +
+                     " perm=" + std::to_string(perm) + " seed=" + std::to_string(s.seed));
+        const HostWq h = make_wq(s);
+        DeviceWq d(h, seed % 2);  // odd seeds: an unaligned qweight
+        upload_wq(h, &d);
+        if (HasFatalFailure()) return;
+        const int64_t W = dd.n1 - dd.n0, ldo = W + 3;
+        const size_t n = size_t(dd.K * ldo);
+
+        const std::vector<float> ref = ref_dequant(h, dd.n0, dd.n1);
+        HostFloats want = sentinel_floats(n, ot, kOutPoison);
+        for (int64_t k = 0; k < dd.K; ++k)
+          for (int64_t c = 0; c < W; ++c) wq_store(ot, want.data(), size_t(k * ldo + c), ref[size_t(k * W + c)]);
+        HostFloats cpu = sentinel_floats(n, ot, kOutPoison);
+        const Status cs = lowbit::cpu::wq_dequantize(h.view(), dd.n0, dd.n1, ot, cpu.data(), ldo);
+        ASSERT_TRUE(cs.is_ok()) << cs.message;
+        EXPECT_TRUE(cpu.bytes == want.bytes) << "the CPU kernel disagrees with the formula";
+
+        DeviceBuffer out(n * wq_dtype_size(ot));
+        ASSERT_TRUE(out.ok());
+        std::vector<uint8_t> got;
+        run_on_poisoned(
+            out, kOutPoison, stream_,
+            [&] { return lowbit::cuda::wq_dequantize(d.w, dd.n0, dd.n1, ot, out.bytes(), ldo, stream()); }, &got, 2);
+        if (HasFatalFailure()) return;
+        if (got != want.bytes) {
+          for (size_t i = 0; i < got.size(); ++i)
+            if (got[i] != want.bytes[i]) {
+              const int64_t e = int64_t(i / wq_dtype_size(ot));
+              FAIL() << "first mismatch at row " << e / ldo << " col " << e % ldo << ": got "
+                     << wq_load(ot, got.data(), size_t(e)) << ", want " << wq_load(ot, want.data(), size_t(e));
+            }
+        }
+        EXPECT_TRUE(got == cpu.bytes) << "differs from the CPU kernel";
+      }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Errors: kInvalidArgument, a message naming the problem, nothing written.
+
+class CudaWqErrors : public CudaWq {
+ protected:
+  void SetUp() override {
+    CudaWq::SetUp();
+    if (IsSkipped() || HasFatalFailure()) return;
+    WqSpec s;
+    s.K = 96;
+    s.N = 16;
+    s.segments = {{4, 64}, {3, 0}};
+    s.group_size = 32;
+    s.perm = true;
+    s.seed = 900;
+    host_ = make_wq(s);
+    dev_.reset(new DeviceWq(host_, 0));
+    upload_wq(host_, dev_.get());
+    ASSERT_TRUE(x_.ok() && out_.ok() && ws_.ok());
+    CUDA_ASSERT(cudaMemset(x_.bytes(), 0, x_.size()));
+    CUDA_ASSERT(cudaMemset(out_.bytes(), kOutPoison, out_.size()));
+  }
+  Status matmul(const WqWeight& v, const void* x, int64_t M, int64_t ldx, int64_t ldo, DType xt = DType::kFloat32) {
+    return lowbit::cuda::wq_matmul(v, x, xt, M, ldx, nullptr, out_.bytes(), ldo, ws_.bytes(), ws_.size(), stream());
+  }
+  // The weight error `what` from matmul, workspace query and dequantize alike.
+  void expect_weight_error(const WqWeight& v, const std::string& what, const std::string& needle) {
+    const Status a = matmul(v, x_.bytes(), 2, 96, 16);
+    expect_invalid(a, what + " (wq_matmul)", needle);
+    EXPECT_EQ(a.message.rfind("lowbit::cuda::wq_matmul: ", 0), size_t(0)) << a.message;
+    size_t b = 0;
+    expect_invalid(lowbit::cuda::wq_matmul_workspace(v, 2, &b), what + " (wq_matmul_workspace)", needle);
+    expect_invalid(lowbit::cuda::wq_dequantize(v, 0, 16, DType::kFloat32, out_.bytes(), 16, stream()),
+                   what + " (wq_dequantize)", needle);
+  }
+  HostWq host_;
+  std::unique_ptr<DeviceWq> dev_;
+  DeviceBuffer x_{2 * 96 * 4}, out_{96 * 16 * 4}, ws_{1 << 20};
+};
+
+TEST_F(CudaWqErrors, WeightDescription) {
+  const WqWeight good = dev_->w;
+  ASSERT_TRUE(matmul(good, x_.bytes(), 2, 96, 16).is_ok());
+  CUDA_ASSERT(cudaStreamSynchronize(stream_));
+  CUDA_ASSERT(cudaMemset(out_.bytes(), kOutPoison, out_.size()));
+  WqWeight v = good;
+  v.bits[1] = 7;
+  expect_weight_error(v, "bits 7", "bits must be 1, 2, 3, 4, 5, 6 or 8, got 7");
+  v = good;
+  v.bits[0] = 0;
+  expect_weight_error(v, "bits 0", "got 0");
+  v = good;
+  v.row_end[0] = 48;
+  expect_weight_error(v, "segment length", "multiple of 32");
+  v = good;
+  v.row_end[1] = 90;
+  expect_weight_error(v, "row_end != K", "must end at K");
+  v = good;
+  v.row_end[1] = 64;
+  expect_weight_error(v, "empty segment", "row_end must exceed");
+  v = good;
+  v.nseg = 7;
+  expect_weight_error(v, "nseg", "nseg");
+  v = good;
+  v.nseg = 0;
+  expect_weight_error(v, "nseg 0", "nseg");
+  v = good;
+  v.qrows = good.qrows - 1;
+  expect_weight_error(v, "qrows", "qrows must be >=");
+  v = good;
+  v.groups = 0;
+  expect_weight_error(v, "groups", "groups must be >= 1");
+  v = good;
+  v.K = 0;
+  expect_weight_error(v, "K", "K must be >= 1");
+  v = good;
+  v.qweight = nullptr;
+  expect_weight_error(v, "qweight null", "qweight is null");
+  v = good;
+  v.g_idx = nullptr;
+  expect_weight_error(v, "g_idx null", "g_idx is null");
+  v = good;
+  v.scales = nullptr;
+  expect_weight_error(v, "scales null", "scales is null");
+  v = good;
+  v.zeros = nullptr;
+  expect_weight_error(v, "zeros null", "zeros is null");
+  v = good;
+  v.sdtype = DType(5);
+  expect_weight_error(v, "sdtype", "sdtype");
+  expect_untouched(out_, out_.size(), kOutPoison, stream_);
+}
+
+TEST_F(CudaWqErrors, CallArguments) {
+  const WqWeight good = dev_->w;
+  expect_invalid(matmul(good, nullptr, 2, 96, 16), "x null", "x is null");
+  expect_invalid(matmul(good, x_.bytes(), 2, 95, 16), "ldx < K", "ldx must be >= K (96), got 95");
+  expect_invalid(matmul(good, x_.bytes(), 2, 96, 15), "ldo < N", "ldo must be >= N (16), got 15");
+  expect_invalid(matmul(good, x_.bytes(), -1, 96, 16), "M < 0", "M must be >= 0");
+  expect_invalid(matmul(good, x_.bytes(), 2, 96, 16, DType(3)), "xtype", "xtype");
+  expect_invalid(lowbit::cuda::wq_matmul(good, x_.bytes(), DType::kFloat32, 2, 96, nullptr, nullptr, 16, ws_.bytes(),
+                                         ws_.size(), stream()),
+                 "out null", "out is null");
+  size_t b = 0;
+  expect_invalid(lowbit::cuda::wq_matmul_workspace(good, -1, &b), "workspace M < 0", "M must be >= 0");
+  expect_invalid(lowbit::cuda::wq_matmul_workspace(good, 1, nullptr), "workspace bytes null", "bytes is null");
+  auto deq = [&](int64_t n0, int64_t n1, DType ot, void* out, int64_t ldo) {
+    return lowbit::cuda::wq_dequantize(good, n0, n1, ot, out, ldo, stream());
+  };
+  expect_invalid(deq(-1, 4, DType::kFloat32, out_.bytes(), 16), "n0 < 0", "n0 must be in");
+  expect_invalid(deq(4, 17, DType::kFloat32, out_.bytes(), 16), "n1 > N", "n1 must be in");
+  expect_invalid(deq(5, 4, DType::kFloat32, out_.bytes(), 16), "n1 < n0", "n1 must be in");
+  expect_invalid(deq(0, 16, DType::kFloat32, out_.bytes(), 15), "ldo < n1 - n0", "ldo must be >= n1 - n0");
+  expect_invalid(deq(0, 16, DType(7), out_.bytes(), 16), "otype", "otype");
+  expect_invalid(deq(0, 16, DType::kFloat32, nullptr, 16), "out null", "out is null");
+  expect_untouched(out_, out_.size(), kOutPoison, stream_);
+}
+
+// A shape that needs the split-K workspace: a workspace one byte short, or null, is an error and nothing
+// runs; the exact size works.
+TEST_F(CudaWqErrors, Workspace) {
+  WqSpec s;
+  s.K = 4096;
+  s.N = 16;
+  s.segments = {{4, 2048}, {2, 0}};  // two segments always need one
+  s.seed = 950;
+  const HostWq h = make_wq(s);
+  DeviceWq d(h, 0);
+  upload_wq(h, &d);
+  if (HasFatalFailure()) return;
+  DeviceBuffer x(4096 * 4);
+  ASSERT_TRUE(x.ok());
+  CUDA_ASSERT(cudaMemset(x.bytes(), 0, x.size()));
+  size_t need = 0;
+  ASSERT_TRUE(lowbit::cuda::wq_matmul_workspace(d.w, 1, &need).is_ok());
+  ASSERT_GT(need, size_t(0));
+  ASSERT_LE(need, ws_.size());
+  Status st = lowbit::cuda::wq_matmul(d.w, x.bytes(), DType::kFloat32, 1, 4096, nullptr, out_.bytes(), 16, ws_.bytes(),
+                                      need - 1, stream());
+  expect_invalid(st, "workspace too small", "workspace_bytes must be >= " + std::to_string(need));
+  st = lowbit::cuda::wq_matmul(d.w, x.bytes(), DType::kFloat32, 1, 4096, nullptr, out_.bytes(), 16, nullptr, need,
+                               stream());
+  expect_invalid(st, "workspace null", "workspace is null");
+  expect_untouched(out_, out_.size(), kOutPoison, stream_);
+  st = lowbit::cuda::wq_matmul(d.w, x.bytes(), DType::kFloat32, 1, 4096, nullptr, out_.bytes(), 16, ws_.bytes(), need,
+                               stream());
+  EXPECT_TRUE(st.is_ok()) << st.message;
+  CUDA_ASSERT(cudaStreamSynchronize(stream_));
+  CUDA_ASSERT(cudaGetLastError());
+}
+
+}  // namespace
