@@ -542,8 +542,10 @@ __device__ __forceinline__ void warp_chunks(const MainArgs& a, int64_t cb, int64
     const bool uni = p.uni;
     const int gl = p.gl;
     // 2. Prefetch the small things (nothing loaded here is used before the next iteration).
-    const Meta next2 = c + 2 < ce ? load_meta(a, c + 2, lane) : Meta{};
+    // (`next` is dead once chunk c + 1's data is issued, so chunk c + 2's meta loads straight into it: a
+    // copy from a separate register at the back edge would wait for those loads every iteration.)
     if (c + 1 < ce) issue_data<MT>(a, c + 1, next, lane, tile0, m0, g_last, p);
+    next = c + 2 < ce ? load_meta(a, c + 2, lane) : Meta{};
     __syncwarp();
     // 3. Decode + FMA.
     if (uni) {
@@ -561,7 +563,6 @@ __device__ __forceinline__ void warp_chunks(const MainArgs& a, int64_t cb, int64
 #pragma unroll
       for (int cc = 0; cc < kCols; ++cc) wc[i][cc] = wn[i][cc];
     if (c + 2 < ce) load_words<B>(a, c + 2, lane, tile0, wn);
-    next = next2;
   }
 }
 
@@ -685,6 +686,72 @@ __global__ void __launch_bounds__(kDequantThreads, 4) wq_dequantize_kernel(const
       const float v = asym ? s * (qf - z) : fmaf(s, qf, -z);
       const int64_t k = a.perm != nullptr ? min(max(int64_t(__ldg(a.perm + r)), int64_t(0)), a.K - 1) : r;
       store_out(a.out, k * a.ldo + (n - a.n0), a.odt, v);
+    }
+  }
+}
+
+// The same with 4 adjacent columns per thread (N, n0, n1, ldo multiples of 4; qweight 16-byte and out 8-byte
+// aligned): one 16-byte load per word row and one 8-byte (16-bit types) or 16-byte (fp32) store per row, so a
+// warp writes 256 / 512 contiguous bytes of a row; scales / zeros are reloaded only when the group changes.
+// Same expression and rounding as wq_dequantize_kernel, so the two give the same bits.
+template <int B>
+__global__ void __launch_bounds__(kDequantThreads) wq_dequantize4_kernel(const DeqArgs a) {
+  const int64_t n = a.n0 + (int64_t(blockIdx.x) * kDequantThreads + threadIdx.x) * 4;
+  if (n >= a.n1) return;
+  const bool asym = a.asym != 0;
+  for (int64_t ch = blockIdx.y; ch < a.chunks; ch += gridDim.y) {
+    uint32_t w[B][4];
+    const uint32_t* q = a.qweight + ch * B * a.N + n;
+#pragma unroll
+    for (int i = 0; i < B; ++i) {
+      const uint4 v = __ldg(reinterpret_cast<const uint4*>(q + i * a.N));
+      w[i][0] = v.x;
+      w[i][1] = v.y;
+      w[i][2] = v.z;
+      w[i][3] = v.w;
+    }
+    const int64_t r0 = a.row0 + ch * 32;
+    int64_t g_prev = -1;
+    float s[4] = {}, z[4] = {};
+#pragma unroll
+    for (int j = 0; j < 32; ++j) {
+      const int64_t r = r0 + j;
+      if (r >= a.K) break;
+      const int64_t g = min(max(int64_t(__ldg(a.g_idx + r)), int64_t(0)), a.groups - 1);
+      if (g != g_prev) {
+        g_prev = g;
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          s[c] = raw_to_float(load_raw(a.scales, g * a.N + n + c, a.sdt), a.sdt);
+          z[c] = raw_to_float(load_raw(a.zeros, g * a.N + n + c, a.sdt), a.sdt);
+        }
+      }
+      const int pos = j * B, i = pos >> 5, sh = pos & 31;
+      float v[4];
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const uint32_t hi = i + 1 < B ? w[i + 1 < B ? i + 1 : i][c] : 0u;
+        const uint32_t code = __funnelshift_r(w[i][c], hi, sh) & ((1u << B) - 1u);
+        const float qf = __uint2float_rn(code);
+        v[c] = asym ? s[c] * (qf - z[c]) : fmaf(s[c], qf, -z[c]);
+      }
+      const int64_t k = a.perm != nullptr ? min(max(int64_t(__ldg(a.perm + r)), int64_t(0)), a.K - 1) : r;
+      const int64_t o = k * a.ldo + (n - a.n0);
+      if (a.odt == 0) {
+        *reinterpret_cast<float4*>(static_cast<float*>(a.out) + o) = make_float4(v[0], v[1], v[2], v[3]);
+      } else if (a.odt == 1) {
+        const __half2 h0 = __floats2half2_rn(v[0], v[1]), h1 = __floats2half2_rn(v[2], v[3]);
+        uint2 u;
+        u.x = *reinterpret_cast<const uint32_t*>(&h0);
+        u.y = *reinterpret_cast<const uint32_t*>(&h1);
+        *reinterpret_cast<uint2*>(static_cast<__half*>(a.out) + o) = u;
+      } else {
+        const __nv_bfloat162 h0 = __floats2bfloat162_rn(v[0], v[1]), h1 = __floats2bfloat162_rn(v[2], v[3]);
+        uint2 u;
+        u.x = *reinterpret_cast<const uint32_t*>(&h0);
+        u.y = *reinterpret_cast<const uint32_t*>(&h1);
+        *reinterpret_cast<uint2*>(static_cast<__nv_bfloat16*>(a.out) + o) = u;
+      }
     }
   }
 }
@@ -932,7 +999,12 @@ Status wq_dequantize(const WqWeight& w, int64_t n0, int64_t n1, DType otype, voi
   Status st = wq_validate_dequantize(fn, w, n0, n1, otype, out, ldo);
   if (!st.is_ok()) return st;
   if (n1 == n0) return Status::ok();
-  const int64_t xblocks = (n1 - n0 + kDequantThreads - 1) / kDequantThreads;
+  // Four columns per thread when every column group of 4 is aligned (the common case: N % 4 == 0).
+  const int64_t oalign = otype == DType::kFloat32 ? 16 : 8;
+  const bool vec4 = w.N % 4 == 0 && n0 % 4 == 0 && (n1 - n0) % 4 == 0 && ldo % 4 == 0 &&
+                    reinterpret_cast<uintptr_t>(w.qweight) % 16 == 0 && reinterpret_cast<uintptr_t>(out) % oalign == 0;
+  const int64_t cols_per_thread = vec4 ? 4 : 1;
+  const int64_t xblocks = ((n1 - n0) / cols_per_thread + kDequantThreads - 1) / kDequantThreads;
   if (xblocks > int64_t(std::numeric_limits<int>::max()))
     return Status::invalid(validate::err(fn, "n1 - n0 needs more than 2^31 - 1 blocks"));
   const cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
@@ -958,7 +1030,18 @@ Status wq_dequantize(const WqWeight& w, int64_t n0, int64_t n1, DType otype, voi
     a.chunks = (w.row_end[sgi] - start + 31) / 32;
     a.qweight = w.qweight + q0 * w.N;
     const dim3 grid(static_cast<unsigned>(xblocks), static_cast<unsigned>(std::min(a.chunks, kMaxGridY)));
-    switch (bits) {
+    if (vec4) {
+      switch (bits) {
+        case 1: wq_dequantize4_kernel<1><<<grid, kDequantThreads, 0, s>>>(a); break;
+        case 2: wq_dequantize4_kernel<2><<<grid, kDequantThreads, 0, s>>>(a); break;
+        case 3: wq_dequantize4_kernel<3><<<grid, kDequantThreads, 0, s>>>(a); break;
+        case 4: wq_dequantize4_kernel<4><<<grid, kDequantThreads, 0, s>>>(a); break;
+        case 5: wq_dequantize4_kernel<5><<<grid, kDequantThreads, 0, s>>>(a); break;
+        case 6: wq_dequantize4_kernel<6><<<grid, kDequantThreads, 0, s>>>(a); break;
+        default: wq_dequantize4_kernel<8><<<grid, kDequantThreads, 0, s>>>(a); break;
+      }
+    } else {
+      switch (bits) {
       case 1: wq_dequantize_kernel<1><<<grid, kDequantThreads, 0, s>>>(a); break;
       case 2: wq_dequantize_kernel<2><<<grid, kDequantThreads, 0, s>>>(a); break;
       case 3: wq_dequantize_kernel<3><<<grid, kDequantThreads, 0, s>>>(a); break;
@@ -966,6 +1049,7 @@ Status wq_dequantize(const WqWeight& w, int64_t n0, int64_t n1, DType otype, voi
       case 5: wq_dequantize_kernel<5><<<grid, kDequantThreads, 0, s>>>(a); break;
       case 6: wq_dequantize_kernel<6><<<grid, kDequantThreads, 0, s>>>(a); break;
       default: wq_dequantize_kernel<8><<<grid, kDequantThreads, 0, s>>>(a); break;
+      }
     }
     st = launch_error(fn, "kernel launch failed");
     if (!st.is_ok()) return st;
