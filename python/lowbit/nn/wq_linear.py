@@ -100,6 +100,25 @@ class _WqLinearBase(LowbitLayer):
                               "construct the layer with disable_bias=False to keep it", stacklevel=3)
             self._drop("bias")
 
+    def _adapt_state_dict(self, state_dict, prefix: str, keys) -> None:
+        """Subclass hook: bring a checkpoint's keys into this layer's layout before loading."""
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        state_dict.pop(prefix + "wf", None)  # BIE's shift table: not needed
+        keys = {k[len(prefix):] for k in state_dict if k.startswith(prefix)}
+        self._adapt_state_dict(state_dict, prefix, keys)
+        if "bias" not in keys and self.disable_bias:
+            self._drop("bias")
+        if "bias" in keys and "bias" not in self._buffers:
+            self.register_buffer("bias", torch.zeros(self.out_channels, dtype=self.dtype))
+        was_prepared = self._prepared
+        self._prepared = False
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if was_prepared and not error_msgs:
+            self.prepare_params()
+
     def extra_repr(self) -> str:
         return (f"in_channels={self.in_channels}, out_channels={self.out_channels}, w_bit={self.w_bit}, "
                 f"group_size={self.group_size}, dtype={self.dtype}, prepared={self._prepared}")
@@ -197,10 +216,7 @@ class MPQLinear(_WqLinearBase):
         self._seg_bits, self._seg_rows, self._asym_rt = [b], [K], self.asym
         self._prepared = True
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        keys = {k[len(prefix):] for k in state_dict if k.startswith(prefix)}
-        state_dict.pop(prefix + "wf", None)  # BIE's shift table: not needed
+    def _adapt_state_dict(self, state_dict, prefix: str, keys) -> None:
         # A prepared checkpoint (no double-quantization tensors): load into the prepared layout.
         if "qscales_zeros" in self._buffers and "qscales_zeros" not in keys and "scales" in keys:
             self._drop(*_DQ_KEYS)
@@ -209,16 +225,6 @@ class MPQLinear(_WqLinearBase):
         if self.asym and "qzeros" not in keys and prefix + "zeros" in state_dict and \
                 state_dict[prefix + "zeros"].dtype == torch.int32:
             state_dict[prefix + "qzeros"] = state_dict.pop(prefix + "zeros")  # BIE's prepared asym layout
-        if "bias" not in keys and self.disable_bias:
-            self._drop("bias")
-        if "bias" in keys and "bias" not in self._buffers:
-            self.register_buffer("bias", torch.zeros(self.out_channels, dtype=self.dtype))
-        was_prepared = self._prepared
-        self._prepared = False
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
-        if was_prepared and not error_msgs:
-            self.prepare_params()
 
     # --- construction from float weights and MLX --------------------------------------------------
     @classmethod
@@ -395,25 +401,14 @@ class MBWQLinear(_WqLinearBase):
         self._warn_dropped_bias()
         self._prepared = True
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        for k in _DQ_KEYS + ("wf", "g_idx", "qzeros", "q_group_map"):
-            state_dict.pop(prefix + k, None)
-        keys = {k[len(prefix):] for k in state_dict if k.startswith(prefix)}
-        if "bias" not in keys and self.disable_bias:
-            self._drop("bias")
-        if "bias" in keys and "bias" not in self._buffers:
-            self.register_buffer("bias", torch.zeros(self.out_channels, dtype=self.dtype))
+    def _adapt_state_dict(self, state_dict, prefix: str, keys) -> None:
+        for k in _DQ_KEYS + ("g_idx", "qzeros", "q_group_map"):
+            if state_dict.pop(prefix + k, None) is not None:
+                keys.discard(k)
         if "q_perm" not in keys:  # absent = identity
             state_dict[prefix + "q_perm"] = torch.zeros_like(self.q_perm)
         if "channel_scale" not in keys:
             state_dict[prefix + "channel_scale"] = torch.ones_like(self.channel_scale)
-        was_prepared = self._prepared
-        self._prepared = False
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
-        if was_prepared and not error_msgs:
-            self.prepare_params()
 
     # --- dense reconstructions (BIE's static helpers) ---------------------------------------------
     @staticmethod
