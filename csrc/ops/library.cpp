@@ -126,6 +126,12 @@ TORCH_LIBRARY(lowbit, m) {
   // Checks a stored-row -> channel permutation (int16 read as uint16, int32 or int64; all zeros = identity)
   // and returns it as int32, or an empty tensor for the identity.
   m.def("wq_check_perm(Tensor perm, int K) -> Tensor");
+  // Rows of a one-width qweight reordered: stored row r of the result is row rows[r] of the input.
+  m.def("wq_permute_rows(Tensor qweight, int bits, Tensor rows) -> Tensor");
+  // GPTQ act-order made contiguous (exllama's trick, done once at prepare): when g_idx is not
+  // non-decreasing, returns (qweight with its rows in stable g_idx order, the sorted g_idx, perm int32:
+  // stored row -> input channel); otherwise (qweight, g_idx, empty).
+  m.def("wq_sort_groups(Tensor qweight, Tensor g_idx, int bits) -> (Tensor, Tensor, Tensor)");
   // Checks that every g_idx entry is in [0, groups); returns it as int32.
   m.def("wq_check_g_idx(Tensor g_idx, int K, int groups) -> Tensor");
 }

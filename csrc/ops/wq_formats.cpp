@@ -328,9 +328,41 @@ at::Tensor wq_check_g_idx_impl(const at::Tensor& g_idx, int64_t K, int64_t group
   return g_idx.reshape({-1}).to(at::kInt).contiguous();
 }
 
+at::Tensor wq_permute_rows_impl(const at::Tensor& qweight, int64_t bits, const at::Tensor& rows) {
+  const char* op = "lowbit.wq_permute_rows";
+  TORCH_CHECK(rows.defined() && rows.dim() == 1 && !at::isFloatingType(rows.scalar_type()), op,
+              ": rows must be a 1-D integer tensor");
+  const int64_t K = rows.numel();
+  const std::vector<int64_t> seg_bits{bits}, seg_rows{K};
+  const auto codes = wq_unpack_impl(qweight, seg_bits, seg_rows);  // checks qweight against (bits, K)
+  const auto idx = rows.to(codes.device(), at::kLong);
+  TORCH_CHECK(K == 0 || (idx.min().item<int64_t>() >= 0 && idx.max().item<int64_t>() < K), op,
+              ": rows must be in [0, ", K, ")");
+  auto out = wq_pack_impl(codes.index_select(0, idx), seg_bits, seg_rows);
+  if (out.size(0) < qweight.size(0))  // keep any extra word rows the input had (zero)
+    out = at::cat({out, at::zeros({qweight.size(0) - out.size(0), out.size(1)}, out.options())});
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> wq_sort_groups_impl(const at::Tensor& qweight, const at::Tensor& g_idx,
+                                                                   int64_t bits) {
+  const char* op = "lowbit.wq_sort_groups";
+  TORCH_CHECK(g_idx.defined() && g_idx.dim() == 1 && !at::isFloatingType(g_idx.scalar_type()), op,
+              ": g_idx must be a 1-D integer tensor");
+  const auto g = g_idx.to(at::kLong);
+  const int64_t K = g.numel();
+  if (K < 2 || (g.narrow(0, 1, K - 1) >= g.narrow(0, 0, K - 1)).all().item<bool>())
+    return {qweight, g_idx, at::empty({0}, g_idx.options().dtype(at::kInt))};
+  const auto perm = std::get<1>(g.sort(/*stable=*/true, /*dim=*/0, /*descending=*/false));
+  return {wq_permute_rows_impl(qweight, bits, perm), g_idx.index_select(0, perm.to(g_idx.device())).to(at::kInt),
+          perm.to(at::kInt).to(g_idx.device())};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lowbit, CompositeExplicitAutograd, m) {
+  m.impl("wq_permute_rows", &wq_permute_rows_impl);
+  m.impl("wq_sort_groups", &wq_sort_groups_impl);
   m.impl("wq_pack", &wq_pack_impl);
   m.impl("wq_unpack", &wq_unpack_impl);
   m.impl("wq_pack_zeros", &wq_pack_zeros_impl);

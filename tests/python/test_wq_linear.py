@@ -63,6 +63,27 @@ def test_mpq_gptq_forward(device, b, act_order):
             check_close(y, x, W, big_m=M > 16)
 
 
+def test_mpq_act_order_state_dict_keeps_checkpoint_order(device):
+    K, N, b, gs = 128, 12, 4, 32
+    sd, W = gptq_state(K, N, b, gs, True, torch.float16)
+    layer = MPQLinear(K, N, w_bit=b, group_size=gs, use_gba_quant=False, dtype=torch.float16)
+    layer.load_state_dict(sd)
+    layer.prepare_params()
+    layer.to(device)
+    assert layer._buffers.get("_rt_perm") is not None  # rows sorted by group for the fast path
+    out = layer.state_dict()
+    assert torch.equal(out["qweight"].cpu(), sd["qweight"]) and torch.equal(out["g_idx"].cpu(), sd["g_idx"])
+    x = torch.randn(2, K, dtype=torch.float16, device=device)
+    y = layer(x)
+    check_close(y, x, W)
+    again = MPQLinear(K, N, w_bit=b, group_size=gs, use_gba_quant=False, dtype=torch.float16)
+    again.load_state_dict(out)
+    again.prepare_params()
+    assert torch.equal(again.to(device)(x), y)
+    layer.load_state_dict(out)  # loading into a prepared (sorted) layer re-prepares it
+    assert torch.equal(layer(x), y)
+
+
 def test_mpq_leading_dims_and_bias(device):
     K, N, b, gs = 64, 20, 4, 16
     sd, W = gptq_state(K, N, b, gs, False, torch.float32)

@@ -212,9 +212,23 @@ class MPQLinear(_WqLinearBase):
         if self.scales.dim() != 2 or self.scales.shape[1] != N:
             raise ValueError(f"{name}: scales must be (groups, {N}), got {tuple(self.scales.shape)}")
         self.g_idx = _ops.wq_check_g_idx(self.g_idx, K, G)
+        # Act-order: rows sorted by group once (the buffers hold the sorted order, the state dict the
+        # checkpoint's), so that every 32-row chunk has one group and takes the kernels' fast path.
+        qweight, g_idx, perm = _ops.wq_sort_groups(self.qweight, self.g_idx, b)
+        if perm.numel():
+            self.qweight, self.g_idx = qweight, g_idx
+        self._set_rt("_rt_perm", perm if perm.numel() else None)
         self._warn_dropped_bias()
         self._seg_bits, self._seg_rows, self._asym_rt = [b], [K], self.asym
         self._prepared = True
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        perm = self._buffers.get("_rt_perm")
+        if perm is not None:  # act-order sorted at prepare: save the checkpoint's row order
+            inv = torch.argsort(perm)
+            destination[prefix + "qweight"] = _ops.wq_permute_rows(self.qweight, self.w_bit, inv)
+            destination[prefix + "g_idx"] = self.g_idx.index_select(0, inv)
 
     def _adapt_state_dict(self, state_dict, prefix: str, keys) -> None:
         # A prepared checkpoint (no double-quantization tensors): load into the prepared layout.
