@@ -26,10 +26,11 @@ except (ImportError, OSError) as exc:  # pragma: no cover - depends on the insta
 from . import io, nn, ops  # noqa: E402
 from .checkpoint import load, save  # noqa: E402
 from .convert import convert  # noqa: E402
+from .quantize import quantize  # noqa: E402
 from .tools import prepare_layers  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["io", "nn", "ops", "compat", "convert", "save", "load", "prepare_layers", "__version__"]
+__all__ = ["io", "nn", "ops", "compat", "convert", "quantize", "save", "load", "prepare_layers", "__version__"]
 
 
 def __getattr__(name):

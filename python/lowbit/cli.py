@@ -3,6 +3,7 @@
     lowbit inspect PATH        what a checkpoint holds: lowbit layers, bits, tensor sizes
     lowbit demo [ARGS...]      the Fashion-MNIST demo (C++ binary if built, else the Python twin)
     lowbit bench [NAMES...]    the layer benchmarks of bench/ (q8_linear, q4_layers)
+    lowbit quantize SRC DST    weight-only quantization of a float checkpoint (MBWQ / MPQ, RTN)
 """
 from __future__ import annotations
 
@@ -98,6 +99,82 @@ def cmd_bench(args) -> int:
     return rc
 
 
+_DEFAULT_EXCLUDE = ["*lm_head*", "*embed*"]
+
+
+def cmd_quantize(args) -> int:
+    from . import __version__, io
+    from .checkpoint import CONFIG, FORMAT, TENSORS, VERSION
+    from .convert import _kind_for
+    from .quantize import quantize_weights
+
+    def fail(msg: str) -> int:
+        print(f"lowbit quantize: {msg}", file=sys.stderr)
+        return 2
+
+    if args.method == "gptq":
+        return fail("--method gptq needs calibration data, which the command line does not take; use the "
+                    "Python API: lowbit.quantize(model, method='gptq', calibration=[batch, ...])")
+    src = Path(args.src)
+    st_path = src / TENSORS if src.is_dir() else src
+    existing = {}
+    if src.is_dir() and (src / CONFIG).is_file():
+        try:
+            existing = json.loads((src / CONFIG).read_text()).get("layers", {}) or {}
+        except (OSError, ValueError, AttributeError) as exc:
+            return fail(f"{src / CONFIG}: {exc}")
+    try:
+        tensors = io.load_file(st_path)
+    except (RuntimeError, OSError) as exc:
+        return fail(f"{st_path}: {exc}")
+    include = args.include or ["*"]
+    exclude = ([] if args.no_default_exclude else list(_DEFAULT_EXCLUDE)) + list(args.exclude or [])
+    items = []
+    for key, w in tensors.items():
+        mod = key[:-len(".weight")] if key.endswith(".weight") else ""
+        if not mod or w.dim() != 2 or not w.is_floating_point():
+            continue
+        if any(mod == e or mod.startswith(e + ".") for e in existing):  # already a lowbit layer
+            continue
+        if _kind_for(mod, "wq", include, exclude, ()) is None:
+            continue
+        b = tensors.get(mod + ".bias")
+        if b is not None and (b.dim() != 1 or b.numel() != w.shape[0] or not b.is_floating_point()):
+            return fail(f"{mod}.bias has shape {tuple(b.shape)} / {b.dtype}; expected a float vector of "
+                        f"{w.shape[0]} for the weight {tuple(w.shape)}")
+        items.append((mod, w, b, None))
+    if not items:
+        return fail(f"no 2-D float '<module>.weight' tensor in {st_path} matches --include {include} "
+                    f"--exclude {exclude}")
+    try:
+        layers, report = quantize_weights(items, bits=args.bits, group_size=args.group_size, method=args.method,
+                                          layer=args.layer, budget_bits=args.budget_bits,
+                                          candidate_bits=args.candidate_bits, progress=not args.no_progress)
+    except ValueError as exc:
+        return fail(str(exc).replace("lowbit.quantize: ", ""))
+    out = {k: t for k, t in tensors.items() if k.rpartition(".")[0] not in layers or
+           k.rpartition(".")[2] not in ("weight", "bias")}
+    for name, layer in layers.items():
+        out.update({f"{name}.{k}": v for k, v in layer.state_dict().items() if v is not None})
+    specs = dict(existing)
+    specs.update({name: {"class": type(m).__name__, "args": m.constructor_args()} for name, m in layers.items()})
+    dst = Path(args.dst)
+    if dst.exists() and not dst.is_dir():
+        return fail(f"{dst} exists and is not a directory")
+    dst.mkdir(parents=True, exist_ok=True)
+    io.save_file(out, dst / TENSORS, metadata={"format": FORMAT})
+    config = {"format": FORMAT, "version": VERSION, "lowbit": __version__, "layers": specs}
+    tmp = dst / (CONFIG + ".tmp")
+    tmp.write_text(json.dumps(config, indent=2, sort_keys=True))
+    os.replace(tmp, dst / CONFIG)
+    before = sum(t.numel() * t.element_size() for t in tensors.values())
+    after = sum(t.numel() * t.element_size() for t in out.values())
+    print(report.table())
+    print(f"checkpoint: {_human(before)} -> {_human(after)} ({before / max(after, 1):.2f}x smaller), "
+          f"{report.average_bits:.3f} bits per quantized weight; wrote {dst}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="lowbit", description="lowbit: low-bit layers for PyTorch.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -122,6 +199,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                    help="arguments passed to every benchmark script (e.g. --extra --device cpu)")
     p.set_defaults(func=cmd_bench)
+    p = sub.add_parser(
+        "quantize", help="weight-only quantization of a float checkpoint (MBWQ / MPQ)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Quantize the linear weights of a float checkpoint to MBWQLinear (layer-mix) or MPQLinear "
+                    "(GPTQ format)\nlayers by round to nearest, and write a lowbit checkpoint directory that "
+                    "lowbit.load(DST, float_model)\nrebuilds (then lowbit.prepare_layers(model)).\n\n"
+                    "A state dict carries no architecture: every 2-D floating tensor named '<module>.weight' "
+                    "whose\nmodule matches --include / --exclude is treated as an nn.Linear weight (bias: "
+                    "'<module>.bias' if present);\nevery other tensor is copied unchanged. Exclude modules "
+                    "that are not Linear layers (embeddings,\nconvolutions stored 2-D, ...). Prints the "
+                    "per-layer report: bits per weight (qweight + scales + zeros),\nrelative weight error "
+                    "||W - Wq||_F / ||W||_F, and the checkpoint size before and after.\n\n"
+                    "GPTQ needs calibration data: use the Python API, lowbit.quantize(model, method='gptq', "
+                    "calibration=...).",
+        epilog="example: lowbit quantize llama-fp16/ llama-w4/ --bits 4 --group-size 128 --exclude 'model.layers.0.*'")
+    p.add_argument("src", metavar="SRC", help="float checkpoint: a lowbit checkpoint directory (model.safetensors "
+                                              "[+ lowbit.json]) or a .safetensors file of a state dict")
+    p.add_argument("dst", metavar="DST", help="output directory (created): model.safetensors + lowbit.json")
+    p.add_argument("--bits", type=int, default=4,
+                   help="bits per weight code of every layer (mbwq: 1 2 3 4 5 6 8; mpq: 1 2 4 8; default 4); "
+                        "ignored with --budget-bits")
+    p.add_argument("--group-size", type=int, default=128,
+                   help="input channels sharing one scale and zero (default 128; -1: one group per output row)")
+    p.add_argument("--method", choices=["rtn", "gptq"], default="rtn",
+                   help="rtn: round to nearest (default; the only method here). gptq needs calibration batches "
+                        "and is available through the Python API only")
+    p.add_argument("--layer", choices=["mbwq", "mpq"], default="mbwq",
+                   help="mbwq: MBWQLinear layer-mix (float zeros, w = s*q - z; default). mpq: MPQLinear in "
+                        "GPTQ format (integer zero points, w = s*(q - z))")
+    p.add_argument("--budget-bits", type=float, default=None, metavar="X",
+                   help="mixed-bit plan: choose each layer's width from --candidate-bits so that the average "
+                        "bits per weight (scales and zeros included) is <= X, with the smallest total "
+                        "weighted squared error")
+    p.add_argument("--candidate-bits", type=int, nargs="+", default=[2, 3, 4, 8], metavar="N",
+                   help="widths the --budget-bits plan chooses from (default 2 3 4 8; mpq skips 3)")
+    p.add_argument("--include", nargs="+", default=None, metavar="PATTERN",
+                   help="fnmatch patterns on module names to quantize (default: all), e.g. 'model.layers.*'")
+    p.add_argument("--exclude", nargs="+", default=None, metavar="PATTERN",
+                   help="fnmatch patterns on module names to keep float, added to the default exclusions "
+                        f"{' '.join(_DEFAULT_EXCLUDE)}; exclusion wins over --include")
+    p.add_argument("--no-default-exclude", action="store_true",
+                   help="do not exclude *lm_head* and *embed* by default")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.set_defaults(func=cmd_quantize)
     return ap
 
 

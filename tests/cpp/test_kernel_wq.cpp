@@ -37,8 +37,6 @@ using lowbit::WqWeight;
 using lowbit::cpu::detail::WqIsa;
 using namespace lowbit_test;
 
-constexpr DType kDtypes[] = {DType::kFloat32, DType::kFloat16, DType::kBFloat16};
-
 std::vector<WqIsa> wq_isas() {
   std::vector<WqIsa> v;
   for (WqIsa isa : {WqIsa::kScalar, WqIsa::kAvx2, WqIsa::kAvx512})
@@ -46,27 +44,8 @@ std::vector<WqIsa> wq_isas() {
   return v;
 }
 
-struct Case {
-  WqSpec spec;
-  int64_t M = 1;
-  DType xtype = DType::kFloat32;
-  bool bias = false;
-  int64_t ldx_pad = 0, ldo_pad = 0;
-};
-
-std::string describe(const Case& c) {
-  std::string s = "K=" + std::to_string(c.spec.K) + " N=" + std::to_string(c.spec.N) + " M=" + std::to_string(c.M) +
-                  " segs={";
-  for (const auto& g : c.spec.segments) s += std::to_string(g.bits) + ":" + std::to_string(g.rows) + " ";
-  s += "} gs=" + std::to_string(c.spec.group_size) + (c.spec.act_order ? " act-order" : "") +
-       (c.spec.asym ? " asym" : " sym") + (c.spec.perm ? " perm" : "") + (c.spec.channel_scale ? " cscale" : "") +
-       " x=" + lowbit::dtype_name(c.xtype) + " sd=" + lowbit::dtype_name(c.spec.sdtype) + (c.bias ? " bias" : "") +
-       " seed=" + std::to_string(c.spec.seed);
-  return s;
-}
-
 // The full check of one case (see the top of the file).
-void check_case(const Case& c) {
+void check_case(const WqCase& c) {
   SCOPED_TRACE(describe(c));
   const HostWq w = make_wq(c.spec);
   const WqWeight v = w.view();
@@ -105,6 +84,14 @@ void check_case(const Case& c) {
   EXPECT_TRUE(got.bytes == want.bytes) << "wq_matmul: not bitwise equal to wq_matmul_ref";
 }
 
+// check_case over a list, stopping at the first fatal failure.
+void check_cases(const std::vector<WqCase>& cases) {
+  for (const WqCase& c : cases) {
+    check_case(c);
+    if (::testing::Test::HasFatalFailure()) return;
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------
 
 TEST(WqKernel, ReportsIsa) {
@@ -138,164 +125,23 @@ TEST(WqKernel, TestPackerMatchesLayout) {
   EXPECT_EQ(q31, w3.codes[31]);
 }
 
-TEST(WqKernel, OddSizes) {
-  uint32_t seed = 1;
-  for (int64_t K : {1, 31, 33, 100, 257})
-    for (int64_t N : {1, 3, 5, 37, 130}) {
-      Case c;
-      c.spec.K = K;
-      c.spec.N = N;
-      c.spec.segments = {{4, K}};
-      c.spec.group_size = K >= 64 ? 64 : 16;
-      c.spec.asym = seed % 2 == 0;
-      c.spec.seed = seed++;
-      c.spec.sdtype = kDtypes[seed % 3];
-      c.M = 3;
-      c.xtype = kDtypes[(seed / 3) % 3];
-      c.ldx_pad = 3;
-      c.ldo_pad = 2;
-      check_case(c);
-      if (HasFatalFailure()) return;
-    }
-}
+TEST(WqKernel, OddSizes) { check_cases(wq_cases_odd_sizes(WqTarget::kCpu)); }
 
-TEST(WqKernel, EveryBitWidthAlone) {
-  uint32_t seed = 100;
-  for (int32_t b : {1, 2, 3, 4, 5, 6, 8})
-    for (int64_t M : {1, 2, 5})
-      for (bool asym : {false, true}) {
-        Case c;
-        c.spec.K = 100;  // 3 full chunks + a partial one
-        c.spec.N = 37;
-        c.spec.segments = {{b, 100}};
-        c.spec.group_size = 32;
-        c.spec.asym = asym;
-        c.spec.garbage_padding = true;
-        c.spec.extra_qrows = 2;
-        c.spec.seed = seed++;
-        c.M = M;
-        c.xtype = kDtypes[seed % 3];
-        c.bias = M == 2;
-        check_case(c);
-        if (HasFatalFailure()) return;
-      }
-}
+TEST(WqKernel, EveryBitWidthAlone) { check_cases(wq_cases_every_width(WqTarget::kCpu)); }
 
-TEST(WqKernel, ChannelMixSegments) {
-  uint32_t seed = 200;
-  const std::vector<std::vector<WqSegSpec>> mixes = {
-      {{8, 32}, {6, 64}, {5, 32}, {4, 64}, {3, 32}, {2, 0}},  // 2-bit gets the rest (33 rows at K = 257)
-      {{2, 32}, {3, 32}, {5, 64}, {1, 0}},
-      {{6, 32}, {8, 0}},
-      {{1, 64}, {5, 0}},
-  };
-  for (const auto& mix : mixes)
-    for (int64_t M : {1, 9}) {
-      Case c;
-      c.spec.K = 257;
-      c.spec.N = 130;
-      c.spec.segments = mix;
-      c.spec.group_size = 64;
-      c.spec.asym = seed % 2 == 1;
-      c.spec.garbage_padding = true;
-      c.spec.seed = seed++;
-      c.spec.sdtype = kDtypes[seed % 3];
-      c.M = M;
-      c.xtype = kDtypes[(seed + 1) % 3];
-      c.bias = true;
-      c.ldo_pad = 5;
-      check_case(c);
-      if (HasFatalFailure()) return;
-    }
-}
+TEST(WqKernel, ChannelMixSegments) { check_cases(wq_cases_channel_mix()); }
 
-TEST(WqKernel, ActOrderPermChannelScale) {
-  uint32_t seed = 300;
-  for (bool act : {false, true})
-    for (bool perm : {false, true})
-      for (bool cs : {false, true})
-        for (bool asym : {false, true}) {
-          Case c;
-          c.spec.K = 160;
-          c.spec.N = 70;
-          c.spec.segments = {{4, 64}, {3, 0}};
-          c.spec.group_size = 32;
-          c.spec.act_order = act;
-          c.spec.groups = act ? 5 : 0;
-          c.spec.perm = perm;
-          c.spec.channel_scale = cs;
-          c.spec.asym = asym;
-          c.spec.seed = seed++;
-          c.spec.sdtype = kDtypes[seed % 3];
-          c.M = 5;
-          c.xtype = kDtypes[(seed / 2) % 3];
-          c.bias = (seed % 2) == 0;
-          c.ldx_pad = 1;
-          check_case(c);
-          if (HasFatalFailure()) return;
-        }
-}
+TEST(WqKernel, ActOrderPermChannelScale) { check_cases(wq_cases_act_order_perm_cscale()); }
 
 // Groups of 48 rows: chunks alternate between one group and two (the per-row group path), and the
 // sorted act-order layout a layer gets after permuting rows by group.
-TEST(WqKernel, GroupsStraddlingChunks) {
-  uint32_t seed = 400;
-  for (int64_t gs : {48, 7, 1000}) {
-    Case c;
-    c.spec.K = 200;
-    c.spec.N = 45;
-    c.spec.segments = {{5, 96}, {2, 0}};
-    c.spec.group_size = gs;
-    c.spec.perm = true;
-    c.spec.seed = seed++;
-    c.M = 4;
-    c.xtype = DType::kBFloat16;
-    check_case(c);
-    if (HasFatalFailure()) return;
-  }
-}
+TEST(WqKernel, GroupsStraddlingChunks) { check_cases(wq_cases_groups_straddling_chunks()); }
 
-TEST(WqKernel, DtypesBiasAndRowCounts) {
-  uint32_t seed = 500;
-  for (DType xt : kDtypes)
-    for (DType sd : kDtypes)
-      for (bool bias : {false, true}) {
-        Case c;
-        c.spec.K = 96;
-        c.spec.N = 40;
-        c.spec.segments = {{4, 32}, {8, 0}};
-        c.spec.group_size = 32;
-        c.spec.sdtype = sd;
-        c.spec.channel_scale = true;
-        c.spec.seed = seed++;
-        c.M = 2;
-        c.xtype = xt;
-        c.bias = bias;
-        check_case(c);
-        if (HasFatalFailure()) return;
-      }
-  for (int64_t M : {1, 2, 3, 5, 9, 17}) {
-    Case c;
-    c.spec.K = 129;
-    c.spec.N = 67;
-    c.spec.segments = {{6, 64}, {4, 0}};
-    c.spec.group_size = 32;
-    c.spec.perm = true;
-    c.spec.asym = M % 2 == 1;
-    c.spec.seed = seed++;
-    c.M = M;
-    c.xtype = kDtypes[M % 3];
-    c.bias = true;
-    c.ldx_pad = 2;
-    c.ldo_pad = 1;
-    check_case(c);
-    if (HasFatalFailure()) return;
-  }
-}
+TEST(WqKernel, DtypesBiasAndRowCounts) { check_cases(wq_cases_dtypes_bias_rows(WqTarget::kCpu)); }
 
 // Bigger: several column blocks and 32-row chunks per block; M = 12 = one tile of 8 and one of 4.
 TEST(WqKernel, MediumShape) {
-  Case c;
+  WqCase c;
   c.spec.K = 1024;
   c.spec.N = 300;
   c.spec.segments = {{4, 512}, {2, 256}, {3, 0}};
@@ -421,51 +267,27 @@ TEST(WqKernel, NoReadPastAnyInput) {
 // wq_dequantize: out[perm[r], n - n0] = to_otype(w(r, n)), bitwise; padding columns untouched.
 
 TEST(WqKernel, DequantizeExact) {
-  uint32_t seed = 800;
-  struct D {
-    int64_t K, N;
-    std::vector<WqSegSpec> segs;
-    int64_t n0, n1;
-  };
-  const std::vector<D> shapes = {
-      {1, 1, {{4, 1}}, 0, 1},
-      {100, 37, {{3, 100}}, 0, 37},
-      {257, 130, {{8, 32}, {6, 64}, {5, 32}, {4, 64}, {3, 32}, {2, 0}}, 5, 101},
-      {160, 33, {{1, 32}, {2, 0}}, 32, 33},
-  };
-  for (const D& d : shapes)
-    for (DType ot : kDtypes)
-      for (bool perm : {false, true}) {
-        WqSpec s;
-        s.K = d.K;
-        s.N = d.N;
-        s.segments = d.segs;
-        s.group_size = 32;
-        s.act_order = seed % 3 == 0;
-        s.perm = perm;
-        s.asym = seed % 2 == 0;
-        s.sdtype = kDtypes[seed % 3];
-        s.channel_scale = true;  // must be ignored
-        s.garbage_padding = true;
-        s.seed = seed++;
-        const HostWq w = make_wq(s);
-        const int64_t W = d.n1 - d.n0, ldo = W + 3;
-        HostFloats out = sentinel_floats(size_t(d.K * ldo), ot);
-        const Status st = lowbit::cpu::wq_dequantize(w.view(), d.n0, d.n1, ot, out.data(), ldo);
-        ASSERT_TRUE(st.is_ok()) << st.message;
-        const std::vector<float> ref = ref_dequant(w, d.n0, d.n1);
-        HostFloats want = sentinel_floats(size_t(d.K * ldo), ot);
-        for (int64_t k = 0; k < d.K; ++k)
-          for (int64_t n = 0; n < W; ++n) wq_store(ot, want.data(), size_t(k * ldo + n), ref[size_t(k * W + n)]);
-        if (out.bytes != want.bytes) {
-          for (size_t i = 0; i < out.bytes.size(); ++i)
-            if (out.bytes[i] != want.bytes[i]) {
-              const int64_t e = int64_t(i / wq_dtype_size(ot));
-              FAIL() << "K=" << d.K << " N=" << d.N << " otype=" << lowbit::dtype_name(ot) << " perm=" << perm
-                     << ": first mismatch at row " << e / ldo << " col " << e % ldo;
-            }
+  for (const WqDequantCase& dc : wq_dequant_cases(WqTarget::kCpu)) {
+    const DType ot = dc.otype;
+    const int64_t K = dc.spec.K, n0 = dc.n0, n1 = dc.n1;
+    const HostWq w = make_wq(dc.spec);
+    const int64_t W = n1 - n0, ldo = W + 3;
+    HostFloats out = sentinel_floats(size_t(K * ldo), ot);
+    const Status st = lowbit::cpu::wq_dequantize(w.view(), n0, n1, ot, out.data(), ldo);
+    ASSERT_TRUE(st.is_ok()) << st.message;
+    const std::vector<float> ref = ref_dequant(w, n0, n1);
+    HostFloats want = sentinel_floats(size_t(K * ldo), ot);
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t n = 0; n < W; ++n) wq_store(ot, want.data(), size_t(k * ldo + n), ref[size_t(k * W + n)]);
+    if (out.bytes != want.bytes) {
+      for (size_t i = 0; i < out.bytes.size(); ++i)
+        if (out.bytes[i] != want.bytes[i]) {
+          const int64_t e = int64_t(i / wq_dtype_size(ot));
+          FAIL() << "K=" << K << " N=" << dc.spec.N << " otype=" << lowbit::dtype_name(ot) << " perm=" << dc.spec.perm
+                 << ": first mismatch at row " << e / ldo << " col " << e % ldo;
         }
-      }
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -475,14 +297,7 @@ struct ErrFixture {
   HostWq w;
   HostFloats x;
   ErrFixture() {
-    WqSpec s;
-    s.K = 96;
-    s.N = 16;
-    s.segments = {{4, 64}, {3, 0}};
-    s.group_size = 32;
-    s.perm = true;
-    s.seed = 900;
-    w = make_wq(s);
+    w = make_wq(wq_error_spec());
     x = random_matrix(2, 96, 96, DType::kFloat32, 901);
   }
 };
@@ -507,45 +322,11 @@ TEST(WqKernel, ArgumentErrors) {
     HostFloats out = sentinel_floats(32, DType::kFloat32);
     ASSERT_TRUE(lowbit::cpu::wq_matmul(good, x, DType::kFloat32, 2, 96, nullptr, out.data(), 16).is_ok());
   }
-  WqWeight v = good;
-  v.bits[1] = 7;
-  expect_matmul_error(v, x, 2, 96, 16, "bits 7", "bits must be 1, 2, 3, 4, 5, 6 or 8, got 7");
-  v = good;
-  v.bits[0] = 0;
-  expect_matmul_error(v, x, 2, 96, 16, "bits 0", "got 0");
-  v = good;
-  v.row_end[0] = 48;  // not a multiple of 32
-  expect_matmul_error(v, x, 2, 96, 16, "segment length", "multiple of 32");
-  v = good;
-  v.row_end[1] = 90;  // does not end at K
-  expect_matmul_error(v, x, 2, 96, 16, "row_end != K", "must end at K");
-  v = good;
-  v.row_end[1] = 64;  // empty segment
-  expect_matmul_error(v, x, 2, 96, 16, "empty segment", "row_end must exceed");
-  v = good;
-  v.nseg = 7;
-  expect_matmul_error(v, x, 2, 96, 16, "nseg", "nseg");
-  v = good;
-  v.qrows = good.qrows - 1;
-  expect_matmul_error(v, x, 2, 96, 16, "qrows", "qrows must be >=");
-  v = good;
-  v.groups = 0;
-  expect_matmul_error(v, x, 2, 96, 16, "groups", "groups must be >= 1");
-  v = good;
-  v.qweight = nullptr;
-  expect_matmul_error(v, x, 2, 96, 16, "qweight null", "qweight is null");
-  v = good;
-  v.g_idx = nullptr;
-  expect_matmul_error(v, x, 2, 96, 16, "g_idx null", "g_idx is null");
-  v = good;
-  v.scales = nullptr;
-  expect_matmul_error(v, x, 2, 96, 16, "scales null", "scales is null");
-  v = good;
-  v.zeros = nullptr;
-  expect_matmul_error(v, x, 2, 96, 16, "zeros null", "zeros is null");
-  v = good;
-  v.sdtype = DType(5);
-  expect_matmul_error(v, x, 2, 96, 16, "sdtype", "sdtype");
+  for (const WqWeightError& e : wq_weight_errors()) {
+    WqWeight v = good;
+    e.apply(v);
+    expect_matmul_error(v, x, 2, 96, 16, e.what, e.needle);
+  }
   expect_matmul_error(good, nullptr, 2, 96, 16, "x null", "x is null");
   expect_matmul_error(good, x, 2, 95, 16, "ldx < K", "ldx must be >= K (96), got 95");
   expect_matmul_error(good, x, 2, 96, 15, "ldo < N", "ldo must be >= N (16), got 15");

@@ -16,6 +16,8 @@
 // * HostFloats: random fp32 / fp16 / bf16 arrays (x, bias) with their exact values as doubles; padding
 //   elements of strided matrices are NaN so that a kernel reading them shows up in the result.
 // * wq_compare: the documented tolerance check of a kernel output against ref_matmul.
+// * WqCase / describe / wq_cases_*: the matmul test cases both test files run (each through its own
+//   check_case), and wq_weight_errors: the malformed-descriptor cases both error tests run.
 #pragma once
 
 #include <algorithm>
@@ -23,6 +25,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <numeric>
 #include <random>
@@ -484,6 +487,336 @@ inline std::string wq_compare(const void* got, lowbit::DType otype, int64_t M, i
     }
   }
   return "";
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Matmul test cases shared by the CPU and the CUDA tests. Each test file runs a list through its own
+// check_case (the CPU one calls every ISA path, the CUDA one uploads to the device). Where the two test
+// a different size or mix under the same name, the generator takes a WqTarget and returns that file's
+// list; extras only one file runs stay in that file.
+
+inline constexpr lowbit::DType kWqDtypes[] = {lowbit::DType::kFloat32, lowbit::DType::kFloat16,
+                                              lowbit::DType::kBFloat16};
+
+struct WqCase {
+  WqSpec spec;
+  int64_t M = 1;
+  lowbit::DType xtype = lowbit::DType::kFloat32;
+  bool bias = false;
+  int64_t ldx_pad = 0, ldo_pad = 0;
+  size_t qoff = 0;  // qweight placed this many words into its device buffer (CUDA: 1..3 unaligned)
+};
+
+inline std::string describe(const WqCase& c) {
+  std::string s = "K=" + std::to_string(c.spec.K) + " N=" + std::to_string(c.spec.N) + " M=" + std::to_string(c.M) +
+                  " segs={";
+  for (const auto& g : c.spec.segments) s += std::to_string(g.bits) + ":" + std::to_string(g.rows) + " ";
+  s += "} gs=" + std::to_string(c.spec.group_size) + (c.spec.act_order ? " act-order" : "") +
+       (c.spec.asym ? " asym" : " sym") + (c.spec.perm ? " perm" : "") + (c.spec.channel_scale ? " cscale" : "") +
+       " x=" + lowbit::dtype_name(c.xtype) + " sd=" + lowbit::dtype_name(c.spec.sdtype) + (c.bias ? " bias" : "") +
+       " ldx+" + std::to_string(c.ldx_pad) + " ldo+" + std::to_string(c.ldo_pad) + " qoff=" + std::to_string(c.qoff) +
+       " seed=" + std::to_string(c.spec.seed);
+  return s;
+}
+
+// Which test file a generator's list is for, where the two differ.
+enum class WqTarget { kCpu, kCuda };
+
+// K x N over odd sizes (seeds from 1). CPU: K = 1, 31, 33, 100, 257 x N = 1, 3, 5, 37, 130, one 4-bit
+// segment, M = 3, fixed pads. CUDA: K and N add 4096 / 5504 (N % 4 != 0 and large shapes), garbage in the
+// padding bits and extra word rows, M / bias / pads varying with the seed.
+inline std::vector<WqCase> wq_cases_odd_sizes(WqTarget t) {
+  const bool cuda = t == WqTarget::kCuda;
+  std::vector<int64_t> Ks = {1, 31, 33, 100, 257}, Ns = {1, 3, 5, 37, 130};
+  if (cuda) {
+    Ks.push_back(4096);
+    Ns.push_back(5504);
+  }
+  std::vector<WqCase> v;
+  uint32_t seed = 1;
+  for (int64_t K : Ks)
+    for (int64_t N : Ns) {
+      WqCase c;
+      c.spec.K = K;
+      c.spec.N = N;
+      if (!cuda) c.spec.segments = {{4, K}};
+      c.spec.group_size = cuda ? (K >= 1024 ? 128 : 32) : (K >= 64 ? 64 : 16);
+      c.spec.asym = seed % 2 == 0;
+      if (cuda) {
+        c.spec.garbage_padding = true;
+        c.spec.extra_qrows = seed % 3;
+      }
+      c.spec.seed = seed++;
+      c.spec.sdtype = kWqDtypes[seed % 3];
+      c.xtype = kWqDtypes[(seed / 3) % 3];
+      if (cuda) {
+        c.M = K * N > 1000000 ? 1 : 1 + int64_t(seed % 3);
+        c.bias = seed % 2 == 1;
+        c.ldx_pad = seed % 3;
+        c.ldo_pad = (seed / 2) % 3;
+      } else {
+        c.M = 3;
+        c.ldx_pad = 3;
+        c.ldo_pad = 2;
+      }
+      v.push_back(c);
+    }
+  return v;
+}
+
+// Every bit width alone, sym and asym, garbage padding bits and 2 extra word rows (seeds from 100).
+// CPU: K = 100 (3 chunks + a partial one), N = 37, M = 1, 2, 5. CUDA: K = 257, N = 128 / 130 (vector and
+// scalar loads), M and the dtypes varying with the seed.
+inline std::vector<WqCase> wq_cases_every_width(WqTarget t) {
+  const bool cuda = t == WqTarget::kCuda;
+  const std::vector<int64_t> inner = cuda ? std::vector<int64_t>{128, 130} : std::vector<int64_t>{1, 2, 5};
+  std::vector<WqCase> v;
+  uint32_t seed = 100;
+  for (int32_t b : {1, 2, 3, 4, 5, 6, 8})
+    for (int64_t i : inner)  // CUDA: N; CPU: M
+      for (bool asym : {false, true}) {
+        WqCase c;
+        c.spec.K = cuda ? 257 : 100;
+        c.spec.N = cuda ? i : 37;
+        c.spec.segments = {{b, cuda ? 0 : 100}};
+        c.spec.group_size = cuda ? 64 : 32;
+        c.spec.asym = asym;
+        c.spec.garbage_padding = true;
+        c.spec.extra_qrows = 2;
+        c.spec.seed = seed++;
+        if (cuda) {
+          c.spec.sdtype = kWqDtypes[seed % 3];
+          c.xtype = kWqDtypes[(seed / 3) % 3];
+          c.M = 1 + int64_t(seed % 2);
+        } else {
+          c.xtype = kWqDtypes[seed % 3];
+          c.M = i;
+          c.bias = i == 2;
+        }
+        v.push_back(c);
+      }
+  return v;
+}
+
+// Channel-mix segment mixes at K = 257, N = 130, M = 1 and 9, bias, padded output (seeds 200..207).
+inline std::vector<WqCase> wq_cases_channel_mix() {
+  const std::vector<std::vector<WqSegSpec>> mixes = {
+      {{8, 32}, {6, 64}, {5, 32}, {4, 64}, {3, 32}, {2, 0}},  // 2-bit gets the rest (33 rows at K = 257)
+      {{2, 32}, {3, 32}, {5, 64}, {1, 0}},
+      {{6, 32}, {8, 0}},
+      {{1, 64}, {5, 0}},
+  };
+  std::vector<WqCase> v;
+  uint32_t seed = 200;
+  for (const auto& mix : mixes)
+    for (int64_t M : {1, 9}) {
+      WqCase c;
+      c.spec.K = 257;
+      c.spec.N = 130;
+      c.spec.segments = mix;
+      c.spec.group_size = 64;
+      c.spec.asym = seed % 2 == 1;
+      c.spec.garbage_padding = true;
+      c.spec.seed = seed++;
+      c.spec.sdtype = kWqDtypes[seed % 3];
+      c.M = M;
+      c.xtype = kWqDtypes[(seed + 1) % 3];
+      c.bias = true;
+      c.ldo_pad = 5;
+      v.push_back(c);
+    }
+  return v;
+}
+
+// Every combination of act-order g_idx, perm, channel_scale and asym (seeds 300..315).
+inline std::vector<WqCase> wq_cases_act_order_perm_cscale() {
+  std::vector<WqCase> v;
+  uint32_t seed = 300;
+  for (bool act : {false, true})
+    for (bool perm : {false, true})
+      for (bool cs : {false, true})
+        for (bool asym : {false, true}) {
+          WqCase c;
+          c.spec.K = 160;
+          c.spec.N = 70;
+          c.spec.segments = {{4, 64}, {3, 0}};
+          c.spec.group_size = 32;
+          c.spec.act_order = act;
+          c.spec.groups = act ? 5 : 0;
+          c.spec.perm = perm;
+          c.spec.channel_scale = cs;
+          c.spec.asym = asym;
+          c.spec.seed = seed++;
+          c.spec.sdtype = kWqDtypes[seed % 3];
+          c.M = 5;
+          c.xtype = kWqDtypes[(seed / 2) % 3];
+          c.bias = (seed % 2) == 0;
+          c.ldx_pad = 1;
+          v.push_back(c);
+        }
+  return v;
+}
+
+// Groups of 48 rows (chunks alternate between one group and two: the per-row group path), 7 (every chunk
+// mixed) and 1000 (one group over several chunks); seeds 400..402.
+inline std::vector<WqCase> wq_cases_groups_straddling_chunks() {
+  std::vector<WqCase> v;
+  uint32_t seed = 400;
+  for (int64_t gs : {48, 7, 1000}) {
+    WqCase c;
+    c.spec.K = 200;
+    c.spec.N = 45;
+    c.spec.segments = {{5, 96}, {2, 0}};
+    c.spec.group_size = gs;
+    c.spec.perm = true;
+    c.spec.seed = seed++;
+    c.M = 4;
+    c.xtype = lowbit::DType::kBFloat16;
+    v.push_back(c);
+  }
+  return v;
+}
+
+// Every x dtype x sdtype x bias at M = 2, then a row-count sweep (seeds from 500). CPU: K = 96 with
+// channel_scale, then K = 129 with perm at M = 1, 2, 3, 5, 9, 17. CUDA: K = 300, then K = 777 at
+// M = 1, 2, 3, 5, 8, 9, 17, 33 (every M-tile width, several M-tiles).
+inline std::vector<WqCase> wq_cases_dtypes_bias_rows(WqTarget t) {
+  const bool cuda = t == WqTarget::kCuda;
+  std::vector<WqCase> v;
+  uint32_t seed = 500;
+  for (lowbit::DType xt : kWqDtypes)
+    for (lowbit::DType sd : kWqDtypes)
+      for (bool bias : {false, true}) {
+        WqCase c;
+        c.spec.K = cuda ? 300 : 96;
+        c.spec.N = cuda ? 68 : 40;
+        c.spec.segments = cuda ? std::vector<WqSegSpec>{{4, 128}, {6, 0}} : std::vector<WqSegSpec>{{4, 32}, {8, 0}};
+        c.spec.group_size = cuda ? 64 : 32;
+        c.spec.asym = cuda && seed % 2 == 0;
+        c.spec.channel_scale = !cuda;
+        c.spec.sdtype = sd;
+        c.spec.seed = seed++;
+        c.M = 2;
+        c.xtype = xt;
+        c.bias = bias;
+        v.push_back(c);
+      }
+  const std::vector<int64_t> Ms =
+      cuda ? std::vector<int64_t>{1, 2, 3, 5, 8, 9, 17, 33} : std::vector<int64_t>{1, 2, 3, 5, 9, 17};
+  for (int64_t M : Ms) {
+    WqCase c;
+    if (cuda) {
+      c.spec.K = 777;
+      c.spec.N = 200;
+      c.spec.group_size = 128;
+      c.spec.seed = seed++;
+      c.spec.sdtype = kWqDtypes[seed % 3];
+      c.xtype = kWqDtypes[(seed / 3) % 3];
+      c.bias = M % 2 == 1;
+      c.ldx_pad = 3;
+    } else {
+      c.spec.K = 129;
+      c.spec.N = 67;
+      c.spec.segments = {{6, 64}, {4, 0}};
+      c.spec.group_size = 32;
+      c.spec.perm = true;
+      c.spec.asym = M % 2 == 1;
+      c.spec.seed = seed++;
+      c.xtype = kWqDtypes[M % 3];
+      c.bias = true;
+      c.ldx_pad = 2;
+    }
+    c.M = M;
+    c.ldo_pad = 1;
+    v.push_back(c);
+  }
+  return v;
+}
+
+// wq_dequantize cases (seeds from 800): a few shapes (column window [n0, n1)) x every output dtype x perm,
+// group 32, act-order / asym / sdtype varying with the seed, channel_scale set (dequantize must ignore it)
+// and garbage padding bits. CUDA adds a larger shape.
+struct WqDequantCase {
+  WqSpec spec;
+  lowbit::DType otype = lowbit::DType::kFloat32;
+  int64_t n0 = 0, n1 = 0;
+};
+
+inline std::vector<WqDequantCase> wq_dequant_cases(WqTarget t) {
+  struct Shape {
+    int64_t K, N;
+    std::vector<WqSegSpec> segs;
+    int64_t n0, n1;
+  };
+  std::vector<Shape> shapes = {
+      {1, 1, {{4, 1}}, 0, 1},
+      {100, 37, {{3, 100}}, 0, 37},
+      {257, 130, {{8, 32}, {6, 64}, {5, 32}, {4, 64}, {3, 32}, {2, 0}}, 5, 101},
+      {160, 33, {{1, 32}, {2, 0}}, 32, 33},
+  };
+  if (t == WqTarget::kCuda) shapes.push_back({1000, 600, {{4, 512}, {5, 0}}, 0, 600});
+  std::vector<WqDequantCase> v;
+  uint32_t seed = 800;
+  for (const Shape& d : shapes)
+    for (lowbit::DType ot : kWqDtypes)
+      for (bool perm : {false, true}) {
+        WqDequantCase c;
+        c.spec.K = d.K;
+        c.spec.N = d.N;
+        c.spec.segments = d.segs;
+        c.spec.group_size = 32;
+        c.spec.act_order = seed % 3 == 0;
+        c.spec.perm = perm;
+        c.spec.asym = seed % 2 == 0;
+        c.spec.sdtype = kWqDtypes[seed % 3];
+        c.spec.channel_scale = true;  // must be ignored
+        c.spec.garbage_padding = true;
+        c.spec.seed = seed++;
+        c.otype = ot;
+        c.n0 = d.n0;
+        c.n1 = d.n1;
+        v.push_back(c);
+      }
+  return v;
+}
+
+// The weight the error tests start from (a good descriptor of it is accepted): K = 96, N = 16, two
+// segments, group 32, a permutation.
+inline WqSpec wq_error_spec() {
+  WqSpec s;
+  s.K = 96;
+  s.N = 16;
+  s.segments = {{4, 64}, {3, 0}};
+  s.group_size = 32;
+  s.perm = true;
+  s.seed = 900;
+  return s;
+}
+
+// Malformed weight descriptors of the wq_error_spec weight: what, the expected message fragment, and the
+// change to a good descriptor.
+struct WqWeightError {
+  std::string what, needle;
+  std::function<void(lowbit::WqWeight&)> apply;
+};
+
+inline std::vector<WqWeightError> wq_weight_errors() {
+  using lowbit::WqWeight;
+  return {
+      {"bits 7", "bits must be 1, 2, 3, 4, 5, 6 or 8, got 7", [](WqWeight& v) { v.bits[1] = 7; }},
+      {"bits 0", "got 0", [](WqWeight& v) { v.bits[0] = 0; }},
+      {"segment length", "multiple of 32", [](WqWeight& v) { v.row_end[0] = 48; }},
+      {"row_end != K", "must end at K", [](WqWeight& v) { v.row_end[1] = 90; }},
+      {"empty segment", "row_end must exceed", [](WqWeight& v) { v.row_end[1] = 64; }},
+      {"nseg", "nseg", [](WqWeight& v) { v.nseg = 7; }},
+      {"qrows", "qrows must be >=", [](WqWeight& v) { v.qrows -= 1; }},
+      {"groups", "groups must be >= 1", [](WqWeight& v) { v.groups = 0; }},
+      {"qweight null", "qweight is null", [](WqWeight& v) { v.qweight = nullptr; }},
+      {"g_idx null", "g_idx is null", [](WqWeight& v) { v.g_idx = nullptr; }},
+      {"scales null", "scales is null", [](WqWeight& v) { v.scales = nullptr; }},
+      {"zeros null", "zeros is null", [](WqWeight& v) { v.zeros = nullptr; }},
+      {"sdtype", "sdtype", [](WqWeight& v) { v.sdtype = lowbit::DType(5); }},
+  };
 }
 
 }  // namespace lowbit_test
