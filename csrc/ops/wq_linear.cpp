@@ -142,22 +142,31 @@ at::Tensor dequant_tile(const WqTensors& w, int64_t n0, int64_t n1, at::ScalarTy
 }
 
 // x (M, K) -> out (M, N) through the fused kernel.
+// The kernels' tensor-core permission (wq.h): 16-bit x of the scales' dtype may be multiplied by w rounded
+// to that dtype, as F.linear on the dequantized 16-bit weight (and BIE's kernels) do.
+WqWeight with_half(const WqTensors& w, const at::Tensor& x) {
+  WqWeight d = w.desc;
+  d.allow_half = x.scalar_type() == w.scales.scalar_type() && x.scalar_type() != at::kFloat;
+  return d;
+}
+
 void fused_matmul(const WqTensors& w, const at::Tensor& x2, const std::optional<at::Tensor>& bias, at::Tensor& out) {
   const DType xt = kernel_dtype(x2.scalar_type(), w.op, "x");
+  const WqWeight desc = with_half(w, x2);
   const int64_t M = x2.size(0);
   at::Tensor b;
   if (bias.has_value() && bias->defined()) b = as_dtype(*bias, w.scales.scalar_type()).contiguous();
   const void* bp = b.defined() ? b.data_ptr() : nullptr;
   if (x2.is_cpu()) {
-    check_status(cpu::wq_matmul(w.desc, x2.data_ptr(), xt, M, w.K, bp, out.data_ptr(), w.N), w.op);
+    check_status(cpu::wq_matmul(desc, x2.data_ptr(), xt, M, w.K, bp, out.data_ptr(), w.N), w.op);
   } else {
 #ifdef LOWBIT_WITH_CUDA
     c10::cuda::CUDAGuard guard(x2.device());
     size_t bytes = 0;
-    check_status(cuda::wq_matmul_workspace(w.desc, M, &bytes), w.op);
+    check_status(cuda::wq_matmul_workspace(desc, M, &bytes), w.op);
     at::Tensor ws;
     if (bytes > 0) ws = at::empty({static_cast<int64_t>((bytes + 15) / 16) * 4}, x2.options().dtype(at::kFloat));
-    check_status(cuda::wq_matmul(w.desc, x2.data_ptr(), xt, M, w.K, bp, out.data_ptr(), w.N,
+    check_status(cuda::wq_matmul(desc, x2.data_ptr(), xt, M, w.K, bp, out.data_ptr(), w.N,
                                  ws.defined() ? ws.data_ptr() : nullptr, bytes, current_stream(x2)),
                  w.op);
 #else
@@ -216,7 +225,14 @@ at::Tensor wq_linear_forward_impl(const at::Tensor& x, const at::Tensor& qweight
   const int64_t M = x2.size(0);
   auto out = at::empty({M, w.N}, x.options());
   if (M > 0 && w.N > 0) {
-    const int64_t fused_max = fused_max_rows(x.is_cpu());
+    int64_t fused_max = fused_max_rows(x.is_cpu());
+#ifdef LOWBIT_WITH_CUDA
+    // The tensor-core kernel costs about the same for M = 1 .. 64: it beats tiles + cuBLAS there.
+    static const bool env_override = std::getenv("LOWBIT_WQ_FUSED_MAX_ROWS") != nullptr;
+    if (!x.is_cpu() && !env_override &&
+        cuda::wq_matmul_uses_tensor_cores(with_half(w, x), kernel_dtype(x.scalar_type(), w.op, "x"), M))
+      fused_max = 64;
+#endif
     if (M <= fused_max) {
       fused_matmul(w, x2, bias, out);
     } else {

@@ -45,7 +45,6 @@ using lowbit::Status;
 using lowbit::WqWeight;
 using namespace lowbit_test;
 
-constexpr DType kDtypes[] = {DType::kFloat32, DType::kFloat16, DType::kBFloat16};
 constexpr double kRtol = 1e-5;
 
 // Copies n host bytes to d + off (no-op for n == 0). Fatal failures return from here only.
@@ -87,32 +86,15 @@ void upload_wq(const HostWq& h, DeviceWq* d) {
   d->w.channel_scale = h.channel_scale.empty() ? nullptr : d->cs.bytes();
 }
 
-struct Case {
-  WqSpec spec;
-  int64_t M = 1;
-  DType xtype = DType::kFloat32;
-  bool bias = false;
-  int64_t ldx_pad = 0, ldo_pad = 0;
-  size_t qoff = 0;
-};
-
-std::string describe(const Case& c) {
-  std::string s = "K=" + std::to_string(c.spec.K) + " N=" + std::to_string(c.spec.N) + " M=" + std::to_string(c.M) +
-                  " segs={";
-  for (const auto& g : c.spec.segments) s += std::to_string(g.bits) + ":" + std::to_string(g.rows) + " ";
-  s += "} gs=" + std::to_string(c.spec.group_size) + (c.spec.act_order ? " act-order" : "") +
-       (c.spec.asym ? " asym" : " sym") + (c.spec.perm ? " perm" : "") + (c.spec.channel_scale ? " cscale" : "") +
-       " x=" + lowbit::dtype_name(c.xtype) + " sd=" + lowbit::dtype_name(c.spec.sdtype) + (c.bias ? " bias" : "") +
-       " ldx+" + std::to_string(c.ldx_pad) + " ldo+" + std::to_string(c.ldo_pad) + " qoff=" + std::to_string(c.qoff) +
-       " seed=" + std::to_string(c.spec.seed);
-  return s;
-}
-
 class CudaWq : public CudaStreamTest {
  protected:
   // Runs wq_matmul of `h` (already on the device as d) twice on a poisoned output (the workspace poisoned
   // too) and checks it against the float64 reference; *bytes_out (optional) receives the output bytes.
-  void run_and_check(const Case& c, const HostWq& h, const DeviceWq& d, std::vector<uint8_t>* bytes_out = nullptr) {
+  // allow_half: the tensor-core permission of wq.h, checked with the looser rtol it documents.
+  void run_and_check(const WqCase& c, const HostWq& h, const DeviceWq& d, std::vector<uint8_t>* bytes_out = nullptr,
+                     bool allow_half = false, double rtol = kRtol) {
+    WqWeight w = d.w;
+    w.allow_half = allow_half;
     const int64_t M = c.M, N = h.N, K = h.K;
     const int64_t ldx = K + c.ldx_pad, ldo = N + c.ldo_pad;
     const HostFloats x = random_matrix(M, K, ldx, c.xtype, c.spec.seed * 31u + 7u);
@@ -128,7 +110,7 @@ class CudaWq : public CudaStreamTest {
     const std::vector<double> ref = ref_matmul(h, x.values, M, ldx, c.bias ? &bias.values : nullptr, &mag);
 
     size_t wsb = 0;
-    const Status ws_st = lowbit::cuda::wq_matmul_workspace(d.w, M, &wsb);
+    const Status ws_st = lowbit::cuda::wq_matmul_workspace(w, M, &wsb);
     ASSERT_TRUE(ws_st.is_ok()) << ws_st.message;
     DeviceBuffer ws(wsb);
     ASSERT_TRUE(ws.ok()) << "cudaMalloc failed";
@@ -141,17 +123,17 @@ class CudaWq : public CudaStreamTest {
     run_on_poisoned(
         out, kOutPoison, stream_,
         [&] {
-          return lowbit::cuda::wq_matmul(d.w, dx.bytes(), c.xtype, M, ldx, c.bias ? db.bytes() : nullptr,
+          return lowbit::cuda::wq_matmul(w, dx.bytes(), c.xtype, M, ldx, c.bias ? db.bytes() : nullptr,
                                          out.bytes(), ldo, wsb > 0 ? ws.bytes() : nullptr, wsb, stream());
         },
         &got, 2);
     if (HasFatalFailure()) return;
-    const std::string err = wq_compare(got.data(), c.xtype, M, N, ldo, ref, mag, kRtol, kOutPoison);
+    const std::string err = wq_compare(got.data(), c.xtype, M, N, ldo, ref, mag, rtol, kOutPoison);
     ASSERT_TRUE(err.empty()) << err << " (workspace " << wsb << " bytes)";
     if (bytes_out != nullptr) *bytes_out = std::move(got);
   }
 
-  void check_case(const Case& c, std::vector<uint8_t>* bytes_out = nullptr) {
+  void check_case(const WqCase& c, std::vector<uint8_t>* bytes_out = nullptr) {
     SCOPED_TRACE(describe(c));
     const HostWq h = make_wq(c.spec);
     DeviceWq d(h, c.qoff);
@@ -159,32 +141,56 @@ class CudaWq : public CudaStreamTest {
     if (HasFatalFailure()) return;
     run_and_check(c, h, d, bytes_out);
   }
+
+  // check_case over a list, stopping at the first fatal failure.
+  void check_cases(const std::vector<WqCase>& cases) {
+    for (const WqCase& c : cases) {
+      check_case(c);
+      if (HasFatalFailure()) return;
+    }
+  }
 };
 
 // ---------------------------------------------------------------------------------------------------
 // wq_matmul
 
-TEST_F(CudaWq, OddShapes) {
-  uint32_t seed = 1;
-  for (int64_t K : {1, 31, 33, 100, 257, 4096})
-    for (int64_t N : {1, 3, 5, 37, 130, 5504}) {
-      Case c;
-      c.spec.K = K;
-      c.spec.N = N;
-      c.spec.group_size = K >= 1024 ? 128 : 32;
-      c.spec.asym = seed % 2 == 0;
-      c.spec.garbage_padding = true;
-      c.spec.extra_qrows = seed % 3;
-      c.spec.seed = seed++;
-      c.spec.sdtype = kDtypes[seed % 3];
-      c.xtype = kDtypes[(seed / 3) % 3];
-      c.M = K * N > 1000000 ? 1 : 1 + int64_t(seed % 3);
-      c.bias = seed % 2 == 1;
-      c.ldx_pad = seed % 3;
-      c.ldo_pad = (seed / 2) % 3;
-      check_case(c);
-      if (HasFatalFailure()) return;
-    }
+TEST_F(CudaWq, OddShapes) { check_cases(wq_cases_odd_sizes(WqTarget::kCuda)); }
+
+// The tensor-core path (WqWeight::allow_half: 2- and 4-bit single segment, x of the scales' 16-bit dtype,
+// M <= 64): w and x' rounded to the 16-bit type, so the bound adds two roundings (2 eps) of sum |x'||W|.
+// Partial chunks, odd N, act-order (chunks with several groups), permutation, channel scale, asym, bias,
+// one to four m-tiles, and split-K (K = 4096).
+TEST_F(CudaWq, TensorCorePath) {
+  uint32_t seed = 900;
+  struct Shape { int64_t K, N, M; };
+  const Shape shapes[] = {{32, 8, 1}, {100, 37, 5}, {257, 130, 16}, {4096, 96, 17}, {512, 64, 33}, {640, 40, 64}};
+  for (const Shape& sh : shapes)
+    for (int32_t b : {4, 2})
+      for (DType t : {DType::kFloat16, DType::kBFloat16}) {
+        WqCase c;
+        c.spec.K = sh.K;
+        c.spec.N = sh.N;
+        c.spec.segments = {{b, 0}};
+        c.spec.group_size = seed % 3 == 0 ? 16 : 64;  // 16: chunks with two groups
+        c.spec.act_order = seed % 5 == 0;
+        c.spec.asym = seed % 2 == 0;
+        c.spec.perm = seed % 3 == 1;
+        c.spec.channel_scale = seed % 4 == 1;
+        c.spec.garbage_padding = true;
+        c.spec.sdtype = t;
+        c.spec.seed = seed++;
+        c.xtype = t;
+        c.M = sh.M;
+        c.bias = seed % 2 == 0;
+        c.ldo_pad = 3;
+        SCOPED_TRACE(describe(c));
+        const HostWq h = make_wq(c.spec);
+        DeviceWq d(h, 0);
+        upload_wq(h, &d);
+        if (HasFatalFailure()) return;
+        run_and_check(c, h, d, nullptr, /*allow_half=*/true, kRtol + 2 * wq_out_eps(t));
+        if (HasFatalFailure()) return;
+      }
 }
 
 // The decode-sized shapes a layer runs (4-bit and 2-bit, group 128; N = 5504 is the one BIE corrupted
@@ -194,7 +200,7 @@ TEST_F(CudaWq, LargeLayerShapes) {
   for (int32_t b : {4, 2})
     for (int64_t N : {5504, 5500}) {
         const int64_t M = N == 5504 ? 1 : 3;
-        Case c;
+        WqCase c;
         c.spec.K = 4096;
         c.spec.N = N;
         c.spec.segments = {{b, 0}};
@@ -210,100 +216,35 @@ TEST_F(CudaWq, LargeLayerShapes) {
       }
 }
 
-TEST_F(CudaWq, EveryWidthAlone) {
-  uint32_t seed = 100;
-  for (int32_t b : {1, 2, 3, 4, 5, 6, 8})
-    for (int64_t N : {128, 130})  // vector and scalar loads
-      for (bool asym : {false, true}) {
-        Case c;
-        c.spec.K = 257;  // a partial last chunk
-        c.spec.N = N;
-        c.spec.segments = {{b, 0}};
-        c.spec.group_size = 64;
-        c.spec.asym = asym;
-        c.spec.garbage_padding = true;
-        c.spec.extra_qrows = 2;
-        c.spec.seed = seed++;
-        c.spec.sdtype = kDtypes[seed % 3];
-        c.xtype = kDtypes[(seed / 3) % 3];
-        c.M = 1 + int64_t(seed % 2);
-        check_case(c);
-        if (HasFatalFailure()) return;
-      }
-}
+TEST_F(CudaWq, EveryWidthAlone) { check_cases(wq_cases_every_width(WqTarget::kCuda)); }
 
 TEST_F(CudaWq, ChannelMixSegments) {
-  uint32_t seed = 200;
-  const std::vector<std::vector<WqSegSpec>> mixes = {
-      {{8, 32}, {6, 64}, {5, 32}, {4, 64}, {3, 32}, {2, 0}},  // 2-bit gets the rest (33 rows at K = 257)
-      {{2, 32}, {3, 32}, {5, 64}, {1, 0}},
-      {{6, 32}, {8, 0}},
-      {{1, 64}, {5, 0}},
-  };
-  for (const auto& mix : mixes)
-    for (int64_t M : {1, 9}) {
-      Case c;
-      c.spec.K = 257;
-      c.spec.N = 130;
-      c.spec.segments = mix;
-      c.spec.group_size = 64;
-      c.spec.asym = seed % 2 == 1;
-      c.spec.garbage_padding = true;
-      c.spec.seed = seed++;
-      c.spec.sdtype = kDtypes[seed % 3];
-      c.M = M;
-      c.xtype = kDtypes[(seed + 1) % 3];
-      c.bias = true;
-      c.ldo_pad = 5;
-      check_case(c);
-      if (HasFatalFailure()) return;
-    }
+  check_cases(wq_cases_channel_mix());
+  if (HasFatalFailure()) return;
   // A large mix: every segment long enough to be split over several blocks (and N % 4 == 0).
-  Case c;
+  WqCase c;
   c.spec.K = 2048 + 96;
   c.spec.N = 512;
   c.spec.segments = {{8, 256}, {6, 256}, {5, 512}, {4, 512}, {3, 256}, {2, 0}};
   c.spec.group_size = 128;
-  c.spec.seed = seed++;
+  c.spec.seed = 208;  // after the 8 seeds of wq_cases_channel_mix
   c.M = 2;
   c.xtype = DType::kFloat16;
   check_case(c);
 }
 
 TEST_F(CudaWq, ActOrderPermChannelScale) {
-  uint32_t seed = 300;
-  for (bool act : {false, true})
-    for (bool perm : {false, true})
-      for (bool cs : {false, true})
-        for (bool asym : {false, true}) {
-          Case c;
-          c.spec.K = 160;
-          c.spec.N = 70;
-          c.spec.segments = {{4, 64}, {3, 0}};
-          c.spec.group_size = 32;
-          c.spec.act_order = act;
-          c.spec.groups = act ? 5 : 0;
-          c.spec.perm = perm;
-          c.spec.channel_scale = cs;
-          c.spec.asym = asym;
-          c.spec.seed = seed++;
-          c.spec.sdtype = kDtypes[seed % 3];
-          c.M = 5;
-          c.xtype = kDtypes[(seed / 2) % 3];
-          c.bias = (seed % 2) == 0;
-          c.ldx_pad = 1;
-          check_case(c);
-          if (HasFatalFailure()) return;
-        }
+  check_cases(wq_cases_act_order_perm_cscale());
+  if (HasFatalFailure()) return;
   // Act-order at a size with several splits, vector loads.
-  Case c;
+  WqCase c;
   c.spec.K = 1024;
   c.spec.N = 256;
   c.spec.group_size = 128;
   c.spec.act_order = true;
   c.spec.perm = true;
   c.spec.channel_scale = true;
-  c.spec.seed = seed++;
+  c.spec.seed = 316;  // after the 16 seeds of wq_cases_act_order_perm_cscale
   c.M = 8;
   c.xtype = DType::kFloat16;
   check_case(c);
@@ -311,65 +252,16 @@ TEST_F(CudaWq, ActOrderPermChannelScale) {
 
 // Groups of 48 rows: chunks alternate between one group and two (the per-row group path); 7: every chunk
 // mixed; 1000: one group over several chunks.
-TEST_F(CudaWq, GroupsStraddlingChunks) {
-  uint32_t seed = 400;
-  for (int64_t gs : {48, 7, 1000}) {
-    Case c;
-    c.spec.K = 200;
-    c.spec.N = 45;
-    c.spec.segments = {{5, 96}, {2, 0}};
-    c.spec.group_size = gs;
-    c.spec.perm = true;
-    c.spec.seed = seed++;
-    c.M = 4;
-    c.xtype = DType::kBFloat16;
-    check_case(c);
-    if (HasFatalFailure()) return;
-  }
-}
+TEST_F(CudaWq, GroupsStraddlingChunks) { check_cases(wq_cases_groups_straddling_chunks()); }
 
-TEST_F(CudaWq, DtypesBiasAndRowCounts) {
-  uint32_t seed = 500;
-  for (DType xt : kDtypes)
-    for (DType sd : kDtypes)
-      for (bool bias : {false, true}) {
-        Case c;
-        c.spec.K = 300;
-        c.spec.N = 68;
-        c.spec.segments = {{4, 128}, {6, 0}};
-        c.spec.group_size = 64;
-        c.spec.asym = seed % 2 == 0;
-        c.spec.sdtype = sd;
-        c.spec.seed = seed++;
-        c.xtype = xt;
-        c.bias = bias;
-        c.M = 2;
-        check_case(c);
-        if (HasFatalFailure()) return;
-      }
-  for (int64_t M : {1, 2, 3, 5, 8, 9, 17, 33}) {  // every M-tile width, several M-tiles
-    Case c;
-    c.spec.K = 777;
-    c.spec.N = 200;
-    c.spec.group_size = 128;
-    c.spec.seed = seed++;
-    c.spec.sdtype = kDtypes[seed % 3];
-    c.xtype = kDtypes[(seed / 3) % 3];
-    c.M = M;
-    c.bias = M % 2 == 1;
-    c.ldx_pad = 3;
-    c.ldo_pad = 1;
-    check_case(c);
-    if (HasFatalFailure()) return;
-  }
-}
+TEST_F(CudaWq, DtypesBiasAndRowCounts) { check_cases(wq_cases_dtypes_bias_rows(WqTarget::kCuda)); }
 
 // The scalar-load path (qweight not 16-byte aligned) computes the same sums in the same order as the
 // vector path: bitwise equal outputs.
 TEST_F(CudaWq, UnalignedQweightMatchesAligned) {
   uint32_t seed = 600;
   for (int32_t b : {4, 3, 8}) {
-    Case c;
+    WqCase c;
     c.spec.K = 1000;
     c.spec.N = 260;
     c.spec.segments = {{b, 0}};
@@ -398,7 +290,7 @@ TEST_F(CudaWq, MixedFastAndGenericColumns) {
   uint32_t seed = 700;
   for (bool asym : {false, true})
     for (int64_t N : {256, 258}) {
-      Case c;
+      WqCase c;
       c.spec.K = 512;
       c.spec.N = N;
       c.spec.group_size = 128;
@@ -449,7 +341,7 @@ TEST_F(CudaWq, IndicesAreClamped) {
     want.g_idx[i] = std::min<int32_t>(std::max<int32_t>(bad.g_idx[i], 0), int32_t(good.groups - 1));
     want.perm[i] = std::min<int32_t>(std::max<int32_t>(bad.perm[i], 0), int32_t(s.K - 1));
   }
-  Case c;
+  WqCase c;
   c.spec = s;
   c.M = 3;
   SCOPED_TRACE(describe(c));
@@ -463,7 +355,7 @@ TEST_F(CudaWq, IndicesAreClamped) {
 // the bits of the direct call.
 TEST_F(CudaWq, CapturesInCudaGraph) {
   for (int pass = 0; pass < 2; ++pass) {
-    Case c;
+    WqCase c;
     c.spec.K = 4096;
     c.spec.N = 130;
     c.spec.segments = pass == 0 ? std::vector<WqSegSpec>{{4, 0}} : std::vector<WqSegSpec>{{4, 2048}, {2, 0}};
@@ -524,7 +416,7 @@ TEST_F(CudaWq, CapturesInCudaGraph) {
 TEST_F(CudaWq, SanitizerSmoke) {
   uint32_t seed = 760;
   for (bool act : {false, true}) {
-    Case c;
+    WqCase c;
     c.spec.K = 1024 + 40;
     c.spec.N = 130;
     c.spec.segments = {{4, 512}, {3, 0}};
@@ -592,69 +484,44 @@ TEST_F(CudaWq, EmptyShapesWriteNothing) {
 // wq_dequantize: bitwise equal to the CPU kernel and to the fp32 formula of wq.h rounded once.
 
 TEST_F(CudaWq, DequantizeExact) {
-  uint32_t seed = 800;
-  struct D {
-    int64_t K, N;
-    std::vector<WqSegSpec> segs;
-    int64_t n0, n1;
-  };
-  const std::vector<D> shapes = {
-      {1, 1, {{4, 1}}, 0, 1},
-      {100, 37, {{3, 100}}, 0, 37},
-      {257, 130, {{8, 32}, {6, 64}, {5, 32}, {4, 64}, {3, 32}, {2, 0}}, 5, 101},
-      {160, 33, {{1, 32}, {2, 0}}, 32, 33},
-      {1000, 600, {{4, 512}, {5, 0}}, 0, 600},
-  };
-  for (const D& dd : shapes)
-    for (DType ot : kDtypes)
-      for (bool perm : {false, true}) {
-        WqSpec s;
-        s.K = dd.K;
-        s.N = dd.N;
-        s.segments = dd.segs;
-        s.group_size = 32;
-        s.act_order = seed % 3 == 0;
-        s.perm = perm;
-        s.asym = seed % 2 == 0;
-        s.sdtype = kDtypes[seed % 3];
-        s.channel_scale = true;  // must be ignored
-        s.garbage_padding = true;
-        s.seed = seed++;
-        SCOPED_TRACE("K=" + std::to_string(dd.K) + " N=" + std::to_string(dd.N) + " otype=" + lowbit::dtype_name(ot) +
-                     " perm=" + std::to_string(perm) + " seed=" + std::to_string(s.seed));
-        const HostWq h = make_wq(s);
-        DeviceWq d(h, seed % 2);  // odd seeds: an unaligned qweight
-        upload_wq(h, &d);
-        if (HasFatalFailure()) return;
-        const int64_t W = dd.n1 - dd.n0, ldo = W + 3;
-        const size_t n = size_t(dd.K * ldo);
+  for (const WqDequantCase& dc : wq_dequant_cases(WqTarget::kCuda)) {
+    const DType ot = dc.otype;
+    const int64_t K = dc.spec.K, n0 = dc.n0, n1 = dc.n1;
+    SCOPED_TRACE("K=" + std::to_string(K) + " N=" + std::to_string(dc.spec.N) + " otype=" + lowbit::dtype_name(ot) +
+                 " perm=" + std::to_string(dc.spec.perm) + " seed=" + std::to_string(dc.spec.seed));
+    const HostWq h = make_wq(dc.spec);
+    DeviceWq d(h, (dc.spec.seed + 1) % 2);  // every other case (even seeds): an unaligned qweight
+    upload_wq(h, &d);
+    if (HasFatalFailure()) return;
+    const int64_t W = n1 - n0, ldo = W + 3;
+    const size_t n = size_t(K * ldo);
 
-        const std::vector<float> ref = ref_dequant(h, dd.n0, dd.n1);
-        HostFloats want = sentinel_floats(n, ot, kOutPoison);
-        for (int64_t k = 0; k < dd.K; ++k)
-          for (int64_t c = 0; c < W; ++c) wq_store(ot, want.data(), size_t(k * ldo + c), ref[size_t(k * W + c)]);
-        HostFloats cpu = sentinel_floats(n, ot, kOutPoison);
-        const Status cs = lowbit::cpu::wq_dequantize(h.view(), dd.n0, dd.n1, ot, cpu.data(), ldo);
-        ASSERT_TRUE(cs.is_ok()) << cs.message;
-        EXPECT_TRUE(cpu.bytes == want.bytes) << "the CPU kernel disagrees with the formula";
+    const std::vector<float> ref = ref_dequant(h, n0, n1);
+    HostFloats want = sentinel_floats(n, ot, kOutPoison);
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t c = 0; c < W; ++c) wq_store(ot, want.data(), size_t(k * ldo + c), ref[size_t(k * W + c)]);
+    HostFloats cpu = sentinel_floats(n, ot, kOutPoison);
+    const Status cs = lowbit::cpu::wq_dequantize(h.view(), n0, n1, ot, cpu.data(), ldo);
+    ASSERT_TRUE(cs.is_ok()) << cs.message;
+    EXPECT_TRUE(cpu.bytes == want.bytes) << "the CPU kernel disagrees with the formula";
 
-        DeviceBuffer out(n * wq_dtype_size(ot));
-        ASSERT_TRUE(out.ok());
-        std::vector<uint8_t> got;
-        run_on_poisoned(
-            out, kOutPoison, stream_,
-            [&] { return lowbit::cuda::wq_dequantize(d.w, dd.n0, dd.n1, ot, out.bytes(), ldo, stream()); }, &got, 2);
-        if (HasFatalFailure()) return;
-        if (got != want.bytes) {
-          for (size_t i = 0; i < got.size(); ++i)
-            if (got[i] != want.bytes[i]) {
-              const int64_t e = int64_t(i / wq_dtype_size(ot));
-              FAIL() << "first mismatch at row " << e / ldo << " col " << e % ldo << ": got "
-                     << wq_load(ot, got.data(), size_t(e)) << ", want " << wq_load(ot, want.data(), size_t(e));
-            }
+    DeviceBuffer out(n * wq_dtype_size(ot));
+    ASSERT_TRUE(out.ok());
+    std::vector<uint8_t> got;
+    run_on_poisoned(
+        out, kOutPoison, stream_,
+        [&] { return lowbit::cuda::wq_dequantize(d.w, n0, n1, ot, out.bytes(), ldo, stream()); }, &got, 2);
+    if (HasFatalFailure()) return;
+    if (got != want.bytes) {
+      for (size_t i = 0; i < got.size(); ++i)
+        if (got[i] != want.bytes[i]) {
+          const int64_t e = int64_t(i / wq_dtype_size(ot));
+          FAIL() << "first mismatch at row " << e / ldo << " col " << e % ldo << ": got "
+                 << wq_load(ot, got.data(), size_t(e)) << ", want " << wq_load(ot, want.data(), size_t(e));
         }
-        EXPECT_TRUE(got == cpu.bytes) << "differs from the CPU kernel";
-      }
+    }
+    EXPECT_TRUE(got == cpu.bytes) << "differs from the CPU kernel";
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -665,14 +532,7 @@ class CudaWqErrors : public CudaWq {
   void SetUp() override {
     CudaWq::SetUp();
     if (IsSkipped() || HasFatalFailure()) return;
-    WqSpec s;
-    s.K = 96;
-    s.N = 16;
-    s.segments = {{4, 64}, {3, 0}};
-    s.group_size = 32;
-    s.perm = true;
-    s.seed = 900;
-    host_ = make_wq(s);
+    host_ = make_wq(wq_error_spec());
     dev_.reset(new DeviceWq(host_, 0));
     upload_wq(host_, dev_.get());
     ASSERT_TRUE(x_.ok() && out_.ok() && ws_.ok());
@@ -702,51 +562,18 @@ TEST_F(CudaWqErrors, WeightDescription) {
   ASSERT_TRUE(matmul(good, x_.bytes(), 2, 96, 16).is_ok());
   CUDA_ASSERT(cudaStreamSynchronize(stream_));
   CUDA_ASSERT(cudaMemset(out_.bytes(), kOutPoison, out_.size()));
+  for (const WqWeightError& e : wq_weight_errors()) {
+    WqWeight v = good;
+    e.apply(v);
+    expect_weight_error(v, e.what, e.needle);
+  }
+  // Checked on the device only.
   WqWeight v = good;
-  v.bits[1] = 7;
-  expect_weight_error(v, "bits 7", "bits must be 1, 2, 3, 4, 5, 6 or 8, got 7");
-  v = good;
-  v.bits[0] = 0;
-  expect_weight_error(v, "bits 0", "got 0");
-  v = good;
-  v.row_end[0] = 48;
-  expect_weight_error(v, "segment length", "multiple of 32");
-  v = good;
-  v.row_end[1] = 90;
-  expect_weight_error(v, "row_end != K", "must end at K");
-  v = good;
-  v.row_end[1] = 64;
-  expect_weight_error(v, "empty segment", "row_end must exceed");
-  v = good;
-  v.nseg = 7;
-  expect_weight_error(v, "nseg", "nseg");
-  v = good;
   v.nseg = 0;
   expect_weight_error(v, "nseg 0", "nseg");
   v = good;
-  v.qrows = good.qrows - 1;
-  expect_weight_error(v, "qrows", "qrows must be >=");
-  v = good;
-  v.groups = 0;
-  expect_weight_error(v, "groups", "groups must be >= 1");
-  v = good;
   v.K = 0;
   expect_weight_error(v, "K", "K must be >= 1");
-  v = good;
-  v.qweight = nullptr;
-  expect_weight_error(v, "qweight null", "qweight is null");
-  v = good;
-  v.g_idx = nullptr;
-  expect_weight_error(v, "g_idx null", "g_idx is null");
-  v = good;
-  v.scales = nullptr;
-  expect_weight_error(v, "scales null", "scales is null");
-  v = good;
-  v.zeros = nullptr;
-  expect_weight_error(v, "zeros null", "zeros is null");
-  v = good;
-  v.sdtype = DType(5);
-  expect_weight_error(v, "sdtype", "sdtype");
   expect_untouched(out_, out_.size(), kOutPoison, stream_);
 }
 

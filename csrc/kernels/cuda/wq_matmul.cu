@@ -110,6 +110,7 @@
 #include <cstdint>
 #include <limits>
 #include <string>
+#include <type_traits>
 
 #include "../validate.h"
 
@@ -647,6 +648,293 @@ __global__ void __launch_bounds__(kReduceThreads) wq_reduce_kernel(const float* 
 }
 
 // ---------------------------------------------------------------------------------------------------
+// Tensor-core path (WqWeight::allow_half; x of the scales' 16-bit dtype, one segment of 2 or 4 bits,
+// M <= 64). The CUDA-core kernel above spends ~3.4 instructions per weight and every row of x costs
+// another FMA per weight; here each weight costs ~1.25 instructions (two codes become a 16-bit pair with
+// one mask-and-or against the exponent of 1024 (fp16) / 128 (bf16), a subtraction makes them exact
+// integers, one HFMA2 applies s*q - z) and mma.sync m16n8k16 multiplies up to 16 rows of x per
+// instruction with fp32 accumulators, so M = 1 .. 64 cost about the same.
+//
+//   * A block covers 32 columns (4 n-tiles of 8) and kMmaWarps warps split its range of 32-row chunks;
+//     the warps' accumulators are summed in warp order through shared memory (deterministic), then
+//     written as in wq_matmul_kernel (out directly, or fp32 partials + wq_reduce_kernel).
+//   * Lane L reads word row i of column tile0 + L (one coalesced 128-byte load per word row); the word of
+//     column 8j + g that the B fragment of n-tile j needs comes by __shfl_sync. B fragment (PTX ISA,
+//     m16n8k16 .col): lane (g = lane / 4, t = lane % 4) holds rows 2t, 2t+1 (b0) and 2t+8, 2t+9 (b1) of
+//     column g of the 16-row k-step. 4-bit: k-step s is words 2s (rows 0-7) and 2s+1 (rows 8-15) of the
+//     chunk, and rows 2t, 2t+1 are byte t of each. 2-bit: k-step s is word s; rows 2t, 2t+1 are bits
+//     4t..4t+3 and rows 2t+8, 2t+9 bits 4t+16..4t+19.
+//   * x' = x * c (fp32, rounded once to the 16-bit type) of the chunk's 32 rows is staged per warp in shared
+//     memory, rows past M zero; A fragments are 32-bit shared loads (rows padded to 40 halves: no bank
+//     conflicts).
+//   * Groups: one (s, z) per column for a chunk whose 32 rows share a group (__all_sync), else per row.
+constexpr int kMmaWarps = 4;
+constexpr int kMmaTileN = 32;
+constexpr int kMmaRowPad = 40;  // halves per staged row of x' (32 + 8)
+
+template <typename T>
+struct Half2;
+template <>
+struct Half2<__half> {
+  using T2 = __half2;
+  static constexpr uint32_t kMagic = 0x64006400u;  // 1024.0 in each half: 1024 + q is exact for q < 1024
+  __device__ static __half2 offset() { return __half2half2(__ushort_as_half(0x6400)); }
+  __device__ static __half from_float(float v) { return __float2half_rn(v); }
+};
+template <>
+struct Half2<__nv_bfloat16> {
+  using T2 = __nv_bfloat162;
+  static constexpr uint32_t kMagic = 0x43004300u;  // 128.0 in each bf16: 128 + q is exact for q < 128
+  __device__ static __nv_bfloat162 offset() { return __bfloat162bfloat162(__ushort_as_bfloat16(0x4300)); }
+  __device__ static __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
+};
+
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  if constexpr (std::is_same<T, __half>::value) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+template <typename T2>
+__device__ __forceinline__ T2 bits_as(uint32_t u) {
+  return *reinterpret_cast<const T2*>(&u);
+}
+template <typename T2>
+__device__ __forceinline__ uint32_t as_bits(T2 v) {
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+// The 16-bit pair (2 codes) of rows (2t, 2t+1) (hi = false) or (2t+8, 2t+9) (hi = true) of k-step ks,
+// with the exponent of the offset already in place: value = offset + q.
+template <int B>
+__device__ __forceinline__ uint32_t code_pair(const uint32_t (&w)[B], int ks, bool hi, int t, uint32_t magic) {
+  if constexpr (B == 4) {
+    const uint32_t y = w[2 * ks + (hi ? 1 : 0)] >> (8 * t);
+    return (y & 0xFu) | ((y << 12) & 0xF0000u) | magic;
+  } else {
+    const uint32_t y = w[ks] >> (4 * t + (hi ? 16 : 0));
+    return (y & 0x3u) | ((y << 14) & 0x30000u) | magic;
+  }
+}
+
+struct MmaArgs {
+  const uint32_t* qweight;
+  int64_t N, K, chunks, cps;
+  const int32_t* g_idx;
+  int64_t groups;
+  const void* scales;
+  const void* zeros;
+  const int32_t* perm;
+  const void* cs;
+  const void* x;
+  int64_t M, ldx;
+  const void* bias;
+  void* out;
+  int64_t ldo;
+  float* partial;
+  int asym;
+};
+
+template <int B, int MTILES, typename T>
+__global__ void __launch_bounds__(kMmaWarps * 32) wq_mma_kernel(const MmaArgs a) {
+  using H = Half2<T>;
+  using T2 = typename H::T2;
+  constexpr int kRows = MTILES * 16;
+  constexpr int kStageBytes = kMmaWarps * kRows * kMmaRowPad * 2;
+  constexpr int kRedBytes = kMmaWarps * kRows * kMmaTileN * 4;
+  __shared__ __align__(16) unsigned char smem[kStageBytes > kRedBytes ? kStageBytes : kRedBytes];
+  pdl_trigger();
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int64_t tile0 = int64_t(blockIdx.x) * kMmaTileN;
+  const int64_t col = tile0 + lane;  // the column whose words this lane loads
+  const bool col_ok = col < a.N;
+  const int64_t c0 = int64_t(blockIdx.y) * a.cps, c1 = min(a.chunks, c0 + a.cps);
+  const int64_t per = (c1 - c0 + kMmaWarps - 1) / kMmaWarps;
+  const int64_t cb = c0 + warp * per, ce = min(c1, cb + per);
+  T* xs = reinterpret_cast<T*>(smem) + warp * kRows * kMmaRowPad;
+  const T* xg = static_cast<const T*>(a.x);
+  const T* sc = static_cast<const T*>(a.scales);
+  const T* zr = static_cast<const T*>(a.zeros);
+  const T* csp = static_cast<const T*>(a.cs);
+  const bool asym = a.asym != 0;
+  const uint32_t magic = H::kMagic;
+  const T2 offset = H::offset();
+
+  // Rows of x' past M stay zero for the whole kernel.
+  for (int i = lane; i < kRows * kMmaRowPad; i += 32) xs[i] = H::from_float(0.0f);
+  __syncwarp();
+
+  float acc[MTILES][4][4];
+#pragma unroll
+  for (int mt = 0; mt < MTILES; ++mt)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[mt][j][e] = 0.0f;
+
+  if (cb < ce) {
+    uint32_t wc[B], wn[B];
+    auto load_w = [&](int64_t c, uint32_t (&w)[B]) {
+#pragma unroll
+      for (int i = 0; i < B; ++i) w[i] = col_ok ? ld_stream(a.qweight + (c * B + i) * a.N + col) : 0u;
+    };
+    load_w(cb, wc);
+    int64_t g_last = -1;
+    T s_col = H::from_float(0.0f), z_col = H::from_float(0.0f);
+#pragma unroll 1
+    for (int64_t c = cb; c < ce; ++c) {
+      if (c + 1 < ce) load_w(c + 1, wn);
+      // Stage x' of the chunk (lane = row of the chunk).
+      const int64_t r = c * 32 + lane;
+      const bool rv = r < a.K;
+      int64_t k = r;
+      if (rv && a.perm != nullptr) k = min(max(int64_t(__ldg(a.perm + r)), int64_t(0)), a.K - 1);
+      const float cf = (rv && csp != nullptr) ? float(csp[k]) : 1.0f;
+      for (int64_t m = 0; m < min(a.M, int64_t(kRows)); ++m) {
+        const float v = rv ? float(xg[m * a.ldx + k]) * cf : 0.0f;
+        xs[m * kMmaRowPad + lane] = H::from_float(v);
+      }
+      // Group of each row of the chunk.
+      int gl = rv ? int(min(max(int64_t(__ldg(a.g_idx + r)), int64_t(0)), a.groups - 1)) : -1;
+      const int g0 = __shfl_sync(0xFFFFFFFFu, gl, 0);
+      if (!rv) gl = g0;
+      const bool uni = __all_sync(0xFFFFFFFFu, gl == g0) != 0;
+      if (uni && g0 != g_last) {
+        g_last = g0;
+        s_col = col_ok ? sc[int64_t(g0) * a.N + col] : H::from_float(0.0f);
+        z_col = col_ok ? zr[int64_t(g0) * a.N + col] : H::from_float(0.0f);
+      }
+      __syncwarp();
+#pragma unroll
+      for (int ks = 0; ks < 2; ++ks) {
+        uint32_t af[MTILES][4];
+#pragma unroll
+        for (int mt = 0; mt < MTILES; ++mt) {
+          const T* base = xs + (mt * 16 + g) * kMmaRowPad + ks * 16 + 2 * t;
+          af[mt][0] = *reinterpret_cast<const uint32_t*>(base);
+          af[mt][1] = *reinterpret_cast<const uint32_t*>(base + 8 * kMmaRowPad);
+          af[mt][2] = *reinterpret_cast<const uint32_t*>(base + 8);
+          af[mt][3] = *reinterpret_cast<const uint32_t*>(base + 8 * kMmaRowPad + 8);
+        }
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const int src = 8 * j + g;  // lane holding column tile0 + 8j + g
+          uint32_t wj[B];
+#pragma unroll
+          for (int i = 0; i < B; ++i) wj[i] = __shfl_sync(0xFFFFFFFFu, wc[i], src);
+          T2 s_lo, z_lo, s_hi, z_hi;
+          if (uni) {
+            const T s1 = __shfl_sync(0xFFFFFFFFu, s_col, src), z1 = __shfl_sync(0xFFFFFFFFu, z_col, src);
+            s_lo = s_hi = T2{s1, s1};
+            z_lo = z_hi = T2{z1, z1};
+          } else {
+            // Rows 16ks + 2t, +1, +8, +9 of column tile0 + 8j + g: their own groups.
+            const int rr = 16 * ks + 2 * t;
+            const int ga = __shfl_sync(0xFFFFFFFFu, gl, rr), gb = __shfl_sync(0xFFFFFFFFu, gl, rr + 1);
+            const int gc = __shfl_sync(0xFFFFFFFFu, gl, rr + 8), gd = __shfl_sync(0xFFFFFFFFu, gl, rr + 9);
+            const int64_t n = tile0 + 8 * j + g;
+            const bool ok = n < a.N;
+            auto ld = [&](const T* p, int gg) { return ok ? p[int64_t(gg) * a.N + n] : H::from_float(0.0f); };
+            s_lo = T2{ld(sc, ga), ld(sc, gb)};
+            z_lo = T2{ld(zr, ga), ld(zr, gb)};
+            s_hi = T2{ld(sc, gc), ld(sc, gd)};
+            z_hi = T2{ld(zr, gc), ld(zr, gd)};
+          }
+          const T2 q_lo = __hsub2(bits_as<T2>(code_pair<B>(wj, ks, false, t, magic)), offset);  // exact
+          const T2 q_hi = __hsub2(bits_as<T2>(code_pair<B>(wj, ks, true, t, magic)), offset);
+          T2 w_lo, w_hi;
+          if (asym) {
+            w_lo = __hmul2(s_lo, __hsub2(q_lo, z_lo));
+            w_hi = __hmul2(s_hi, __hsub2(q_hi, z_hi));
+          } else {
+            w_lo = __hfma2(q_lo, s_lo, __hneg2(z_lo));
+            w_hi = __hfma2(q_hi, s_hi, __hneg2(z_hi));
+          }
+          const uint32_t b0 = as_bits(w_lo), b1 = as_bits(w_hi);
+#pragma unroll
+          for (int mt = 0; mt < MTILES; ++mt) mma_16816<T>(acc[mt][j], af[mt], b0, b1);
+        }
+      }
+      __syncwarp();  // xs is rewritten next chunk
+      if (c + 1 < ce) {
+#pragma unroll
+        for (int i = 0; i < B; ++i) wc[i] = wn[i];
+      }
+    }
+  }
+
+  // Block reduction in warp order. acc[mt][j]: rows mt*16 + g (e 0, 1) and + 8 (e 2, 3), columns 8j + 2t + (e & 1).
+  __syncthreads();  // everyone is done with xs: the buffer becomes red
+  float* red = reinterpret_cast<float*>(smem);
+#pragma unroll
+  for (int mt = 0; mt < MTILES; ++mt)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int row = mt * 16 + g + (e >= 2 ? 8 : 0), cc = 8 * j + 2 * t + (e & 1);
+        red[(warp * kRows + row) * kMmaTileN + cc] = acc[mt][j][e];
+      }
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < kRows * kMmaTileN; idx += kMmaWarps * 32) {
+    const int row = idx / kMmaTileN, cc = idx % kMmaTileN;
+    const int64_t n = tile0 + cc;
+    if (row >= a.M || n >= a.N) continue;
+    float v = red[row * kMmaTileN + cc];
+#pragma unroll
+    for (int w = 1; w < kMmaWarps; ++w) v += red[(w * kRows + row) * kMmaTileN + cc];
+    if (a.partial != nullptr) {
+      a.partial[(int64_t(blockIdx.y) * a.M + row) * a.N + n] = v;
+    } else {
+      const int dt = std::is_same<T, __half>::value ? 1 : 2;
+      if (a.bias != nullptr) v += raw_to_float(load_raw(a.bias, n, dt), dt);
+      store_out(a.out, row * a.ldo + n, dt, v);
+    }
+  }
+}
+
+template <int B, typename T>
+void launch_mma_b(int mtiles, dim3 grid, cudaStream_t stream, const MmaArgs& a) {
+  switch (mtiles) {
+    case 1: wq_mma_kernel<B, 1, T><<<grid, kMmaWarps * 32, 0, stream>>>(a); break;
+    case 2: wq_mma_kernel<B, 2, T><<<grid, kMmaWarps * 32, 0, stream>>>(a); break;
+    case 3: wq_mma_kernel<B, 3, T><<<grid, kMmaWarps * 32, 0, stream>>>(a); break;
+    default: wq_mma_kernel<B, 4, T><<<grid, kMmaWarps * 32, 0, stream>>>(a); break;
+  }
+}
+
+// Whether the tensor-core path takes this call (xtype unknown: nullptr skips that condition).
+bool mma_eligible(const WqWeight& w, int64_t M, const DType* xtype) {
+  return w.allow_half && (w.sdtype == DType::kFloat16 || w.sdtype == DType::kBFloat16) &&
+         (xtype == nullptr || *xtype == w.sdtype) && w.nseg == 1 && (w.bits[0] == 2 || w.bits[0] == 4) &&
+         M >= 1 && M <= 64;
+}
+
+// Splits of the tensor-core launch: about 4 blocks per SM, at least 2 chunks per warp and split.
+int64_t mma_splits(const WqWeight& w, int sms) {
+  const int64_t chunks = (w.K + 31) / 32;
+  const int64_t base = (w.N + kMmaTileN - 1) / kMmaTileN;
+  const int64_t want = std::max<int64_t>(1, int64_t(4) * sms / base);
+  const int64_t cap = std::max<int64_t>(1, chunks / (int64_t(kMmaWarps) * 2));
+  int64_t splits = std::min(std::min(want, cap), kMaxGridY);
+  const int64_t cps = (chunks + splits - 1) / splits;
+  return (chunks + cps - 1) / cps;
+}
+
+// ---------------------------------------------------------------------------------------------------
 // Dequantize.
 
 struct DeqArgs {
@@ -913,7 +1201,51 @@ Status launch_reduce(const char* fn, const DeviceInfo& dev, cudaStream_t stream,
   return launch_error(fn, "reduce kernel launch failed");
 }
 
+size_t mma_workspace_bytes(const WqWeight& w, int64_t M, int sms) {
+  const int64_t splits = mma_splits(w, sms);
+  return splits > 1 ? size_t(splits) * size_t(M) * size_t(w.N) * sizeof(float) : 0;
+}
+
+Status launch_mma(const char* fn, const WqWeight& w, const void* x, int64_t M, int64_t ldx, const void* bias,
+                  void* out, int64_t ldo, float* ws, const DeviceInfo& dev, cudaStream_t stream) {
+  MmaArgs a = {};
+  a.N = w.N;
+  a.K = w.K;
+  a.chunks = (w.K + 31) / 32;
+  const int64_t splits = mma_splits(w, dev.sms);
+  a.cps = (a.chunks + splits - 1) / splits;
+  a.qweight = w.qweight;
+  a.g_idx = w.g_idx;
+  a.groups = w.groups;
+  a.scales = w.scales;
+  a.zeros = w.zeros;
+  a.perm = w.perm;
+  a.cs = w.channel_scale;
+  a.x = x;
+  a.M = M;
+  a.ldx = ldx;
+  a.bias = bias;
+  a.out = out;
+  a.ldo = ldo;
+  a.partial = splits > 1 ? ws : nullptr;
+  a.asym = w.asym ? 1 : 0;
+  const int mtiles = int((M + 15) / 16);
+  const dim3 grid(static_cast<unsigned>((w.N + kMmaTileN - 1) / kMmaTileN), static_cast<unsigned>(splits));
+  const bool fp16 = w.sdtype == DType::kFloat16;
+  if (w.bits[0] == 4) {
+    if (fp16) launch_mma_b<4, __half>(mtiles, grid, stream, a); else launch_mma_b<4, __nv_bfloat16>(mtiles, grid, stream, a);
+  } else {
+    if (fp16) launch_mma_b<2, __half>(mtiles, grid, stream, a); else launch_mma_b<2, __nv_bfloat16>(mtiles, grid, stream, a);
+  }
+  Status st = launch_error(fn, "tensor-core kernel launch failed");
+  if (!st.is_ok() || splits == 1) return st;
+  const int dt = static_cast<int>(w.sdtype);
+  return launch_reduce(fn, dev, stream, ws, splits, M, w.N, bias, dt, out, dt, ldo);
+}
+
 }  // namespace
+
+bool wq_matmul_uses_tensor_cores(const WqWeight& w, DType xtype, int64_t M) { return mma_eligible(w, M, &xtype); }
 
 Status wq_matmul_workspace(const WqWeight& w, int64_t M, size_t* bytes) {
   const char* fn = "lowbit::cuda::wq_matmul_workspace";
@@ -930,6 +1262,8 @@ Status wq_matmul_workspace(const WqWeight& w, int64_t M, size_t* bytes) {
   st = make_plan(fn, w, M, dev.sms, &plan);
   if (!st.is_ok()) return st;
   *bytes = plan.ws_bytes;
+  // The x dtype is not known here: enough for whichever path wq_matmul takes.
+  if (mma_eligible(w, M, nullptr)) *bytes = std::max(*bytes, mma_workspace_bytes(w, M, dev.sms));
   return Status::ok();
 }
 
@@ -945,6 +1279,14 @@ Status wq_matmul(const WqWeight& w, const void* x, DType xtype, int64_t M, int64
   Plan plan;
   st = make_plan(fn, w, M, dev.sms, &plan);
   if (!st.is_ok()) return st;
+  const cudaStream_t cs = reinterpret_cast<cudaStream_t>(stream);
+  if (mma_eligible(w, M, &xtype)) {
+    const size_t need = mma_workspace_bytes(w, M, dev.sms);
+    if (need > 0 && (workspace == nullptr || workspace_bytes < need))
+      return Status::invalid(validate::err(fn, "workspace_bytes must be >= " + std::to_string(need) +
+                                                   " (wq_matmul_workspace), got " + std::to_string(workspace_bytes)));
+    return launch_mma(fn, w, x, M, ldx, bias, out, ldo, static_cast<float*>(workspace), dev, cs);
+  }
   if (plan.ws_bytes > 0) {
     if (workspace_bytes < plan.ws_bytes)
       return Status::invalid(validate::err(fn, "workspace_bytes must be >= " + std::to_string(plan.ws_bytes) +

@@ -69,6 +69,14 @@ struct WqWeight {
   bool asym = false;                   // see the dequantized value above
   const int32_t* perm = nullptr;       // (K,) stored row -> original channel, or null (identity)
   const void* channel_scale = nullptr;  // (K,) original order, sdtype, or null (all ones)
+  // Tensor-core permission (CUDA wq_matmul only; the CPU ignores it). When true, x has dtype sdtype and
+  // sdtype is float16 or bfloat16, the kernel may compute w in that 16-bit type instead of fp32:
+  //   sym  w16 = rne16(s * q - z)        asym  w16 = rne16(s * (q - z))      (one rounding, as an FMA)
+  // and x' = rne16(x * c), then accumulate x' * w16 in fp32 on tensor cores (mma.sync m16n8k16): what a
+  // dense F.linear on the dequantized 16-bit weight computes. Today: one segment of 2 or 4 bits, M <= 64.
+  // Results then differ from the fp32 definition by the 16-bit rounding of w and x' (tests: 2^-11 (fp16)
+  // or 2^-8 (bf16) times sum |x'||W| on top of the fp32 tolerance).
+  bool allow_half = false;
 };
 
 // Word rows the segments of `w` use: sum over segments of ceil(len / 32) * bits. 0 when the segment
@@ -122,6 +130,9 @@ Status wq_matmul(const WqWeight& w, const void* x, DType xtype, int64_t M, int64
 
 Status wq_dequantize(const WqWeight& w, int64_t n0, int64_t n1, DType otype, void* out, int64_t ldo,
                      CUstream_st* stream);
+
+// Whether wq_matmul takes the tensor-core path for this call (see WqWeight::allow_half).
+bool wq_matmul_uses_tensor_cores(const WqWeight& w, DType xtype, int64_t M);
 
 }  // namespace cuda
 }  // namespace lowbit
