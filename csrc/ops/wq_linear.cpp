@@ -162,11 +162,22 @@ void fused_matmul(const WqTensors& w, const at::Tensor& x2, const std::optional<
   } else {
 #ifdef LOWBIT_WITH_CUDA
     c10::cuda::CUDAGuard guard(x2.device());
+    WqWeight d = desc;
+    at::Tensor xg = x2;
+    if (cuda::wq_matmul_uses_tensor_cores(d, xt, M) && (w.perm.defined() || w.channel_scale.defined())) {
+      // x' = x * c gathered into stored row order once (fp32 product, one rounding: the kernel's own
+      // staging would compute the same bits), so the tensor-core kernel stages x' with 16-byte loads.
+      at::Tensor v = w.channel_scale.defined() ? as_float(x2) * as_float(w.channel_scale) : x2;
+      if (w.perm.defined()) v = v.index_select(1, w.perm);
+      xg = v.to(x2.scalar_type()).contiguous();
+      d.perm = nullptr;
+      d.channel_scale = nullptr;
+    }
     size_t bytes = 0;
-    check_status(cuda::wq_matmul_workspace(desc, M, &bytes), w.op);
+    check_status(cuda::wq_matmul_workspace(d, M, &bytes), w.op);
     at::Tensor ws;
     if (bytes > 0) ws = at::empty({static_cast<int64_t>((bytes + 15) / 16) * 4}, x2.options().dtype(at::kFloat));
-    check_status(cuda::wq_matmul(desc, x2.data_ptr(), xt, M, w.K, bp, out.data_ptr(), w.N,
+    check_status(cuda::wq_matmul(d, xg.data_ptr(), xt, M, w.K, bp, out.data_ptr(), w.N,
                                  ws.defined() ? ws.data_ptr() : nullptr, bytes, current_stream(x2)),
                  w.op);
 #else
@@ -227,11 +238,12 @@ at::Tensor wq_linear_forward_impl(const at::Tensor& x, const at::Tensor& qweight
   if (M > 0 && w.N > 0) {
     int64_t fused_max = fused_max_rows(x.is_cpu());
 #ifdef LOWBIT_WITH_CUDA
-    // The tensor-core kernel costs about the same for M = 1 .. 64: it beats tiles + cuBLAS there.
+    // The tensor-core kernel beats tiles + cuBLAS up to M = 32 (H200: M = 16 at 8192 x 28672 209 us vs
+    // 432 us); at M = 64 the tiles win (4096^2: 32 vs 43 us).
     static const bool env_override = std::getenv("LOWBIT_WQ_FUSED_MAX_ROWS") != nullptr;
     if (!x.is_cpu() && !env_override &&
         cuda::wq_matmul_uses_tensor_cores(with_half(w, x), kernel_dtype(x.scalar_type(), w.op, "x"), M))
-      fused_max = 64;
+      fused_max = 32;
 #endif
     if (M <= fused_max) {
       fused_matmul(w, x2, bias, out);

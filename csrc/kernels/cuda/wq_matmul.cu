@@ -672,6 +672,18 @@ constexpr int kMmaWarps = 4;
 constexpr int kMmaTileN = 32;
 constexpr int kMmaRowPad = 40;  // halves per staged row of x' (32 + 8)
 
+constexpr int kMmaStages = 6;  // chunks of words in flight per warp (+ the one being decoded)
+
+__device__ __forceinline__ void cp_async_4(uint32_t* smem_dst, const uint32_t* src, int src_bytes) {
+  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(smem_dst));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(d), "l"(src), "r"(src_bytes) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
 template <typename T>
 struct Half2;
 template <>
@@ -744,6 +756,7 @@ struct MmaArgs {
   int64_t ldo;
   float* partial;
   int asym;
+  int xvec;  // stage x with 16-byte loads (see the kernel)
 };
 
 template <int B, int MTILES, typename T>
@@ -754,6 +767,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32) wq_mma_kernel(const MmaArgs a)
   constexpr int kStageBytes = kMmaWarps * kRows * kMmaRowPad * 2;
   constexpr int kRedBytes = kMmaWarps * kRows * kMmaTileN * 4;
   __shared__ __align__(16) unsigned char smem[kStageBytes > kRedBytes ? kStageBytes : kRedBytes];
+  __shared__ __align__(16) uint32_t ring_all[kMmaWarps * kMmaStages * B * 32];
   pdl_trigger();
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -786,58 +800,127 @@ __global__ void __launch_bounds__(kMmaWarps * 32) wq_mma_kernel(const MmaArgs a)
       for (int e = 0; e < 4; ++e) acc[mt][j][e] = 0.0f;
 
   if (cb < ce) {
-    uint32_t wc[B], wn[B];
-    auto load_w = [&](int64_t c, uint32_t (&w)[B]) {
+    // Words: a ring of kMmaStages chunks per warp in shared memory, filled by cp.async (4 bytes per lane
+    // and word row, zero-filled past N), so kMmaStages - 1 chunks are in flight while one is decoded. Each
+    // lane copies and reads only its own column's words: no barrier is needed around the ring.
+    uint32_t* ring = ring_all + warp * kMmaStages * B * 32;
+    auto issue_w = [&](int64_t c) {
+      if (c < ce) {
+        uint32_t* dst = ring + (c % kMmaStages) * B * 32 + lane;
 #pragma unroll
-      for (int i = 0; i < B; ++i) w[i] = col_ok ? ld_stream(a.qweight + (c * B + i) * a.N + col) : 0u;
+        for (int i = 0; i < B; ++i) {
+          const uint32_t* src = col_ok ? a.qweight + (c * B + i) * a.N + col : a.qweight;
+          cp_async_4(dst + i * 32, src, col_ok ? 4 : 0);
+        }
+      }
+      cp_async_commit();  // one group per chunk, empty past the end: the wait count stays uniform
     };
-    load_w(cb, wc);
-    int64_t g_last = -1;
-    T s_col = H::from_float(0.0f), z_col = H::from_float(0.0f);
+    for (int st = 0; st < kMmaStages - 1; ++st) issue_w(cb + st);
+
+    // x (vector mode) of the next chunk, in registers one chunk ahead: lane -> (row m, 8-row segment).
+    constexpr int kXv = (kRows * 4 + 31) / 32;
+    uint4 xv[kXv];
+    const int64_t nm = min(a.M, int64_t(kRows));
+    auto issue_x = [&](int64_t c) {
+#pragma unroll
+      for (int q = 0; q < kXv; ++q) {
+        const int64_t i = lane + 32 * q, m = i >> 2, k0 = c * 32 + (i & 3) * 8;
+        xv[q] = (m < nm && k0 < a.K && c < ce) ? __ldg(reinterpret_cast<const uint4*>(xg + m * a.ldx + k0))
+                                               : make_uint4(0u, 0u, 0u, 0u);
+      }
+    };
+    if (a.xvec) issue_x(cb);
+    // Groups: this chunk's (gc), the next one's (gn, loaded an iteration ago) and the one after (issued
+    // here); (s, z) of the next chunk's group are fetched one iteration early when that group is new.
+    auto load_g = [&](int64_t c) {
+      const int64_t r = c * 32 + lane;
+      return (c < ce && r < a.K) ? int(min(max(int64_t(__ldg(a.g_idx + r)), int64_t(0)), a.groups - 1)) : -1;
+    };
+    int gc = load_g(cb), gn = load_g(cb + 1);
+    int64_t g_last = -1, g_pre = -1;
+    T s_col = H::from_float(0.0f), z_col = H::from_float(0.0f), s_pre = s_col, z_pre = z_col;
+    uint32_t wc[B];
 #pragma unroll 1
     for (int64_t c = cb; c < ce; ++c) {
-      if (c + 1 < ce) load_w(c + 1, wn);
-      // Stage x' of the chunk (lane = row of the chunk).
+      issue_w(c + kMmaStages - 1);
       const int64_t r = c * 32 + lane;
       const bool rv = r < a.K;
-      int64_t k = r;
-      if (rv && a.perm != nullptr) k = min(max(int64_t(__ldg(a.perm + r)), int64_t(0)), a.K - 1);
-      const float cf = (rv && csp != nullptr) ? float(csp[k]) : 1.0f;
-      for (int64_t m = 0; m < min(a.M, int64_t(kRows)); ++m) {
-        const float v = rv ? float(xg[m * a.ldx + k]) * cf : 0.0f;
-        xs[m * kMmaRowPad + lane] = H::from_float(v);
+      // Stage x' of the chunk (rows past M stay zero).
+      if (a.xvec) {
+#pragma unroll
+        for (int q = 0; q < kXv; ++q) {
+          const int64_t i = lane + 32 * q, m = i >> 2;
+          if (m < nm) *reinterpret_cast<uint4*>(xs + m * kMmaRowPad + (i & 3) * 8) = xv[q];
+        }
+        issue_x(c + 1);
+      } else {
+        int64_t k = r;
+        if (rv && a.perm != nullptr) k = min(max(int64_t(__ldg(a.perm + r)), int64_t(0)), a.K - 1);
+        const float cf = (rv && csp != nullptr) ? float(csp[k]) : 1.0f;
+        for (int64_t m = 0; m < nm; ++m) {
+          const float v = rv ? float(xg[m * a.ldx + k]) * cf : 0.0f;
+          xs[m * kMmaRowPad + lane] = H::from_float(v);
+        }
       }
       // Group of each row of the chunk.
-      int gl = rv ? int(min(max(int64_t(__ldg(a.g_idx + r)), int64_t(0)), a.groups - 1)) : -1;
+      int gl = gc;
       const int g0 = __shfl_sync(0xFFFFFFFFu, gl, 0);
       if (!rv) gl = g0;
       const bool uni = __all_sync(0xFFFFFFFFu, gl == g0) != 0;
       if (uni && g0 != g_last) {
         g_last = g0;
-        s_col = col_ok ? sc[int64_t(g0) * a.N + col] : H::from_float(0.0f);
-        z_col = col_ok ? zr[int64_t(g0) * a.N + col] : H::from_float(0.0f);
+        if (g0 == g_pre) {
+          s_col = s_pre;
+          z_col = z_pre;
+        } else {
+          s_col = col_ok ? sc[int64_t(g0) * a.N + col] : H::from_float(0.0f);
+          z_col = col_ok ? zr[int64_t(g0) * a.N + col] : H::from_float(0.0f);
+        }
       }
-      __syncwarp();
+      {  // prefetch the next chunk's (s, z) when it starts a new uniform group
+        const int gn0 = __shfl_sync(0xFFFFFFFFu, gn, 0);
+        const bool nuni = __all_sync(0xFFFFFFFFu, gn == gn0 || gn < 0) != 0;
+        if (nuni && gn0 >= 0 && gn0 != g_last && gn0 != g_pre) {
+          g_pre = gn0;
+          s_pre = col_ok ? sc[int64_t(gn0) * a.N + col] : H::from_float(0.0f);
+          z_pre = col_ok ? zr[int64_t(gn0) * a.N + col] : H::from_float(0.0f);
+        }
+      }
+      const int gnn = load_g(c + 2);
+      gc = gn;
+      gn = gnn;
+      // This chunk's words have landed (the kMmaStages - 1 newer groups may still be in flight).
+      cp_async_wait<kMmaStages - 1>();
+      const uint32_t* mine = ring + (c % kMmaStages) * B * 32 + lane;
 #pragma unroll
-      for (int ks = 0; ks < 2; ++ks) {
-        uint32_t af[MTILES][4];
+      for (int i = 0; i < B; ++i) wc[i] = mine[i * 32];
+      __syncwarp();
+      uint32_t af[2][MTILES][4];  // A fragments of both 16-row k-steps
+#pragma unroll
+      for (int ks = 0; ks < 2; ++ks)
 #pragma unroll
         for (int mt = 0; mt < MTILES; ++mt) {
           const T* base = xs + (mt * 16 + g) * kMmaRowPad + ks * 16 + 2 * t;
-          af[mt][0] = *reinterpret_cast<const uint32_t*>(base);
-          af[mt][1] = *reinterpret_cast<const uint32_t*>(base + 8 * kMmaRowPad);
-          af[mt][2] = *reinterpret_cast<const uint32_t*>(base + 8);
-          af[mt][3] = *reinterpret_cast<const uint32_t*>(base + 8 * kMmaRowPad + 8);
+          af[ks][mt][0] = *reinterpret_cast<const uint32_t*>(base);
+          af[ks][mt][1] = *reinterpret_cast<const uint32_t*>(base + 8 * kMmaRowPad);
+          af[ks][mt][2] = *reinterpret_cast<const uint32_t*>(base + 8);
+          af[ks][mt][3] = *reinterpret_cast<const uint32_t*>(base + 8 * kMmaRowPad + 8);
         }
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const int src = 8 * j + g;  // lane holding column tile0 + 8j + g
-          uint32_t wj[B];
+      for (int j = 0; j < 4; ++j) {
+        const int src = 8 * j + g;  // lane holding column tile0 + 8j + g
+        uint32_t wj[B];
 #pragma unroll
-          for (int i = 0; i < B; ++i) wj[i] = __shfl_sync(0xFFFFFFFFu, wc[i], src);
+        for (int i = 0; i < B; ++i) wj[i] = __shfl_sync(0xFFFFFFFFu, wc[i], src);
+        T s1 = H::from_float(0.0f), z1 = H::from_float(0.0f);
+        if (uni) {
+          s1 = __shfl_sync(0xFFFFFFFFu, s_col, src);
+          z1 = __shfl_sync(0xFFFFFFFFu, z_col, src);
+        }
+#pragma unroll
+        for (int ks = 0; ks < 2; ++ks) {
           T2 s_lo, z_lo, s_hi, z_hi;
           if (uni) {
-            const T s1 = __shfl_sync(0xFFFFFFFFu, s_col, src), z1 = __shfl_sync(0xFFFFFFFFu, z_col, src);
             s_lo = s_hi = T2{s1, s1};
             z_lo = z_hi = T2{z1, z1};
           } else {
@@ -865,15 +948,12 @@ __global__ void __launch_bounds__(kMmaWarps * 32) wq_mma_kernel(const MmaArgs a)
           }
           const uint32_t b0 = as_bits(w_lo), b1 = as_bits(w_hi);
 #pragma unroll
-          for (int mt = 0; mt < MTILES; ++mt) mma_16816<T>(acc[mt][j], af[mt], b0, b1);
+          for (int mt = 0; mt < MTILES; ++mt) mma_16816<T>(acc[mt][j], af[ks][mt], b0, b1);
         }
       }
       __syncwarp();  // xs is rewritten next chunk
-      if (c + 1 < ce) {
-#pragma unroll
-        for (int i = 0; i < B; ++i) wc[i] = wn[i];
-      }
     }
+    cp_async_wait<0>();
   }
 
   // Block reduction in warp order. acc[mt][j]: rows mt*16 + g (e 0, 1) and + 8 (e 2, 3), columns 8j + 2t + (e & 1).
@@ -920,7 +1000,7 @@ void launch_mma_b(int mtiles, dim3 grid, cudaStream_t stream, const MmaArgs& a) 
 bool mma_eligible(const WqWeight& w, int64_t M, const DType* xtype) {
   return w.allow_half && (w.sdtype == DType::kFloat16 || w.sdtype == DType::kBFloat16) &&
          (xtype == nullptr || *xtype == w.sdtype) && w.nseg == 1 && (w.bits[0] == 2 || w.bits[0] == 4) &&
-         M >= 1 && M <= 64;
+         M >= 2 && M <= 64;  // M = 1: the CUDA-core kernel is faster (no padded rows, no word shuffles)
 }
 
 // Splits of the tensor-core launch: about 4 blocks per SM, at least 2 chunks per warp and split.
@@ -1229,6 +1309,10 @@ Status launch_mma(const char* fn, const WqWeight& w, const void* x, int64_t M, i
   a.ldo = ldo;
   a.partial = splits > 1 ? ws : nullptr;
   a.asym = w.asym ? 1 : 0;
+  a.xvec = (w.perm == nullptr && w.channel_scale == nullptr && w.K % 8 == 0 && ldx % 8 == 0 &&
+            reinterpret_cast<uintptr_t>(x) % 16 == 0)
+               ? 1
+               : 0;
   const int mtiles = int((M + 15) / 16);
   const dim3 grid(static_cast<unsigned>((w.N + kMmaTileN - 1) / kMmaTileN), static_cast<unsigned>(splits));
   const bool fp16 = w.sdtype == DType::kFloat16;
