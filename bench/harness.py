@@ -315,3 +315,11 @@ def us_to_gops(m: int, n: int, k: int, us: float) -> float:
     """GOP/s of an (m x k) . (k x n) product, one multiply-add counted as 2 operations."""
     return 2.0 * m * n * k / (us * 1e3)
 
+
+
+def emit(text: str, markdown_out=None) -> None:
+    """Prints a benchmark's Markdown report and appends it to markdown_out when given."""
+    print(text)
+    if markdown_out:
+        with open(markdown_out, "a") as f:
+            f.write(text + "\n")

@@ -562,10 +562,7 @@ def main() -> None:
             f"{'CUDA graph of one step replayed' if cuda else 'eager steps'}; tokens/s = batch x {T} / time of "
             f"the {T} steps, median of {args.repeats}; activations and dense weights {dtype}; lm_head dense\n\n"
             f"{legend}\n\n{table}\n" + ("\n" + "\n".join(notes) + "\n" if notes else ""))
-    print(text)
-    if args.markdown_out:
-        with open(args.markdown_out, "a") as f:
-            f.write(text + "\n")
+    harness.emit(text, args.markdown_out)
 
 
 if __name__ == "__main__":

@@ -98,10 +98,7 @@ def main():
     table = harness.markdown_table(["device", "case", "lowbit", "lowbit us", "baseline", "baseline us",
                                     "baseline/lowbit"], rows)
     text = f"### Q4 layers, {dev}\n\n{harness.environment_markdown(env)}\n\n{table}\n"
-    print(text)
-    if args.markdown_out:
-        with open(args.markdown_out, "a") as f:
-            f.write(text + "\n")
+    harness.emit(text, args.markdown_out)
 
 
 if __name__ == "__main__":

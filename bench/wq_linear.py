@@ -133,10 +133,7 @@ def main():
                                     "ratio", "%BW"], rows)
     text = (f"### Weight-only layers, {dev} (copy bandwidth {bw / 1e9:.0f} GB/s)\n\n"
             f"{harness.environment_markdown(env)}\n\n{table}\n")
-    print(text)
-    if args.markdown_out:
-        with open(args.markdown_out, "a") as f:
-            f.write(text + "\n")
+    harness.emit(text, args.markdown_out)
 
 
 if __name__ == "__main__":

@@ -1281,6 +1281,24 @@ Status launch_reduce(const char* fn, const DeviceInfo& dev, cudaStream_t stream,
   return launch_error(fn, "reduce kernel launch failed");
 }
 
+// The fields MainArgs and MmaArgs share (same names), from the call's arguments.
+template <class Args>
+void fill_common(Args& a, const WqWeight& w, const void* x, int64_t M, int64_t ldx, const void* bias, void* out,
+                 int64_t ldo) {
+  a.g_idx = w.g_idx;
+  a.groups = w.groups;
+  a.scales = w.scales;
+  a.zeros = w.zeros;
+  a.perm = w.perm;
+  a.cs = w.channel_scale;
+  a.x = x;
+  a.M = M;
+  a.ldx = ldx;
+  a.bias = bias;
+  a.out = out;
+  a.ldo = ldo;
+}
+
 size_t mma_workspace_bytes(const WqWeight& w, int64_t M, int sms) {
   const int64_t splits = mma_splits(w, sms);
   return splits > 1 ? size_t(splits) * size_t(M) * size_t(w.N) * sizeof(float) : 0;
@@ -1295,18 +1313,7 @@ Status launch_mma(const char* fn, const WqWeight& w, const void* x, int64_t M, i
   const int64_t splits = mma_splits(w, dev.sms);
   a.cps = (a.chunks + splits - 1) / splits;
   a.qweight = w.qweight;
-  a.g_idx = w.g_idx;
-  a.groups = w.groups;
-  a.scales = w.scales;
-  a.zeros = w.zeros;
-  a.perm = w.perm;
-  a.cs = w.channel_scale;
-  a.x = x;
-  a.M = M;
-  a.ldx = ldx;
-  a.bias = bias;
-  a.out = out;
-  a.ldo = ldo;
+  fill_common(a, w, x, M, ldx, bias, out, ldo);
   a.partial = splits > 1 ? ws : nullptr;
   a.asym = w.asym ? 1 : 0;
   a.xvec = (w.perm == nullptr && w.channel_scale == nullptr && w.K % 8 == 0 && ldx % 8 == 0 &&
@@ -1385,18 +1392,7 @@ Status wq_matmul(const WqWeight& w, const void* x, DType xtype, int64_t M, int64
   a.N = w.N;
   a.K = w.K;
   a.mtiles = plan.mtiles;
-  a.g_idx = w.g_idx;
-  a.groups = w.groups;
-  a.scales = w.scales;
-  a.zeros = w.zeros;
-  a.perm = w.perm;
-  a.cs = w.channel_scale;
-  a.x = x;
-  a.M = M;
-  a.ldx = ldx;
-  a.bias = bias;
-  a.out = out;
-  a.ldo = ldo;
+  fill_common(a, w, x, M, ldx, bias, out, ldo);
   a.sdt = static_cast<int>(w.sdtype);
   a.xdt = static_cast<int>(xtype);
   a.asym = w.asym ? 1 : 0;
