@@ -156,8 +156,8 @@ class CudaWq : public CudaStreamTest {
 
 TEST_F(CudaWq, OddShapes) { check_cases(wq_cases_odd_sizes(WqTarget::kCuda)); }
 
-// The tensor-core path (WqWeight::allow_half: 2- and 4-bit single segment, x of the scales' 16-bit dtype,
-// M <= 64): w and x' rounded to the 16-bit type, so the bound adds two roundings (2 eps) of sum |x'||W|.
+// The tensor-core path (WqWeight::allow_half: segments of 2 and 4 bits, x of the scales' 16-bit dtype,
+// 2 <= M <= 64): w and x' rounded to the 16-bit type, so the bound adds two roundings (2 eps) of sum |x'||W|.
 // Partial chunks, odd N, act-order (chunks with several groups), permutation, channel scale, asym, bias,
 // one to four m-tiles, and split-K (K = 4096).
 TEST_F(CudaWq, TensorCorePath) {
@@ -170,7 +170,11 @@ TEST_F(CudaWq, TensorCorePath) {
         WqCase c;
         c.spec.K = sh.K;
         c.spec.N = sh.N;
-        c.spec.segments = {{b, 0}};
+        // A 4/2-bit channel-mix (one launch per segment) on every other large-enough case.
+        if (sh.K > 96 && seed % 2 == 1)
+          c.spec.segments = {{b == 4 ? 4 : 2, 64}, {b == 4 ? 2 : 4, 0}};
+        else
+          c.spec.segments = {{b, 0}};
         c.spec.group_size = seed % 3 == 0 ? 16 : 64;  // 16: chunks with two groups
         c.spec.act_order = seed % 5 == 0;
         c.spec.asym = seed % 2 == 0;

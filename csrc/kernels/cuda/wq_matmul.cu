@@ -741,8 +741,8 @@ __device__ __forceinline__ uint32_t code_pair(const uint32_t (&w)[B], int ks, bo
 }
 
 struct MmaArgs {
-  const uint32_t* qweight;
-  int64_t N, K, chunks, cps;
+  const uint32_t* qweight;  // word row 0 of THIS segment
+  int64_t N, K, row0, chunks, cps;  // row0: first stored row of the segment
   const int32_t* g_idx;
   int64_t groups;
   const void* scales;
@@ -824,7 +824,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32) wq_mma_kernel(const MmaArgs a)
     auto issue_x = [&](int64_t c) {
 #pragma unroll
       for (int q = 0; q < kXv; ++q) {
-        const int64_t i = lane + 32 * q, m = i >> 2, k0 = c * 32 + (i & 3) * 8;
+        const int64_t i = lane + 32 * q, m = i >> 2, k0 = a.row0 + c * 32 + (i & 3) * 8;
         xv[q] = (m < nm && k0 < a.K && c < ce) ? __ldg(reinterpret_cast<const uint4*>(xg + m * a.ldx + k0))
                                                : make_uint4(0u, 0u, 0u, 0u);
       }
@@ -833,7 +833,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32) wq_mma_kernel(const MmaArgs a)
     // Groups: this chunk's (gc), the next one's (gn, loaded an iteration ago) and the one after (issued
     // here); (s, z) of the next chunk's group are fetched one iteration early when that group is new.
     auto load_g = [&](int64_t c) {
-      const int64_t r = c * 32 + lane;
+      const int64_t r = a.row0 + c * 32 + lane;
       return (c < ce && r < a.K) ? int(min(max(int64_t(__ldg(a.g_idx + r)), int64_t(0)), a.groups - 1)) : -1;
     };
     int gc = load_g(cb), gn = load_g(cb + 1);
@@ -843,7 +843,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32) wq_mma_kernel(const MmaArgs a)
 #pragma unroll 1
     for (int64_t c = cb; c < ce; ++c) {
       issue_w(c + kMmaStages - 1);
-      const int64_t r = c * 32 + lane;
+      const int64_t r = a.row0 + c * 32 + lane;
       const bool rv = r < a.K;
       // Stage x' of the chunk (rows past M stay zero).
       if (a.xvec) {
@@ -996,16 +996,23 @@ void launch_mma_b(int mtiles, dim3 grid, cudaStream_t stream, const MmaArgs& a) 
   }
 }
 
+// Every segment 2 or 4 bits (a channel-mix of those runs one launch per segment).
+bool all_mma_widths(const WqWeight& w) {
+  for (int s = 0; s < w.nseg; ++s)
+    if (w.bits[s] != 2 && w.bits[s] != 4) return false;
+  return w.nseg >= 1;
+}
+
 // Whether the tensor-core path takes this call (xtype unknown: nullptr skips that condition).
 bool mma_eligible(const WqWeight& w, int64_t M, const DType* xtype) {
   return w.allow_half && (w.sdtype == DType::kFloat16 || w.sdtype == DType::kBFloat16) &&
-         (xtype == nullptr || *xtype == w.sdtype) && w.nseg == 1 && (w.bits[0] == 2 || w.bits[0] == 4) &&
+         (xtype == nullptr || *xtype == w.sdtype) && all_mma_widths(w) &&
          M >= 2 && M <= 64;  // M = 1: the CUDA-core kernel is faster (no padded rows, no word shuffles)
 }
 
-// Splits of the tensor-core launch: about 4 blocks per SM, at least 2 chunks per warp and split.
-int64_t mma_splits(const WqWeight& w, int sms) {
-  const int64_t chunks = (w.K + 31) / 32;
+// Splits of one segment's tensor-core launch (`chunks` 32-row chunks): about 4 blocks per SM, at least 2
+// chunks per warp and split.
+int64_t mma_splits(const WqWeight& w, int64_t chunks, int sms) {
   const int64_t base = (w.N + kMmaTileN - 1) / kMmaTileN;
   const int64_t want = std::max<int64_t>(1, int64_t(4) * sms / base);
   const int64_t cap = std::max<int64_t>(1, chunks / (int64_t(kMmaWarps) * 2));
@@ -1299,39 +1306,58 @@ void fill_common(Args& a, const WqWeight& w, const void* x, int64_t M, int64_t l
   a.ldo = ldo;
 }
 
-size_t mma_workspace_bytes(const WqWeight& w, int64_t M, int sms) {
-  const int64_t splits = mma_splits(w, sms);
-  return splits > 1 ? size_t(splits) * size_t(M) * size_t(w.N) * sizeof(float) : 0;
+// Chunks of segment sg and the slots (split-K partial sums) of all segments.
+int64_t seg_chunks(const WqWeight& w, int sg) { return (w.row_end[sg] - (sg == 0 ? 0 : w.row_end[sg - 1]) + 31) / 32; }
+
+int64_t mma_slots(const WqWeight& w, int sms) {
+  int64_t slots = 0;
+  for (int sg = 0; sg < w.nseg; ++sg) slots += mma_splits(w, seg_chunks(w, sg), sms);
+  return slots;
 }
 
+size_t mma_workspace_bytes(const WqWeight& w, int64_t M, int sms) {
+  const int64_t slots = mma_slots(w, sms);
+  return slots > 1 ? size_t(slots) * size_t(M) * size_t(w.N) * sizeof(float) : 0;
+}
+
+// One launch per segment (each writing its own slots of the workspace unless a single segment needs one
+// split), then wq_reduce_kernel over all slots in order.
 Status launch_mma(const char* fn, const WqWeight& w, const void* x, int64_t M, int64_t ldx, const void* bias,
                   void* out, int64_t ldo, float* ws, const DeviceInfo& dev, cudaStream_t stream) {
+  const int64_t slots = mma_slots(w, dev.sms);
   MmaArgs a = {};
   a.N = w.N;
   a.K = w.K;
-  a.chunks = (w.K + 31) / 32;
-  const int64_t splits = mma_splits(w, dev.sms);
-  a.cps = (a.chunks + splits - 1) / splits;
-  a.qweight = w.qweight;
   fill_common(a, w, x, M, ldx, bias, out, ldo);
-  a.partial = splits > 1 ? ws : nullptr;
   a.asym = w.asym ? 1 : 0;
   a.xvec = (w.perm == nullptr && w.channel_scale == nullptr && w.K % 8 == 0 && ldx % 8 == 0 &&
             reinterpret_cast<uintptr_t>(x) % 16 == 0)
                ? 1
                : 0;
   const int mtiles = int((M + 15) / 16);
-  const dim3 grid(static_cast<unsigned>((w.N + kMmaTileN - 1) / kMmaTileN), static_cast<unsigned>(splits));
   const bool fp16 = w.sdtype == DType::kFloat16;
-  if (w.bits[0] == 4) {
-    if (fp16) launch_mma_b<4, __half>(mtiles, grid, stream, a); else launch_mma_b<4, __nv_bfloat16>(mtiles, grid, stream, a);
-  } else {
-    if (fp16) launch_mma_b<2, __half>(mtiles, grid, stream, a); else launch_mma_b<2, __nv_bfloat16>(mtiles, grid, stream, a);
+  int64_t slot0 = 0, qrow0 = 0;
+  for (int sg = 0; sg < w.nseg; ++sg) {
+    a.row0 = sg == 0 ? 0 : w.row_end[sg - 1];
+    a.chunks = seg_chunks(w, sg);
+    const int64_t splits = mma_splits(w, a.chunks, dev.sms);
+    a.cps = (a.chunks + splits - 1) / splits;
+    a.qweight = w.qweight + qrow0 * w.N;
+    a.partial = slots > 1 ? ws + slot0 * M * w.N : nullptr;
+    const dim3 grid(static_cast<unsigned>((w.N + kMmaTileN - 1) / kMmaTileN), static_cast<unsigned>(splits));
+    if (w.bits[sg] == 4) {
+      if (fp16) launch_mma_b<4, __half>(mtiles, grid, stream, a); else launch_mma_b<4, __nv_bfloat16>(mtiles, grid, stream, a);
+    } else {
+      if (fp16) launch_mma_b<2, __half>(mtiles, grid, stream, a); else launch_mma_b<2, __nv_bfloat16>(mtiles, grid, stream, a);
+    }
+    Status st = launch_error(fn, "tensor-core kernel launch failed");
+    if (!st.is_ok()) return st;
+    slot0 += splits;
+    qrow0 += a.chunks * w.bits[sg];
   }
-  Status st = launch_error(fn, "tensor-core kernel launch failed");
-  if (!st.is_ok() || splits == 1) return st;
+  if (slots == 1) return Status::ok();
   const int dt = static_cast<int>(w.sdtype);
-  return launch_reduce(fn, dev, stream, ws, splits, M, w.N, bias, dt, out, dt, ldo);
+  return launch_reduce(fn, dev, stream, ws, slots, M, w.N, bias, dt, out, dt, ldo);
 }
 
 }  // namespace

@@ -73,7 +73,7 @@ struct WqWeight {
   // sdtype is float16 or bfloat16, the kernel may compute w in that 16-bit type instead of fp32:
   //   sym  w16 = rne16(s * q - z)        asym  w16 = rne16(s * (q - z))      (one rounding, as an FMA)
   // and x' = rne16(x * c), then accumulate x' * w16 in fp32 on tensor cores (mma.sync m16n8k16): what a
-  // dense F.linear on the dequantized 16-bit weight computes. Today: one segment of 2 or 4 bits, M <= 64.
+  // dense F.linear on the dequantized 16-bit weight computes. Today: segments of 2 or 4 bits, 2 <= M <= 64.
   // Results then differ from the fp32 definition by the 16-bit rounding of w and x' (tests: 2^-11 (fp16)
   // or 2^-8 (bf16) times sum |x'||W| on top of the fp32 tolerance).
   bool allow_half = false;
