@@ -85,7 +85,10 @@ def build_model(cfg, dtype: torch.dtype, device: str, init: bool = True):
     """LlamaForCausalLM(cfg) created directly on ``device`` in ``dtype`` (no host copy, no fp32 detour);
     ``init=False`` skips the random init (a skeleton whose tensors are all loaded afterwards)."""
     from transformers import LlamaForCausalLM
-    from transformers.modeling_utils import no_init_weights
+    try:  # transformers >= 5
+        from transformers.initialization import no_init_weights
+    except ImportError:  # 4.x
+        from transformers.modeling_utils import no_init_weights
 
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)

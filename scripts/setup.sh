@@ -26,8 +26,8 @@ pip_pkgs=()
 # safetensors: the Python library the checkpoint tests check interchange against.
 for m in numpy pytest safetensors; do $PY -c "import $m" 2>/dev/null || pip_pkgs+=("$m"); done
 # transformers: tests/python/test_transformers.py runs a LlamaForCausalLM through lowbit (pinned).
-$PY -c "import transformers, sys; sys.exit(transformers.__version__ != '4.57.1')" 2>/dev/null \
-  || pip_pkgs+=("transformers==4.57.1")
+$PY -c "import transformers, sys; sys.exit(transformers.__version__ != '5.17.0')" 2>/dev/null \
+  || pip_pkgs+=("transformers==5.17.0")
 if [ ${#pip_pkgs[@]} -gt 0 ]; then $PY -m pip install -q "${pip_pkgs[@]}"; fi
 
 BUILD=${LOWBIT_BUILD_DIR:-build}
