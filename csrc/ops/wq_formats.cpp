@@ -11,6 +11,7 @@
 
 #include "common.h"
 #include "lowbit/kernels/wq.h"
+#include "lowbit/ops.h"
 
 namespace lowbit::ops {
 namespace {
@@ -359,6 +360,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> wq_sort_groups_impl(const at::Ten
 }
 
 }  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> wq_quantize_rtn(const at::Tensor& weight, int64_t bits,
+                                                               int64_t group_size, c10::string_view mode) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("lowbit::wq_quantize_rtn", "")
+                       .typed<decltype(wq_quantize_rtn)>();
+  return op.call(weight, bits, group_size, mode);
+}
+
+at::Tensor wq_pack(const at::Tensor& codes, at::IntArrayRef seg_bits, at::IntArrayRef seg_rows) {
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("lowbit::wq_pack", "").typed<decltype(wq_pack)>();
+  return op.call(codes, seg_bits, seg_rows);
+}
 
 TORCH_LIBRARY_IMPL(lowbit, CompositeExplicitAutograd, m) {
   m.impl("wq_permute_rows", &wq_permute_rows_impl);

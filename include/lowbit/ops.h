@@ -69,4 +69,11 @@ at::Tensor wq_dequantize(const at::Tensor& qweight, const at::Tensor& scales, co
                          const at::Tensor& g_idx, const std::optional<at::Tensor>& perm, at::IntArrayRef seg_bits,
                          at::IntArrayRef seg_rows, bool asym, at::ScalarType dtype);
 
+// Round-to-nearest per group of input channels: weight (N, K) -> (codes (K, N) int32, scales (G, N), zeros (G, N));
+// mode "float_zero" (w = s*q - z), "int_zero" or "int_zero_sym" (w = s*(q - z)).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> wq_quantize_rtn(const at::Tensor& weight, int64_t bits,
+                                                               int64_t group_size, c10::string_view mode);
+// Codes (K, N) -> int32 words (qrows, N) in the segment layout (docs/formats.md).
+at::Tensor wq_pack(const at::Tensor& codes, at::IntArrayRef seg_bits, at::IntArrayRef seg_rows);
+
 }  // namespace lowbit::ops
