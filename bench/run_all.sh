@@ -39,6 +39,20 @@ export PYTHONPATH=$root/python${PYTHONPATH:+:$PYTHONPATH}
 echo "== bench/q8_linear.py" >&2
 "$python" "$root/bench/q8_linear.py" --device all --threads "$threads" --markdown-out "$out"
 
+# The 4-bit QAT layers and the weight-only layers: CPU always, the GPU when torch sees one.
+devices=cpu
+"$python" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" && devices="cpu cuda"
+for dev in $devices; do
+  for b in q4_layers wq_linear; do
+    echo "== bench/$b.py --device $dev" >&2
+    "$python" "$root/bench/$b.py" --device "$dev" --markdown-out "$out"
+  done
+done
+if [[ $devices == *cuda* ]]; then
+  echo "== bench/llm_decode.py (7B-shaped decoder, CUDA graphs)" >&2
+  "$python" "$root/bench/llm_decode.py" --markdown-out "$out"
+fi
+
 if [[ -x $build/bench/bench_gemm_s8 ]]; then
   echo "== bench_gemm_s8 (Google Benchmark, $threads OpenMP threads)" >&2
   {

@@ -2,7 +2,7 @@
 
     lowbit inspect PATH        what a checkpoint holds: lowbit layers, bits, tensor sizes
     lowbit demo [ARGS...]      the Fashion-MNIST demo (C++ binary if built, else the Python twin)
-    lowbit bench [NAMES...]    the layer benchmarks of bench/ (q8_linear, q4_layers)
+    lowbit bench [NAMES...]    the layer benchmarks of bench/ (q8_linear, q4_layers, wq_linear, llm_decode)
     lowbit quantize SRC DST    weight-only quantization of a float checkpoint (MBWQ / MPQ, RTN)
 """
 from __future__ import annotations
@@ -90,7 +90,7 @@ def cmd_bench(args) -> int:
               file=sys.stderr)
         return 2
     rc = 0
-    for name in args.names or ["q8_linear", "q4_layers"]:
+    for name in args.names or ["q8_linear", "q4_layers", "wq_linear"]:
         script = root / "bench" / f"{name}.py"
         if not script.is_file():
             print(f"lowbit bench: no benchmark {name!r} (bench/{name}.py)", file=sys.stderr)
@@ -193,9 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments passed to the demo")
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("bench", help="run the layer benchmarks",
-                       description="Run bench/<name>.py for each NAME (default: q8_linear q4_layers); each "
+                       description="Run bench/<name>.py for each NAME (default: q8_linear q4_layers wq_linear); each "
                                    "prints a Markdown table of lowbit against its torch baseline in one process.")
-    p.add_argument("names", nargs="*", help="benchmark names: q8_linear, q4_layers")
+    p.add_argument("names", nargs="*", help="benchmark names: q8_linear, q4_layers, wq_linear, llm_decode")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                    help="arguments passed to every benchmark script (e.g. --extra --device cpu)")
     p.set_defaults(func=cmd_bench)
