@@ -1441,6 +1441,28 @@ Status wq_matmul(const WqWeight& w, const void* x, DType xtype, int64_t M, int64
   return Status::ok();
 }
 
+namespace {
+
+// The dequantize kernel for a segment width, 4 columns per thread or 1.
+using DeqKernel = void (*)(const DeqArgs);
+template <int B>
+DeqKernel dequant_kernel_b(bool vec4) {
+  return vec4 ? &wq_dequantize4_kernel<B> : &wq_dequantize_kernel<B>;
+}
+DeqKernel dequant_kernel(int bits, bool vec4) {
+  switch (bits) {
+    case 1: return dequant_kernel_b<1>(vec4);
+    case 2: return dequant_kernel_b<2>(vec4);
+    case 3: return dequant_kernel_b<3>(vec4);
+    case 4: return dequant_kernel_b<4>(vec4);
+    case 5: return dequant_kernel_b<5>(vec4);
+    case 6: return dequant_kernel_b<6>(vec4);
+    default: return dequant_kernel_b<8>(vec4);
+  }
+}
+
+}  // namespace
+
 Status wq_dequantize(const WqWeight& w, int64_t n0, int64_t n1, DType otype, void* out, int64_t ldo,
                      CUstream_st* stream) {
   const char* fn = "lowbit::cuda::wq_dequantize";
@@ -1478,27 +1500,7 @@ Status wq_dequantize(const WqWeight& w, int64_t n0, int64_t n1, DType otype, voi
     a.chunks = (w.row_end[sgi] - start + 31) / 32;
     a.qweight = w.qweight + q0 * w.N;
     const dim3 grid(static_cast<unsigned>(xblocks), static_cast<unsigned>(std::min(a.chunks, kMaxGridY)));
-    if (vec4) {
-      switch (bits) {
-        case 1: wq_dequantize4_kernel<1><<<grid, kDequantThreads, 0, s>>>(a); break;
-        case 2: wq_dequantize4_kernel<2><<<grid, kDequantThreads, 0, s>>>(a); break;
-        case 3: wq_dequantize4_kernel<3><<<grid, kDequantThreads, 0, s>>>(a); break;
-        case 4: wq_dequantize4_kernel<4><<<grid, kDequantThreads, 0, s>>>(a); break;
-        case 5: wq_dequantize4_kernel<5><<<grid, kDequantThreads, 0, s>>>(a); break;
-        case 6: wq_dequantize4_kernel<6><<<grid, kDequantThreads, 0, s>>>(a); break;
-        default: wq_dequantize4_kernel<8><<<grid, kDequantThreads, 0, s>>>(a); break;
-      }
-    } else {
-      switch (bits) {
-      case 1: wq_dequantize_kernel<1><<<grid, kDequantThreads, 0, s>>>(a); break;
-      case 2: wq_dequantize_kernel<2><<<grid, kDequantThreads, 0, s>>>(a); break;
-      case 3: wq_dequantize_kernel<3><<<grid, kDequantThreads, 0, s>>>(a); break;
-      case 4: wq_dequantize_kernel<4><<<grid, kDequantThreads, 0, s>>>(a); break;
-      case 5: wq_dequantize_kernel<5><<<grid, kDequantThreads, 0, s>>>(a); break;
-      case 6: wq_dequantize_kernel<6><<<grid, kDequantThreads, 0, s>>>(a); break;
-      default: wq_dequantize_kernel<8><<<grid, kDequantThreads, 0, s>>>(a); break;
-      }
-    }
+    dequant_kernel(bits, vec4)<<<grid, kDequantThreads, 0, s>>>(a);
     st = launch_error(fn, "kernel launch failed");
     if (!st.is_ok()) return st;
     q0 += a.chunks * bits;
