@@ -60,7 +60,8 @@ def cmd_inspect(args) -> int:
         for name, spec in layers.items():
             prefix = f"{name}." if name else ""
             nbytes = sum(t.numel() * t.element_size() for k, t in tensors.items() if k.startswith(prefix))
-            bits = _BITS.get(spec.get("class"))
+            a = spec.get("args", {})
+            bits = _BITS.get(spec.get("class")) or ("mix" if a.get("use_mbw") else a.get("w_bit"))
             frozen = "qweight" if f"{prefix}qweight" in tensors else "float weight"
             print(f"{name or '<root>':<30} {spec.get('class', '?'):<10} {bits if bits else '-':>4} "
                   f"{nbytes:>14}  {frozen}, {json.dumps(spec.get('args', {}))}")
