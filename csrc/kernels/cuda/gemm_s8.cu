@@ -56,7 +56,11 @@
 //   1 BAR.SYNC, the rest address / predicate arithmetic. No local memory. The byte-load fallback has
 //   16 LDG.E.U8 + 1 STS.128 per chunk instead of an LDGSTS.
 //
-// Later: an sm_90a wgmma + TMA kernel will replace this one on Hopper; this file stays the sm_80+ path.
+// On Hopper (sm_90a builds on a 9.0 device) run() hands large enough calls whose operands suit TMA to the
+// wgmma kernel of gemm_s8_sm90.cu (same contract, same epilogue, bitwise the same outputs); this kernel
+// is the sm_80 / 86 / 89 path and every Hopper call that one does not take. LOWBIT_GEMM_S8_KERNEL=mma |
+// wgmma | auto (default) overrides the choice (benchmarks and tests; wgmma on an ineligible call is an
+// error, not a silent fallback).
 #include "lowbit/kernels/gemm_s8.h"
 
 #ifdef __USE_FAST_MATH__
@@ -68,16 +72,22 @@
 #include <cuda_runtime.h>
 
 #include <atomic>
+#include <cstdlib>
 #include <cstdint>
 #include <limits>
 #include <string>
 #include <type_traits>
 
 #include "../validate.h"
+#include "gemm_s8_internal.cuh"
 
 namespace lowbit {
 namespace cuda {
 namespace {
+
+using gemm_s8_detail::dequant;
+using gemm_s8_detail::store1;
+using gemm_s8_detail::store2;
 
 // ---------------------------------------------------------------------------------------------------
 // Tile geometry.
@@ -138,28 +148,6 @@ __device__ __forceinline__ void mma_s8(int32_t (&d)[4], const uint32_t (&a)[4], 
       "{%0, %1, %2, %3};\n"
       : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-
-// ---------------------------------------------------------------------------------------------------
-// Output conversion: fp32 -> otype, round to nearest even. Pairs go out as one 4- or 8-byte store.
-__device__ __forceinline__ float dequant(int32_t acc, float alpha) {
-  return __fmul_rn(__int2float_rn(acc), alpha);  // __fmul_rn: the one rounding the contract allows
-}
-__device__ __forceinline__ void store1(float* p, float v) { *p = v; }
-__device__ __forceinline__ void store1(__half* p, float v) { *p = __float2half_rn(v); }
-__device__ __forceinline__ void store1(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
-__device__ __forceinline__ void store2(float* p, float v0, float v1) {
-  *reinterpret_cast<float2*>(p) = make_float2(v0, v1);
-}
-__device__ __forceinline__ void store2(__half* p, float v0, float v1) {
-  const uint32_t bits = uint32_t(__half_as_ushort(__float2half_rn(v0))) |
-                        (uint32_t(__half_as_ushort(__float2half_rn(v1))) << 16);
-  *reinterpret_cast<uint32_t*>(p) = bits;
-}
-__device__ __forceinline__ void store2(__nv_bfloat16* p, float v0, float v1) {
-  const uint32_t bits = uint32_t(__bfloat16_as_ushort(__float2bfloat16_rn(v0))) |
-                        (uint32_t(__bfloat16_as_ushort(__float2bfloat16_rn(v1))) << 16);
-  *reinterpret_cast<uint32_t*>(p) = bits;
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -480,6 +468,22 @@ Status launch_fill(const GemmArgs& g) {
   return launch_error(g.fn, "K == 0 fill kernel launch failed");
 }
 
+// LOWBIT_GEMM_S8_KERNEL: auto (default), mma (always the mma.sync kernel), wgmma (always the sm_90a kernel;
+// an error where it cannot run). Read at every call (a getenv is far cheaper than a launch), so tests and
+// benchmarks can switch.
+enum class KernelChoice { kAuto, kMma, kWgmma };
+KernelChoice kernel_choice() {
+  const char* v = std::getenv("LOWBIT_GEMM_S8_KERNEL");
+  if (v == nullptr) return KernelChoice::kAuto;
+  const std::string s(v);
+  if (s == "mma") return KernelChoice::kMma;
+  if (s == "wgmma") return KernelChoice::kWgmma;
+  return KernelChoice::kAuto;
+}
+// From this many rows on, eligible calls take the wgmma kernel. Measured on an H200 (2026-11-22,
+// bf16 out): wgmma faster at every M tried, 16 (47 vs 66 us at N = K = 8192) to 8192 (1490 vs 781 TOP/s).
+constexpr int64_t kWgmmaMinRows = 1;
+
 // Validation shared by both entry points, then the launch. gemm_s8_scaled arrives here with batch == 1
 // and zero strides, which every batch rule accepts, so its behaviour and messages are as before. The
 // argument rules are the CPU's (csrc/kernels/validate.h); the pointers are checked only when there is
@@ -512,6 +516,19 @@ Status run(GemmArgs g, DType otype) {
       case DType::kFloat16: return launch_fill<__half>(g);
       case DType::kBFloat16: return launch_fill<__nv_bfloat16>(g);
     }
+  }
+  // Kernel choice: wgmma (sm_90a) when eligible and M is past the size where its 128-row tiles pay off.
+  const KernelChoice choice = kernel_choice();
+  if (choice != KernelChoice::kMma) {
+    const gemm_s8_detail::Sm90Args h{g.fn, g.A,     g.lda,   g.strideA, g.B,   g.ldb,  g.strideB, M,
+                                     N,    K,       batch,   g.alpha,   g.out, g.ldo,  g.strideO, otype,
+                                     g.stream};
+    const bool eligible = gemm_s8_detail::sm90_eligible(h);
+    if (choice == KernelChoice::kWgmma && !eligible)
+      return Status::invalid(fn + "LOWBIT_GEMM_S8_KERNEL=wgmma, but this call cannot run on the sm_90a kernel (needs "
+                                  "a compute capability 9.0 device, an sm_90a build, and 16-byte aligned operands "
+                                  "with row / batch strides that are multiples of 16)");
+    if (eligible && (choice == KernelChoice::kWgmma || M >= kWgmmaMinRows)) return gemm_s8_detail::launch_sm90(h);
   }
   switch (otype) {
     case DType::kFloat32: return launch_by_alignment<float>(g);

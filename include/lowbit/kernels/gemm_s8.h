@@ -58,7 +58,10 @@ const char* gemm_s8_isa();
 
 namespace cuda {
 
-// Tensor-core (mma.sync s8) GEMM; device pointers; runs on `stream`; allocates nothing.
+// Tensor-core GEMM; device pointers; runs on `stream`; allocates nothing. On a compute capability 9.0
+// device (sm_90a build) calls whose A and B bases and row / batch strides are multiples of 16 bytes run on
+// the wgmma + TMA kernel, all others on the mma.sync kernel; both give bitwise the same outputs.
+// LOWBIT_GEMM_S8_KERNEL=mma | wgmma | auto (default) forces the choice (wgmma where it cannot run: an error).
 Status gemm_s8_scaled(const int8_t* A, int64_t lda, const int8_t* B, int64_t ldb, int64_t M, int64_t N,
                       int64_t K, const float* alpha, DType otype, void* out, int64_t ldo, CUstream_st* stream);
 
