@@ -214,6 +214,45 @@ def memory_report(m, k, n, device, dtype):
             f"(b) inference state:\n\n{inf_table}\n")
 
 
+def peak_memory_report(shapes, dtype):
+    """CUDA only: peak memory of one training forward + backward (x requires grad, every parameter
+    gradient, as in a hidden layer), for Q8Linear with its fp32 master weight, Q8Linear with the whole
+    layer in bf16, and nn.Linear in bf16. 'step peak' = max_memory_allocated during the step minus what
+    was allocated before it (parameters, x, the upstream gradient): activations kept for backward,
+    gradients and temporaries. 'total peak' adds the resident bytes."""
+    rows = []
+    for m, k, n in shapes:
+        def q8_fp32():
+            return _q8_layer(k, n, "cuda", dtype, inference=False)
+
+        def q8_bf16():
+            return _q8_layer(k, n, "cuda", dtype, inference=False).to(torch.bfloat16)
+
+        def base():
+            return _torch_layer(k, n, "cuda", dtype)
+
+        for name, make in (("Q8Linear (fp32 master weight)", q8_fp32), ("Q8Linear (bf16 weight)", q8_bf16),
+                           (f"nn.Linear {_short(dtype)}", base)):
+            layer = make()
+            x = _x(m, k, dtype, "cuda", grad=True)
+            g = harness.random_nonzero((m, n), dtype, "cuda")
+            _fwd_bwd(layer, x, g)  # warm-up: workspaces, the activation scale
+            for p in layer.parameters():
+                p.grad = None
+            x.grad = None
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            before = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            _fwd_bwd(layer, x, g)
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated()
+            rows.append([m, f"{k}x{n}", name, f"{(peak - before) / 2**20:.1f}", f"{peak / 2**20:.1f}"])
+            del layer, x, g
+            torch.cuda.empty_cache()
+    return harness.markdown_table(["M", "KxN", "layer", "step peak MiB", "total peak MiB"], rows, "rllrr")
+
+
 # ---------------------------------------------------------------------------------------------- main
 
 
@@ -255,6 +294,12 @@ def main():
             memory = memory_report(m, k, n, device, dtype)
         except (RuntimeError, NotImplementedError) as exc:
             memory = f"Memory, {device}: failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}\n"
+        if device == "cuda":
+            try:
+                memory += ("\n(c) peak memory of one training forward + backward:\n\n"
+                           + peak_memory_report([(8192, 4096, 4096), (8192, 8192, 8192)], dtype) + "\n")
+            except (RuntimeError, NotImplementedError) as exc:
+                memory += f"\n(c) peak memory: failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}\n"
         failed = "".join(f"- failed: {x}\n" for x in notes) + ("\n" if notes else "")
         text = (f"### Q8Linear vs nn.Linear, {device}\n\n{harness.environment_markdown(env)}\n\n{note}\n"
                 f"Times are medians in microseconds; * marks a host-bound time (the GPU waited on the host).\n\n{harness.markdown_table(HEADERS, rows, 'lrllrlrrrr')}\n\n"

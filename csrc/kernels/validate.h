@@ -17,6 +17,7 @@
 
 #include "lowbit/kernels/common.h"
 #include "lowbit/kernels/im2col.h"
+#include "lowbit/kernels/lsq_grad.h"
 
 namespace lowbit {
 namespace validate {
@@ -55,6 +56,39 @@ inline Status quantize_s8(const char* fn, DType xtype, const void* x, int64_t M,
   if (M > std::numeric_limits<int64_t>::max() / std::max(K, ldx))
     return Status::invalid(err(fn, "M * max(K, ldx) overflows int64 (M=" + std::to_string(M) + ", K=" +
                                        std::to_string(K) + ", ldx=" + std::to_string(ldx) + ")"));
+  return Status::ok();
+}
+
+// ---------------------------------------------------------------------------------------------------
+// lsq_grad (lowbit/kernels/lsq_grad.h). All but the value of *step, which only the CPU can read. On ok,
+// *total = outer * C * inner (no int64 overflow) and *wants = whether any output is requested.
+inline Status lsq_grad(const char* fn, const LsqGradParams& p, int64_t* total, bool* wants) {
+  const int32_t gt = static_cast<int32_t>(p.g_type), xt = static_cast<int32_t>(p.x_type);
+  if (gt < 0 || gt > 2) return invalid_got(fn, "g_type must be float32, float16 or bfloat16", gt);
+  if (xt < 0 || xt > 2) return invalid_got(fn, "x_type must be float32, float16 or bfloat16", xt);
+  if (p.outer < 0) return invalid_got(fn, "outer must be >= 0", p.outer);
+  if (p.channels < 0) return invalid_got(fn, "channels must be >= 0", p.channels);
+  if (p.inner < 0) return invalid_got(fn, "inner must be >= 0", p.inner);
+  if (p.qmin < -128) return invalid_got(fn, "qmin must be >= -128", p.qmin);
+  if (p.qmax > 127) return invalid_got(fn, "qmax must be <= 127", p.qmax);
+  if (p.qmin > p.qmax)
+    return Status::invalid(err(fn, "qmin must be <= qmax, got qmin=" + std::to_string(p.qmin) +
+                                       " qmax=" + std::to_string(p.qmax)));
+  if (p.grad_scale != nullptr) {
+    if (p.qmax < 1) return invalid_got(fn, "qmax must be >= 1 when grad_scale is requested (1/sqrt(numel*qmax))", p.qmax);
+    if (p.numel < 1) return invalid_got(fn, "numel must be >= 1 when grad_scale is requested (1/sqrt(numel*qmax))", p.numel);
+  }
+  int64_t n = 0;
+  if (!mul(p.outer, p.channels, &n) || !mul(n, p.inner, &n))
+    return Status::invalid(err(fn, "outer * channels * inner overflows int64 (outer=" + std::to_string(p.outer) +
+                                       ", channels=" + std::to_string(p.channels) +
+                                       ", inner=" + std::to_string(p.inner) + ")"));
+  *total = n;
+  *wants = p.grad_x != nullptr || p.grad_shift != nullptr || p.grad_scale != nullptr;
+  if (!*wants || n == 0) return Status::ok();  // nothing is read
+  if (p.g == nullptr) return Status::invalid(err(fn, "g is null but outer*channels*inner > 0"));
+  if (p.x == nullptr) return Status::invalid(err(fn, "x is null but outer*channels*inner > 0"));
+  if (p.step == nullptr) return Status::invalid(err(fn, "step is null"));
   return Status::ok();
 }
 

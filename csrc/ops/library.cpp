@@ -6,8 +6,15 @@
 TORCH_LIBRARY(lowbit, m) {
   // Per-tensor symmetric quantizer with a fused shift: codes = clamp(rne((x + shift) / max(scale, eps)),
   // qmin, qmax), all in fp32. x (..., K) float32/float16/bfloat16; shift (K,) or None; scale, eps: one
-  // element each. Returns int8 codes of x's shape. CPU, CUDA, Meta.
-  m.def("quantize_s8(Tensor x, Tensor? shift, Tensor scale, Tensor eps, int qmin, int qmax) -> Tensor");
+  // element each. Returns int8 codes of x's shape. CPU, CUDA, Meta. check_step: a non-finite or
+  // non-positive step is an error (one host read: a device sync on CUDA); the QAT layers pass False and
+  // poison their output through qat_alpha instead.
+  m.def("quantize_s8(Tensor x, Tensor? shift, Tensor scale, Tensor eps, int qmin, int qmax, bool check_step=True) "
+        "-> Tensor");
+
+  // GEMM scale of a QAT layer: fp32(max(scale1, eps) * max(scale2, eps)) when both steps are finite and
+  // > 0, NaN otherwise (no host read). scale1, scale2, eps: one float element each. 0-dim fp32 out.
+  m.def("qat_alpha(Tensor scale1, Tensor scale2, Tensor eps) -> Tensor");
 
   // LSQ-style step size of a tensor: max(2 * mean(|x|) / sqrt(qmax), eps), the mean accumulated in
   // float64, the result rounded once to float32 (0-dim, on x's device). eps may be None (no clamp).

@@ -1,5 +1,6 @@
 // The LSQ / straight-through input gradients shared by every quantization-aware op (linear, conv,
-// matmul). Composite ATen code of the op floor; the math is docs/ops.md "Backward".
+// matmul): the op floor's side of the fused kernel lowbit/kernels/lsq_grad.h (layout, dispatch, dtypes);
+// the math is docs/ops.md "Backward".
 #pragma once
 #include <ATen/ATen.h>
 #include <torch/autograd.h>
@@ -8,50 +9,159 @@
 #include <optional>
 
 #include "common.h"
+#include "lowbit/kernels/lsq_grad.h"
 
 namespace lowbit::ops {
 
 struct LsqInputGrads {
-  at::Tensor grad_x;      // gA * [qmin <= v <= qmax], in x's dtype and shape
-  at::Tensor grad_shift;  // grad_x summed over every dim but channel_dim, in shift's dtype
-  at::Tensor grad_scale;  // sum(R * gA) / sqrt(numel(x) * qmax), in scale's dtype and shape
+  at::Tensor grad_x;      // gA * [qmin <= v <= qmax], in x's dtype and shape (gA's memory layout when dense)
+  at::Tensor grad_shift;  // grad_x summed over every dim but channel_dim, (C,) in shift's dtype
+  at::Tensor grad_scale;  // sum(R * gA) / sqrt(numel(x) * qmax), in scale's dtype and shape (summed in float64,
+                          // rounded to fp32 by the kernel, then to scale's dtype)
 };
 
-// gA: dL/dx_hat (fp32, x's shape). v = (fp32(x) + fp32(shift)) / max(scale, eps) is rebuilt exactly as
-// the forward quantizer computed it, so rne(v) is the forward's code inside the range. shift (or none)
-// is broadcast along channel_dim. R = qmin where v < qmin, qmax where v > qmax, rne(v) - v elsewhere:
-// the clipped terms use the unmasked gA (Esser et al. 2020; BIE multiplies them by zero, its I-2).
-// The gradient scale 1/sqrt(numel * qmax) counts the operand's own elements (BIE's choice), also when
-// it was broadcast.
+namespace lsq_detail {
+
+// Elements of a dense tensor in memory order: (outer, C, inner) with the channel dim `cd` as C, read off
+// the strides (in a non-overlapping dense tensor the stride of a dim of size > 1 is the product of the
+// sizes of the dims that vary faster). C == 1 or no channel: one flat row.
+inline void channel_view(const at::Tensor& t, int64_t cd, bool per_channel, int64_t* outer, int64_t* C,
+                         int64_t* inner) {
+  const int64_t n = t.numel();
+  if (!per_channel || t.size(cd) == 1) {
+    *outer = 1;
+    *C = 1;
+    *inner = n;
+    return;
+  }
+  *C = t.size(cd);
+  *inner = t.stride(cd);
+  *outer = n / (*C * *inner);
+}
+
+// Same element order in memory: equal strides on every dim of size > 1.
+inline bool same_layout(const at::Tensor& a, const at::Tensor& b) {
+  for (int64_t d = 0; d < a.dim(); ++d)
+    if (a.size(d) > 1 && a.stride(d) != b.stride(d)) return false;
+  return true;
+}
+
+}  // namespace lsq_detail
+
+// gA: dL/dx_hat (float32, float16 or bfloat16, x's shape). v = (fp32(x) + fp32(shift)) / max(scale, eps)
+// is rebuilt exactly as the forward quantizer computed it, so rne(v) is the forward's code inside the
+// range. shift (or none) is broadcast along channel_dim. R = qmin where v < qmin, qmax where v > qmax,
+// rne(v) - v elsewhere: the clipped terms use the unmasked gA (Esser et al. 2020; BIE multiplies them by
+// zero, its I-2). The gradient scale 1/sqrt(numel * qmax) counts the operand's own elements (BIE's
+// choice), also when it was broadcast. gscale (one fp32 element on x's device, or none): the gradient is
+// fp32(gA) * gscale (one fp32 multiply), so a caller may pass an unscaled GEMM output and the step.
+//
+// One fused pass (lowbit/kernels/lsq_grad.h) on the CPU and on CUDA, the sums in float64 in a fixed order.
+// Layout: gA's if it is dense (else gA is made contiguous), x copied into that layout only when its own
+// differs (an expanded x, NCHW x with an NHWC gA, ...); grad_x comes back in that layout, as the ATen
+// composite this replaces gave it (its output followed gA).
 inline LsqInputGrads lsq_input_grads(const at::Tensor& gA, const at::Tensor& x, const std::optional<at::Tensor>& shift,
                                      int64_t channel_dim, const at::Tensor& scale, const at::Tensor& eps, int64_t qmin,
                                      int64_t qmax, bool need_x, bool need_shift, bool need_scale,
-                                     int64_t numel = -1 /* of the operand before broadcasting; -1: x.numel() */) {
+                                     int64_t numel = -1 /* of the operand before broadcasting; -1: x.numel() */,
+                                     const std::optional<at::Tensor>& gscale = std::nullopt) {
+  constexpr const char* op = "lowbit.lsq_input_grads";
   LsqInputGrads g;
+  const bool has_shift = shift.has_value() && shift->defined();
+  need_shift = need_shift && has_shift;
   if (!need_x && !need_shift && !need_scale) return g;
-  const auto s = clamp_scale(scale, eps);
-  auto t = as_float(x);
-  if (shift.has_value() && shift->defined()) {
-    std::vector<int64_t> view(x.dim(), 1);
-    view[channel_dim] = shift->numel();
-    t = t + as_float(*shift).reshape(view);
+  const bool has_gscale = gscale.has_value() && gscale->defined();
+
+  check_float_tensor(gA, op, "gA");
+  check_float_tensor(x, op, "x");
+  TORCH_CHECK(gA.sizes() == x.sizes(), op, ": gA must have x's shape ", x.sizes(), ", got ", gA.sizes());
+  check_same_device(x, "x", gA, op, "gA");
+  check_scalar(scale, x, "x", op, "scale");
+  check_scalar(eps, x, "x", op, "eps");
+  if (has_shift) {
+    check_float_tensor(*shift, op, "shift");
+    check_same_device(x, "x", *shift, op, "shift");
+    TORCH_CHECK(channel_dim >= 0 && channel_dim < x.dim(), op, ": channel_dim must be in [0, ", x.dim(), "), got ",
+                channel_dim);
+    TORCH_CHECK(shift->numel() == x.size(channel_dim), op, ": shift must hold x.size(", channel_dim, ") = ",
+                x.size(channel_dim), " values, got ", shift->numel());
   }
-  const auto v = t / s;
-  const auto below = v < double(qmin), above = v > double(qmax);
-  const auto inside = at::logical_not(at::logical_or(below, above)).logical_and(v == v);
-  const auto gx = gA * inside;
-  if (need_x) g.grad_x = gx.to(x.scalar_type());
-  if (need_shift && shift.has_value() && shift->defined()) {
-    std::vector<int64_t> dims;
-    for (int64_t d = 0; d < x.dim(); ++d)
-      if (d != channel_dim) dims.push_back(d);
-    g.grad_shift = gx.sum(dims).to(shift->scalar_type());
+  if (has_gscale) check_scalar(*gscale, x, "x", op, "gscale");
+  TORCH_CHECK(qmin >= -128 && qmin <= qmax && qmax <= 127 && qmax >= 1, op,
+              ": need -128 <= qmin <= qmax <= 127 and qmax >= 1, got qmin=", qmin, ", qmax=", qmax);
+  const int64_t count = numel < 0 ? x.numel() : numel;
+
+  // Shapes only (fake tensors): the op floor's Meta kernels never get here, but stay safe if one does.
+  if (x.is_meta() || gA.is_meta()) {
+    if (need_x) g.grad_x = at::empty_like(x);
+    if (need_shift) g.grad_shift = at::empty({x.size(channel_dim)}, shift->options());
+    if (need_scale) g.grad_scale = at::empty_like(scale);
+    return g;
   }
-  if (need_scale) {
-    const auto r = at::where(below, double(qmin), at::where(above, double(qmax), at::round(v) - v));
-    const double k = 1.0 / std::sqrt(double(numel < 0 ? x.numel() : numel) * double(qmax));
-    g.grad_scale = ((r * gA).sum(at::kDouble) * k).to(scale.scalar_type()).reshape(scale.sizes());
+  if (x.numel() == 0) {  // nothing to read; grad_scale = 0 * 1/sqrt(count * qmax) (NaN when count is 0)
+    if (need_x) g.grad_x = at::empty_like(x);
+    if (need_shift) g.grad_shift = at::zeros({x.size(channel_dim)}, shift->options());
+    if (need_scale) {
+      const double k = 1.0 / std::sqrt(double(count) * double(qmax));
+      g.grad_scale = at::full(scale.sizes(), 0.0 * k, scale.options());
+    }
+    return g;
   }
+
+  const at::Tensor ga = gA.is_non_overlapping_and_dense() ? gA : gA.contiguous();
+  at::Tensor xa = x;
+  if (!x.is_non_overlapping_and_dense() || !lsq_detail::same_layout(x, ga)) {
+    xa = at::empty_strided(ga.sizes(), ga.strides(), x.options());
+    xa.copy_(x);
+  }
+  int64_t outer = 0, C = 0, inner = 0;
+  lsq_detail::channel_view(ga, channel_dim, has_shift, &outer, &C, &inner);
+
+  const auto s = clamp_scale(scale, eps);  // fp32, 0-dim, fresh
+  at::Tensor sh, gs;
+  if (has_shift) sh = as_float(shift->detach()).reshape({-1}).contiguous();
+  if (has_gscale) gs = as_float(gscale->detach()).reshape({}).contiguous();
+  const auto f32 = x.options().dtype(at::kFloat);
+  if (need_x) g.grad_x = at::empty_strided(ga.sizes(), ga.strides(), x.options());
+  at::Tensor gsh, gsc;
+  if (need_shift) gsh = at::empty({C}, f32);
+  if (need_scale) gsc = at::empty({}, f32);
+
+  LsqGradParams p;
+  p.outer = outer;
+  p.channels = C;
+  p.inner = inner;
+  p.g_type = kernel_dtype(ga.scalar_type(), op, "gA");
+  p.g = ga.data_ptr();
+  p.g_scale = has_gscale ? gs.data_ptr<float>() : nullptr;
+  p.x_type = kernel_dtype(xa.scalar_type(), op, "x");
+  p.x = xa.data_ptr();
+  p.shift = has_shift ? sh.data_ptr<float>() : nullptr;  // one channel (C == 1): one value for the flat row
+  p.step = s.data_ptr<float>();
+  p.qmin = static_cast<int32_t>(qmin);
+  p.qmax = static_cast<int32_t>(qmax);
+  p.numel = count;
+  p.grad_x = need_x ? g.grad_x.data_ptr() : nullptr;
+  p.grad_shift = need_shift ? gsh.data_ptr<float>() : nullptr;
+  p.grad_scale = need_scale ? gsc.data_ptr<float>() : nullptr;
+
+  if (x.is_cpu()) {
+    check_status(cpu::lsq_grad(p), op);
+  } else {
+#ifdef LOWBIT_WITH_CUDA
+    TORCH_CHECK(x.is_cuda(), op, ": x must be a CPU or CUDA tensor, got device ", x.device());
+    c10::cuda::CUDAGuard guard(x.device());
+    size_t bytes = 0;
+    check_status(cuda::lsq_grad_workspace_bytes(p, &bytes), op);
+    at::Tensor ws;
+    if (bytes > 0) ws = at::empty({static_cast<int64_t>((bytes + 7) / 8)}, x.options().dtype(at::kDouble));
+    check_status(cuda::lsq_grad(p, ws.defined() ? ws.data_ptr() : nullptr, bytes, current_stream(x)), op);
+#else
+    TORCH_CHECK(false, op, ": x is on ", x.device(), " but lowbit was built without CUDA");
+#endif
+  }
+  if (need_shift) g.grad_shift = as_dtype(gsh, shift->scalar_type());
+  if (need_scale) g.grad_scale = as_dtype(gsc, scale.scalar_type()).reshape(scale.sizes());
   return g;
 }
 

@@ -74,9 +74,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> matmul_forward_impl(const at::Ten
   check_matmul(x, y, x_clip, y_clip, eps);
   const auto a = matmul_args(x, y);
   c10::OptionalDeviceGuard guard(x.device());
-  const auto qx = quantize_s8(x.expand(cat<int64_t>(a.batch, {a.m, a.k})).contiguous(), std::nullopt, x_clip, eps, kQmin, kQmax);
-  const auto qy = quantize_s8(y.expand(cat<int64_t>(a.batch, {a.n, a.k})).contiguous(), std::nullopt, y_clip, eps, kQmin, kQmax);
-  const auto alpha = clamp_scale(x_clip, eps) * clamp_scale(y_clip, eps);
+  const auto qx = quantize_s8(x.expand(cat<int64_t>(a.batch, {a.m, a.k})).contiguous(), std::nullopt, x_clip, eps, kQmin, kQmax, false);
+  const auto qy = quantize_s8(y.expand(cat<int64_t>(a.batch, {a.n, a.k})).contiguous(), std::nullopt, y_clip, eps, kQmin, kQmax, false);
+  const auto alpha = qat_alpha(x_clip, y_clip, eps);  // NaN for an invalid step: no host read
   auto out = at::empty(cat<int64_t>(a.batch, {a.m, a.n}), x.options());
   // qx, qy and out are contiguous (batch..., rows, k|n): one batched GEMM, one kernel launch on CUDA.
   gemm_s8_batched_on(x.device(), qx.data_ptr<int8_t>(), a.k, a.m * a.k, qy.data_ptr<int8_t>(), a.k, a.n * a.k, a.m,

@@ -57,13 +57,14 @@ QatForward qat_forward(const LinearSpec& sp, const at::Tensor& x, const at::Tens
   check_qat_linear(sp, x, bias_a, weight, scale_a, scale_w, eps);
   check_output_bias(bias, x, weight.sym_size(0), sp.op);
   QatForward f;
-  f.qx = quantize_s8(x, bias_a, scale_a, eps, sp.qmin, sp.qmax);
+  // No host read of the steps (a device sync on CUDA): an invalid step makes alpha, hence y, NaN.
+  f.qx = quantize_s8(x, bias_a, scale_a, eps, sp.qmin, sp.qmax, /*check_step=*/false);
   if (weight.scalar_type() != at::kChar) {
-    f.qw = quantize_s8(weight, std::nullopt, scale_w, eps, sp.qmin, sp.qmax);
+    f.qw = quantize_s8(weight, std::nullopt, scale_w, eps, sp.qmin, sp.qmax, /*check_step=*/false);
   } else {
     f.qw = sp.packed_s4 ? unpack_s4(weight, x.size(-1)) : weight;
   }
-  const auto alpha = clamp_scale(scale_a, eps) * clamp_scale(scale_w, eps);  // one fp32 multiply
+  const auto alpha = qat_alpha(scale_a, scale_w, eps);  // one fp32 multiply, NaN for an invalid step
   f.y = linear_s8(f.qx, f.qw, alpha, x.scalar_type());
   if (bias.has_value() && bias->defined()) f.y.add_(as_dtype(*bias, f.y.scalar_type()));
   return f;
@@ -122,16 +123,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsq_linear_backward_i
               " must match, with K=", K);
   TORCH_CHECK(grad.size(-1) == N && grad.numel() / N == x.numel() / K, op, ": grad has shape ", grad.sizes(),
               ", expected (..., ", N, ") with the rows of x");
-  const auto G = as_float(grad.reshape({-1, N}));
   at::Tensor grad_x, grad_b, grad_w, grad_s;
-  if (mask[0] || mask[1] || mask[3]) {
-    const auto gA = at::mm(G, qw.to(at::kFloat) * clamp_scale(scale_w, eps)).reshape(x.sizes());  // dL/dx_hat
-    auto g = lsq_input_grads(gA, x, bias_a, x.dim() - 1, scale_a, eps, qmin, qmax, mask[0], mask[1], mask[3]);
-    grad_x = g.grad_x;
-    grad_b = g.grad_shift;
-    grad_s = g.grad_scale;
+  const auto s_w = clamp_scale(scale_w, eps), s_a = clamp_scale(scale_a, eps);
+  const auto xdt = x.scalar_type();
+  if (x.is_cuda() && (xdt == at::kHalf || xdt == at::kBFloat16)) {
+    // 16-bit activations on CUDA: both GEMMs on the 16-bit tensor cores (fp32 accumulation), on the
+    // exact integer codes (|q| <= 128 is exact in fp16 and bf16); the steps are applied in fp32 after:
+    // s_w inside the fused LSQ pass, s_a on the fp32 weight gradient.
+    const auto G = grad.reshape({-1, N}).to(xdt);
+    if (mask[0] || mask[1] || mask[3]) {
+      const auto gA = at::mm(G, qw.to(xdt)).reshape(x.sizes());  // dL/dx_hat / s_w, rounded to x's dtype
+      auto g = lsq_input_grads(gA, x, bias_a, x.dim() - 1, scale_a, eps, qmin, qmax, mask[0], mask[1], mask[3], -1,
+                               s_w);
+      grad_x = g.grad_x;
+      grad_b = g.grad_shift;
+      grad_s = g.grad_scale;
+    }
+    if (mask[2]) grad_w = at::mm(G.t(), qx.reshape({-1, K}).to(xdt), at::kFloat).mul_(s_a);  // STE, no mask
+  } else {
+    const auto G = as_float(grad.reshape({-1, N}));
+    if (mask[0] || mask[1] || mask[3]) {
+      const auto gA = at::mm(G, qw.to(at::kFloat)).reshape(x.sizes());
+      auto g = lsq_input_grads(gA, x, bias_a, x.dim() - 1, scale_a, eps, qmin, qmax, mask[0], mask[1], mask[3], -1,
+                               s_w);
+      grad_x = g.grad_x;
+      grad_b = g.grad_shift;
+      grad_s = g.grad_scale;
+    }
+    if (mask[2]) grad_w = at::mm(G.t(), qx.reshape({-1, K}).to(at::kFloat)).mul_(s_a);  // STE, no mask
   }
-  if (mask[2]) grad_w = at::mm(G.t(), qx.reshape({-1, K}).to(at::kFloat) * clamp_scale(scale_a, eps));  // STE, no mask
   return {grad_x, grad_b, grad_w, grad_s};
 }
 

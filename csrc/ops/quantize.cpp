@@ -20,7 +20,7 @@ struct QuantArgs {
 
 // Checks that hold for symbolic shapes too (the Meta kernel runs them under torch.compile).
 void check_quantize(const at::Tensor& x, const std::optional<at::Tensor>& shift, const at::Tensor& scale,
-                    const at::Tensor& eps, int64_t qmin, int64_t qmax) {
+                    const at::Tensor& eps, int64_t qmin, int64_t qmax, bool = true) {
   check_float_tensor(x, kQuantOp, "x");
   TORCH_CHECK(x.dim() >= 1, kQuantOp, ": x must have at least one dimension, got a 0-dim tensor");
   TORCH_CHECK(qmin <= qmax && qmin >= -128 && qmax <= 127, kQuantOp,
@@ -41,7 +41,7 @@ QuantArgs rows_and_cols(const at::Tensor& x) {
 }
 
 at::Tensor quantize_s8_meta(const at::Tensor& x, const std::optional<at::Tensor>& shift, const at::Tensor& scale,
-                            const at::Tensor& eps, int64_t qmin, int64_t qmax) {
+                            const at::Tensor& eps, int64_t qmin, int64_t qmax, bool) {
   check_quantize(x, shift, scale, eps, qmin, qmax);
   return at::empty_symint(x.sym_sizes(), x.options().dtype(at::kChar));
 }
@@ -52,20 +52,20 @@ struct QuantOperands {
 };
 
 QuantOperands prepare(const at::Tensor& x, const std::optional<at::Tensor>& shift, const at::Tensor& scale,
-                      const at::Tensor& eps) {
+                      const at::Tensor& eps, bool check_step) {
   QuantOperands o;
   o.x = x.contiguous();
   if (shift.has_value() && shift->defined()) o.shift = as_float(shift->detach()).contiguous();
   o.scale = clamp_scale(scale, eps);
-  check_step(o.scale, scale, eps, kQuantOp, "scale");
+  if (check_step) lowbit::ops::check_step(o.scale, scale, eps, kQuantOp, "scale");
   return o;
 }
 
 at::Tensor quantize_s8_cpu(const at::Tensor& x, const std::optional<at::Tensor>& shift, const at::Tensor& scale,
-                           const at::Tensor& eps, int64_t qmin, int64_t qmax) {
+                           const at::Tensor& eps, int64_t qmin, int64_t qmax, bool check_step) {
   check_quantize(x, shift, scale, eps, qmin, qmax);
   const auto a = rows_and_cols(x);
-  auto o = prepare(x, shift, scale, eps);
+  auto o = prepare(x, shift, scale, eps, check_step);
   auto q = at::empty(x.sizes(), x.options().dtype(at::kChar));
   if (q.numel() == 0) return q;
   check_status(cpu::quantize_s8(kernel_dtype(x.scalar_type(), kQuantOp, "x"), o.x.data_ptr(), a.M, a.K, a.K,
@@ -77,11 +77,11 @@ at::Tensor quantize_s8_cpu(const at::Tensor& x, const std::optional<at::Tensor>&
 
 #ifdef LOWBIT_WITH_CUDA
 at::Tensor quantize_s8_cuda(const at::Tensor& x, const std::optional<at::Tensor>& shift, const at::Tensor& scale,
-                            const at::Tensor& eps, int64_t qmin, int64_t qmax) {
+                            const at::Tensor& eps, int64_t qmin, int64_t qmax, bool check_step) {
   check_quantize(x, shift, scale, eps, qmin, qmax);
   const auto a = rows_and_cols(x);
   c10::cuda::CUDAGuard guard(x.device());
-  auto o = prepare(x, shift, scale, eps);
+  auto o = prepare(x, shift, scale, eps, check_step);
   auto q = at::empty(x.sizes(), x.options().dtype(at::kChar));
   if (q.numel() == 0) return q;
   check_status(cuda::quantize_s8(kernel_dtype(x.scalar_type(), kQuantOp, "x"), o.x.data_ptr(), a.M, a.K, a.K,
@@ -90,6 +90,43 @@ at::Tensor quantize_s8_cuda(const at::Tensor& x, const std::optional<at::Tensor>
                                  current_stream(x)),
                kQuantOp);
   return q;
+}
+#endif
+
+// qat_alpha: one tiny kernel (CPU or CUDA) instead of a host check of the steps.
+constexpr const char* kAlphaOp = "lowbit.qat_alpha";
+void check_alpha_args(const at::Tensor& s1, const at::Tensor& s2, const at::Tensor& eps) {
+  check_scalar(s1, s1, "scale1", kAlphaOp, "scale1");
+  check_scalar(s2, s1, "scale1", kAlphaOp, "scale2");
+  check_scalar(eps, s1, "scale1", kAlphaOp, "eps");
+}
+at::Tensor qat_alpha_meta(const at::Tensor& s1, const at::Tensor& s2, const at::Tensor& eps) {
+  check_alpha_args(s1, s2, eps);
+  return at::empty({}, s1.options().dtype(at::kFloat));
+}
+struct AlphaOperands {
+  at::Tensor s1, s2, eps, out;
+};
+AlphaOperands alpha_operands(const at::Tensor& s1, const at::Tensor& s2, const at::Tensor& eps) {
+  check_alpha_args(s1, s2, eps);
+  auto f = [](const at::Tensor& t) { return as_float(t.detach()).reshape({}).contiguous(); };
+  return {f(s1), f(s2), f(eps), at::empty({}, s1.options().dtype(at::kFloat))};
+}
+at::Tensor qat_alpha_cpu(const at::Tensor& s1, const at::Tensor& s2, const at::Tensor& eps) {
+  auto o = alpha_operands(s1, s2, eps);
+  check_status(cpu::qat_alpha(o.s1.data_ptr<float>(), o.s2.data_ptr<float>(), o.eps.data_ptr<float>(),
+                              o.out.data_ptr<float>()),
+               kAlphaOp);
+  return o.out;
+}
+#ifdef LOWBIT_WITH_CUDA
+at::Tensor qat_alpha_cuda(const at::Tensor& s1, const at::Tensor& s2, const at::Tensor& eps) {
+  c10::cuda::CUDAGuard guard(s1.device());
+  auto o = alpha_operands(s1, s2, eps);
+  check_status(cuda::qat_alpha(o.s1.data_ptr<float>(), o.s2.data_ptr<float>(), o.eps.data_ptr<float>(),
+                               o.out.data_ptr<float>(), current_stream(s1)),
+               kAlphaOp);
+  return o.out;
 }
 #endif
 
@@ -114,9 +151,14 @@ at::Tensor lsq_scale_impl(const at::Tensor& x, double qmax, const std::optional<
 }  // namespace
 
 at::Tensor quantize_s8(const at::Tensor& x, const std::optional<at::Tensor>& shift, const at::Tensor& scale,
-                       const at::Tensor& eps, int64_t qmin, int64_t qmax) {
+                       const at::Tensor& eps, int64_t qmin, int64_t qmax, bool check_step) {
   static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("lowbit::quantize_s8", "").typed<decltype(quantize_s8)>();
-  return op.call(x, shift, scale, eps, qmin, qmax);
+  return op.call(x, shift, scale, eps, qmin, qmax, check_step);
+}
+
+at::Tensor qat_alpha(const at::Tensor& scale1, const at::Tensor& scale2, const at::Tensor& eps) {
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("lowbit::qat_alpha", "").typed<decltype(qat_alpha)>();
+  return op.call(scale1, scale2, eps);
 }
 
 at::Tensor lsq_scale(const at::Tensor& x, double qmax, const std::optional<at::Tensor>& eps) {
@@ -124,11 +166,22 @@ at::Tensor lsq_scale(const at::Tensor& x, double qmax, const std::optional<at::T
   return op.call(x, qmax, eps);
 }
 
-TORCH_LIBRARY_IMPL(lowbit, CPU, m) { m.impl("quantize_s8", &quantize_s8_cpu); }
-TORCH_LIBRARY_IMPL(lowbit, Meta, m) { m.impl("quantize_s8", &quantize_s8_meta); }
+TORCH_LIBRARY_IMPL(lowbit, CPU, m) {
+  m.impl("quantize_s8", &quantize_s8_cpu);
+  m.impl("qat_alpha", &qat_alpha_cpu);
+}
+TORCH_LIBRARY_IMPL(lowbit, Meta, m) {
+  m.impl("quantize_s8", &quantize_s8_meta);
+  m.impl("qat_alpha", &qat_alpha_meta);
+}
 #ifdef LOWBIT_WITH_CUDA
-TORCH_LIBRARY_IMPL(lowbit, CUDA, m) { m.impl("quantize_s8", &quantize_s8_cuda); }
+TORCH_LIBRARY_IMPL(lowbit, CUDA, m) {
+  m.impl("quantize_s8", &quantize_s8_cuda);
+  m.impl("qat_alpha", &qat_alpha_cuda);
+}
 #endif
+// Steps are statistics / learned by their own LSQ gradient; the GEMM scale carries no autograd history.
+TORCH_LIBRARY_IMPL(lowbit, Autograd, m) { m.impl("qat_alpha", torch::CppFunction::makeFallthrough()); }
 // lsq_scale's body is device-generic ATen; registered per backend (not as a composite) so that fake
 // tensors under torch.compile take the Meta kernel instead of tracing a reduction by numel.
 at::Tensor lsq_scale_meta(const at::Tensor& x, double qmax, const std::optional<at::Tensor>& eps) {

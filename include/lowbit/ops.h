@@ -10,9 +10,13 @@
 
 namespace lowbit::ops {
 
-// int8 codes = clamp(rne((x + shift) / max(scale, eps)), qmin, qmax), computed in fp32.
+// int8 codes = clamp(rne((x + shift) / max(scale, eps)), qmin, qmax), computed in fp32. check_step: an
+// invalid step (non-finite or <= 0) is an error, read on the host (a device sync on CUDA).
 at::Tensor quantize_s8(const at::Tensor& x, const std::optional<at::Tensor>& shift, const at::Tensor& scale,
-                       const at::Tensor& eps, int64_t qmin, int64_t qmax);
+                       const at::Tensor& eps, int64_t qmin, int64_t qmax, bool check_step = true);
+
+// fp32 max(scale1, eps) * max(scale2, eps) if both steps are finite and > 0, else NaN; 0-dim, no host read.
+at::Tensor qat_alpha(const at::Tensor& scale1, const at::Tensor& scale2, const at::Tensor& eps);
 
 // max(2 * mean|x| / sqrt(qmax), eps) as a 0-dim fp32 tensor (mean in float64).
 at::Tensor lsq_scale(const at::Tensor& x, double qmax, const std::optional<at::Tensor>& eps);

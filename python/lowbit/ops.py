@@ -10,12 +10,20 @@ from torch import Tensor
 _ops = torch.ops.lowbit
 
 
-def quantize_s8(x: Tensor, shift: Optional[Tensor], scale: Tensor, eps: Tensor, qmin: int, qmax: int) -> Tensor:
+def quantize_s8(x: Tensor, shift: Optional[Tensor], scale: Tensor, eps: Tensor, qmin: int, qmax: int,
+                check_step: bool = True) -> Tensor:
     """int8 codes ``clamp(rne((x + shift) / max(scale, eps)), qmin, qmax)``, computed in fp32.
 
     x: (..., K) float32/float16/bfloat16; shift: (K,) or None; scale, eps: one element each.
-    Ties round half to even; NaN gives 0. Returns int8 with x's shape."""
-    return _ops.quantize_s8(x, shift, scale, eps, qmin, qmax)
+    Ties round half to even; NaN gives 0. Returns int8 with x's shape. ``check_step``: a non-finite or
+    non-positive step ``max(scale, eps)`` raises (read on the host: one device sync on CUDA)."""
+    return _ops.quantize_s8(x, shift, scale, eps, qmin, qmax, check_step)
+
+
+def qat_alpha(scale1: Tensor, scale2: Tensor, eps: Tensor) -> Tensor:
+    """``max(scale1, eps) * max(scale2, eps)`` in fp32 when both steps are finite and > 0, else NaN:
+    the GEMM scale of a quantization-aware layer, computed on the device without a host read."""
+    return _ops.qat_alpha(scale1, scale2, eps)
 
 
 def lsq_scale(x: Tensor, qmax: float, eps: Optional[Tensor] = None) -> Tensor:

@@ -2,6 +2,8 @@
 
 Tolerances (‖out−ref‖/‖ref‖): codes and int32 products exact; fp32 outputs 1e-6 (one fp32 rounding
 of the exact product); fp16/bf16 outputs 1e-2 (DESIGN.md); the CPU and CUDA results bitwise equal."""
+import math
+
 import pytest
 import torch
 
@@ -56,6 +58,37 @@ def test_quantize_bad_input(device):
                         -128, 127)
     with pytest.raises(RuntimeError, match="exactly one element"):
         ops.quantize_s8(torch.ones(3, 4, device=device), None, torch.ones(2, device=device), eps, -128, 127)
+    # check_step=False (the QAT layers): no host read, and no error.
+    ops.quantize_s8(torch.ones(3, 4, device=device), None, torch.tensor(float("nan"), device=device), eps, -128, 127,
+                    check_step=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_qat_alpha(device, dtype):
+    def t(v):
+        return torch.tensor(v, dtype=dtype, device=device)
+
+    def expected(a, b, e):
+        steps = [max(ref.f32(a), ref.f32(e)), max(ref.f32(b), ref.f32(e))]
+        if any(math.isnan(v) for v in (a, b, e)) or not all(0 < s < math.inf for s in steps):
+            return math.nan
+        return ref.f32(steps[0] * steps[1])
+
+    cases = [(0.02, 0.003, 1e-5), (0.0, 0.5, 1e-3), (1e-7, 1e-7, 1e-5), (0.1, float("nan"), 1e-5),
+             (float("inf"), 0.1, 1e-5), (-1.0, 0.1, -2.0), (0.0, 0.0, 0.0), (3e38, 3e38, 1e-5), (0.1, 0.2, float("nan"))]
+    for a, b, e in cases:
+        if dtype != torch.float64 and dtype != torch.float32 and abs(a) > 6e4:
+            continue
+        a_, b_, e_ = (float(t(v).float()) for v in (a, b, e))  # the values as the op sees them in fp32
+        got = ops.qat_alpha(t(a), t(b), t(e))
+        assert got.dtype == torch.float32 and got.dim() == 0 and got.device.type == torch.device(device).type
+        want = expected(a_, b_, e_)
+        if math.isnan(want):
+            assert math.isnan(got.item()), (a, b, e, got)
+        else:
+            assert got.item() == want, (a, b, e, got.item(), want)
+    with pytest.raises(RuntimeError, match="exactly one element"):
+        ops.qat_alpha(torch.ones(2, device=device), t(0.1), t(1e-5))
 
 
 def test_lsq_scale(device):

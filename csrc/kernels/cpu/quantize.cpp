@@ -28,14 +28,11 @@ namespace {
 constexpr int64_t kChunk = 8192;            // columns per work unit
 constexpr int64_t kParallelMinElems = 1 << 16;  // below this a parallel region costs more than it saves
 
-// validate::quantize_s8, then the value of *scale (host memory here).
+// validate::quantize_s8. The value of *scale is not checked (as on CUDA): any value gives the IEEE
+// result of the formula (the op layer checks the step when asked to).
 Status check(const char* fn, DType xtype, const void* x, int64_t M, int64_t K, int64_t ldx, const float* scale,
              int32_t qmin, int32_t qmax, const int8_t* q) {
-  Status s = validate::quantize_s8(fn, xtype, x, M, K, ldx, scale, qmin, qmax, q);
-  if (!s.is_ok() || M == 0 || K == 0) return s;
-  if (!std::isfinite(*scale) || !(*scale > 0.0f))
-    return Status::invalid(validate::err(fn, "*scale must be finite and > 0, got " + std::to_string(*scale)));
-  return Status::ok();
+  return validate::quantize_s8(fn, xtype, x, M, K, ldx, scale, qmin, qmax, q);
 }
 
 inline float load_x(DType t, const void* x, int64_t idx) {
@@ -143,6 +140,13 @@ Status quantize_s8_ref(DType xtype, const void* x, int64_t M, int64_t K, int64_t
       if (shift) t += shift[k];
       q[i * K + k] = detail::quant_ref(t, sc, qmin, qmax);
     }
+  return Status::ok();
+}
+
+Status qat_alpha(const float* scale1, const float* scale2, const float* eps, float* alpha) {
+  if (scale1 == nullptr || scale2 == nullptr || eps == nullptr || alpha == nullptr)
+    return Status::invalid("lowbit::cpu::qat_alpha: scale1, scale2, eps and alpha must not be null");
+  alpha[0] = qat_alpha_value(scale1[0], scale2[0], eps[0]);
   return Status::ok();
 }
 

@@ -181,7 +181,20 @@ Status launch(const void* x_raw, int64_t M, int64_t K, int64_t ldx, const float*
   return Status::ok();
 }
 
+__global__ void qat_alpha_kernel(const float* scale1, const float* scale2, const float* eps, float* alpha) {
+  alpha[0] = qat_alpha_value(scale1[0], scale2[0], eps[0]);
+}
+
 }  // namespace
+
+Status qat_alpha(const float* scale1, const float* scale2, const float* eps, float* alpha, CUstream_st* stream) {
+  if (scale1 == nullptr || scale2 == nullptr || eps == nullptr || alpha == nullptr)
+    return Status::invalid("lowbit::cuda::qat_alpha: scale1, scale2, eps and alpha must not be null");
+  qat_alpha_kernel<<<1, 1, 0, reinterpret_cast<cudaStream_t>(stream)>>>(scale1, scale2, eps, alpha);
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return Status::device(std::string("qat_alpha: kernel launch failed: ") + cudaGetErrorString(err));
+  return Status::ok();
+}
 
 Status quantize_s8(DType xtype, const void* x, int64_t M, int64_t K, int64_t ldx, const float* shift,
                    const float* scale, int32_t qmin, int32_t qmax, int8_t* q, CUstream_st* stream) {

@@ -4,7 +4,8 @@
 //
 // * A: (M, K) int8, row-major, row stride lda (activations). B: (N, K) int8, row-major, row stride ldb
 //   (weights in nn.Linear layout: each output feature is a row). out: (M, N), row stride ldo, dtype otype.
-// * alpha points to ONE fp32 (e.g. s_a * s_w), on the device of the data: no host sync on CUDA.
+// * alpha points to ONE fp32 (e.g. s_a * s_w), on the device of the data: no host sync on CUDA. Any value
+//   is accepted: an inf / NaN alpha gives the IEEE products (inf, NaN) on both devices.
 // * float(acc) is round-to-nearest-even int32 -> fp32, the multiply is one fp32 multiply, and the final
 //   conversion to fp16/bf16 is round-to-nearest-even: bitwise the same on CPU and CUDA.
 // * Every M, N, K >= 1 is valid (tails handled); K <= kMaxGemmS8K so that int32 cannot overflow.

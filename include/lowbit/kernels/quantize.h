@@ -5,18 +5,42 @@
 // * All arithmetic in fp32, in this order: convert x to fp32, add shift (fp32), IEEE fp32 division by
 //   `scale` (not a multiply by its reciprocal), round half to even, clamp. The same on CPU and CUDA,
 //   so both give bitwise equal codes.
-// * `scale` points to ONE fp32 value, already clamped below by eps by the caller (> 0, finite). It lives
-//   on the device of x (host memory for the CPU kernels), so no host sync is needed on CUDA.
+// * `scale` points to ONE fp32 value, normally already clamped below by eps by the caller (> 0, finite).
+//   It lives on the device of x (host memory for the CPU kernels), so no host sync is needed on CUDA. Its
+//   value is not checked by either kernel: any value gives the IEEE result of the formula (scale 0: +-inf
+//   clamp; inf or NaN: 0 before the clamp), identically on both.
 // * A NaN input gives 0 before the clamp (so code 0 whenever qmin <= 0 <= qmax); +-inf clamp to qmax / qmin.
 // * qmin/qmax: -128/127 for 8 bits, -8/7 for 4 bits (codes are stored one per int8 here; packing is a
 //   separate step).
 #pragma once
+#include <cmath>
+
 #include "lowbit/kernels/common.h"
 
 struct CUstream_st;
 
 namespace lowbit {
+
+// The GEMM scale of a quantization-aware layer from its two step parameters, without a host check:
+//   s1 = max(scale1, eps), s2 = max(scale2, eps)   (NaN if an operand is NaN)
+//   alpha = s1 * s2 (one fp32 multiply) if both steps are finite and > 0, else NaN,
+// so a diverged or corrupt step turns the layer's output into NaN (as a NaN weight does in nn.Linear)
+// instead of stopping the device every call to test it. Written once here for both devices.
+#if defined(__CUDACC__)
+__host__ __device__
+#endif
+inline float qat_alpha_value(float scale1, float scale2, float eps) {
+  const float nan = __builtin_nanf("");
+  auto step = [eps, nan](float s) { return (s != s || eps != eps) ? nan : (s > eps ? s : eps); };
+  const float s1 = step(scale1), s2 = step(scale2);
+  const bool ok = s1 > 0.f && s2 > 0.f && s1 <= 3.402823466e38f && s2 <= 3.402823466e38f;  // > 0, finite
+  return ok ? s1 * s2 : nan;
+}
+
 namespace cpu {
+
+// alpha[0] = qat_alpha_value(scale1[0], scale2[0], eps[0]); host pointers.
+Status qat_alpha(const float* scale1, const float* scale2, const float* eps, float* alpha);
 
 // x: (M, K), element (i, k) at x[i * ldx + k], dtype `xtype`. shift: (K,) fp32, or nullptr for none.
 // q: (M, K) int8, contiguous (row stride K). OpenMP-parallel, AVX-512 where the CPU has it.
@@ -30,6 +54,9 @@ Status quantize_s8_ref(DType xtype, const void* x, int64_t M, int64_t K, int64_t
 }  // namespace cpu
 
 namespace cuda {
+
+// alpha[0] = qat_alpha_value(scale1[0], scale2[0], eps[0]); device pointers, one thread, on `stream`.
+Status qat_alpha(const float* scale1, const float* scale2, const float* eps, float* alpha, CUstream_st* stream);
 
 // Same contract; x, shift, scale and q are device pointers; runs on `stream`, allocates nothing.
 Status quantize_s8(DType xtype, const void* x, int64_t M, int64_t K, int64_t ldx, const float* shift,
