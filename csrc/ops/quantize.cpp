@@ -7,6 +7,7 @@
 
 #include "common.h"
 #include "lowbit/kernels/quantize.h"
+#include "lowbit/kernels/reduce.h"
 #include "lowbit/ops.h"
 
 namespace lowbit::ops {
@@ -130,7 +131,30 @@ at::Tensor qat_alpha_cuda(const at::Tensor& s1, const at::Tensor& s2, const at::
 }
 #endif
 
-// lsq_scale: composite of ATen reductions (device-agnostic, Meta included). The mean is accumulated in
+// sum |x| in float64 as a 0-dim tensor on x's device: the fused kernel of reduce.h for fp32/fp16/bf16 (reads
+// x once, no float64 copy), ATen's norm for float64 input (already float64: no copy either).
+at::Tensor sum_abs(const at::Tensor& x) {
+  if (x.scalar_type() == at::kDouble || (!x.is_cpu() && !x.is_cuda()))
+    return at::linalg_vector_norm(x, 1, c10::nullopt, false, at::kDouble);
+  const auto xc = x.contiguous();
+  auto out = at::empty({}, x.options().dtype(at::kDouble));
+  const DType t = kernel_dtype(x.scalar_type(), "lowbit.lsq_scale", "x");
+  if (x.is_cpu()) {
+    check_status(cpu::sum_abs_f64(t, xc.data_ptr(), xc.numel(), out.data_ptr<double>()), "lowbit.lsq_scale");
+    return out;
+  }
+#ifdef LOWBIT_WITH_CUDA
+  c10::cuda::CUDAGuard guard(x.device());
+  const size_t bytes = cuda::sum_abs_f64_workspace_bytes(xc.numel());
+  auto ws = at::empty({static_cast<int64_t>(bytes / 8 + 1)}, x.options().dtype(at::kDouble));
+  check_status(cuda::sum_abs_f64(t, xc.data_ptr(), xc.numel(), out.data_ptr<double>(), ws.data_ptr(), bytes,
+                                 current_stream(x)),
+               "lowbit.lsq_scale");
+#endif
+  return out;
+}
+
+// lsq_scale: the float64 sum above, then ATen scalar arithmetic (device-agnostic, Meta included). The mean is accumulated in
 // float64 and rounded once to fp32, so CPU and CUDA agree unless the float64 sums (summed in different
 // orders) straddle an fp32 rounding boundary (relative gap < 1e-15, not seen in practice).
 at::Tensor lsq_scale_impl(const at::Tensor& x, double qmax, const std::optional<at::Tensor>& eps) {
@@ -139,7 +163,7 @@ at::Tensor lsq_scale_impl(const at::Tensor& x, double qmax, const std::optional<
               x.defined() ? c10::toString(x.scalar_type()) : "None");
   TORCH_CHECK(x.numel() > 0, op, ": x is empty (shape ", x.sizes(), "); the scale of an empty tensor is undefined");
   TORCH_CHECK(qmax > 0 && std::isfinite(qmax), op, ": qmax must be a positive finite number, got ", qmax);
-  auto mean_abs = at::linalg_vector_norm(x.detach(), 1, c10::nullopt, false, at::kDouble) / double(x.numel());
+  auto mean_abs = sum_abs(x.detach()) / double(x.numel());
   auto s = (mean_abs * (2.0 / std::sqrt(qmax))).to(at::kFloat);
   if (eps.has_value() && eps->defined()) {
     check_scalar(*eps, x, "x", op, "eps");

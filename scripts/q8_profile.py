@@ -1,0 +1,33 @@
+"""Where a Q8Linear training step spends host and device time (torch.profiler), for tuning.
+
+    PYTHONPATH=python python3 scripts/q8_profile.py [M] [K] [N]      (CUDA; default 16 4096 4096, bf16)
+
+Prints the ops sorted by self CPU time, then by self CUDA time, for one forward + backward after warm-up."""
+import sys
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import lowbit
+
+M, K, N = (int(a) for a in (sys.argv[1:4] if len(sys.argv) >= 4 else (16, 4096, 4096)))
+layer = lowbit.nn.Q8Linear(K, N, device="cuda")
+x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+g = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+
+
+def step():
+    layer.zero_grad(set_to_none=True)
+    x.grad = None
+    layer(x).backward(g)
+
+
+for _ in range(5):
+    step()
+torch.cuda.synchronize()
+with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    for _ in range(10):
+        step()
+    torch.cuda.synchronize()
+print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15))
