@@ -85,6 +85,13 @@ const std::vector<PackCase>& pack_cases() {
         ++i;
       }
     v.push_back({4096, 4097, 3, 1, 0});  // more work than one grid: the grid-stride loop
+    // unpack's 16-byte path (K % 32 == 0, aligned bases and row stride), with and without row padding,
+    // over more than one grid; and the same shapes just off it (odd padding, misaligned base).
+    v.push_back({1031, 4096, 0, 0, 0});
+    v.push_back({300, 512, 16, 0, 0});
+    v.push_back({300, 512, 5, 0, 0});
+    v.push_back({300, 512, 0, 8, 0});
+    v.push_back({17, 32, 0, 0, 16});
     return v;
   }();
   return cases;
