@@ -166,6 +166,53 @@ TEST_F(CudaKernels, QuantizeLarge) {
   }
 }
 
+// CPU and CUDA must round t / s identically (IEEE division), then round half to even. The hard inputs are
+// those whose quotient lies at or next to a half-integer (where the rounding of t / s decides the code; a
+// faster division by a reciprocal would show here first): for many steps (round, random, all-ones mantissas, powers of two, the ends of the
+// fast range and outside it), every n + 1/2 for |n| <= 140, t = RN((n + 1/2) * s) and its 6 fp32
+// neighbours each side, plus inf / NaN / zero / tiny inputs. Codes compared bitwise (both paths: the
+// 16-byte vector kernel and the scalar kernel).
+TEST_F(CudaKernels, QuantizeExactAtHalfIntegerBoundaries) {
+  std::mt19937 rng(2026);
+  std::vector<float> steps = {1.0f, 0.5f, 3.0f, 0.1f, 1.0f / 3.0f, 0.0213f, 1e-3f, 7.77e-5f, 12.5f,
+                              std::nextafter(2.0f, 0.0f), std::nextafter(1.0f, 2.0f), 0x1p-60f, 0x1p60f,
+                              std::nextafter(0x1p-60f, 0.0f), 0x1p-70f, 0x1.fffffep-3f, 0x1.000002p-7f};
+  std::uniform_real_distribution<float> mant(1.0f, 2.0f);
+  std::uniform_int_distribution<int> ex(-20, 6);
+  for (int i = 0; i < 40; ++i) steps.push_back(std::ldexp(mant(rng), ex(rng)));
+  for (float st : steps) {
+    SCOPED_TRACE("step " + std::to_string(st));
+    std::vector<float> x;
+    for (int n = -141; n <= 140; ++n) {
+      float t = float((double(n) + 0.5) * double(st));
+      for (int k = 0; k < 6; ++k) t = std::nextafter(t, -INFINITY);
+      for (int k = 0; k < 13; ++k, t = std::nextafter(t, INFINITY)) x.push_back(t);
+    }
+    for (float v : {0.0f, -0.0f, INFINITY, -INFINITY, std::nanf(""), 1e-40f, -3e-39f, 3e38f, -3e38f}) x.push_back(v);
+    while (x.size() % 8 != 0) x.push_back(0.25f * st);
+    const int64_t n = int64_t(x.size());
+    std::vector<int8_t> want(x.size());
+    ASSERT_TRUE(lowbit::cpu::quantize_s8_ref(DType::kFloat32, x.data(), 1, n, n, nullptr, &st, -128, 127,
+                                             want.data()).is_ok());
+    DeviceBuffer dx(x.size() * 4 + 4), ds(4), dq(x.size() + 16);
+    ASSERT_TRUE(dx.ok() && ds.ok() && dq.ok());
+    CUDA_ASSERT(cudaMemcpy(ds.bytes(), &st, 4, cudaMemcpyHostToDevice));
+    for (size_t off : {size_t(0), size_t(4)}) {  // 0: 16-byte vector path; 4: misaligned, scalar path
+      CUDA_ASSERT(cudaMemcpy(dx.bytes() + off, x.data(), x.size() * 4, cudaMemcpyHostToDevice));
+      ASSERT_TRUE(lowbit::cuda::quantize_s8(DType::kFloat32, dx.bytes() + off, 1, n, n, nullptr,
+                                            reinterpret_cast<const float*>(ds.bytes()), -128, 127, dq.data(),
+                                            stream())
+                      .is_ok());
+      CUDA_ASSERT(cudaStreamSynchronize(stream_));
+      std::vector<int8_t> got(x.size());
+      CUDA_ASSERT(cudaMemcpy(got.data(), dq.bytes(), got.size(), cudaMemcpyDeviceToHost));
+      for (size_t i = 0; i < x.size(); ++i)
+        ASSERT_EQ(int(got[i]), int(want[i])) << "x = " << x[i] << " (" << std::hexfloat << x[i] << std::defaultfloat
+                                              << "), x / s = " << double(x[i]) / double(st) << ", offset " << off;
+    }
+  }
+}
+
 TEST_F(CudaKernels, QuantizeEmptyIsNoOp) {
   DeviceBuffer dq(16);
   ASSERT_TRUE(dq.ok());
