@@ -7,30 +7,13 @@
 // nearest, exceptions suppressed, same as nearbyint in the default rounding mode), NaN -> 0, clamp
 // (+-inf saturate through min/max), then the already-integral value to int8.
 
-// GCC 12's AVX-512 headers self-initialise their "undefined" pass-through operand (_mm512_undefined_ps),
-// which -W(maybe-)uninitialized reports at every use (GCC PR 105593, fixed in 12.3/13).
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#include <immintrin.h>
-#pragma GCC diagnostic pop
-
+#include "avx512_common.h"
 #include "quantize_internal.h"
 
 namespace lowbit {
 namespace cpu {
 namespace detail {
 namespace {
-
-inline __mmask16 lane_mask(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
-
-template <DType T>
-inline __m512 load16(const void* row, int64_t k, __mmask16 m) {
-  if (T == DType::kFloat32) return _mm512_maskz_loadu_ps(m, static_cast<const float*>(row) + k);
-  const __m256i h = _mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(row) + k);
-  if (T == DType::kFloat16) return _mm512_cvtph_ps(h);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
 
 template <DType T, bool SHIFT>
 void run(const QuantizeArgs& a, int64_t i, int64_t k0, int64_t k1) {

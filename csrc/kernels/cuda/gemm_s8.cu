@@ -382,19 +382,8 @@ __global__ void __launch_bounds__(256) fill_k0_kernel(int64_t batch, int64_t M, 
 // gridDim.y / gridDim.z are limited to 65535: batches beyond that go to further launches.
 constexpr int64_t kMaxBatchPerLaunch = 65535;
 
-// One validated call; `fn` is the public name it arrived through (for messages, without the ": ").
-struct GemmArgs {
-  const char* fn;
-  const int8_t* A;
-  int64_t lda, strideA;
-  const int8_t* B;
-  int64_t ldb, strideB;
-  int64_t M, N, K, batch;
-  const float* alpha;
-  void* out;
-  int64_t ldo, strideO;
-  cudaStream_t stream;
-};
+// One call as both kernels see it (gemm_s8_internal.cuh).
+using GemmArgs = gemm_s8_detail::GemmCall;
 
 Status launch_error(const char* fn, const char* what) {
   const cudaError_t err = cudaGetLastError();
@@ -488,7 +477,8 @@ constexpr int64_t kWgmmaMinRows = 1;
 // and zero strides, which every batch rule accepts, so its behaviour and messages are as before. The
 // argument rules are the CPU's (csrc/kernels/validate.h); the pointers are checked only when there is
 // output, and alpha stays on the device (no host read).
-Status run(GemmArgs g, DType otype) {
+Status run(GemmArgs g) {
+  const DType otype = g.otype;
   const std::string fn = std::string(g.fn) + ": ";
   auto num = [](int64_t v) { return std::to_string(v); };
   const int64_t M = g.M, N = g.N, K = g.K, batch = g.batch;
@@ -520,15 +510,12 @@ Status run(GemmArgs g, DType otype) {
   // Kernel choice: wgmma (sm_90a) when eligible and M is past the size where its 128-row tiles pay off.
   const KernelChoice choice = kernel_choice();
   if (choice != KernelChoice::kMma) {
-    const gemm_s8_detail::Sm90Args h{g.fn, g.A,     g.lda,   g.strideA, g.B,   g.ldb,  g.strideB, M,
-                                     N,    K,       batch,   g.alpha,   g.out, g.ldo,  g.strideO, otype,
-                                     g.stream};
-    const bool eligible = gemm_s8_detail::sm90_eligible(h);
+    const bool eligible = gemm_s8_detail::sm90_eligible(g);
     if (choice == KernelChoice::kWgmma && !eligible)
       return Status::invalid(fn + "LOWBIT_GEMM_S8_KERNEL=wgmma, but this call cannot run on the sm_90a kernel (needs "
                                   "a compute capability 9.0 device, an sm_90a build, and 16-byte aligned operands "
                                   "with row / batch strides that are multiples of 16)");
-    if (eligible && (choice == KernelChoice::kWgmma || M >= kWgmmaMinRows)) return gemm_s8_detail::launch_sm90(h);
+    if (eligible && (choice == KernelChoice::kWgmma || M >= kWgmmaMinRows)) return gemm_s8_detail::launch_sm90(g);
   }
   switch (otype) {
     case DType::kFloat32: return launch_by_alignment<float>(g);
@@ -542,17 +529,15 @@ Status run(GemmArgs g, DType otype) {
 
 Status gemm_s8_scaled(const int8_t* A, int64_t lda, const int8_t* B, int64_t ldb, int64_t M, int64_t N,
                       int64_t K, const float* alpha, DType otype, void* out, int64_t ldo, CUstream_st* stream) {
-  return run({"lowbit::cuda::gemm_s8_scaled", A, lda, 0, B, ldb, 0, M, N, K, 1, alpha, out, ldo, 0,
-              reinterpret_cast<cudaStream_t>(stream)},
-             otype);
+  return run({"lowbit::cuda::gemm_s8_scaled", A, lda, 0, B, ldb, 0, M, N, K, 1, alpha, out, ldo, 0, otype,
+              reinterpret_cast<cudaStream_t>(stream)});
 }
 
 Status gemm_s8_scaled_batched(const int8_t* A, int64_t lda, int64_t strideA, const int8_t* B, int64_t ldb,
                               int64_t strideB, int64_t M, int64_t N, int64_t K, int64_t batch, const float* alpha,
                               DType otype, void* out, int64_t ldo, int64_t strideO, CUstream_st* stream) {
   return run({"lowbit::cuda::gemm_s8_scaled_batched", A, lda, strideA, B, ldb, strideB, M, N, K, batch, alpha,
-              out, ldo, strideO, reinterpret_cast<cudaStream_t>(stream)},
-             otype);
+              out, ldo, strideO, otype, reinterpret_cast<cudaStream_t>(stream)});
 }
 
 }  // namespace cuda

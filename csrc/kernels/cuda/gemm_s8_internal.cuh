@@ -35,8 +35,9 @@ __device__ __forceinline__ void store2(__nv_bfloat16* p, float v0, float v1) {
   *reinterpret_cast<uint32_t*>(p) = bits;
 }
 
-// One validated GEMM call as both kernels see it (pointers already offset to the first batch).
-struct Sm90Args {
+// One validated GEMM call as both kernels see it; `fn` is the public name it arrived through (for
+// messages, without the ": ").
+struct GemmCall {
   const char* fn;
   const int8_t* A;
   int64_t lda, strideA;
@@ -54,10 +55,10 @@ struct Sm90Args {
 // build carries sm_90a code for the kernel, K >= 1, and both operands meet TMA's rules (base and row
 // stride multiples of 16 bytes; batch stride too, or 0 to broadcast). Cheap: the device facts are
 // cached per device.
-bool sm90_eligible(const Sm90Args& g);
+bool sm90_eligible(const GemmCall& g);
 
 // Runs the call on the sm_90a kernel (sm90_eligible must hold).
-Status launch_sm90(const Sm90Args& g);
+Status launch_sm90(const GemmCall& g);
 
 }  // namespace gemm_s8_detail
 }  // namespace cuda

@@ -330,7 +330,7 @@ bool make_map(CUtensorMap* map, const int8_t* p, int64_t K, int64_t rows, int64_
 }
 
 template <typename OutT>
-Status launch_typed(const Sm90Args& g, const CUtensorMap& ma, const CUtensorMap& mb) {
+Status launch_typed(const GemmCall& g, const CUtensorMap& ma, const CUtensorMap& mb) {
   const int64_t tiles_m = (g.M + kBM - 1) / kBM;
   const int64_t tiles_n = (g.N + kBN - 1) / kBN;
   constexpr int64_t kMaxZ = 65535;
@@ -349,7 +349,7 @@ Status launch_typed(const Sm90Args& g, const CUtensorMap& ma, const CUtensorMap&
 
 }  // namespace
 
-bool sm90_eligible(const Sm90Args& g) {
+bool sm90_eligible(const GemmCall& g) {
   if (g.K < 1 || g.M < 1 || g.N < 1 || g.batch < 1) return false;
   // TMA coordinates are int32; batches index a 32-bit coordinate too.
   if (g.M >= (int64_t(1) << 31) || g.N >= (int64_t(1) << 31) || g.batch >= (int64_t(1) << 31)) return false;
@@ -363,7 +363,7 @@ bool sm90_eligible(const Sm90Args& g) {
   return device_ready(device);
 }
 
-Status launch_sm90(const Sm90Args& g) {
+Status launch_sm90(const GemmCall& g) {
   CUtensorMap ma, mb;
   if (!make_map(&ma, g.A, g.K, g.M, g.lda, g.strideA, g.batch, kBM) ||
       !make_map(&mb, g.B, g.K, g.N, g.ldb, g.strideB, g.batch, kBN))
