@@ -161,6 +161,14 @@ inline std::vector<uint8_t> xorshift_bytes(size_t n) {
   return h;
 }
 
+// The perf reports' two int8 operands: `bytes` bytes of xorshift junk into a, the same reversed into b.
+inline void upload_perf_operands(const DeviceBuffer& a, const DeviceBuffer& b, size_t bytes) {
+  std::vector<uint8_t> h = xorshift_bytes(bytes);
+  CUDA_ASSERT(cudaMemcpy(a.bytes(), h.data(), bytes, cudaMemcpyHostToDevice));
+  std::reverse(h.begin(), h.end());
+  CUDA_ASSERT(cudaMemcpy(b.bytes(), h.data(), bytes, cudaMemcpyHostToDevice));
+}
+
 // Median time of `launch()` (a Status-returning enqueue on `stream`) over 10 runs, timed with CUDA
 // events after 2 warm-ups, in ms; -1 when a launch (or an event) fails.
 template <typename Launch>

@@ -70,6 +70,18 @@ struct LsqCase {
   float step = 0.25f;
   bool nonfinite_g = false;  // inf / NaN gradients too (the default keeps g finite, x does the rest)
   int64_t numel = -1;        // the gradient scale's count; -1: outer * C * inner
+  // A case of shape (o, C, i) with the given dtypes, shift and gscale, every output requested.
+  static LsqCase shape(int64_t o, int64_t c, int64_t i, lowbit::DType g, lowbit::DType x, bool sh, bool gs) {
+    LsqCase r;
+    r.outer = o;
+    r.C = c;
+    r.inner = i;
+    r.gt = g;
+    r.xt = x;
+    r.shift = sh;
+    r.gscale = gs;
+    return r;
+  }
   int64_t total() const { return outer * C * inner; }
   int64_t count() const { return numel < 0 ? total() : numel; }
   std::string str() const {
@@ -266,14 +278,7 @@ inline std::vector<LsqCase> lsq_cases() {
   for (const auto& sz : sizes)
     for (DType gt : all)
       for (DType xt : all) {
-        LsqCase c;
-        c.outer = sz[0];
-        c.C = sz[1];
-        c.inner = sz[2];
-        c.gt = gt;
-        c.xt = xt;
-        c.shift = k % 3 != 2;
-        c.gscale = k % 2 == 1;
+        LsqCase c = LsqCase::shape(sz[0], sz[1], sz[2], gt, xt, k % 3 != 2, k % 2 == 1);
         c.want_shift = k % 5 != 4;
         c.want_x = k % 7 != 6;
         c.want_scale = k % 8 != 7;
@@ -287,15 +292,7 @@ inline std::vector<LsqCase> lsq_cases() {
       }
   // Larger: several units, both column blocks / several segments, the parallel split.
   auto add = [&](int64_t o, int64_t C, int64_t i, DType gt, DType xt, bool shift, bool gs) {
-    LsqCase c;
-    c.outer = o;
-    c.C = C;
-    c.inner = i;
-    c.gt = gt;
-    c.xt = xt;
-    c.shift = shift;
-    c.gscale = gs;
-    v.push_back(c);
+    v.push_back(LsqCase::shape(o, C, i, gt, xt, shift, gs));
   };
   add(97, 2050, 1, DType::kFloat32, DType::kBFloat16, true, false);   // column mode, 2 column blocks
   add(301, 264, 1, DType::kFloat32, DType::kFloat32, true, true);     // column mode, 8-aligned

@@ -214,12 +214,8 @@ TEST_F(CudaGemmSm90, PerfReport) {
   const size_t max_ab = size_t(8192) * 8192, max_out = size_t(8192) * 8192 * 2;
   DeviceBuffer da(max_ab), db(max_ab), dout(max_out), dalpha(4);
   ASSERT_TRUE(da.ok() && db.ok() && dout.ok() && dalpha.ok());
-  {
-    std::vector<uint8_t> h = xorshift_bytes(max_ab);
-    CUDA_ASSERT(cudaMemcpy(da.bytes(), h.data(), max_ab, cudaMemcpyHostToDevice));
-    std::reverse(h.begin(), h.end());
-    CUDA_ASSERT(cudaMemcpy(db.bytes(), h.data(), max_ab, cudaMemcpyHostToDevice));
-  }
+  upload_perf_operands(da, db, max_ab);
+  if (HasFatalFailure()) return;
   const float alpha = 1e-4f;
   CUDA_ASSERT(cudaMemcpy(dalpha.bytes(), &alpha, 4, cudaMemcpyHostToDevice));
   for (const auto& s : shapes) {

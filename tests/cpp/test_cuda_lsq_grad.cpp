@@ -136,15 +136,8 @@ TEST_F(CudaLsqGrad, MatchesReferences) {
 TEST_F(CudaLsqGrad, LargeShapes) {
   std::mt19937 rng(99);
   auto mk = [](int64_t o, int64_t C, int64_t i, DType gt, DType xt, bool shift) {
-    LsqCase c;
-    c.outer = o;
-    c.C = C;
-    c.inner = i;
-    c.gt = gt;
-    c.xt = xt;
-    c.shift = shift;
+    LsqCase c = LsqCase::shape(o, C, i, gt, xt, shift, true);
     c.want_shift = shift;
-    c.gscale = true;
     return c;
   };
   const LsqCase cases[] = {

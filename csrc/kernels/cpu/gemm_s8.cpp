@@ -16,6 +16,7 @@
 
 #include "../validate.h"
 #include "gemm_s8_internal.h"
+#include "cpu_features.h"
 #include "lowbit/kernels/float_convert.h"
 
 namespace lowbit {
@@ -91,11 +92,9 @@ void scaled_rows(const int8_t* A, int64_t lda, const int8_t* B, int64_t ldb, int
 }
 
 GemmS8Isa detect_isa() {
-  __builtin_cpu_init();
-  // Every flag a per-ISA file is compiled with must be present: the compiler may use any of them there.
-  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  // Every flag a per-ISA file is compiled with must be present (cpu_features.h).
+  const bool avx2 = cpu_has_avx2_set();
+  const bool avx512 = cpu_has_avx512_set();
   if (avx512) return __builtin_cpu_supports("avx512vnni") ? GemmS8Isa::kAvx512vnni : GemmS8Isa::kAvx512bw;
   return avx2 ? GemmS8Isa::kAvx2 : GemmS8Isa::kScalar;
 }

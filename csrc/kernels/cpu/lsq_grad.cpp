@@ -31,6 +31,7 @@
 #include "../validate.h"
 #include "lowbit/kernels/float_convert.h"
 #include "lsq_grad_internal.h"
+#include "cpu_features.h"
 
 namespace lowbit {
 namespace cpu {
@@ -257,12 +258,7 @@ void run_row_unit(const Plan& pl, const LsqGradParams& p, const LsqArgs& a, Span
 }  // namespace
 
 bool lsq_grad_avx512_supported() {
-  static const bool ok = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-           __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-  }();
+  static const bool ok = cpu_has_avx512_set();
   return ok;
 }
 

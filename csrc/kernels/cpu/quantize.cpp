@@ -19,6 +19,7 @@
 #include "../validate.h"
 #include "lowbit/kernels/float_convert.h"
 #include "quantize_internal.h"
+#include "cpu_features.h"
 
 namespace lowbit {
 namespace cpu {
@@ -84,12 +85,7 @@ void scalar_range_any(const QuantizeArgs& a, int64_t i, int64_t k0, int64_t k1) 
 }  // namespace
 
 bool quantize_avx512_supported() {
-  static const bool ok = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-           __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-  }();
+  static const bool ok = cpu_has_avx512_set();
   return ok;
 }
 

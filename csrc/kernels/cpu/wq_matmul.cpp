@@ -28,6 +28,7 @@
 #include "../validate.h"
 #include "lowbit/kernels/float_convert.h"
 #include "wq_internal.h"
+#include "cpu_features.h"
 
 namespace lowbit {
 namespace cpu {
@@ -178,12 +179,10 @@ void tile_portable(const WqTileArgs& A, const float* xs, int MT, int64_t n0, int
 }
 
 WqIsa detect_isa() {
-  __builtin_cpu_init();
   // Every flag an ISA file is compiled with that the compiler could use for its code (CMake adds
   // avx512vnni too; that file has no integer dot products, the only thing it would be used for).
-  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  const bool avx2 = cpu_has_avx2_set();
+  const bool avx512 = cpu_has_avx512_set();
   return avx512 ? WqIsa::kAvx512 : avx2 ? WqIsa::kAvx2 : WqIsa::kScalar;
 }
 

@@ -37,6 +37,7 @@
 // half even), and the narrowing of float_convert.h (fp16 by cvt.rn, bf16 by the same integer round-half-
 // even), every NaN replaced by the canonical one. The file refuses to build with --use_fast_math.
 #include "lowbit/kernels/lsq_grad.h"
+#include "pdl.cuh"
 
 #ifdef __USE_FAST_MATH__
 #error "lsq_grad.cu must not be built with --use_fast_math: it flushes subnormals and breaks bitwise CPU parity"
@@ -162,17 +163,6 @@ Status ws_layout(const char* fn, const LsqGradParams& p, const Plan& pl, int64_t
 // ---------------------------------------------------------------------------------------------------
 // Device helpers.
 
-// Programmatic dependent launch (sm_90+): no-ops elsewhere and when the launch did not ask for it.
-__device__ __forceinline__ void pdl_trigger() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void pdl_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
 
 // Storage of one element: fp32 as float, fp16 / bf16 as their 16 bits.
 template <DType T>

@@ -96,6 +96,7 @@
 //   Compile time of this file for 80;86;89;90a: ~72 s on one core (28 matmul variants x 2 unrolled
 //   bodies; x, scale and output dtypes are run-time switches outside the inner loop).
 #include "lowbit/kernels/wq.h"
+#include "pdl.cuh"
 
 #ifdef __USE_FAST_MATH__
 #error "wq_matmul.cu must not be built with --use_fast_math: its exact dequantization needs IEEE fp32"
@@ -181,17 +182,6 @@ __device__ __forceinline__ uint32_t select_u32(bool c, uint32_t a, uint32_t b) {
   return r;
 }
 
-// Programmatic dependent launch (sm_90+): no-ops elsewhere and when the launch did not ask for it.
-__device__ __forceinline__ void pdl_trigger() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void pdl_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
 
 // ---------------------------------------------------------------------------------------------------
 // Code extraction. w[i][c]: word i of the chunk (0..B-1), column c. Returns the bits of
