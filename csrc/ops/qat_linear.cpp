@@ -125,32 +125,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsq_linear_backward_i
               ", expected (..., ", N, ") with the rows of x");
   at::Tensor grad_x, grad_b, grad_w, grad_s;
   const auto s_w = clamp_scale(scale_w, eps), s_a = clamp_scale(scale_a, eps);
+  // The GEMMs multiply the exact integer codes (|q| <= 128 is exact in fp16 and bf16) and the steps are
+  // applied in fp32 after: s_w inside the fused LSQ pass, s_a on the fp32 weight gradient. With 16-bit
+  // activations on CUDA both GEMMs run on the 16-bit tensor cores (fp32 accumulation; G.Qw rounded to x's
+  // dtype), otherwise in fp32.
   const auto xdt = x.scalar_type();
-  if (x.is_cuda() && (xdt == at::kHalf || xdt == at::kBFloat16)) {
-    // 16-bit activations on CUDA: both GEMMs on the 16-bit tensor cores (fp32 accumulation), on the
-    // exact integer codes (|q| <= 128 is exact in fp16 and bf16); the steps are applied in fp32 after:
-    // s_w inside the fused LSQ pass, s_a on the fp32 weight gradient.
-    const auto G = grad.reshape({-1, N}).to(xdt);
-    if (mask[0] || mask[1] || mask[3]) {
-      const auto gA = at::mm(G, qw.to(xdt)).reshape(x.sizes());  // dL/dx_hat / s_w, rounded to x's dtype
-      auto g = lsq_input_grads(gA, x, bias_a, x.dim() - 1, scale_a, eps, qmin, qmax, mask[0], mask[1], mask[3], -1,
-                               s_w);
-      grad_x = g.grad_x;
-      grad_b = g.grad_shift;
-      grad_s = g.grad_scale;
-    }
-    if (mask[2]) grad_w = at::mm(G.t(), qx.reshape({-1, K}).to(xdt), at::kFloat).mul_(s_a);  // STE, no mask
-  } else {
-    const auto G = as_float(grad.reshape({-1, N}));
-    if (mask[0] || mask[1] || mask[3]) {
-      const auto gA = at::mm(G, qw.to(at::kFloat)).reshape(x.sizes());
-      auto g = lsq_input_grads(gA, x, bias_a, x.dim() - 1, scale_a, eps, qmin, qmax, mask[0], mask[1], mask[3], -1,
-                               s_w);
-      grad_x = g.grad_x;
-      grad_b = g.grad_shift;
-      grad_s = g.grad_scale;
-    }
-    if (mask[2]) grad_w = at::mm(G.t(), qx.reshape({-1, K}).to(at::kFloat)).mul_(s_a);  // STE, no mask
+  const auto cdt = x.is_cuda() && (xdt == at::kHalf || xdt == at::kBFloat16) ? xdt : at::kFloat;
+  const auto G = grad.reshape({-1, N}).to(cdt);
+  if (mask[0] || mask[1] || mask[3]) {
+    const auto gA = at::mm(G, qw.to(cdt)).reshape(x.sizes());  // dL/dx_hat / s_w
+    auto g = lsq_input_grads(gA, x, bias_a, x.dim() - 1, scale_a, eps, qmin, qmax, mask[0], mask[1], mask[3], -1, s_w);
+    grad_x = g.grad_x;
+    grad_b = g.grad_shift;
+    grad_s = g.grad_scale;
+  }
+  if (mask[2]) {  // STE, no mask; fp32 out (aten::mm's out_dtype form exists on CUDA only: 16-bit inputs)
+    const auto qxc = qx.reshape({-1, K}).to(cdt);
+    grad_w = (cdt == at::kFloat ? at::mm(G.t(), qxc) : at::mm(G.t(), qxc, at::kFloat)).mul_(s_a);
   }
   return {grad_x, grad_b, grad_w, grad_s};
 }
