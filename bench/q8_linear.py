@@ -7,6 +7,8 @@ Cases, each ours vs a torch baseline in this process (method: bench/harness.py):
                 vs nn.Linear forward, both under no_grad
   train f+b     Q8Linear training forward + backward (grads of x, weight, bias_a, scale_a)
                 vs nn.Linear forward + backward (grads of x, weight); x requires grad as in a hidden layer
+  train int8 bwd  the same with Q8Linear(int8_backward=True): the input gradient's GEMM on int8
+                (output gradient quantized per row, SwitchBack), the weight gradient in float
   linear_s8     the raw int8 GEMM with its dequantizing epilogue (torch.ops.lowbit.linear_s8)
                 vs torch._int_mm (int8 x int8 -> int32, torch's own int8 GEMM)
 Baseline dtype: fp32 on the CPU, bf16 on the GPU (where Q8Linear also gets bf16 activations; its master
@@ -38,8 +40,8 @@ GPU_SHAPES = [(m, kn, kn) for kn in (4096, 8192) for m in (16, 256, 2048, 8192)]
 # ---------------------------------------------------------------------------------------------- builders
 
 
-def _q8_layer(k, n, device, dtype, *, inference):
-    layer = lowbit.nn.Q8Linear(k, n, device=device, dtype=dtype)
+def _q8_layer(k, n, device, dtype, *, inference, int8_backward=False):
+    layer = lowbit.nn.Q8Linear(k, n, device=device, dtype=dtype, int8_backward=int8_backward)
     if inference:
         # scale_a is learned in training; a plausible value for N(0, 1) inputs instead of 0 (which
         # would make eval quantize with eps).
@@ -131,6 +133,11 @@ def bench_shape(m, k, n, device, dtype, args, peak_gops, notes):
     case("train fwd+bwd",
          _fwd_bwd, lambda i: (_q8_layer(k, n, device, dtype, inference=False), _x(m, k, dtype, device, True),
                               harness.random_nonzero((m, n), dtype, device)),
+         base_name, _fwd_bwd, lambda i: (_torch_layer(k, n, device, dtype), _x(m, k, dtype, device, True),
+                                         harness.random_nonzero((m, n), dtype, device)))
+    case("train int8 bwd",
+         _fwd_bwd, lambda i: (_q8_layer(k, n, device, dtype, inference=False, int8_backward=True),
+                              _x(m, k, dtype, device, True), harness.random_nonzero((m, n), dtype, device)),
          base_name, _fwd_bwd, lambda i: (_torch_layer(k, n, device, dtype), _x(m, k, dtype, device, True),
                                          harness.random_nonzero((m, n), dtype, device)))
 

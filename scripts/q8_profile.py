@@ -1,6 +1,8 @@
 """Where a Q8Linear training step spends host and device time (torch.profiler), for tuning.
 
-    PYTHONPATH=python python3 scripts/q8_profile.py [M] [K] [N]      (CUDA; default 16 4096 4096, bf16)
+    PYTHONPATH=python python3 scripts/q8_profile.py [M] [K] [N] [int8]   (CUDA; default 16 4096 4096, bf16)
+
+A fourth argument "int8" profiles Q8Linear(int8_backward=True).
 
 Prints the ops sorted by self CPU time, then by self CUDA time, for one forward + backward after warm-up."""
 import sys
@@ -11,7 +13,8 @@ from torch.profiler import ProfilerActivity, profile
 import lowbit
 
 M, K, N = (int(a) for a in (sys.argv[1:4] if len(sys.argv) >= 4 else (16, 4096, 4096)))
-layer = lowbit.nn.Q8Linear(K, N, device="cuda")
+INT8 = len(sys.argv) >= 5 and sys.argv[4] == "int8"
+layer = lowbit.nn.Q8Linear(K, N, device="cuda", int8_backward=INT8)
 x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
 g = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
 
@@ -29,5 +32,6 @@ with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
     for _ in range(10):
         step()
     torch.cuda.synchronize()
-print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+if "--cuda-only" not in sys.argv:
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
 print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15))

@@ -48,7 +48,7 @@ void Q4LinearImpl::generate_quantized_weight(bool qweight_only) {
 torch::Tensor Q4LinearImpl::forward(const torch::Tensor& x) {
   if (is_training()) {
     state_.begin_training_forward(weight, qweight, scale_a, x);
-    return ops::q4_linear(x, bias_a, weight, scale_a, prepared_scale_w(), eps);
+    return ops::q4_linear(x, bias_a, weight, scale_a, prepared_scale_w(), eps, std::nullopt, options.int8_backward());
   }
   if (!state_.qweight_current(weight, qweight)) generate_quantized_weight(false);
   return ops::q4_linear(x, bias_a, qweight, scale_a, scale_w, eps);

@@ -44,7 +44,7 @@ torch::Tensor Q8LinearImpl::forward(const torch::Tensor& x) {
     // Q8: the weight step follows the weight every step (as the Python Q8Linear); the 4-bit layers fix it
     // in prepare_params() instead.
     const auto s_w = ops::lsq_scale(weight, double(kQmax), eps);
-    return ops::q8_linear(x, bias_a, weight, scale_a, s_w, eps);
+    return ops::q8_linear(x, bias_a, weight, scale_a, s_w, eps, std::nullopt, options.int8_backward());
   }
   if (!state_.qweight_current(weight, qweight)) generate_quantized_weight(false);
   return ops::q8_linear(x, bias_a, qweight, scale_a, scale_w, eps);

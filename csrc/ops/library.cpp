@@ -22,7 +22,16 @@ TORCH_LIBRARY(lowbit, m) {
 
   // int8 GEMM with a fused dequantizing epilogue: out = to(out_dtype)(float(qx . qw^T) * alpha).
   // qx (..., K) int8, qw (N, K) int8, alpha one fp32 element; out (..., N). CPU, CUDA, Meta.
-  m.def("linear_s8(Tensor qx, Tensor qw, Tensor alpha, ScalarType out_dtype) -> Tensor");
+  // row_scale: optional fp32 with one value per row of qx (numel = rows); row i is then scaled by
+  // alpha_i = alpha * row_scale[i] (one fp32 multiply): the GEMM of a per-row quantized qx.
+  m.def("linear_s8(Tensor qx, Tensor qw, Tensor alpha, ScalarType out_dtype, Tensor? row_scale=None) -> Tensor");
+
+  // Per-row symmetric int8 quantizer (SwitchBack): for each row of x (..., N) float,
+  //   row_scale = fp32(max|x_row|) / qmax (one fp32 division), q = clamp(rne(x / row_scale), -qmax, qmax);
+  //   an all-zero row: scale 0, codes 0; a row holding inf / NaN: scale NaN, codes 0 (poisons the GEMM
+  //   output of that row instead of clipping a bad gradient). Returns (q int8 of x's shape, row_scale fp32
+  //   of x's leading shape). CPU, CUDA, Meta; bitwise the same on CPU and CUDA.
+  m.def("quantize_rows_s8(Tensor x, int qmax=127) -> (Tensor, Tensor)");
 
   // The Q8Linear layer (LSQ quantization-aware training):
   //   y = s_a * s_w * (Q(x + bias_a; s_a) . Q(W; s_w)^T),  Q(t; s) = clamp(rne(t / s), -128, 127),
@@ -31,15 +40,18 @@ TORCH_LIBRARY(lowbit, m) {
   //   scale_a (LSQ) and a float weight (straight-through).
   // bias: an optional float output bias (N,), added after the dequantizing epilogue (what nn.Linear's bias
   // becomes under lowbit.convert; BIE's layers have none).
+  // int8_backward: the backward's input-gradient GEMM runs on int8 tensor cores (SwitchBack, Wortsman et
+  // al. 2023): the output gradient G is quantized per row (quantize_rows_s8) and multiplied by the weight
+  // codes, G.Qw ~= row_scale * (qG . Qw); the weight gradient stays in float. Forward unchanged.
   m.def(
-      "q8_linear(Tensor x, Tensor bias_a, Tensor weight, Tensor scale_a, Tensor scale_w, Tensor eps, Tensor? bias=None) "
-      "-> Tensor");
+      "q8_linear(Tensor x, Tensor bias_a, Tensor weight, Tensor scale_a, Tensor scale_w, Tensor eps, "
+      "Tensor? bias=None, bool int8_backward=False) -> Tensor");
 
   // The Q4Linear layer: as q8_linear with codes in [-8, 7]; a frozen weight is int8 of shape
   // (N, ceil(K/2)) holding int4 pairs (pack_s4).
   m.def(
-      "q4_linear(Tensor x, Tensor bias_a, Tensor weight, Tensor scale_a, Tensor scale_w, Tensor eps, Tensor? bias=None) "
-      "-> Tensor");
+      "q4_linear(Tensor x, Tensor bias_a, Tensor weight, Tensor scale_a, Tensor scale_w, Tensor eps, "
+      "Tensor? bias=None, bool int8_backward=False) -> Tensor");
 
   // int8 codes in [-8, 7] (..., K) -> int4 pairs (..., ceil(K/2)), first code in the high nibble; and back.
   m.def("pack_s4(Tensor codes) -> Tensor");
@@ -79,9 +91,12 @@ TORCH_LIBRARY(lowbit, m) {
   //   grad_weight = G^T . (s_a qx);  grad_scale_a = sum(R * gA) / sqrt(numel(x) * qmax) with
   //   R = qmin where v < qmin, qmax where v > qmax, rne(v) - v elsewhere (Esser et al. 2020, clip
   //   terms kept). output_mask selects (x, bias_a, weight, scale_a); unselected outputs are undefined.
+  //   int8_grad: gA = s_w * row_scale * (qG . qw) with (qG, row_scale) = quantize_rows_s8(G, 127), on the
+  //   int8 GEMM (SwitchBack); grad_weight stays the float GEMM.
   m.def(
       "lsq_linear_backward(Tensor grad, Tensor x, Tensor bias_a, Tensor qx, Tensor qw, Tensor scale_a, "
-      "Tensor scale_w, Tensor eps, int qmin, int qmax, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+      "Tensor scale_w, Tensor eps, int qmin, int qmax, bool[4] output_mask, bool int8_grad=False) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
 
   // ---- Weight-only quantized linear layers (MPQLinear, MBWQLinear; include/lowbit/kernels/wq.h) ----
   // The weight arguments (the runtime form every checkpoint format is prepared into):

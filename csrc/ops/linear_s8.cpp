@@ -17,7 +17,7 @@ struct GemmArgs {
 };
 
 GemmArgs check_linear_s8(const at::Tensor& qx, const at::Tensor& qw, const at::Tensor& alpha,
-                         at::ScalarType out_dtype) {
+                         at::ScalarType out_dtype, const std::optional<at::Tensor>& row_scale) {
   TORCH_CHECK(qx.defined() && qx.scalar_type() == at::kChar, kOp, ": qx must be an int8 tensor, got ",
               qx.defined() ? c10::toString(qx.scalar_type()) : "None");
   TORCH_CHECK(qw.defined() && qw.scalar_type() == at::kChar, kOp, ": qw must be an int8 tensor, got ",
@@ -38,41 +38,60 @@ GemmArgs check_linear_s8(const at::Tensor& qx, const at::Tensor& qw, const at::T
   for (int64_t d = 0; d + 1 < qx.dim(); ++d) a.M *= qx.size(d);
   a.out_shape = qx.sizes().vec();
   a.out_shape.back() = N;
+  if (row_scale.has_value() && row_scale->defined()) {
+    const auto& rs = *row_scale;
+    TORCH_CHECK(rs.scalar_type() == at::kFloat, kOp, ": row_scale must be float32, got ", rs.scalar_type());
+    c10::SymInt rows = 1;  // symbolic under torch.compile
+    for (int64_t d = 0; d + 1 < qx.dim(); ++d) rows = rows * qx.sym_size(d);
+    TORCH_CHECK(rs.sym_numel() == rows, kOp, ": row_scale must hold one value per row of qx (", rows,
+                "), got shape ", rs.sym_sizes());
+    check_same_device(qx, "qx", rs, kOp, "row_scale");
+  }
   return a;
 }
 
+// The per-row multipliers as a contiguous fp32 pointer, or nullptr.
+const float* row_scale_ptr(const std::optional<at::Tensor>& row_scale, at::Tensor& keep) {
+  if (!row_scale.has_value() || !row_scale->defined()) return nullptr;
+  keep = row_scale->detach().contiguous();
+  return keep.data_ptr<float>();
+}
+
 at::Tensor linear_s8_meta(const at::Tensor& qx, const at::Tensor& qw, const at::Tensor& alpha,
-                          at::ScalarType out_dtype) {
-  const auto a = check_linear_s8(qx, qw, alpha, out_dtype);
+                          at::ScalarType out_dtype, const std::optional<at::Tensor>& row_scale) {
+  const auto a = check_linear_s8(qx, qw, alpha, out_dtype, row_scale);
   return at::empty(a.out_shape, qx.options().dtype(out_dtype));
 }
 
 at::Tensor linear_s8_cpu(const at::Tensor& qx, const at::Tensor& qw, const at::Tensor& alpha,
-                         at::ScalarType out_dtype) {
-  const auto a = check_linear_s8(qx, qw, alpha, out_dtype);
+                         at::ScalarType out_dtype, const std::optional<at::Tensor>& row_scale) {
+  const auto a = check_linear_s8(qx, qw, alpha, out_dtype, row_scale);
   auto out = at::empty(a.out_shape, qx.options().dtype(out_dtype));
   if (out.numel() == 0) return out;
   auto x = qx.contiguous(), w = qw.contiguous();
   auto al = as_float(alpha.detach()).contiguous();
-  check_status(cpu::gemm_s8_scaled(x.data_ptr<int8_t>(), a.K, w.data_ptr<int8_t>(), a.K, a.M, a.N, a.K,
-                                   al.data_ptr<float>(), kernel_dtype(out_dtype, kOp, "out_dtype"), out.data_ptr(),
-                                   a.N),
+  at::Tensor rs;
+  check_status(cpu::gemm_s8_scaled_rows(x.data_ptr<int8_t>(), a.K, w.data_ptr<int8_t>(), a.K, a.M, a.N, a.K,
+                                        al.data_ptr<float>(), row_scale_ptr(row_scale, rs),
+                                        kernel_dtype(out_dtype, kOp, "out_dtype"), out.data_ptr(), a.N),
                kOp);
   return out;
 }
 
 #ifdef LOWBIT_WITH_CUDA
 at::Tensor linear_s8_cuda(const at::Tensor& qx, const at::Tensor& qw, const at::Tensor& alpha,
-                          at::ScalarType out_dtype) {
-  const auto a = check_linear_s8(qx, qw, alpha, out_dtype);
+                          at::ScalarType out_dtype, const std::optional<at::Tensor>& row_scale) {
+  const auto a = check_linear_s8(qx, qw, alpha, out_dtype, row_scale);
   c10::cuda::CUDAGuard guard(qx.device());
   auto out = at::empty(a.out_shape, qx.options().dtype(out_dtype));
   if (out.numel() == 0) return out;
   auto x = qx.contiguous(), w = qw.contiguous();
   auto al = as_float(alpha.detach()).contiguous();
-  check_status(cuda::gemm_s8_scaled(x.data_ptr<int8_t>(), a.K, w.data_ptr<int8_t>(), a.K, a.M, a.N, a.K,
-                                    al.data_ptr<float>(), kernel_dtype(out_dtype, kOp, "out_dtype"),
-                                    out.data_ptr(), a.N, current_stream(qx)),
+  at::Tensor rs;
+  check_status(cuda::gemm_s8_scaled_rows(x.data_ptr<int8_t>(), a.K, w.data_ptr<int8_t>(), a.K, a.M, a.N, a.K,
+                                         al.data_ptr<float>(), row_scale_ptr(row_scale, rs),
+                                         kernel_dtype(out_dtype, kOp, "out_dtype"), out.data_ptr(), a.N,
+                                         current_stream(qx)),
                kOp);
   return out;
 }
@@ -80,9 +99,10 @@ at::Tensor linear_s8_cuda(const at::Tensor& qx, const at::Tensor& qw, const at::
 
 }  // namespace
 
-at::Tensor linear_s8(const at::Tensor& qx, const at::Tensor& qw, const at::Tensor& alpha, at::ScalarType out_dtype) {
+at::Tensor linear_s8(const at::Tensor& qx, const at::Tensor& qw, const at::Tensor& alpha, at::ScalarType out_dtype,
+                     const std::optional<at::Tensor>& row_scale) {
   static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("lowbit::linear_s8", "").typed<decltype(linear_s8)>();
-  return op.call(qx, qw, alpha, out_dtype);
+  return op.call(qx, qw, alpha, out_dtype, row_scale);
 }
 
 TORCH_LIBRARY_IMPL(lowbit, CPU, m) { m.impl("linear_s8", &linear_s8_cpu); }

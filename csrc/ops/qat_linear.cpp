@@ -77,11 +77,12 @@ class QatLinearFunction : public torch::autograd::Function<QatLinearFunction<Spe
  public:
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& bias_a,
                             const at::Tensor& weight, const at::Tensor& scale_a, const at::Tensor& scale_w,
-                            const at::Tensor& eps, const std::optional<at::Tensor>& bias) {
+                            const at::Tensor& eps, const std::optional<at::Tensor>& bias, bool int8_backward) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto f = qat_forward(Spec, x, bias_a, weight, scale_a, scale_w, eps, bias);
     ctx->save_for_backward({x, bias_a, f.qx, f.qw, scale_a, scale_w, eps});
     save_qat_meta(ctx, weight, bias);
+    ctx->saved_data["int8_backward"] = int8_backward;
     return f.y;
   }
 
@@ -89,30 +90,31 @@ class QatLinearFunction : public torch::autograd::Function<QatLinearFunction<Spe
                                                  torch::autograd::variable_list grads) {
     const auto s = ctx->get_saved_variables();
     auto [gx, gb, gw, gs] = lsq_linear_backward(grads[0], s[0], s[1], s[2], s[3], s[4], s[5], s[6], Spec.qmin,
-                                                Spec.qmax, qat_grad_mask(ctx));
+                                                Spec.qmax, qat_grad_mask(ctx),
+                                                ctx->saved_data["int8_backward"].toBool());
     const auto gbias = qat_bias_grad(ctx, grads[0].reshape({-1, grads[0].size(-1)}), {0});  // summed over rows
-    return {gx, gb, qat_weight_grad(ctx, gw), gs, at::Tensor(), at::Tensor(), gbias};
+    return {gx, gb, qat_weight_grad(ctx, gw), gs, at::Tensor(), at::Tensor(), gbias, at::Tensor()};
   }
 };
 
 template <const LinearSpec& Spec>
 at::Tensor qat_linear_composite(const at::Tensor& x, const at::Tensor& bias_a, const at::Tensor& weight,
                                 const at::Tensor& scale_a, const at::Tensor& scale_w, const at::Tensor& eps,
-                                const std::optional<at::Tensor>& bias) {
+                                const std::optional<at::Tensor>& bias, bool /*int8_backward: backward only*/) {
   return qat_forward(Spec, x, bias_a, weight, scale_a, scale_w, eps, bias).y;
 }
 
 template <const LinearSpec& Spec>
 at::Tensor qat_linear_autograd(const at::Tensor& x, const at::Tensor& bias_a, const at::Tensor& weight,
                                const at::Tensor& scale_a, const at::Tensor& scale_w, const at::Tensor& eps,
-                               const std::optional<at::Tensor>& bias) {
-  return QatLinearFunction<Spec>::apply(x, bias_a, weight, scale_a, scale_w, eps, bias);
+                               const std::optional<at::Tensor>& bias, bool int8_backward) {
+  return QatLinearFunction<Spec>::apply(x, bias_a, weight, scale_a, scale_w, eps, bias, int8_backward);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsq_linear_backward_impl(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& bias_a, const at::Tensor& qx, const at::Tensor& qw,
     const at::Tensor& scale_a, const at::Tensor& scale_w, const at::Tensor& eps, int64_t qmin, int64_t qmax,
-    std::array<bool, 4> mask) {
+    std::array<bool, 4> mask, bool int8_grad) {
   constexpr const char* op = "lowbit.lsq_linear_backward";
   TORCH_CHECK(qmin < 0 && qmax > 0 && qmin >= -128 && qmax <= 127, op, ": need -128 <= qmin < 0 < qmax <= 127, got ",
               qmin, ", ", qmax);
@@ -133,8 +135,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsq_linear_backward_i
   const auto cdt = x.is_cuda() && (xdt == at::kHalf || xdt == at::kBFloat16) ? xdt : at::kFloat;
   const auto G = grad.reshape({-1, N}).to(cdt);
   if (mask[0] || mask[1] || mask[3]) {
-    const auto gA = at::mm(G, qw.to(cdt)).reshape(x.sizes());  // dL/dx_hat / s_w
-    auto g = lsq_input_grads(gA, x, bias_a, x.dim() - 1, scale_a, eps, qmin, qmax, mask[0], mask[1], mask[3], -1, s_w);
+    at::Tensor gA;  // dL/dx_hat, or dL/dx_hat / s_w (then s_w is applied in the fused LSQ pass)
+    std::optional<at::Tensor> gscale = s_w;
+    if (int8_grad) {
+      // SwitchBack: G quantized per row to int8, the int8 GEMM against the weight codes (as a (K, N)
+      // operand), row_scale and s_w applied in its fp32 epilogue: gA = fp32(acc) * (s_w * row_scale[i]).
+      auto [qG, row_scale] = quantize_rows_s8(grad.reshape({-1, N}), 127);
+      gA = linear_s8(qG, qw.t().contiguous(), as_float(s_w), cdt, row_scale).reshape(x.sizes());
+      gscale = std::nullopt;
+    } else {
+      gA = at::mm(G, qw.to(cdt)).reshape(x.sizes());
+    }
+    auto g = lsq_input_grads(gA, x, bias_a, x.dim() - 1, scale_a, eps, qmin, qmax, mask[0], mask[1], mask[3], -1,
+                             gscale);
     grad_x = g.grad_x;
     grad_b = g.grad_shift;
     grad_s = g.grad_scale;
@@ -150,7 +163,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsq_linear_backward_i
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsq_linear_backward_meta(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& bias_a, const at::Tensor& qx, const at::Tensor& qw,
     const at::Tensor& scale_a, const at::Tensor& scale_w, const at::Tensor& eps, int64_t qmin, int64_t qmax,
-    std::array<bool, 4> mask) {
+    std::array<bool, 4> mask, bool) {
   at::Tensor grad_x, grad_b, grad_w, grad_s;
   if (mask[0]) grad_x = at::empty_symint(x.sym_sizes(), x.options());
   if (mask[1]) grad_b = at::empty_symint(bias_a.sym_sizes(), bias_a.options());
@@ -162,25 +175,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsq_linear_backward_m
 }  // namespace
 
 at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& bias_a, const at::Tensor& weight, const at::Tensor& scale_a,
-                     const at::Tensor& scale_w, const at::Tensor& eps, const std::optional<at::Tensor>& bias) {
+                     const at::Tensor& scale_w, const at::Tensor& eps, const std::optional<at::Tensor>& bias,
+                     bool int8_backward) {
   static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("lowbit::q8_linear", "").typed<decltype(q8_linear)>();
-  return op.call(x, bias_a, weight, scale_a, scale_w, eps, bias);
+  return op.call(x, bias_a, weight, scale_a, scale_w, eps, bias, int8_backward);
 }
 
 at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& bias_a, const at::Tensor& weight, const at::Tensor& scale_a,
-                     const at::Tensor& scale_w, const at::Tensor& eps, const std::optional<at::Tensor>& bias) {
+                     const at::Tensor& scale_w, const at::Tensor& eps, const std::optional<at::Tensor>& bias,
+                     bool int8_backward) {
   static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("lowbit::q4_linear", "").typed<decltype(q4_linear)>();
-  return op.call(x, bias_a, weight, scale_a, scale_w, eps, bias);
+  return op.call(x, bias_a, weight, scale_a, scale_w, eps, bias, int8_backward);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsq_linear_backward(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& bias_a, const at::Tensor& qx, const at::Tensor& qw,
     const at::Tensor& scale_a, const at::Tensor& scale_w, const at::Tensor& eps, int64_t qmin, int64_t qmax,
-    std::array<bool, 4> output_mask) {
+    std::array<bool, 4> output_mask, bool int8_grad) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("lowbit::lsq_linear_backward", "")
                        .typed<decltype(lsq_linear_backward)>();
-  return op.call(grad, x, bias_a, qx, qw, scale_a, scale_w, eps, qmin, qmax, output_mask);
+  return op.call(grad, x, bias_a, qx, qw, scale_a, scale_w, eps, qmin, qmax, output_mask, int8_grad);
 }
 
 TORCH_LIBRARY_IMPL(lowbit, CompositeExplicitAutograd, m) {

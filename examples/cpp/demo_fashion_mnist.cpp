@@ -133,8 +133,11 @@ FloatMLP make_float_mlp(const torch::Device& d) {
 
 // Same starting point as `twin`: Q8Linear has no output bias (its bias_a shifts the input), so the
 // hidden weights and the whole head are copied; the fp32 hidden biases have no counterpart.
-Q8MLP make_q8_mlp(const FloatMLP& twin, const torch::Device& d) {
-  auto q8 = [&](int64_t k, int64_t n) { return lowbit::nn::Q8Linear(lowbit::nn::Q8LinearOptions(k, n).device(d)); };
+// int8_backward: the hidden layers' input gradients on the int8 GEMM (SwitchBack), to show its accuracy.
+Q8MLP make_q8_mlp(const FloatMLP& twin, const torch::Device& d, bool int8_backward = false) {
+  auto q8 = [&](int64_t k, int64_t n) {
+    return lowbit::nn::Q8Linear(lowbit::nn::Q8LinearOptions(k, n).device(d).int8_backward(int8_backward));
+  };
   auto m = std::make_shared<MLPImpl<lowbit::nn::Q8Linear>>(q8(784, 512), q8(512, 256),
                                                           torch::nn::Linear(torch::nn::LinearOptions(256, 10)));
   m->head->to(d);
@@ -406,15 +409,19 @@ int main(int argc, char** argv) {
     torch::manual_seed(uint64_t(cfg.seed));
     auto fp32 = make_float_mlp(device);
     auto q8 = make_q8_mlp(fp32, device);
+    auto q8i = make_q8_mlp(fp32, device, /*int8_backward=*/true);  // same start as q8
     auto cnn = std::make_shared<Q4CNNImpl>(device);  // its own initial weights: no fp32 twin to copy
 
     const double q8_secs = train(q8, data.train, cfg, "Q8 (lowbit)", device);
+    const double q8i_secs = train(q8i, data.train, cfg, "Q8 int8 bwd (lowbit)", device);
     const double fp32_secs = train(fp32, data.train, cfg, "fp32 (torch)", device);
     const double cnn_secs = train(cnn, data.train, cfg, "Q4 CNN (lowbit)", device);
 
     // Inference form of the Q8 model: int8 codes only, the float weights released.
     q8->fc1->generate_quantized_weight(/*qweight_only=*/true);
     q8->fc2->generate_quantized_weight(/*qweight_only=*/true);
+    q8i->fc1->generate_quantized_weight(/*qweight_only=*/true);
+    q8i->fc2->generate_quantized_weight(/*qweight_only=*/true);
     cnn->conv1->generate_quantized_weight(/*qweight_only=*/true);
     cnn->conv2->generate_quantized_weight(/*qweight_only=*/true);
     cnn->fc->generate_quantized_weight(/*qweight_only=*/true);
@@ -429,15 +436,17 @@ int main(int argc, char** argv) {
     };
     auto wo4 = std::make_shared<WeightOnlyMLPImpl>(fp32, 4);
     auto wo2 = std::make_shared<WeightOnlyMLPImpl>(fp32, 2);
-    double q8_ms = 0, fp32_ms = 0, cnn_ms = 0, wo4_ms = 0, wo2_ms = 0;
+    double q8_ms = 0, q8i_ms = 0, fp32_ms = 0, cnn_ms = 0, wo4_ms = 0, wo2_ms = 0;
     accuracy(fp32, data.test);  // warm-up (allocator, kernels)
-    const double q8_acc = timed(q8, &q8_ms), fp32_acc = timed(fp32, &fp32_ms);
+    const double q8_acc = timed(q8, &q8_ms), q8i_acc = timed(q8i, &q8i_ms), fp32_acc = timed(fp32, &fp32_ms);
     const double cnn_acc = timed(cnn, &cnn_ms), wo4_acc = timed(wo4, &wo4_ms), wo2_acc = timed(wo2, &wo2_ms);
 
     std::printf("\n| model | test accuracy %% | train s | test pass ms | weight bytes | state bytes |\n");
     std::printf("|---|---:|---:|---:|---:|---:|\n");
     std::printf("| Q8Linear MLP (int8 hidden, QAT) | %.2f | %.1f | %.1f | %lld | %lld |\n", q8_acc, q8_secs, q8_ms,
                 (long long)weight_bytes(q8), (long long)state_bytes(*q8));
+    std::printf("| Q8Linear MLP, int8 backward (SwitchBack) | %.2f | %.1f | %.1f | %lld | %lld |\n", q8i_acc, q8i_secs,
+                q8i_ms, (long long)weight_bytes(q8i), (long long)state_bytes(*q8i));
     std::printf("| fp32 MLP (torch Linear) | %.2f | %.1f | %.1f | %lld | %lld |\n", fp32_acc, fp32_secs, fp32_ms,
                 (long long)weight_bytes(fp32), (long long)state_bytes(*fp32));
     std::printf("| Q4 CNN (int4 conv + hidden, QAT) | %.2f | %.1f | %.1f | %lld | %lld |\n", cnn_acc, cnn_secs,

@@ -21,18 +21,26 @@ at::Tensor qat_alpha(const at::Tensor& scale1, const at::Tensor& scale2, const a
 // max(2 * mean|x| / sqrt(qmax), eps) as a 0-dim fp32 tensor (mean in float64).
 at::Tensor lsq_scale(const at::Tensor& x, double qmax, const std::optional<at::Tensor>& eps);
 
-// to(out_dtype)(float(qx . qw^T) * alpha); qx (..., K) int8, qw (N, K) int8.
-at::Tensor linear_s8(const at::Tensor& qx, const at::Tensor& qw, const at::Tensor& alpha, at::ScalarType out_dtype);
+// to(out_dtype)(float(qx . qw^T) * alpha); qx (..., K) int8, qw (N, K) int8. row_scale: optional fp32, one
+// value per row of qx; row i is then scaled by alpha * row_scale[i] (one fp32 multiply).
+at::Tensor linear_s8(const at::Tensor& qx, const at::Tensor& qw, const at::Tensor& alpha, at::ScalarType out_dtype,
+                     const std::optional<at::Tensor>& row_scale = std::nullopt);
 
-// The Q8Linear layer's differentiable forward (see csrc/ops/library.cpp).
+// Per-row symmetric int8 quantization of x (..., N): row_scale = max|x_row| / qmax (fp32, x's leading
+// shape), q = clamp(rne(x / row_scale), -qmax, qmax) int8 (x's shape); an all-zero row gives scale 0 and
+// codes 0, a row with inf / NaN gives scale NaN and codes 0. Returns (q, row_scale).
+std::tuple<at::Tensor, at::Tensor> quantize_rows_s8(const at::Tensor& x, int64_t qmax = 127);
+
+// The Q8Linear layer's differentiable forward (see csrc/ops/library.cpp). int8_backward: the input
+// gradient's GEMM runs on int8 (the output gradient quantized per row, SwitchBack); default float.
 at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& bias_a, const at::Tensor& weight,
                      const at::Tensor& scale_a, const at::Tensor& scale_w, const at::Tensor& eps,
-                     const std::optional<at::Tensor>& bias = std::nullopt);
+                     const std::optional<at::Tensor>& bias = std::nullopt, bool int8_backward = false);
 
 // The Q4Linear layer's differentiable forward (weight float, or int4 pairs (N, ceil(K/2))).
 at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& bias_a, const at::Tensor& weight,
                      const at::Tensor& scale_a, const at::Tensor& scale_w, const at::Tensor& eps,
-                     const std::optional<at::Tensor>& bias = std::nullopt);
+                     const std::optional<at::Tensor>& bias = std::nullopt, bool int8_backward = false);
 
 // int8 codes in [-8, 7] <-> int4 pairs along the last dim (docs/formats.md).
 at::Tensor pack_s4(const at::Tensor& codes);
@@ -52,7 +60,7 @@ at::Tensor q4_matmul(const at::Tensor& x, const at::Tensor& y, const at::Tensor&
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsq_linear_backward(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& bias_a, const at::Tensor& qx,
     const at::Tensor& qw, const at::Tensor& scale_a, const at::Tensor& scale_w, const at::Tensor& eps, int64_t qmin,
-    int64_t qmax, std::array<bool, 4> output_mask);
+    int64_t qmax, std::array<bool, 4> output_mask, bool int8_grad = false);
 
 // ---- Weight-only quantized linear layers (schemas and formulas: csrc/ops/library.cpp, docs/ops.md) ----
 // y = (x * channel_scale) . W (+ bias), differentiable in x and bias.

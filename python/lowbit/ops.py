@@ -32,28 +32,39 @@ def lsq_scale(x: Tensor, qmax: float, eps: Optional[Tensor] = None) -> Tensor:
     return _ops.lsq_scale(x, float(qmax), eps)
 
 
-def linear_s8(qx: Tensor, qw: Tensor, alpha: Tensor, out_dtype: torch.dtype) -> Tensor:
+def linear_s8(qx: Tensor, qw: Tensor, alpha: Tensor, out_dtype: torch.dtype,
+              row_scale: Optional[Tensor] = None) -> Tensor:
     """``to(out_dtype)(float(qx @ qw.T) * alpha)`` with exact int32 accumulation.
 
-    qx: (..., K) int8; qw: (N, K) int8; alpha: one float32 element on the same device."""
-    return _ops.linear_s8(qx, qw, alpha, out_dtype)
+    qx: (..., K) int8; qw: (N, K) int8; alpha: one float32 element on the same device. ``row_scale``:
+    optional float32, one value per row of qx; row i is then scaled by ``alpha * row_scale[i]`` (one fp32
+    multiply), the GEMM of an operand quantized per row (:func:`quantize_rows_s8`)."""
+    return _ops.linear_s8(qx, qw, alpha, out_dtype, row_scale)
+
+
+def quantize_rows_s8(x: Tensor, qmax: int = 127) -> tuple:
+    """Per-row symmetric int8 quantization (SwitchBack): ``row_scale = max|x_row| / qmax`` (fp32, x's
+    leading shape) and ``q = clamp(rne(x / row_scale), -qmax, qmax)`` (int8, x's shape). An all-zero row
+    gives scale 0 and codes 0; a row holding inf or NaN gives scale NaN and codes 0. Returns (q, row_scale)."""
+    return _ops.quantize_rows_s8(x, qmax)
 
 
 def q8_linear(x: Tensor, bias_a: Tensor, weight: Tensor, scale_a: Tensor, scale_w: Tensor, eps: Tensor,
-              bias: Optional[Tensor] = None) -> Tensor:
+              bias: Optional[Tensor] = None, int8_backward: bool = False) -> Tensor:
     """The Q8Linear forward, differentiable: ``s_a*s_w * (Q(x + bias_a; s_a) @ Q(W; s_w).T)``.
 
     ``weight`` is float (quantized here with ``scale_w``) or int8 codes (a frozen ``qweight``).
     Gradients: straight-through for x (clip-masked) and a float weight, LSQ for ``scale_a``. ``bias``: an
-    optional float output bias (N,) added after the epilogue."""
-    return _ops.q8_linear(x, bias_a, weight, scale_a, scale_w, eps, bias)
+    optional float output bias (N,) added after the epilogue. ``int8_backward``: the input gradient's GEMM
+    runs on int8, the output gradient quantized per row (SwitchBack); the weight gradient stays float."""
+    return _ops.q8_linear(x, bias_a, weight, scale_a, scale_w, eps, bias, int8_backward)
 
 
 def q4_linear(x: Tensor, bias_a: Tensor, weight: Tensor, scale_a: Tensor, scale_w: Tensor, eps: Tensor,
-              bias: Optional[Tensor] = None) -> Tensor:
+              bias: Optional[Tensor] = None, int8_backward: bool = False) -> Tensor:
     """The Q4Linear forward, differentiable: as :func:`q8_linear` with codes in [-8, 7]; a frozen weight
     is int8 (N, ceil(K/2)) holding int4 pairs (:func:`pack_s4`)."""
-    return _ops.q4_linear(x, bias_a, weight, scale_a, scale_w, eps, bias)
+    return _ops.q4_linear(x, bias_a, weight, scale_a, scale_w, eps, bias, int8_backward)
 
 
 def pack_s4(codes: Tensor) -> Tensor:

@@ -9,6 +9,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstddef>
 #include <cstdint>
 #include <random>
@@ -49,6 +50,25 @@ class CudaStreamTest : public ::testing::Test {
   }
   CUstream_st* stream() const { return reinterpret_cast<CUstream_st*>(stream_); }
   cudaStream_t stream_ = nullptr;
+};
+
+// Sets LOWBIT_GEMM_S8_KERNEL for the test's lifetime.
+class ScopedKernel {
+ public:
+  explicit ScopedKernel(const char* v) {
+    const char* old = std::getenv("LOWBIT_GEMM_S8_KERNEL");
+    had_ = old != nullptr;
+    if (had_) old_ = old;
+    setenv("LOWBIT_GEMM_S8_KERNEL", v, 1);
+  }
+  ~ScopedKernel() {
+    if (had_) setenv("LOWBIT_GEMM_S8_KERNEL", old_.c_str(), 1);
+    else unsetenv("LOWBIT_GEMM_S8_KERNEL");
+  }
+
+ private:
+  bool had_ = false;
+  std::string old_;
 };
 
 // Owning device allocation (tests may allocate; the kernels never do).

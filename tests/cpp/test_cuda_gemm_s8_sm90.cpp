@@ -32,25 +32,6 @@ using lowbit::DType;
 using lowbit::Status;
 using namespace lowbit_test;
 
-// Sets LOWBIT_GEMM_S8_KERNEL for the test's lifetime.
-class ScopedKernel {
- public:
-  explicit ScopedKernel(const char* v) {
-    const char* old = std::getenv("LOWBIT_GEMM_S8_KERNEL");
-    had_ = old != nullptr;
-    if (had_) old_ = old;
-    setenv("LOWBIT_GEMM_S8_KERNEL", v, 1);
-  }
-  ~ScopedKernel() {
-    if (had_) setenv("LOWBIT_GEMM_S8_KERNEL", old_.c_str(), 1);
-    else unsetenv("LOWBIT_GEMM_S8_KERNEL");
-  }
-
- private:
-  bool had_ = false;
-  std::string old_;
-};
-
 class CudaGemmSm90 : public CudaStreamTest {
  protected:
   void SetUp() override {

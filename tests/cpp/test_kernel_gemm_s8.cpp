@@ -158,6 +158,67 @@ TEST(GemmS8, AllPathsMatchRefLargerShapesAllDtypes) {
       }
 }
 
+// Per-row scale (SwitchBack epilogue): out[i, j] = float(acc) * (alpha * row_scale[i]). Every path is
+// bitwise equal to the reference (few-row and tiled paths, every dtype, 1 and 3 threads, K == 0), and the
+// reference is within two fp32 roundings of the float64 product (acc * alpha * row_scale exactly); rows
+// with a zero, negative, NaN or inf scale give the IEEE results.
+TEST(GemmS8, RowScaleAllPathsMatchRefAndDouble) {
+  struct S {
+    int64_t M, N, K;
+  };
+  const S shapes[] = {{1, 33, 70}, {5, 17, 129}, {12, 40, 64}, {13, 31, 300}, {67, 129, 257}, {9, 7, 0}};
+  uint32_t seed = 4242;
+  const float alpha = 0.37f;
+  for (const S& sh : shapes) {
+    Problem p = make_problem(sh.M, sh.N, sh.K, 3, seed++);
+    std::mt19937 g(seed);
+    std::uniform_real_distribution<float> u(-2.f, 2.f);
+    std::vector<float> rs(size_t(sh.M));
+    for (auto& v : rs) v = u(g) * 1e-3f;
+    rs[0] = 0.f;
+    if (sh.M > 2) rs[2] = std::numeric_limits<float>::quiet_NaN();
+    if (sh.M > 3) rs[3] = std::numeric_limits<float>::infinity();
+    for (DType ot : {DType::kFloat32, DType::kFloat16, DType::kBFloat16}) {
+      const size_t bytes = size_t(std::max<int64_t>(p.M * p.ldo, 1)) * dtype_size(ot);
+      std::vector<uint8_t> want(bytes, 0xA5);
+      ASSERT_TRUE(lowbit::cpu::gemm_s8_scaled_rows_ref(p.A.data(), p.lda, p.B.data(), p.ldb, p.M, p.N, p.K, &alpha,
+                                                       rs.data(), ot, want.data(), p.ldo)
+                      .is_ok());
+      std::vector<uint8_t> fast(bytes, 0xA5);
+      ASSERT_TRUE(lowbit::cpu::gemm_s8_scaled_rows(p.A.data(), p.lda, p.B.data(), p.ldb, p.M, p.N, p.K, &alpha,
+                                                   rs.data(), ot, fast.data(), p.ldo)
+                      .is_ok());
+      ASSERT_EQ(std::memcmp(fast.data(), want.data(), bytes), 0) << "gemm_s8_scaled_rows M=" << p.M;
+      for (GemmS8Isa isa : supported_isas())
+        for (int nt : {1, 3}) {
+          std::vector<uint8_t> got(bytes, 0xA5);
+          ASSERT_TRUE(lowbit::cpu::detail::gemm_s8_scaled_isa(isa, p.A.data(), p.lda, p.B.data(), p.ldb, p.M, p.N,
+                                                              p.K, &alpha, ot, got.data(), p.ldo, nt, rs.data())
+                          .is_ok());
+          ASSERT_EQ(std::memcmp(got.data(), want.data(), bytes), 0)
+              << isa_name(isa) << " " << lowbit::dtype_name(ot) << " M=" << p.M << " N=" << p.N << " K=" << p.K;
+        }
+      if (ot != DType::kFloat32) continue;
+      const float* o = reinterpret_cast<const float*>(want.data());
+      for (int64_t i = 0; i < p.M; ++i)
+        for (int64_t j = 0; j < p.N; ++j) {
+          int64_t acc = 0;
+          for (int64_t k = 0; k < p.K; ++k) acc += int64_t(p.A[i * p.lda + k]) * int64_t(p.B[j * p.ldb + k]);
+          const double exact = double(acc) * double(alpha) * double(rs[size_t(i)]);
+          const float got = o[i * p.ldo + j];
+          if (std::isnan(rs[size_t(i)]) || (std::isinf(rs[size_t(i)]) && acc == 0)) {
+            ASSERT_TRUE(std::isnan(got)) << i << "," << j;
+          } else if (std::isinf(rs[size_t(i)])) {
+            ASSERT_EQ(got, acc > 0 ? INFINITY : -INFINITY) << i << "," << j;
+          } else {
+            // alpha*rs, float(acc) and the product: three fp32 roundings
+            ASSERT_LE(std::fabs(double(got) - exact), 4e-7 * std::fabs(exact)) << i << "," << j << " acc=" << acc;
+          }
+        }
+    }
+  }
+}
+
 // Extremes of the int8 range at the largest allowed K: the u8 bias trick of the VNNI path overflows
 // int32 in its intermediate (-128 * 255 * K) and must still land on the exact result.
 TEST(GemmS8, ExtremeValuesAtMaxK) {

@@ -58,6 +58,34 @@ TEST(Q8LinearCpp, ForwardBackwardMatchReference) {
   EXPECT_LT(rel_err(layer->scale_a.grad(), gs), 1e-5);
 }
 
+// int8_backward (SwitchBack): the input gradient is that of the per-row int8 dequantized output gradient
+// Gh = s_i * q, s_i = fp32(max|G_i| / 127), q = clamp(rne(G / s_i)) (float64 reference from the math);
+// the weight gradient still uses the exact G.
+TEST(Q8LinearCpp, Int8BackwardMatchesReference) {
+  torch::manual_seed(8);
+  const int64_t M = 29, K = 41, N = 23;
+  lowbit::nn::Q8Linear layer(lowbit::nn::Q8LinearOptions(K, N).int8_backward(true));
+  auto x = (torch::randn({M, K}) * 2).requires_grad_();
+  auto y = layer->forward(x);
+  const float s_a = f32_scale(x.detach());
+  const float s_w = std::max(f32_scale(layer->weight.detach()), 1e-5f);
+  auto qx = codes(x.detach() + layer->bias_a.detach(), s_a);
+  auto qw = codes(layer->weight.detach(), s_w);
+  auto G = torch::randn({M, N});
+  (y * G).sum().backward();
+  auto s_row = (G.to(torch::kFloat64).abs().amax(1) / 127.0).to(torch::kFloat32);
+  auto qG = torch::round((G.to(torch::kFloat64) / s_row.to(torch::kFloat64).unsqueeze(1)).to(torch::kFloat32))
+                .clamp(-127, 127)
+                .to(torch::kFloat64);
+  auto Gh = qG * s_row.to(torch::kFloat64).unsqueeze(1);
+  auto v = ((x.detach() + layer->bias_a.detach()) / torch::full({}, s_a)).to(torch::kFloat64);
+  auto inside = torch::logical_and(v >= -128, v <= 127);
+  EXPECT_LT(rel_err(x.grad(), Gh.mm(qw * double(s_w)) * inside), 1e-5);
+  EXPECT_LT(rel_err(layer->weight.grad(), G.to(torch::kFloat64).t().mm(qx * double(s_a))), 1e-5);
+  // and near the float backward (the int8 rounding of G only)
+  EXPECT_LT(rel_err(x.grad(), G.to(torch::kFloat64).mm(qw * double(s_w)) * inside), 0.03);
+}
+
 TEST(Q8LinearCpp, EvalEqualsTrainAndQweightOnly) {
   torch::manual_seed(3);
   lowbit::nn::Q8Linear layer(29, 11);

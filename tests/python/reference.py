@@ -157,3 +157,20 @@ def wq_tol(x64: torch.Tensor, W: torch.Tensor, out_dtype: torch.dtype, cs=None, 
     if weight_rounding:
         tol = tol + 2 * eps * mag
     return tol
+
+
+def rows_s8(t: torch.Tensor, qmax: int = 127):
+    """Per-row symmetric int8 quantization in float64 from the definition: scale = fp32(max|row| / qmax),
+    q = clamp(rne(fp32(row / scale)), -qmax, qmax); all-zero row: scale 0, q 0; a row with inf/NaN: scale
+    NaN, q 0. (Dividing two fp32 values in float64 and rounding once to fp32 is the correctly rounded fp32
+    quotient.) Returns (q int8, scale float32) with shapes t.shape and t.shape[:-1]."""
+    t32 = t.float().cpu()
+    rows = t32.reshape(-1, t32.shape[-1]).double()
+    finite = torch.isfinite(rows).all(dim=1)
+    amax = rows.abs().amax(dim=1) if rows.shape[1] > 0 else torch.zeros(rows.shape[0], dtype=torch.float64)
+    scale = (amax / qmax).float()
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale)).double()
+    q = torch.round((rows / safe[:, None]).float().double()).clamp(-qmax, qmax)
+    q = torch.where((scale > 0)[:, None] & finite[:, None], q, torch.zeros_like(q))
+    scale = torch.where(finite, scale, torch.full_like(scale, float("nan")))
+    return q.to(torch.int8).reshape(t.shape), scale.reshape(t.shape[:-1])

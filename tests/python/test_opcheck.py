@@ -14,6 +14,9 @@ def _cases(device):
     yield "quantize_s8", (x, torch.randn(7, device=device), torch.tensor(0.05, device=device), e, -128, 127)
     yield "lsq_scale", (x, 127.0, e)
     yield "linear_s8", (q(5, 7), q(3, 7), torch.tensor(0.01, device=device), torch.float32)
+    yield "linear_s8_row_scale", (q(5, 7), q(3, 7), torch.tensor(0.01, device=device), torch.bfloat16,
+                                  torch.rand(5, device=device))
+    yield "quantize_rows_s8", (torch.randn(2, 5, 7, device=device), 127)
     yield "q8_linear", (x.clone().requires_grad_(), torch.zeros(7, device=device, requires_grad=True),
                         torch.randn(3, 7, device=device, requires_grad=True),
                         torch.tensor(0.05, device=device, requires_grad=True), torch.tensor(0.01, device=device), e)
@@ -46,13 +49,25 @@ def _cases(device):
     yield "lsq_linear_backward", (torch.randn(5, 3, device=device), x, torch.zeros(7, device=device), q(5, 7), q(3, 7),
                                   torch.tensor(0.05, device=device), torch.tensor(0.01, device=device), e, -128, 127,
                                   [True, True, True, True])
+    yield "lsq_linear_backward_int8", (torch.randn(5, 3, device=device), x, torch.zeros(7, device=device), q(5, 7),
+                                       q(3, 7), torch.tensor(0.05, device=device), torch.tensor(0.01, device=device), e,
+                                       -128, 127, [True, True, True, True], True)
+    yield "q8_linear_int8_backward", (x.clone().requires_grad_(), torch.zeros(7, device=device, requires_grad=True),
+                                      torch.randn(3, 7, device=device, requires_grad=True),
+                                      torch.tensor(0.05, device=device, requires_grad=True),
+                                      torch.tensor(0.01, device=device), e, None, True)
 
 
-@pytest.mark.parametrize("name", ["quantize_s8", "lsq_scale", "linear_s8", "q8_linear", "q4_linear", "pack_s4",
-                                  "unpack_s4", "q4_conv2d", "q4_matmul", "lsq_linear_backward", "wq_linear",
-                                  "wq_linear_large_m", "wq_dequantize"])
+# Variants of one op with other arguments: the op name is the case name less the suffix.
+_VARIANTS = ("_large_m", "_row_scale", "_int8_backward", "_int8")
+
+
+@pytest.mark.parametrize("name", ["quantize_s8", "lsq_scale", "linear_s8", "linear_s8_row_scale", "quantize_rows_s8",
+                                  "q8_linear", "q8_linear_int8_backward", "q4_linear", "pack_s4", "unpack_s4",
+                                  "q4_conv2d", "q4_matmul", "lsq_linear_backward", "lsq_linear_backward_int8",
+                                  "wq_linear", "wq_linear_large_m", "wq_dequantize"])
 def test_opcheck(device, name):
     args = dict(_cases(device))[name]
-    op = name[:-len("_large_m")] if name.endswith("_large_m") else name  # the same op past the fused-kernel M
+    op = next((name[:-len(v)] for v in _VARIANTS if name.endswith(v)), name)  # the same op, other arguments
     results = opcheck(getattr(torch.ops.lowbit, op).default, args)  # raises on a failed check
     assert results and all(v == "SUCCESS" for v in results.values()), results

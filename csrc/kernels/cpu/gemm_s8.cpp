@@ -85,10 +85,12 @@ inline void store_one(DType t, void* out, int64_t idx, float v) {
 }
 
 void scaled_rows(const int8_t* A, int64_t lda, const int8_t* B, int64_t ldb, int64_t i0, int64_t i1, int64_t N,
-                 int64_t K, float alpha, DType otype, void* out, int64_t ldo) {
-  for (int64_t i = i0; i < i1; ++i)
+                 int64_t K, float alpha, DType otype, void* out, int64_t ldo, const float* row_scale = nullptr) {
+  for (int64_t i = i0; i < i1; ++i) {
+    const float ai = row_alpha(alpha, row_scale, i);
     for (int64_t j = 0; j < N; ++j)
-      store_one(otype, out, i * ldo + j, float(dot_s8_wrap(A + i * lda, B + j * ldb, K)) * alpha);
+      store_one(otype, out, i * ldo + j, float(dot_s8_wrap(A + i * lda, B + j * ldb, K)) * ai);
+  }
 }
 
 GemmS8Isa detect_isa() {
@@ -135,7 +137,7 @@ const char* gemm_s8_isa_name(GemmS8Isa isa) {
 
 Status gemm_s8_scaled_isa(GemmS8Isa isa, const int8_t* A, int64_t lda, const int8_t* B, int64_t ldb, int64_t M,
                           int64_t N, int64_t K, const float* alpha, DType otype, void* out, int64_t ldo,
-                          int nthreads) {
+                          int nthreads, const float* row_scale) {
   const char* fn = "gemm_s8_scaled";
   Status s = check_scaled(fn, A, lda, B, ldb, M, N, K, alpha, otype, out, ldo);
   if (!s.is_ok()) return s;
@@ -150,11 +152,11 @@ Status gemm_s8_scaled_isa(GemmS8Isa isa, const int8_t* A, int64_t lda, const int
   if (isa == GemmS8Isa::kScalar || K == 0) {
     // K == 0 needs no packing: every output is float(0) * alpha (-0 for negative alpha).
 #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
-    for (int64_t i = 0; i < M; ++i) scaled_rows(A, lda, B, ldb, i, i + 1, N, K, al, otype, out, ldo);
+    for (int64_t i = 0; i < M; ++i) scaled_rows(A, lda, B, ldb, i, i + 1, N, K, al, otype, out, ldo, row_scale);
     return Status::ok();
   }
 
-  GemmS8Args args{A, lda, B, ldb, M, N, K, al, otype, out, ldo};
+  GemmS8Args args{A, lda, B, ldb, M, N, K, al, otype, out, ldo, row_scale};
   const bool avx512 = isa == GemmS8Isa::kAvx512vnni || isa == GemmS8Isa::kAvx512bw;
   const bool vnni = isa == GemmS8Isa::kAvx512vnni;
   const size_t bytes = avx512 ? gemm_s8_avx512_workspace_bytes(args, vnni, nt) : gemm_s8_avx2_workspace_bytes(args, nt);
@@ -228,10 +230,23 @@ Status gemm_s8_scaled(const int8_t* A, int64_t lda, const int8_t* B, int64_t ldb
 
 Status gemm_s8_scaled_ref(const int8_t* A, int64_t lda, const int8_t* B, int64_t ldb, int64_t M, int64_t N,
                           int64_t K, const float* alpha, DType otype, void* out, int64_t ldo) {
+  return gemm_s8_scaled_rows_ref(A, lda, B, ldb, M, N, K, alpha, nullptr, otype, out, ldo);
+}
+
+Status gemm_s8_scaled_rows(const int8_t* A, int64_t lda, const int8_t* B, int64_t ldb, int64_t M, int64_t N,
+                           int64_t K, const float* alpha, const float* row_scale, DType otype, void* out,
+                           int64_t ldo) {
+  return detail::gemm_s8_scaled_isa(detail::gemm_s8_best_isa(), A, lda, B, ldb, M, N, K, alpha, otype, out, ldo, 0,
+                                    row_scale);
+}
+
+Status gemm_s8_scaled_rows_ref(const int8_t* A, int64_t lda, const int8_t* B, int64_t ldb, int64_t M, int64_t N,
+                               int64_t K, const float* alpha, const float* row_scale, DType otype, void* out,
+                               int64_t ldo) {
   Status s = detail::check_scaled("gemm_s8_scaled_ref", A, lda, B, ldb, M, N, K, alpha, otype, out, ldo);
   if (!s.is_ok()) return s;
   if (M == 0 || N == 0) return Status::ok();
-  detail::scaled_rows(A, lda, B, ldb, 0, M, N, K, *alpha, otype, out, ldo);
+  detail::scaled_rows(A, lda, B, ldb, 0, M, N, K, *alpha, otype, out, ldo, row_scale);
   return Status::ok();
 }
 

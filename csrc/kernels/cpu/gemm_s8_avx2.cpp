@@ -160,6 +160,7 @@ struct TileArgs {
   const int32_t* bp;
   int64_t G;
   float alpha;
+  const float* row_scale;  // this strip's rows, or nullptr
   DType otype;
   char* out;
   int64_t ldo_bytes;
@@ -189,8 +190,8 @@ void tile(const TileArgs& t) {
           : [b0] "x"(b0), [b1] "x"(b1), [m] "m"(ap[r]));
     }
   }
-  const __m256 alpha = _mm256_set1_ps(t.alpha);
   LOWBIT_UNROLL for (int r = 0; r < MR; ++r) {
+    const __m256 alpha = _mm256_set1_ps(row_alpha(t.alpha, t.row_scale, r));
     char* row = t.out + r * t.ldo_bytes;
     LOWBIT_UNROLL for (int v = 0; v < 2; ++v)
       store8(t.otype, row, 8 * v, _mm256_mul_ps(_mm256_cvtepi32_ps(acc[r][v]), alpha), t.n_valid - 8 * v);
@@ -247,6 +248,7 @@ void gemm_s8_avx2(const GemmS8Args& a, void* workspace, int nthreads) {
       t.bp = bp;
       t.G = L.G;
       t.alpha = a.alpha;
+      t.row_scale = a.row_scale ? a.row_scale + i0 : nullptr;
       t.otype = a.otype;
       t.out = static_cast<char*>(a.out) + (i0 * a.ldo + j0) * es;
       t.ldo_bytes = a.ldo * es;

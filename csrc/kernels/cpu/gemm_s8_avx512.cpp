@@ -214,6 +214,7 @@ struct TileArgs {
   int64_t G;
   const int32_t* corr;  // rows of this strip (VNNI) or nullptr
   float alpha;
+  const float* row_scale;  // this strip's rows, or nullptr
   DType otype;
   char* out;  // (i0, j0)
   int64_t ldo_bytes;
@@ -247,8 +248,8 @@ void tile(const TileArgs& t) {
       }
     }
   }
-  const __m512 alpha = _mm512_set1_ps(t.alpha);
   LOWBIT_UNROLL for (int r = 0; r < MR; ++r) {
+    const __m512 alpha = _mm512_set1_ps(row_alpha(t.alpha, t.row_scale, r));
     const __m512i c = VNNI ? _mm512_set1_epi32(t.corr[r]) : _mm512_setzero_si512();
     char* row = t.out + r * t.ldo_bytes;
     LOWBIT_UNROLL for (int v = 0; v < NV; ++v) {
@@ -340,7 +341,6 @@ void small_m(const GemmS8Args& a, int nthreads) {
   for (int64_t i = 0; i < a.M; ++i) corr[i] = bias_correction(a.A + i * a.lda, a.K);
   const int64_t blocks = ceil_div(a.N, 16);
   const int64_t es = esize(a.otype);
-  const __m512 alpha = _mm512_set1_ps(a.alpha);
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
   for (int64_t blk = 0; blk < blocks; ++blk) {
     const int64_t j0 = blk * 16;
@@ -356,6 +356,7 @@ void small_m(const GemmS8Args& a, int nthreads) {
       }
     }
     for (int64_t i = 0; i < a.M; ++i) {
+      const __m512 alpha = _mm512_set1_ps(row_alpha(a.alpha, a.row_scale, i));
       const __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(res[i])), alpha);
       store16(a.otype, static_cast<char*>(a.out) + i * a.ldo * es, j0, f, lane_mask(a.N - j0));
     }
@@ -411,6 +412,7 @@ void gemm_s8_avx512(const GemmS8Args& a, bool vnni, void* workspace, int nthread
       t.G = L.G;
       t.corr = corr + i0;
       t.alpha = a.alpha;
+      t.row_scale = a.row_scale ? a.row_scale + i0 : nullptr;
       t.otype = a.otype;
       t.out = static_cast<char*>(a.out) + (i0 * a.ldo + j0) * es;
       t.ldo_bytes = a.ldo * es;

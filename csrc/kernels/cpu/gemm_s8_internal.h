@@ -29,7 +29,14 @@ struct GemmS8Args {
   DType otype;
   void* out;
   int64_t ldo;
+  const float* row_scale;  // M per-row multipliers or nullptr (gemm_s8.h)
 };
+
+// Row i's multiplier: alpha, or alpha * row_scale[i] (one fp32 multiply; every path forms it this way).
+// Internal linkage (static): safe to use from the ISA units.
+static inline float row_alpha(float alpha, const float* row_scale, int64_t i) {
+  return row_scale ? alpha * row_scale[i] : alpha;
+}
 
 // Best ISA the running CPU (and OS) supports, and its name as gemm_s8_isa() reports it.
 GemmS8Isa gemm_s8_best_isa();
@@ -39,7 +46,7 @@ const char* gemm_s8_isa_name(GemmS8Isa isa);
 // every path the machine can run). nthreads <= 0 means omp_get_max_threads().
 Status gemm_s8_scaled_isa(GemmS8Isa isa, const int8_t* A, int64_t lda, const int8_t* B, int64_t ldb,
                           int64_t M, int64_t N, int64_t K, const float* alpha, DType otype, void* out,
-                          int64_t ldo, int nthreads = 0);
+                          int64_t ldo, int nthreads = 0, const float* row_scale = nullptr);
 
 // How gemm_s8_scaled_batched spreads threads: kAuto picks by per-batch size (see gemm_s8.cpp); the other
 // two force one strategy, so that tests cover both on any shape.

@@ -86,6 +86,7 @@ namespace cuda {
 namespace {
 
 using gemm_s8_detail::dequant;
+using gemm_s8_detail::row_alpha;
 using gemm_s8_detail::store1;
 using gemm_s8_detail::store2;
 
@@ -169,7 +170,8 @@ __global__ void __launch_bounds__(kThreads, 2) gemm_s8_kernel(
     OutT* __restrict__ out,           // (M, N), row stride ldo elements, batch 0 of this launch
     int64_t ldo,                      // row stride of out (>= N)
     int64_t strideO,                  // elements from one batch's out to the next
-    int64_t tiles_m, int64_t tiles_n  // ceil(M / kBM), ceil(N / kBN)
+    int64_t tiles_m, int64_t tiles_n,  // ceil(M / kBM), ceil(N / kBN)
+    const float* __restrict__ row_scale  // M per-row multipliers or nullptr
 ) {
   extern __shared__ __align__(128) uint8_t smem[];
   const uint32_t smem_base = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
@@ -341,11 +343,12 @@ __global__ void __launch_bounds__(kThreads, 2) gemm_s8_kernel(
       const int64_t row = m0 + warp_m * kWM + i * kMmaM + h * 8 + g;
       if (row >= M) continue;
       OutT* out_row = out_b + row * ldo;
+      const float ar = row_alpha(a, row_scale, row);
 #pragma unroll
       for (int j = 0; j < kFragsN; ++j) {
         const int64_t col = n0 + warp_n * kWN + j * kMmaN + 2 * t;
-        const float v0 = dequant(acc[i][j][2 * h], a);
-        const float v1 = dequant(acc[i][j][2 * h + 1], a);
+        const float v0 = dequant(acc[i][j][2 * h], ar);
+        const float v1 = dequant(acc[i][j][2 * h + 1], ar);
         if (pairs_ok && col + 1 < N) {
           store2(out_row + col, v0, v1);
         } else {
@@ -363,8 +366,9 @@ __global__ void __launch_bounds__(kThreads, 2) gemm_s8_kernel(
 template <typename OutT>
 __global__ void __launch_bounds__(256) fill_k0_kernel(int64_t batch, int64_t M, int64_t N,
                                                      const float* __restrict__ alpha, OutT* __restrict__ out,
-                                                     int64_t ldo, int64_t strideO) {
-  const float v = dequant(0, __ldg(alpha));
+                                                     int64_t ldo, int64_t strideO,
+                                                     const float* __restrict__ row_scale) {
+  const float a = __ldg(alpha);
   const int64_t per_batch = M * N;
   const int64_t total = batch * per_batch;
   for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
@@ -372,7 +376,7 @@ __global__ void __launch_bounds__(256) fill_k0_kernel(int64_t batch, int64_t M, 
     const int64_t b = e / per_batch;
     const int64_t r = e - b * per_batch;
     const int64_t i = r / N;
-    store1(out + b * strideO + i * ldo + (r - i * N), v);
+    store1(out + b * strideO + i * ldo + (r - i * N), dequant(0, row_alpha(a, row_scale, i)));
   }
 }
 
@@ -425,7 +429,7 @@ Status launch_gemm(const GemmArgs& g) {
     gemm_s8_kernel<OutT, kAsyncA, kAsyncB><<<grid, kThreads, kSmemBytes, g.stream>>>(
         g.A + b0 * g.strideA, g.lda, g.strideA, g.B + b0 * g.strideB, g.ldb, g.strideB, g.M, g.N,
         static_cast<int>(g.K), g.alpha, static_cast<OutT*>(g.out) + b0 * g.strideO, g.ldo, g.strideO, tiles_m,
-        tiles_n);
+        tiles_n, g.row_scale);
     st = launch_error(g.fn, "gemm kernel launch failed");
     if (!st.is_ok()) return st;
   }
@@ -453,7 +457,7 @@ Status launch_fill(const GemmArgs& g) {
   const int64_t total = g.batch * g.M * g.N;  // checked against int64 overflow by the caller
   const int64_t blocks = (total + 255) / 256 < 4096 ? (total + 255) / 256 : 4096;
   fill_k0_kernel<OutT><<<static_cast<unsigned>(blocks), 256, 0, g.stream>>>(
-      g.batch, g.M, g.N, g.alpha, static_cast<OutT*>(g.out), g.ldo, g.strideO);
+      g.batch, g.M, g.N, g.alpha, static_cast<OutT*>(g.out), g.ldo, g.strideO, g.row_scale);
   return launch_error(g.fn, "K == 0 fill kernel launch failed");
 }
 
@@ -530,14 +534,21 @@ Status run(GemmArgs g) {
 Status gemm_s8_scaled(const int8_t* A, int64_t lda, const int8_t* B, int64_t ldb, int64_t M, int64_t N,
                       int64_t K, const float* alpha, DType otype, void* out, int64_t ldo, CUstream_st* stream) {
   return run({"lowbit::cuda::gemm_s8_scaled", A, lda, 0, B, ldb, 0, M, N, K, 1, alpha, out, ldo, 0, otype,
-              reinterpret_cast<cudaStream_t>(stream)});
+              reinterpret_cast<cudaStream_t>(stream), nullptr});
+}
+
+Status gemm_s8_scaled_rows(const int8_t* A, int64_t lda, const int8_t* B, int64_t ldb, int64_t M, int64_t N,
+                           int64_t K, const float* alpha, const float* row_scale, DType otype, void* out,
+                           int64_t ldo, CUstream_st* stream) {
+  return run({"lowbit::cuda::gemm_s8_scaled_rows", A, lda, 0, B, ldb, 0, M, N, K, 1, alpha, out, ldo, 0, otype,
+              reinterpret_cast<cudaStream_t>(stream), row_scale});
 }
 
 Status gemm_s8_scaled_batched(const int8_t* A, int64_t lda, int64_t strideA, const int8_t* B, int64_t ldb,
                               int64_t strideB, int64_t M, int64_t N, int64_t K, int64_t batch, const float* alpha,
                               DType otype, void* out, int64_t ldo, int64_t strideO, CUstream_st* stream) {
   return run({"lowbit::cuda::gemm_s8_scaled_batched", A, lda, strideA, B, ldb, strideB, M, N, K, batch, alpha,
-              out, ldo, strideO, otype, reinterpret_cast<cudaStream_t>(stream)});
+              out, ldo, strideO, otype, reinterpret_cast<cudaStream_t>(stream), nullptr});
 }
 
 }  // namespace cuda

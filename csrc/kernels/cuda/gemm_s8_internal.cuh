@@ -17,6 +17,10 @@ namespace gemm_s8_detail {
 __device__ __forceinline__ float dequant(int32_t acc, float alpha) {
   return __fmul_rn(__int2float_rn(acc), alpha);
 }
+// Row i's multiplier: alpha, or alpha * row_scale[i] (one fp32 multiply, as the CPU forms it).
+__device__ __forceinline__ float row_alpha(float alpha, const float* __restrict__ row_scale, int64_t row) {
+  return row_scale ? __fmul_rn(alpha, __ldg(row_scale + row)) : alpha;
+}
 // fp32 -> output type, round to nearest even. Pairs of adjacent columns go out as one 4- or 8-byte store.
 __device__ __forceinline__ void store1(float* p, float v) { *p = v; }
 __device__ __forceinline__ void store1(__half* p, float v) { *p = __float2half_rn(v); }
@@ -49,6 +53,7 @@ struct GemmCall {
   int64_t ldo, strideO;
   DType otype;
   cudaStream_t stream;
+  const float* row_scale;  // M per-row multipliers (unbatched calls only) or nullptr
 };
 
 // The sm_90a wgmma + TMA kernel can take this call: the current device is compute capability 9.0, this

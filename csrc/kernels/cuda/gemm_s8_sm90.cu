@@ -159,7 +159,8 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_s8_sm90_kernel(
     int a_batched, int b_batched,              // 0: the operand is shared by every batch (coordinate 0)
     int batch0,                                // first batch of this launch (launches of <= 65535)
     int64_t M, int64_t N, int K, const float* __restrict__ alpha, OutT* __restrict__ out, int64_t ldo,
-    int64_t strideO, int64_t tiles_m, int64_t tiles_n) {
+    int64_t strideO, int64_t tiles_m, int64_t tiles_n,
+    const float* __restrict__ row_scale) {  // M per-row multipliers or nullptr
 #ifdef LOWBIT_SM90A_DEVICE
   extern __shared__ uint8_t smem_raw[];
   const uint32_t raw = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
@@ -253,11 +254,12 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_s8_sm90_kernel(
     const int64_t row = row0 + 8 * h;
     if (row >= M) continue;
     OutT* const out_row = out_b + row * ldo;
+    const float ar = row_alpha(a, row_scale, row);
 #pragma unroll
     for (int j = 0; j < kBN / 8; ++j) {
       const int64_t col = col0 + 8 * j;
-      const float v0 = dequant(acc[4 * j + 2 * h], a);
-      const float v1 = dequant(acc[4 * j + 2 * h + 1], a);
+      const float v0 = dequant(acc[4 * j + 2 * h], ar);
+      const float v1 = dequant(acc[4 * j + 2 * h + 1], ar);
       if (pairs_ok && col + 1 < N) {
         store2(out_row + col, v0, v1);
       } else {
@@ -339,7 +341,7 @@ Status launch_typed(const GemmCall& g, const CUtensorMap& ma, const CUtensorMap&
     const dim3 grid(static_cast<unsigned>(tiles_m * tiles_n), 1, static_cast<unsigned>(nb));
     gemm_s8_sm90_kernel<OutT><<<grid, kThreads, kSmemBytes, g.stream>>>(
         ma, mb, g.batch > 1 && g.strideA != 0, g.batch > 1 && g.strideB != 0, static_cast<int>(b0), g.M, g.N,
-        static_cast<int>(g.K), g.alpha, static_cast<OutT*>(g.out), g.ldo, g.strideO, tiles_m, tiles_n);
+        static_cast<int>(g.K), g.alpha, static_cast<OutT*>(g.out), g.ldo, g.strideO, tiles_m, tiles_n, g.row_scale);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess)
       return Status::device(std::string(g.fn) + ": sm_90a gemm kernel launch failed: " + cudaGetErrorString(err));

@@ -10,6 +10,12 @@
 //   conversion to fp16/bf16 is round-to-nearest-even: bitwise the same on CPU and CUDA.
 // * Every M, N, K >= 1 is valid (tails handled); K <= kMaxGemmS8K so that int32 cannot overflow.
 // * Deterministic: each output is reduced by one thread in a fixed order (no split-K, no atomics).
+// * Per-row scale form (gemm_s8_scaled_rows): row_scale points to M fp32 values on the data's device and
+//   row i's multiplier becomes alpha_i = alpha * row_scale[i] (one fp32 multiply, formed once per row),
+//   i.e. out[i, j] = to_otype(float(acc[i, j]) * alpha_i): the epilogue of a GEMM whose A was quantized
+//   per row (SwitchBack's int8 input gradient). Any value is accepted (IEEE results; a NaN row_scale or
+//   alpha gives NaN outputs on both devices, whose NaN bit pattern may differ: the GPU's multiply returns
+//   the canonical NaN). row_scale == nullptr is exactly gemm_s8_scaled.
 //
 // Batched form (gemm_s8_scaled_batched): `batch` independent GEMMs of the same M, N, K, strides, alpha and
 // otype. Batch b reads A + b*strideA and B + b*strideB and writes out + b*strideO; strideA / strideB are
@@ -35,6 +41,14 @@ Status gemm_s8_scaled(const int8_t* A, int64_t lda, const int8_t* B, int64_t ldb
 // Scalar reference (single thread, no SIMD).
 Status gemm_s8_scaled_ref(const int8_t* A, int64_t lda, const int8_t* B, int64_t ldb, int64_t M, int64_t N,
                           int64_t K, const float* alpha, DType otype, void* out, int64_t ldo);
+
+// Per-row scale form (see the top of this file), fast path and scalar reference.
+Status gemm_s8_scaled_rows(const int8_t* A, int64_t lda, const int8_t* B, int64_t ldb, int64_t M, int64_t N,
+                           int64_t K, const float* alpha, const float* row_scale, DType otype, void* out,
+                           int64_t ldo);
+Status gemm_s8_scaled_rows_ref(const int8_t* A, int64_t lda, const int8_t* B, int64_t ldb, int64_t M, int64_t N,
+                               int64_t K, const float* alpha, const float* row_scale, DType otype, void* out,
+                               int64_t ldo);
 
 // Batched (see the top of this file). Small per-batch problems run one batch per thread (OpenMP over
 // the batch); larger ones run one after the other, each on all threads. Bitwise equal, batch by batch,
@@ -65,6 +79,11 @@ namespace cuda {
 // LOWBIT_GEMM_S8_KERNEL=mma | wgmma | auto (default) forces the choice (wgmma where it cannot run: an error).
 Status gemm_s8_scaled(const int8_t* A, int64_t lda, const int8_t* B, int64_t ldb, int64_t M, int64_t N,
                       int64_t K, const float* alpha, DType otype, void* out, int64_t ldo, CUstream_st* stream);
+
+// Per-row scale form (see the top of this file); row_scale is a device pointer (M fp32 values).
+Status gemm_s8_scaled_rows(const int8_t* A, int64_t lda, const int8_t* B, int64_t ldb, int64_t M, int64_t N,
+                           int64_t K, const float* alpha, const float* row_scale, DType otype, void* out,
+                           int64_t ldo, CUstream_st* stream);
 
 // Batched (see the top of this file): all batches in one kernel launch (several only past 65535
 // batches, the grid's z limit); gemm_s8_scaled is its batch == 1 case. Allocates nothing.

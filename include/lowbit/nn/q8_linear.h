@@ -23,6 +23,9 @@ struct Q8LinearOptions {
   TORCH_ARG(int64_t, w_bit) = 8;
   TORCH_ARG(c10::ScalarType, dtype) = c10::kFloat;  // of bias_a, scale_a, eps
   TORCH_ARG(c10::Device, device) = c10::Device(c10::kCPU);
+  // Backward's input gradient on the int8 GEMM (output gradient quantized per row, SwitchBack); the
+  // weight gradient stays float. Default: float backward.
+  TORCH_ARG(bool, int8_backward) = false;
 };
 
 class Q8LinearImpl : public torch::nn::Cloneable<Q8LinearImpl> {

@@ -22,15 +22,16 @@ class Q4Linear(LinearShape, Q4Base):
     * ``qweight`` is int8 of shape (out, ceil(in/2)): int4 pairs, first code in the high nibble.
 
     Args as BIE's ``Q4LinearCutlass``: ``(in_channels, out_channels, a_bit=4, w_bit=4, device=None,
-    dtype=torch.float)``.
+    dtype=torch.float)``. ``int8_backward=True``: the input gradient's GEMM on int8, as in :class:`Q8Linear`.
     """
 
     def __init__(self, in_channels: int, out_channels: int, a_bit: int = 4, w_bit: int = 4, device=None,
-                 dtype: torch.dtype = torch.float, bias: bool = False) -> None:
+                 dtype: torch.dtype = torch.float, bias: bool = False, int8_backward: bool = False) -> None:
         super().__init__(in_channels, out_channels, a_bit, w_bit, device=device, dtype=dtype, bias=bias)
+        self._set_int8_backward(int8_backward)
 
     def _qweight_shape(self) -> tuple:
         return (self.out_channels, (self.in_channels + 1) // 2)
 
     def _forward_op(self, x: Tensor, weight: Tensor, scale_w: Tensor) -> Tensor:
-        return ops.q4_linear(x, self.bias_a, weight, self.scale_a, scale_w, self.eps, self.bias)
+        return ops.q4_linear(x, self.bias_a, weight, self.scale_a, scale_w, self.eps, self.bias, self.int8_backward)

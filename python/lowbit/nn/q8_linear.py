@@ -23,15 +23,18 @@ class Q8Linear(LinearShape, QATBase):
       eval output equals training output exactly on the same device.
 
     Args match BIE's ``Q8LinearCutlass``: ``(in_channels, out_channels, a_bit=8, w_bit=8, device=None,
-    dtype=torch.float)``; ``dtype`` is that of ``bias_a``, ``scale_a`` and ``eps``.
+    dtype=torch.float)``; ``dtype`` is that of ``bias_a``, ``scale_a`` and ``eps``. ``int8_backward=True``
+    runs the backward's input-gradient GEMM on int8 (output gradient quantized per row, SwitchBack); the
+    weight gradient stays float. Its accuracy and speed: docs/ops.md, docs/PERFORMANCE.md.
     """
 
     _bits, _qmin, _qmax = 8, -128, 127
     _act_init_qmax = 127.0
 
     def __init__(self, in_channels: int, out_channels: int, a_bit: int = 8, w_bit: int = 8, device=None,
-                 dtype: torch.dtype = torch.float, bias: bool = False) -> None:
+                 dtype: torch.dtype = torch.float, bias: bool = False, int8_backward: bool = False) -> None:
         super().__init__(in_channels, out_channels, a_bit, w_bit, device=device, dtype=dtype, bias=bias)
+        self._set_int8_backward(int8_backward)
 
     def _qweight_shape(self) -> tuple:
         return (self.out_channels, self.in_channels)
@@ -43,4 +46,4 @@ class Q8Linear(LinearShape, QATBase):
         return ops.quantize_s8(weight, None, scale_w, self.eps, self._qmin, self._qmax)
 
     def _forward_op(self, x: Tensor, weight: Tensor, scale_w: Tensor) -> Tensor:
-        return ops.q8_linear(x, self.bias_a, weight, self.scale_a, scale_w, self.eps, self.bias)
+        return ops.q8_linear(x, self.bias_a, weight, self.scale_a, scale_w, self.eps, self.bias, self.int8_backward)

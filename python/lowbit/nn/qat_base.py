@@ -218,10 +218,24 @@ class QATBase(LowbitLayer):
 
 
 class LinearShape:
-    """nn.Linear-style aliases and the (out, in) weight layout of the QAT linear layers."""
+    """nn.Linear-style aliases and the (out, in) weight layout of the QAT linear layers, and their
+    ``int8_backward`` switch (SwitchBack: the input gradient's GEMM on int8, the output gradient quantized
+    per row; the weight gradient stays float)."""
 
     in_channels: int
     out_channels: int
+    int8_backward: bool = False
+
+    def _set_int8_backward(self, value) -> None:
+        if not isinstance(value, bool):
+            raise ValueError(f"int8_backward must be a bool, got {value!r}")
+        self.int8_backward = value
+
+    def constructor_args(self) -> dict:
+        args = super().constructor_args()  # type: ignore[misc]
+        if self.int8_backward:
+            args["int8_backward"] = True
+        return args
 
     @property
     def in_features(self) -> int:
