@@ -4,6 +4,7 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "codes.h"
 #include "common.h"
 #include "gemm_dispatch.h"
 #include "lowbit/kernels/im2col.h"
@@ -181,8 +182,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsq_conv2d_backward_i
     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, int64_t qmin, int64_t qmax,
     std::array<bool, 4> mask) {
   const bool need_in = mask[0] || mask[1] || mask[3];
-  const auto x_hat = (qx.to(at::kFloat) * clamp_scale(scale_a, eps)).permute({0, 3, 1, 2});
-  const auto w_hat = (qw.to(at::kFloat) * clamp_scale(scale_w, eps)).permute({0, 3, 1, 2}).contiguous();
+  constexpr const char* op = "lowbit.lsq_conv2d_backward";
+  const auto x_hat = scaled_codes(qx, at::kFloat, clamp_scale(scale_a, eps), op).permute({0, 3, 1, 2});
+  const auto w_hat = scaled_codes(qw, at::kFloat, clamp_scale(scale_w, eps), op).permute({0, 3, 1, 2}).contiguous();
   auto [gA, gW, unused] = at::convolution_backward(as_float(grad), x_hat, w_hat, std::nullopt, stride, padding,
                                                    dilation, false, {0, 0}, groups, {need_in, mask[2], false});
   at::Tensor grad_x, grad_b, grad_s;

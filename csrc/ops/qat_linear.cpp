@@ -6,6 +6,7 @@
 
 #include <cmath>
 
+#include "codes.h"
 #include "common.h"
 #include "lowbit/kernels/common.h"
 #include "lowbit/kernels/pack_int4.h"
@@ -127,34 +128,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsq_linear_backward_i
               ", expected (..., ", N, ") with the rows of x");
   at::Tensor grad_x, grad_b, grad_w, grad_s;
   const auto s_w = clamp_scale(scale_w, eps), s_a = clamp_scale(scale_a, eps);
-  // The GEMMs multiply the exact integer codes (|q| <= 128 is exact in fp16 and bf16) and the steps are
-  // applied in fp32 after: s_w inside the fused LSQ pass, s_a on the fp32 weight gradient. With 16-bit
-  // activations on CUDA both GEMMs run on the 16-bit tensor cores (fp32 accumulation; G.Qw rounded to x's
-  // dtype), otherwise in fp32.
+  // The float GEMMs run in dtype cdt: x's dtype for 16-bit activations on CUDA (the 16-bit tensor cores,
+  // fp32 accumulation, as nn.Linear's own backward in that dtype), fp32 otherwise, on operands made in one
+  // pass over the saved codes (scaled_codes). G.Qw takes the exact codes and s_w is applied in fp32 in the
+  // fused LSQ pass: grad_scale_a sums R * gA over terms of both signs, and a 16-bit s_w * q would add a
+  // rounding per weight to that cancellation. The weight gradient takes X_hat = s_a * q rounded once to
+  // cdt (the operand a 16-bit layer holds), so no step is applied to its fp32 output afterwards.
   const auto xdt = x.scalar_type();
   const auto cdt = x.is_cuda() && (xdt == at::kHalf || xdt == at::kBFloat16) ? xdt : at::kFloat;
-  const auto G = grad.reshape({-1, N}).to(cdt);
+  const auto G = as_dtype(grad.reshape({-1, N}), cdt);
   if (mask[0] || mask[1] || mask[3]) {
-    at::Tensor gA;  // dL/dx_hat, or dL/dx_hat / s_w (then s_w is applied in the fused LSQ pass)
-    std::optional<at::Tensor> gscale = s_w;
+    at::Tensor gA;  // dL/dx_hat (M, K), or dL/dx_hat / s_w (then gscale = s_w)
+    std::optional<at::Tensor> gscale;
     if (int8_grad) {
       // SwitchBack: G quantized per row to int8, the int8 GEMM against the weight codes (as a (K, N)
       // operand), row_scale and s_w applied in its fp32 epilogue: gA = fp32(acc) * (s_w * row_scale[i]).
       auto [qG, row_scale] = quantize_rows_s8(grad.reshape({-1, N}), 127);
-      gA = linear_s8(qG, qw.t().contiguous(), as_float(s_w), cdt, row_scale).reshape(x.sizes());
-      gscale = std::nullopt;
+      gA = linear_s8(qG, transposed_codes(qw, op), s_w, cdt, row_scale);
     } else {
-      gA = at::mm(G, qw.to(cdt)).reshape(x.sizes());
+      gA = at::mm(G, scaled_codes(qw, cdt, std::nullopt, op));
+      gscale = s_w;
     }
-    auto g = lsq_input_grads(gA, x, bias_a, x.dim() - 1, scale_a, eps, qmin, qmax, mask[0], mask[1], mask[3], -1,
-                             gscale);
+    auto g = lsq_input_grads(gA.reshape(x.sizes()), x, bias_a, x.dim() - 1, scale_a, eps, qmin, qmax, mask[0],
+                             mask[1], mask[3], -1, gscale);
     grad_x = g.grad_x;
     grad_b = g.grad_shift;
     grad_s = g.grad_scale;
   }
   if (mask[2]) {  // STE, no mask; fp32 out (aten::mm's out_dtype form exists on CUDA only: 16-bit inputs)
-    const auto qxc = qx.reshape({-1, K}).to(cdt);
-    grad_w = (cdt == at::kFloat ? at::mm(G.t(), qxc) : at::mm(G.t(), qxc, at::kFloat)).mul_(s_a);
+    const auto xh = scaled_codes(qx.reshape({-1, K}), cdt, s_a, op);
+    grad_w = cdt == at::kFloat ? at::mm(G.t(), xh) : at::mm(G.t(), xh, at::kFloat);
   }
   return {grad_x, grad_b, grad_w, grad_s};
 }
