@@ -59,12 +59,14 @@ inline bool same_layout(const at::Tensor& a, const at::Tensor& b) {
 // One fused pass (lowbit/kernels/lsq_grad.h) on the CPU and on CUDA, the sums in float64 in a fixed order.
 // Layout: gA's if it is dense (else gA is made contiguous), x copied into that layout only when its own
 // differs (an expanded x, NCHW x with an NHWC gA, ...); grad_x comes back in that layout, as the ATen
-// composite this replaces gave it (its output followed gA).
+// composite this replaces gave it (its output followed gA). gA_is_scratch: gA is the caller's temporary
+// and may be overwritten with grad_x (when its dtype is x's).
 inline LsqInputGrads lsq_input_grads(const at::Tensor& gA, const at::Tensor& x, const std::optional<at::Tensor>& shift,
                                      int64_t channel_dim, const at::Tensor& scale, const at::Tensor& eps, int64_t qmin,
                                      int64_t qmax, bool need_x, bool need_shift, bool need_scale,
                                      int64_t numel = -1 /* of the operand before broadcasting; -1: x.numel() */,
-                                     const std::optional<at::Tensor>& gscale = std::nullopt) {
+                                     const std::optional<at::Tensor>& gscale = std::nullopt,
+                                     bool gA_is_scratch = false) {
   constexpr const char* op = "lowbit.lsq_input_grads";
   LsqInputGrads g;
   const bool has_shift = shift.has_value() && shift->defined();
@@ -122,7 +124,13 @@ inline LsqInputGrads lsq_input_grads(const at::Tensor& gA, const at::Tensor& x, 
   if (has_shift) sh = as_float(shift->detach()).reshape({-1}).contiguous();
   if (has_gscale) gs = as_float(gscale->detach()).reshape({}).contiguous();
   const auto f32 = x.options().dtype(at::kFloat);
-  if (need_x) g.grad_x = at::empty_strided(ga.sizes(), ga.strides(), x.options());
+  // A caller's scratch gA of x's dtype takes grad_x in place (one fewer gradient-sized buffer at the
+  // backward's peak): the kernels read each gradient element before writing the same element, in the same
+  // thread (lsq_grad.h).
+  if (need_x)
+    g.grad_x = gA_is_scratch && ga.is_same(gA) && ga.scalar_type() == x.scalar_type()
+                   ? ga
+                   : at::empty_strided(ga.sizes(), ga.strides(), x.options());
   at::Tensor gsh, gsc;
   if (need_shift) gsh = at::empty({C}, f32);
   if (need_scale) gsc = at::empty({}, f32);

@@ -137,6 +137,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsq_linear_backward_i
   const auto xdt = x.scalar_type();
   const auto cdt = x.is_cuda() && (xdt == at::kHalf || xdt == at::kBFloat16) ? xdt : at::kFloat;
   const auto G = as_dtype(grad.reshape({-1, N}), cdt);
+  // Weight gradient first: its operand X_hat is freed before gA exists, so the backward's peak holds one
+  // activation-sized temporary, not two.
+  if (mask[2]) {  // STE, no mask; fp32 out (aten::mm's out_dtype form exists on CUDA only: 16-bit inputs)
+    const auto xh = scaled_codes(qx.reshape({-1, K}), cdt, s_a, op);
+    grad_w = cdt == at::kFloat ? at::mm(G.t(), xh) : at::mm(G.t(), xh, at::kFloat);
+  }
   if (mask[0] || mask[1] || mask[3]) {
     at::Tensor gA;  // dL/dx_hat (M, K), or dL/dx_hat / s_w (then gscale = s_w)
     std::optional<at::Tensor> gscale;
@@ -150,14 +156,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsq_linear_backward_i
       gscale = s_w;
     }
     auto g = lsq_input_grads(gA.reshape(x.sizes()), x, bias_a, x.dim() - 1, scale_a, eps, qmin, qmax, mask[0],
-                             mask[1], mask[3], -1, gscale);
+                             mask[1], mask[3], -1, gscale, /*gA_is_scratch=*/true);
     grad_x = g.grad_x;
     grad_b = g.grad_shift;
     grad_s = g.grad_scale;
-  }
-  if (mask[2]) {  // STE, no mask; fp32 out (aten::mm's out_dtype form exists on CUDA only: 16-bit inputs)
-    const auto xh = scaled_codes(qx.reshape({-1, K}), cdt, s_a, op);
-    grad_w = cdt == at::kFloat ? at::mm(G.t(), xh) : at::mm(G.t(), xh, at::kFloat);
   }
   return {grad_x, grad_b, grad_w, grad_s};
 }

@@ -60,7 +60,8 @@ struct LsqGradParams {
   const float* step = nullptr;     // one fp32: s = max(scale, eps)
   int32_t qmin = 0, qmax = 0;      // code range: -128 <= qmin <= qmax <= 127 (qmax >= 1 with grad_scale)
   int64_t numel = 0;               // count of the gradient scale 1/sqrt(numel * qmax); >= 1 with grad_scale
-  void* grad_x = nullptr;          // out: (outer, C, inner) contiguous in x_type, or nullptr
+  void* grad_x = nullptr;          // out: (outer, C, inner) contiguous in x_type, or nullptr; may be g itself
+                                   // when g_type == x_type (every element is read, then written, by one thread)
   float* grad_shift = nullptr;     // out: (C,) fp32, or nullptr
   float* grad_scale = nullptr;     // out: one fp32, or nullptr
 };
