@@ -89,14 +89,17 @@ def make_models(device, seed):
     torch.manual_seed(seed)
     fp32 = mlp(nn.Linear).to(device)
     q8 = mlp(lowbit.nn.Q8Linear).to(device)
+    # The same with the int8 backward (SwitchBack: input gradients on the int8 GEMM), to show its accuracy.
+    q8i = mlp(lambda k, n: lowbit.nn.Q8Linear(k, n, int8_backward=True)).to(device)
     # Same starting point: Q8Linear has no output bias (its bias_a shifts the input), so the hidden weights
     # and the whole head are copied; the fp32 hidden biases have no counterpart.
     with torch.no_grad():
-        for i in (0, 2):
-            q8[i].weight.copy_(fp32[i].weight)
-        q8[4].load_state_dict(fp32[4].state_dict())
+        for model in (q8, q8i):
+            for i in (0, 2):
+                model[i].weight.copy_(fp32[i].weight)
+            model[4].load_state_dict(fp32[4].state_dict())
     cnn = q4_cnn().to(device)  # its own initial weights: no fp32 twin to copy
-    return q8, fp32, cnn
+    return q8, q8i, fp32, cnn
 
 
 def weight_bytes(model: nn.Sequential) -> int:
@@ -257,13 +260,14 @@ def main() -> int:
     print(f"MLP 784-512-256-10; CNN conv3x3 1-{C1}-{C2} + maxpool, {C2 * 7 * 7}-{CNN_HIDDEN}-10; {args.epochs} "
           f"epoch(s), batch {args.batch}, Adam lr {args.lr:g}, seed {args.seed}", flush=True)
 
-    q8, fp32, cnn = make_models(device, args.seed)
+    q8, q8i, fp32, cnn = make_models(device, args.seed)
     q8_secs = train(q8, train_x, train_y, args, "Q8 (lowbit)", device)
+    q8i_secs = train(q8i, train_x, train_y, args, "Q8 int8 bwd (lowbit)", device)
     fp32_secs = train(fp32, train_x, train_y, args, "fp32 (torch)", device)
     cnn_secs = train(cnn, train_x, train_y, args, "Q4 CNN (lowbit)", device)
 
     # Inference form of the lowbit models: codes only, the float weights released.
-    for layer in list(q8) + list(cnn):
+    for layer in list(q8) + list(q8i) + list(cnn):
         if isinstance(layer, (lowbit.nn.Q8Linear, lowbit.nn.Q4Linear, lowbit.nn.Q4Conv2d)):
             layer.generate_quantized_weight(qweight_only=True)
     # Weight-only compression of the trained fp32 MLP (hidden layers, RTN, groups of 32; head kept), no retraining.
@@ -271,6 +275,7 @@ def main() -> int:
     accuracy(fp32, test_x, test_y)  # warm-up
     (q8_acc, q8_ms), (fp32_acc, fp32_ms) = timed_accuracy(q8, test_x, test_y, device), \
         timed_accuracy(fp32, test_x, test_y, device)
+    q8i_acc, q8i_ms = timed_accuracy(q8i, test_x, test_y, device)
     cnn_acc, cnn_ms = timed_accuracy(cnn, test_x, test_y, device)
     wo_res = {b: timed_accuracy(m, test_x, test_y, device) for b, m in wo.items()}
 
@@ -278,6 +283,8 @@ def main() -> int:
           "|---|---:|---:|---:|---:|---:|")
     print(f"| Q8Linear MLP (int8 hidden, QAT) | {q8_acc:.2f} | {q8_secs:.1f} | {q8_ms:.1f} | {weight_bytes(q8)} | "
           f"{state_bytes(q8)} |")
+    print(f"| Q8Linear MLP, int8 backward (SwitchBack) | {q8i_acc:.2f} | {q8i_secs:.1f} | {q8i_ms:.1f} | "
+          f"{weight_bytes(q8i)} | {state_bytes(q8i)} |")
     print(f"| fp32 MLP (torch Linear) | {fp32_acc:.2f} | {fp32_secs:.1f} | {fp32_ms:.1f} | {weight_bytes(fp32)} | "
           f"{state_bytes(fp32)} |")
     print(f"| Q4 CNN (int4 conv + hidden, QAT) | {cnn_acc:.2f} | {cnn_secs:.1f} | {cnn_ms:.1f} | "
