@@ -26,8 +26,12 @@
 //     the epilogue writes in-bounds outputs only.
 //   * Epilogue: the accumulator fragment (row 16*warp + lane/4 (+8), columns 8j + 2*(lane%4) (+1)) goes
 //     through dequant / store2 of gemm_s8_internal.cuh, so the rounding is the mma.sync kernel's.
-//   * Grid: one CTA per output tile, grouped raster (8 tile-rows per group) for L2 reuse; blockIdx.z is
-//     the batch (3-D tensor maps: K, rows, batch; a broadcast operand uses batch coordinate 0).
+//   * Grid: persistent, one CTA per SM, each looping over output tiles w = blockIdx.x, + gridDim.x, ...
+//     (all batches' tiles in one sequence; grouped raster, 8 tile-rows per group, for L2 reuse). The
+//     mbarrier ring runs on across tiles and a consumer frees its last slot before its epilogue, so the
+//     producer loads the next tile while the epilogue stores this one (small-K calls, e.g. attention
+//     scores with K = 128, are store-bound: there this is most of the gain). 3-D tensor maps (K, rows,
+//     batch); a broadcast operand uses batch coordinate 0.
 //   * Deterministic: each output is reduced by one thread in a fixed k order.
 //
 // Built for every architecture in the list; only the sm_90a pass has a body (the other passes trap),
@@ -157,9 +161,9 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_s8_sm90_kernel(
     const __grid_constant__ CUtensorMap tm_a,  // A: (batch, M, K) int8, box 128 K x 128 rows, 128B swizzle
     const __grid_constant__ CUtensorMap tm_b,  // B: (batch, N, K) int8, box 128 K x 256 rows
     int a_batched, int b_batched,              // 0: the operand is shared by every batch (coordinate 0)
-    int batch0,                                // first batch of this launch (launches of <= 65535)
     int64_t M, int64_t N, int K, const float* __restrict__ alpha, OutT* __restrict__ out, int64_t ldo,
     int64_t strideO, int64_t tiles_m, int64_t tiles_n,
+    int64_t work,                              // batches * tiles_m * tiles_n output tiles
     const float* __restrict__ row_scale) {  // M per-row multipliers or nullptr
 #ifdef LOWBIT_SM90A_DEVICE
   extern __shared__ uint8_t smem_raw[];
@@ -169,19 +173,20 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_s8_sm90_kernel(
   auto full = [&](int s) { return bars + 8u * s; };
   auto empty = [&](int s) { return bars + 8u * (kStages + s); };
 
-  int64_t tile_m, tile_n;
-  {
-    const int64_t pid = blockIdx.x;
+  // Work item w (a persistent CTA takes w = blockIdx.x, + gridDim.x, ...): batch w / tiles_per_batch, and
+  // in it the grouped raster (kGroupM tile-rows per group) of pid = w % tiles_per_batch. Items run in
+  // increasing w across the grid, so the CTAs resident together cover neighbouring tiles (L2 reuse).
+  const int64_t tiles_per_batch = tiles_m * tiles_n;
+  auto locate = [&](int64_t w, int* batch, int* m0, int* n0) {
+    const int64_t b = w / tiles_per_batch, pid = w - b * tiles_per_batch;
     const int64_t group_tiles = int64_t(kGroupM) * tiles_n;
     const int64_t first_m = (pid / group_tiles) * kGroupM;
     const int64_t rows_here = (tiles_m - first_m) < kGroupM ? (tiles_m - first_m) : kGroupM;
     const int64_t in_group = pid % group_tiles;
-    tile_m = first_m + in_group % rows_here;
-    tile_n = in_group / rows_here;
-  }
-  const int m0 = static_cast<int>(tile_m * kBM);
-  const int n0 = static_cast<int>(tile_n * kBN);
-  const int batch = batch0 + static_cast<int>(blockIdx.z);
+    *batch = static_cast<int>(b);
+    *m0 = static_cast<int>((first_m + in_group % rows_here) * kBM);
+    *n0 = static_cast<int>((in_group / rows_here) * kBN);
+  };
   const int k_tiles = (K + kBK - 1) / kBK;
   const int wg = threadIdx.x / 128;
 
@@ -202,14 +207,21 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_s8_sm90_kernel(
     if (threadIdx.x == 0) {
       asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&tm_a)) : "memory");
       asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&tm_b)) : "memory");
-      const int za = a_batched ? batch : 0, zb = b_batched ? batch : 0;
-      for (int kt = 0; kt < k_tiles; ++kt) {
-        const int s = kt % kStages;
-        if (kt >= kStages) mbar_wait(empty(s), ((kt / kStages) - 1) & 1);  // round r-1 of slot s released
-        const uint32_t slot = base + uint32_t(s) * kStageBytes;
-        mbar_expect_tx(full(s), kStageBytes);  // TMA credits the whole box, zero-filled parts included
-        tma_load(slot, &tm_a, full(s), kt * kBK, m0, za);
-        tma_load(slot + kTileA, &tm_b, full(s), kt * kBK, n0, zb);
+      // `it` counts k-tiles over all of this CTA's work items: slot it % kStages, round it / kStages. The
+      // ring runs on across items, so the next tile's loads overlap this tile's last MMAs and epilogue.
+      int64_t it = 0;
+      for (int64_t w = blockIdx.x; w < work; w += gridDim.x) {
+        int batch, m0, n0;
+        locate(w, &batch, &m0, &n0);
+        const int za = a_batched ? batch : 0, zb = b_batched ? batch : 0;
+        for (int kt = 0; kt < k_tiles; ++kt, ++it) {
+          const int s = static_cast<int>(it % kStages);
+          if (it >= kStages) mbar_wait(empty(s), static_cast<uint32_t>((it / kStages) - 1) & 1u);  // round r-1 freed
+          const uint32_t slot = base + uint32_t(s) * kStageBytes;
+          mbar_expect_tx(full(s), kStageBytes);  // TMA credits the whole box, zero-filled parts included
+          tma_load(slot, &tm_a, full(s), kt * kBK, m0, za);
+          tma_load(slot + kTileA, &tm_b, full(s), kt * kBK, n0, zb);
+        }
       }
     }
     return;
@@ -220,51 +232,59 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_s8_sm90_kernel(
   const int cw = wg - 1;                 // rows 64*cw .. 64*cw+63 of the tile
   const int t = threadIdx.x % 128;
   const int warp = t / 32, lane = t % 32;
-  int32_t acc[kAcc];
-#pragma unroll
-  for (int i = 0; i < kAcc; ++i) acc[i] = 0;
-
-  for (int kt = 0; kt < k_tiles; ++kt) {
-    const int s = kt % kStages;
-    mbar_wait(full(s), (kt / kStages) & 1);
-    const uint32_t slot = base + uint32_t(s) * kStageBytes;
-    const uint32_t a_tile = slot + uint32_t(cw) * 64 * kBK;
-    const uint32_t b_tile = slot + kTileA;
-    pin(acc);
-    wgmma_fence();
-#pragma unroll
-    for (int k = 0; k < kBK / kMmaK; ++k) wgmma_s8_n256(acc, smem_desc(a_tile + k * kMmaK), smem_desc(b_tile + k * kMmaK));
-    wgmma_commit();
-    pin(acc);
-    wgmma_wait<1>();  // the group of k-tile kt-1 has retired: its slot may be refilled
-    pin(acc);
-    if (kt > 0 && lane == 0) mbar_arrive(empty((kt - 1) % kStages));
-  }
-  wgmma_wait<0>();
-  pin(acc);
-
-  // Epilogue.
   const float a = __ldg(alpha);
-  OutT* const out_b = out + int64_t(batch) * strideO;
-  const bool pairs_ok = (ldo % 2 == 0) && (reinterpret_cast<uintptr_t>(out_b) % (2 * sizeof(OutT)) == 0);
-  const int64_t row0 = int64_t(m0) + 64 * cw + 16 * warp + lane / 4;
-  const int64_t col0 = int64_t(n0) + 2 * (lane % 4);
+  int32_t acc[kAcc];
+  int64_t it = 0;  // as the producer's
+  for (int64_t w = blockIdx.x; w < work; w += gridDim.x) {
+    int batch, m0, n0;
+    locate(w, &batch, &m0, &n0);
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int64_t row = row0 + 8 * h;
-    if (row >= M) continue;
-    OutT* const out_row = out_b + row * ldo;
-    const float ar = row_alpha(a, row_scale, row);
+    for (int i = 0; i < kAcc; ++i) acc[i] = 0;
+
+    for (int kt = 0; kt < k_tiles; ++kt, ++it) {
+      const int s = static_cast<int>(it % kStages);
+      mbar_wait(full(s), static_cast<uint32_t>(it / kStages) & 1u);
+      const uint32_t slot = base + uint32_t(s) * kStageBytes;
+      const uint32_t a_tile = slot + uint32_t(cw) * 64 * kBK;
+      const uint32_t b_tile = slot + kTileA;
+      pin(acc);
+      wgmma_fence();
 #pragma unroll
-    for (int j = 0; j < kBN / 8; ++j) {
-      const int64_t col = col0 + 8 * j;
-      const float v0 = dequant(acc[4 * j + 2 * h], ar);
-      const float v1 = dequant(acc[4 * j + 2 * h + 1], ar);
-      if (pairs_ok && col + 1 < N) {
-        store2(out_row + col, v0, v1);
-      } else {
-        if (col < N) store1(out_row + col, v0);
-        if (col + 1 < N) store1(out_row + col + 1, v1);
+      for (int k = 0; k < kBK / kMmaK; ++k)
+        wgmma_s8_n256(acc, smem_desc(a_tile + k * kMmaK), smem_desc(b_tile + k * kMmaK));
+      wgmma_commit();
+      pin(acc);
+      wgmma_wait<1>();  // the group of the previous k-tile has retired: its slot may be refilled
+      pin(acc);
+      if (kt > 0 && lane == 0) mbar_arrive(empty(static_cast<int>((it - 1) % kStages)));
+    }
+    wgmma_wait<0>();
+    pin(acc);
+    // The last k-tile's slot is free too: the producer refills it while this tile's epilogue runs.
+    if (lane == 0) mbar_arrive(empty(static_cast<int>((it - 1) % kStages)));
+
+    // Epilogue.
+    OutT* const out_b = out + int64_t(batch) * strideO;
+    const bool pairs_ok = (ldo % 2 == 0) && (reinterpret_cast<uintptr_t>(out_b) % (2 * sizeof(OutT)) == 0);
+    const int64_t row0 = int64_t(m0) + 64 * cw + 16 * warp + lane / 4;
+    const int64_t col0 = int64_t(n0) + 2 * (lane % 4);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t row = row0 + 8 * h;
+      if (row >= M) continue;
+      OutT* const out_row = out_b + row * ldo;
+      const float ar = row_alpha(a, row_scale, row);
+#pragma unroll
+      for (int j = 0; j < kBN / 8; ++j) {
+        const int64_t col = col0 + 8 * j;
+        const float v0 = dequant(acc[4 * j + 2 * h], ar);
+        const float v1 = dequant(acc[4 * j + 2 * h + 1], ar);
+        if (pairs_ok && col + 1 < N) {
+          store2(out_row + col, v0, v1);
+        } else {
+          if (col < N) store1(out_row + col, v0);
+          if (col + 1 < N) store1(out_row + col + 1, v1);
+        }
       }
     }
   }
@@ -332,21 +352,34 @@ bool make_map(CUtensorMap* map, const int8_t* p, int64_t K, int64_t rows, int64_
 }
 
 template <typename OutT>
-Status launch_typed(const GemmCall& g, const CUtensorMap& ma, const CUtensorMap& mb) {
+Status launch_typed(const GemmCall& g, const CUtensorMap& ma, const CUtensorMap& mb, int sms) {
   const int64_t tiles_m = (g.M + kBM - 1) / kBM;
   const int64_t tiles_n = (g.N + kBN - 1) / kBN;
-  constexpr int64_t kMaxZ = 65535;
-  for (int64_t b0 = 0; b0 < g.batch; b0 += kMaxZ) {
-    const int64_t nb = g.batch - b0 < kMaxZ ? g.batch - b0 : kMaxZ;
-    const dim3 grid(static_cast<unsigned>(tiles_m * tiles_n), 1, static_cast<unsigned>(nb));
-    gemm_s8_sm90_kernel<OutT><<<grid, kThreads, kSmemBytes, g.stream>>>(
-        ma, mb, g.batch > 1 && g.strideA != 0, g.batch > 1 && g.strideB != 0, static_cast<int>(b0), g.M, g.N,
-        static_cast<int>(g.K), g.alpha, static_cast<OutT*>(g.out), g.ldo, g.strideO, tiles_m, tiles_n, g.row_scale);
-    const cudaError_t err = cudaGetLastError();
-    if (err != cudaSuccess)
-      return Status::device(std::string(g.fn) + ": sm_90a gemm kernel launch failed: " + cudaGetErrorString(err));
-  }
+  const int64_t work = g.batch * tiles_m * tiles_n;  // fits: batch < 2^31, tiles < 2^31 (checked by run())
+  // Persistent: one CTA per SM (the kernel's shared memory and registers allow one), each looping over
+  // work items; a grid of fewer items than SMs is just that many CTAs.
+  const unsigned grid = static_cast<unsigned>(work < sms ? work : sms);
+  gemm_s8_sm90_kernel<OutT><<<grid, kThreads, kSmemBytes, g.stream>>>(
+      ma, mb, g.batch > 1 && g.strideA != 0, g.batch > 1 && g.strideB != 0, g.M, g.N, static_cast<int>(g.K), g.alpha,
+      static_cast<OutT*>(g.out), g.ldo, g.strideO, tiles_m, tiles_n, work, g.row_scale);
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess)
+    return Status::device(std::string(g.fn) + ": sm_90a gemm kernel launch failed: " + cudaGetErrorString(err));
   return Status::ok();
+}
+
+// SM count of the current device, cached per device.
+int device_sms(int device) {
+  static std::atomic<int> sms[64];
+  if (device < 0 || device >= 64) return 132;
+  int v = sms[device].load(std::memory_order_acquire);
+  if (v > 0) return v;
+  if (cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || v < 1) {
+    cudaGetLastError();
+    v = 132;
+  }
+  sms[device].store(v, std::memory_order_release);
+  return v;
 }
 
 }  // namespace
@@ -371,10 +404,16 @@ Status launch_sm90(const GemmCall& g) {
       !make_map(&mb, g.B, g.K, g.N, g.ldb, g.strideB, g.batch, kBN))
     return Status::device(std::string(g.fn) + ": cuTensorMapEncodeTiled rejected the operands (lda=" +
                           std::to_string(g.lda) + ", ldb=" + std::to_string(g.ldb) + ")");
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) {
+    cudaGetLastError();
+    device = -1;
+  }
+  const int sms = device_sms(device);
   switch (g.otype) {
-    case DType::kFloat32: return launch_typed<float>(g, ma, mb);
-    case DType::kFloat16: return launch_typed<__half>(g, ma, mb);
-    case DType::kBFloat16: return launch_typed<__nv_bfloat16>(g, ma, mb);
+    case DType::kFloat32: return launch_typed<float>(g, ma, mb, sms);
+    case DType::kFloat16: return launch_typed<__half>(g, ma, mb, sms);
+    case DType::kBFloat16: return launch_typed<__nv_bfloat16>(g, ma, mb, sms);
   }
   return Status::invalid(std::string(g.fn) + ": unreachable otype");
 }
