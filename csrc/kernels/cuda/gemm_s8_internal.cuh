@@ -28,15 +28,19 @@ __device__ __forceinline__ void store1(__nv_bfloat16* p, float v) { *p = __float
 __device__ __forceinline__ void store2(float* p, float v0, float v1) {
   *reinterpret_cast<float2*>(p) = make_float2(v0, v1);
 }
+// Two 16-bit outputs as one word, v0 in the low half (the lower address).
+__device__ __forceinline__ uint32_t pack2(__half*, float v0, float v1) {
+  return uint32_t(__half_as_ushort(__float2half_rn(v0))) | (uint32_t(__half_as_ushort(__float2half_rn(v1))) << 16);
+}
+__device__ __forceinline__ uint32_t pack2(__nv_bfloat16*, float v0, float v1) {
+  return uint32_t(__bfloat16_as_ushort(__float2bfloat16_rn(v0))) |
+         (uint32_t(__bfloat16_as_ushort(__float2bfloat16_rn(v1))) << 16);
+}
 __device__ __forceinline__ void store2(__half* p, float v0, float v1) {
-  const uint32_t bits = uint32_t(__half_as_ushort(__float2half_rn(v0))) |
-                        (uint32_t(__half_as_ushort(__float2half_rn(v1))) << 16);
-  *reinterpret_cast<uint32_t*>(p) = bits;
+  *reinterpret_cast<uint32_t*>(p) = pack2(p, v0, v1);
 }
 __device__ __forceinline__ void store2(__nv_bfloat16* p, float v0, float v1) {
-  const uint32_t bits = uint32_t(__bfloat16_as_ushort(__float2bfloat16_rn(v0))) |
-                        (uint32_t(__bfloat16_as_ushort(__float2bfloat16_rn(v1))) << 16);
-  *reinterpret_cast<uint32_t*>(p) = bits;
+  *reinterpret_cast<uint32_t*>(p) = pack2(p, v0, v1);
 }
 
 // One validated GEMM call as both kernels see it; `fn` is the public name it arrived through (for
