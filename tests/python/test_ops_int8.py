@@ -103,7 +103,7 @@ def test_lsq_scale(device):
 
 
 @pytest.mark.parametrize("out_dtype", FLOATS)
-@pytest.mark.parametrize("mnk", [(1, 1, 1), (3, 5, 7), (17, 33, 65), (64, 31, 257), (130, 70, 1000)])
+@pytest.mark.parametrize("mnk", [(1, 1, 1), (3, 5, 7), (17, 33, 65), (64, 31, 257), (130, 70, 1000), (257, 129, 4100), (200, 40, 4112)])
 def test_linear_s8_matches_reference(device, out_dtype, mnk):
     M, N, K = mnk
     qx = torch.randint(-128, 128, (M, K), dtype=torch.int8)
