@@ -26,6 +26,7 @@
 #include "cuda_test_util.h"
 #include "lowbit/kernels/common.h"
 #include "lowbit/kernels/convert_s8.h"
+#include "convert_test_util.h"
 
 namespace {
 
@@ -66,18 +67,7 @@ void expect_same_bytes(const std::vector<uint8_t>& got, const std::vector<uint8_
 // ---------------------------------------------------------------------------------------------------
 // cast_s8
 
-struct CastCase {
-  DType t;
-  int64_t M, N, ldq, ldo;
-  int64_t q_off;    // bytes the q base is moved by
-  int64_t out_off;  // elements the out base is moved by
-  std::string str() const {
-    std::ostringstream os;
-    os << lowbit::dtype_name(t) << " M=" << M << " N=" << N << " ldq=" << ldq << " ldo=" << ldo << " q_off=" << q_off
-       << " out_off=" << out_off;
-    return os.str();
-  }
-};
+using lowbit_test::CastCase;
 
 void check_cast(const CastCase& c, std::mt19937& rng, cudaStream_t stream) {
   SCOPED_TRACE(c.str());

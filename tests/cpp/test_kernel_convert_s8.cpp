@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "lowbit/kernels/convert_s8.h"
+#include "convert_test_util.h"
 #include "lowbit/kernels/float_convert.h"
 #include "test_util.h"
 
@@ -53,18 +54,7 @@ void put_bits(std::vector<uint8_t>& buf, int64_t idx, DType t, uint32_t bits) {
   }
 }
 
-struct CastCase {
-  DType t;
-  int64_t M, N, ldq, ldo;
-  int64_t q_off;    // bytes the q base is moved by
-  int64_t out_off;  // elements the out base is moved by
-  std::string str() const {
-    std::ostringstream os;
-    os << lowbit::dtype_name(t) << " M=" << M << " N=" << N << " ldq=" << ldq << " ldo=" << ldo << " q_off=" << q_off
-       << " out_off=" << out_off;
-    return os.str();
-  }
-};
+using lowbit_test::CastCase;
 
 // Runs cast_s8 on random codes (row padding included: junk the kernel must not read into the output) into
 // a poisoned buffer and compares the whole buffer with the plain loop's.
