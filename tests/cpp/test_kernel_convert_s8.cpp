@@ -77,15 +77,7 @@ void check_cast(const CastCase& c, std::mt19937& rng) {
   }
 }
 
-struct TransposeCase {
-  int64_t M, N, ldq, ldo;
-  int64_t q_off, out_off;  // bytes the bases are moved by
-  std::string str() const {
-    std::ostringstream os;
-    os << "M=" << M << " N=" << N << " ldq=" << ldq << " ldo=" << ldo << " q_off=" << q_off << " out_off=" << out_off;
-    return os.str();
-  }
-};
+using lowbit_test::TransposeCase;
 
 void check_transpose(const TransposeCase& c, std::mt19937& rng) {
   SCOPED_TRACE(c.str());
