@@ -38,12 +38,15 @@ inline bool cuda_available() {
 }
 
 // Base of every CUDA test fixture: skips the test when the machine has no CUDA device, and gives each
-// test a fresh non-blocking stream.
+// test a fresh stream. A blocking one: the tests poison and upload buffers with cudaMemset / cudaMemcpy
+// on the legacy default stream, and a non-blocking stream would let a kernel run before (or during)
+// those; a blocking stream is ordered after them. (With non-blocking streams a poison memset could land
+// after a kernel's stores: a 'different bits' determinism failure that was the test's, not the kernel's.)
 class CudaStreamTest : public ::testing::Test {
  protected:
   void SetUp() override {
     if (!cuda_available()) GTEST_SKIP() << "no CUDA device present";
-    CUDA_ASSERT(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+    CUDA_ASSERT(cudaStreamCreateWithFlags(&stream_, cudaStreamDefault));
   }
   void TearDown() override {
     if (stream_ != nullptr) cudaStreamDestroy(stream_);
