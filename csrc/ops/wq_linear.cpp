@@ -162,22 +162,12 @@ void fused_matmul(const WqTensors& w, const at::Tensor& x2, const std::optional<
   } else {
 #ifdef LOWBIT_WITH_CUDA
     c10::cuda::CUDAGuard guard(x2.device());
-    WqWeight d = desc;
-    at::Tensor xg = x2;
-    if (cuda::wq_matmul_uses_tensor_cores(d, xt, M) && (w.perm.defined() || w.channel_scale.defined())) {
-      // x' = x * c gathered into stored row order once (fp32 product, one rounding: the kernel's own
-      // staging would compute the same bits), so the tensor-core kernel stages x' with 16-byte loads.
-      at::Tensor v = w.channel_scale.defined() ? as_float(x2) * as_float(w.channel_scale) : x2;
-      if (w.perm.defined()) v = v.index_select(1, w.perm);
-      xg = v.to(x2.scalar_type()).contiguous();
-      d.perm = nullptr;
-      d.channel_scale = nullptr;
-    }
+    const WqWeight& d = desc;
     size_t bytes = 0;
     check_status(cuda::wq_matmul_workspace(d, M, &bytes), w.op);
     at::Tensor ws;
     if (bytes > 0) ws = at::empty({static_cast<int64_t>((bytes + 15) / 16) * 4}, x2.options().dtype(at::kFloat));
-    check_status(cuda::wq_matmul(d, xg.data_ptr(), xt, M, w.K, bp, out.data_ptr(), w.N,
+    check_status(cuda::wq_matmul(d, x2.data_ptr(), xt, M, w.K, bp, out.data_ptr(), w.N,
                                  ws.defined() ? ws.data_ptr() : nullptr, bytes, current_stream(x2)),
                  w.op);
 #else

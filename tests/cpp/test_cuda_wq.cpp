@@ -197,6 +197,59 @@ TEST_F(CudaWq, TensorCorePath) {
       }
 }
 
+// The tensor-core kernel on what decode runs and on its edges: M = 1 .. 64 across the row tiles of 8 and
+// 16, group 128 (every k-block in one group: the fp32 per-group scale path) and group 16 (k-blocks of
+// several groups: the per-row path), a 2-bit segment ending mid k-block followed by a 4-bit one (the
+// rows past the segment must not count), x through the prep kernel (padded row stride, perm, channel
+// scale) and read directly, garbage in padding bits and extra word rows, split-K (K = 4096). Each case
+// also runs with qweight 4 bytes off alignment (the 4-byte load path): same bits as the aligned run.
+TEST_F(CudaWq, TensorCoreDecodeShapes) {
+  uint32_t seed = 1200;
+  struct Shape { int64_t K, N, M; };
+  const Shape shapes[] = {{4096, 256, 1}, {4096, 130, 3}, {1024, 192, 8}, {1000, 64, 9},
+                          {2048, 68, 16}, {480, 256, 17}, {768, 100, 64}};
+  for (const Shape& sh : shapes)
+    for (int32_t b : {4, 2}) {
+      WqCase c;
+      c.spec.K = sh.K;
+      c.spec.N = sh.N;
+      if (seed % 3 == 0)
+        c.spec.segments = {{2, 96}, {4, 0}};  // 96 rows: one and a half 2-bit k-blocks
+      else if (seed % 3 == 1)
+        c.spec.segments = {{4, 32}, {2, 0}};
+      else
+        c.spec.segments = {{b, 0}};
+      c.spec.group_size = seed % 4 == 3 ? 16 : 128;
+      c.spec.asym = seed % 2 == 0;
+      c.spec.perm = seed % 5 == 2;
+      c.spec.channel_scale = seed % 5 == 4;
+      c.spec.garbage_padding = true;
+      c.spec.extra_qrows = 3;
+      c.spec.sdtype = seed % 2 == 0 ? DType::kBFloat16 : DType::kFloat16;
+      c.spec.seed = seed++;
+      c.xtype = c.spec.sdtype;
+      c.M = sh.M;
+      c.bias = seed % 3 == 0;
+      c.ldx_pad = seed % 4 == 1 ? 3 : 0;
+      c.ldo_pad = 2;
+      SCOPED_TRACE(describe(c));
+      const HostWq h = make_wq(c.spec);
+      std::vector<uint8_t> aligned, shifted;
+      for (size_t qoff : {size_t(0), size_t(1)}) {
+        DeviceWq d(h, qoff);
+        upload_wq(h, &d);
+        if (HasFatalFailure()) return;
+        WqWeight probe = d.w;
+        probe.allow_half = true;
+        ASSERT_TRUE(lowbit::cuda::wq_matmul_uses_tensor_cores(probe, c.xtype, c.M));
+        run_and_check(c, h, d, qoff == 0 ? &aligned : &shifted, /*allow_half=*/true,
+                      kRtol + 2 * wq_out_eps(c.xtype));
+        if (HasFatalFailure()) return;
+      }
+      ASSERT_EQ(aligned, shifted) << "the 4-byte load path must give the bits of the 16-byte one";
+    }
+}
+
 // The decode-sized shapes a layer runs (4-bit and 2-bit, group 128; N = 5504 is the one BIE corrupted
 // memory at; N = 5500 is its scalar-path twin), M = 1 and a few rows.
 TEST_F(CudaWq, LargeLayerShapes) {

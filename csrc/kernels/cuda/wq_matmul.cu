@@ -97,6 +97,7 @@
 //   bodies; x, scale and output dtypes are run-time switches outside the inner loop).
 #include "lowbit/kernels/wq.h"
 #include "pdl.cuh"
+#include "wq_internal.cuh"
 
 #ifdef __USE_FAST_MATH__
 #error "wq_matmul.cu must not be built with --use_fast_math: its exact dequantization needs IEEE fp32"
@@ -119,6 +120,8 @@ namespace lowbit {
 namespace cuda {
 namespace {
 
+using namespace wq_detail;
+
 // ---------------------------------------------------------------------------------------------------
 // Geometry and tuning.
 constexpr int kWarps = 4;                 // warps per block, splitting the block's chunks
@@ -137,40 +140,6 @@ __host__ __device__ constexpr int fast_pos(int B) { return B == 8 ? 8 : 16; }
 
 // ---------------------------------------------------------------------------------------------------
 // Loads, conversions, stores. dt: 0 fp32, 1 fp16, 2 bf16 (the DType values).
-
-// Weights are read once: keep them out of L1.
-__device__ __forceinline__ uint4 ld_stream_v4(const uint32_t* p) {
-  uint4 v;
-  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-      : "l"(p));
-  return v;
-}
-__device__ __forceinline__ uint32_t ld_stream(const uint32_t* p) {
-  uint32_t v;
-  asm("ld.global.nc.L1::no_allocate.u32 %0, [%1];" : "=r"(v) : "l"(p));
-  return v;
-}
-
-// The raw bits of element i (16-bit types zero-extended). Conversion is separate so that a prefetched
-// value is not touched until it is needed.
-__device__ __forceinline__ uint32_t load_raw(const void* base, int64_t i, int dt) {
-  if (dt == 0) return __ldg(static_cast<const unsigned int*>(base) + i);
-  return __ldg(static_cast<const unsigned short*>(base) + i);
-}
-__device__ __forceinline__ float raw_to_float(uint32_t raw, int dt) {
-  if (dt == 0) return __uint_as_float(raw);
-  if (dt == 1) return __half2float(__ushort_as_half(static_cast<unsigned short>(raw)));
-  return __uint_as_float(raw << 16);  // bf16 -> fp32 is exact
-}
-__device__ __forceinline__ void store_out(void* out, int64_t i, int dt, float v) {
-  if (dt == 0)
-    static_cast<float*>(out)[i] = v;
-  else if (dt == 1)
-    static_cast<__half*>(out)[i] = __float2half_rn(v);
-  else
-    static_cast<__nv_bfloat16*>(out)[i] = __float2bfloat16_rn(v);
-}
 
 // c ? a : b through inline PTX: the optimizer cannot turn a chain of these over a register array into a
 // dynamically indexed load, which would move the array to local memory.
@@ -638,380 +607,6 @@ __global__ void __launch_bounds__(kReduceThreads) wq_reduce_kernel(const float* 
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Tensor-core path (WqWeight::allow_half; x of the scales' 16-bit dtype, one segment of 2 or 4 bits,
-// M <= 64). The CUDA-core kernel above spends ~3.4 instructions per weight and every row of x costs
-// another FMA per weight; here each weight costs ~1.25 instructions (two codes become a 16-bit pair with
-// one mask-and-or against the exponent of 1024 (fp16) / 128 (bf16), a subtraction makes them exact
-// integers, one HFMA2 applies s*q - z) and mma.sync m16n8k16 multiplies up to 16 rows of x per
-// instruction with fp32 accumulators, so M = 1 .. 64 cost about the same.
-//
-//   * A block covers 32 columns (4 n-tiles of 8) and kMmaWarps warps split its range of 32-row chunks;
-//     the warps' accumulators are summed in warp order through shared memory (deterministic), then
-//     written as in wq_matmul_kernel (out directly, or fp32 partials + wq_reduce_kernel).
-//   * Lane L reads word row i of column tile0 + L (one coalesced 128-byte load per word row); the word of
-//     column 8j + g that the B fragment of n-tile j needs comes by __shfl_sync. B fragment (PTX ISA,
-//     m16n8k16 .col): lane (g = lane / 4, t = lane % 4) holds rows 2t, 2t+1 (b0) and 2t+8, 2t+9 (b1) of
-//     column g of the 16-row k-step. 4-bit: k-step s is words 2s (rows 0-7) and 2s+1 (rows 8-15) of the
-//     chunk, and rows 2t, 2t+1 are byte t of each. 2-bit: k-step s is word s; rows 2t, 2t+1 are bits
-//     4t..4t+3 and rows 2t+8, 2t+9 bits 4t+16..4t+19.
-//   * x' = x * c (fp32, rounded once to the 16-bit type) of the chunk's 32 rows is staged per warp in shared
-//     memory, rows past M zero; A fragments are 32-bit shared loads (rows padded to 40 halves: no bank
-//     conflicts).
-//   * Groups: one (s, z) per column for a chunk whose 32 rows share a group (__all_sync), else per row.
-constexpr int kMmaWarps = 4;
-constexpr int kMmaTileN = 32;
-constexpr int kMmaRowPad = 40;  // halves per staged row of x' (32 + 8)
-
-constexpr int kMmaStages = 6;  // chunks of words in flight per warp (+ the one being decoded)
-
-__device__ __forceinline__ void cp_async_4(uint32_t* smem_dst, const uint32_t* src, int src_bytes) {
-  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(smem_dst));
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(d), "l"(src), "r"(src_bytes) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
-}
-
-template <typename T>
-struct Half2;
-template <>
-struct Half2<__half> {
-  using T2 = __half2;
-  static constexpr uint32_t kMagic = 0x64006400u;  // 1024.0 in each half: 1024 + q is exact for q < 1024
-  __device__ static __half2 offset() { return __half2half2(__ushort_as_half(0x6400)); }
-  __device__ static __half from_float(float v) { return __float2half_rn(v); }
-};
-template <>
-struct Half2<__nv_bfloat16> {
-  using T2 = __nv_bfloat162;
-  static constexpr uint32_t kMagic = 0x43004300u;  // 128.0 in each bf16: 128 + q is exact for q < 128
-  __device__ static __nv_bfloat162 offset() { return __bfloat162bfloat162(__ushort_as_bfloat16(0x4300)); }
-  __device__ static __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
-};
-
-template <typename T>
-__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  if constexpr (std::is_same<T, __half>::value) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-}
-
-template <typename T2>
-__device__ __forceinline__ T2 bits_as(uint32_t u) {
-  return *reinterpret_cast<const T2*>(&u);
-}
-template <typename T2>
-__device__ __forceinline__ uint32_t as_bits(T2 v) {
-  return *reinterpret_cast<const uint32_t*>(&v);
-}
-
-// The 16-bit pair (2 codes) of rows (2t, 2t+1) (hi = false) or (2t+8, 2t+9) (hi = true) of k-step ks,
-// with the exponent of the offset already in place: value = offset + q.
-template <int B>
-__device__ __forceinline__ uint32_t code_pair(const uint32_t (&w)[B], int ks, bool hi, int t, uint32_t magic) {
-  if constexpr (B == 4) {
-    const uint32_t y = w[2 * ks + (hi ? 1 : 0)] >> (8 * t);
-    return (y & 0xFu) | ((y << 12) & 0xF0000u) | magic;
-  } else {
-    const uint32_t y = w[ks] >> (4 * t + (hi ? 16 : 0));
-    return (y & 0x3u) | ((y << 14) & 0x30000u) | magic;
-  }
-}
-
-struct MmaArgs {
-  const uint32_t* qweight;  // word row 0 of THIS segment
-  int64_t N, K, row0, chunks, cps;  // row0: first stored row of the segment
-  const int32_t* g_idx;
-  int64_t groups;
-  const void* scales;
-  const void* zeros;
-  const int32_t* perm;
-  const void* cs;
-  const void* x;
-  int64_t M, ldx;
-  const void* bias;
-  void* out;
-  int64_t ldo;
-  float* partial;
-  int asym;
-  int xvec;  // stage x with 16-byte loads (see the kernel)
-};
-
-template <int B, int MTILES, typename T>
-__global__ void __launch_bounds__(kMmaWarps * 32) wq_mma_kernel(const MmaArgs a) {
-  using H = Half2<T>;
-  using T2 = typename H::T2;
-  constexpr int kRows = MTILES * 16;
-  constexpr int kStageBytes = kMmaWarps * kRows * kMmaRowPad * 2;
-  constexpr int kRedBytes = kMmaWarps * kRows * kMmaTileN * 4;
-  __shared__ __align__(16) unsigned char smem[kStageBytes > kRedBytes ? kStageBytes : kRedBytes];
-  __shared__ __align__(16) uint32_t ring_all[kMmaWarps * kMmaStages * B * 32];
-  pdl_trigger();
-
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int g = lane >> 2, t = lane & 3;
-  const int64_t tile0 = int64_t(blockIdx.x) * kMmaTileN;
-  const int64_t col = tile0 + lane;  // the column whose words this lane loads
-  const bool col_ok = col < a.N;
-  const int64_t c0 = int64_t(blockIdx.y) * a.cps, c1 = min(a.chunks, c0 + a.cps);
-  const int64_t per = (c1 - c0 + kMmaWarps - 1) / kMmaWarps;
-  const int64_t cb = c0 + warp * per, ce = min(c1, cb + per);
-  T* xs = reinterpret_cast<T*>(smem) + warp * kRows * kMmaRowPad;
-  const T* xg = static_cast<const T*>(a.x);
-  const T* sc = static_cast<const T*>(a.scales);
-  const T* zr = static_cast<const T*>(a.zeros);
-  const T* csp = static_cast<const T*>(a.cs);
-  const bool asym = a.asym != 0;
-  const uint32_t magic = H::kMagic;
-  const T2 offset = H::offset();
-
-  // Rows of x' past M stay zero for the whole kernel.
-  for (int i = lane; i < kRows * kMmaRowPad; i += 32) xs[i] = H::from_float(0.0f);
-  __syncwarp();
-
-  float acc[MTILES][4][4];
-#pragma unroll
-  for (int mt = 0; mt < MTILES; ++mt)
-#pragma unroll
-    for (int j = 0; j < 4; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[mt][j][e] = 0.0f;
-
-  if (cb < ce) {
-    // Words: a ring of kMmaStages chunks per warp in shared memory, filled by cp.async (4 bytes per lane
-    // and word row, zero-filled past N), so kMmaStages - 1 chunks are in flight while one is decoded. Each
-    // lane copies and reads only its own column's words: no barrier is needed around the ring.
-    uint32_t* ring = ring_all + warp * kMmaStages * B * 32;
-    auto issue_w = [&](int64_t c) {
-      if (c < ce) {
-        uint32_t* dst = ring + (c % kMmaStages) * B * 32 + lane;
-#pragma unroll
-        for (int i = 0; i < B; ++i) {
-          const uint32_t* src = col_ok ? a.qweight + (c * B + i) * a.N + col : a.qweight;
-          cp_async_4(dst + i * 32, src, col_ok ? 4 : 0);
-        }
-      }
-      cp_async_commit();  // one group per chunk, empty past the end: the wait count stays uniform
-    };
-    for (int st = 0; st < kMmaStages - 1; ++st) issue_w(cb + st);
-
-    // x (vector mode) of the next chunk, in registers one chunk ahead: lane -> (row m, 8-row segment).
-    constexpr int kXv = (kRows * 4 + 31) / 32;
-    uint4 xv[kXv];
-    const int64_t nm = min(a.M, int64_t(kRows));
-    auto issue_x = [&](int64_t c) {
-#pragma unroll
-      for (int q = 0; q < kXv; ++q) {
-        const int64_t i = lane + 32 * q, m = i >> 2, k0 = a.row0 + c * 32 + (i & 3) * 8;
-        xv[q] = (m < nm && k0 < a.K && c < ce) ? __ldg(reinterpret_cast<const uint4*>(xg + m * a.ldx + k0))
-                                               : make_uint4(0u, 0u, 0u, 0u);
-      }
-    };
-    if (a.xvec) issue_x(cb);
-    // Groups: this chunk's (gc), the next one's (gn, loaded an iteration ago) and the one after (issued
-    // here); (s, z) of the next chunk's group are fetched one iteration early when that group is new.
-    auto load_g = [&](int64_t c) {
-      const int64_t r = a.row0 + c * 32 + lane;
-      return (c < ce && r < a.K) ? int(min(max(int64_t(__ldg(a.g_idx + r)), int64_t(0)), a.groups - 1)) : -1;
-    };
-    int gc = load_g(cb), gn = load_g(cb + 1);
-    int64_t g_last = -1, g_pre = -1;
-    T s_col = H::from_float(0.0f), z_col = H::from_float(0.0f), s_pre = s_col, z_pre = z_col;
-    uint32_t wc[B];
-#pragma unroll 1
-    for (int64_t c = cb; c < ce; ++c) {
-      issue_w(c + kMmaStages - 1);
-      const int64_t r = a.row0 + c * 32 + lane;
-      const bool rv = r < a.K;
-      // Stage x' of the chunk (rows past M stay zero).
-      if (a.xvec) {
-#pragma unroll
-        for (int q = 0; q < kXv; ++q) {
-          const int64_t i = lane + 32 * q, m = i >> 2;
-          if (m < nm) *reinterpret_cast<uint4*>(xs + m * kMmaRowPad + (i & 3) * 8) = xv[q];
-        }
-        issue_x(c + 1);
-      } else {
-        int64_t k = r;
-        if (rv && a.perm != nullptr) k = min(max(int64_t(__ldg(a.perm + r)), int64_t(0)), a.K - 1);
-        const float cf = (rv && csp != nullptr) ? float(csp[k]) : 1.0f;
-        for (int64_t m = 0; m < nm; ++m) {
-          const float v = rv ? float(xg[m * a.ldx + k]) * cf : 0.0f;
-          xs[m * kMmaRowPad + lane] = H::from_float(v);
-        }
-      }
-      // Group of each row of the chunk.
-      int gl = gc;
-      const int g0 = __shfl_sync(0xFFFFFFFFu, gl, 0);
-      if (!rv) gl = g0;
-      const bool uni = __all_sync(0xFFFFFFFFu, gl == g0) != 0;
-      if (uni && g0 != g_last) {
-        g_last = g0;
-        if (g0 == g_pre) {
-          s_col = s_pre;
-          z_col = z_pre;
-        } else {
-          s_col = col_ok ? sc[int64_t(g0) * a.N + col] : H::from_float(0.0f);
-          z_col = col_ok ? zr[int64_t(g0) * a.N + col] : H::from_float(0.0f);
-        }
-      }
-      {  // prefetch the next chunk's (s, z) when it starts a new uniform group
-        const int gn0 = __shfl_sync(0xFFFFFFFFu, gn, 0);
-        const bool nuni = __all_sync(0xFFFFFFFFu, gn == gn0 || gn < 0) != 0;
-        if (nuni && gn0 >= 0 && gn0 != g_last && gn0 != g_pre) {
-          g_pre = gn0;
-          s_pre = col_ok ? sc[int64_t(gn0) * a.N + col] : H::from_float(0.0f);
-          z_pre = col_ok ? zr[int64_t(gn0) * a.N + col] : H::from_float(0.0f);
-        }
-      }
-      const int gnn = load_g(c + 2);
-      gc = gn;
-      gn = gnn;
-      // This chunk's words have landed (the kMmaStages - 1 newer groups may still be in flight).
-      cp_async_wait<kMmaStages - 1>();
-      const uint32_t* mine = ring + (c % kMmaStages) * B * 32 + lane;
-#pragma unroll
-      for (int i = 0; i < B; ++i) wc[i] = mine[i * 32];
-      __syncwarp();
-      uint32_t af[2][MTILES][4];  // A fragments of both 16-row k-steps
-#pragma unroll
-      for (int ks = 0; ks < 2; ++ks)
-#pragma unroll
-        for (int mt = 0; mt < MTILES; ++mt) {
-          const T* base = xs + (mt * 16 + g) * kMmaRowPad + ks * 16 + 2 * t;
-          af[ks][mt][0] = *reinterpret_cast<const uint32_t*>(base);
-          af[ks][mt][1] = *reinterpret_cast<const uint32_t*>(base + 8 * kMmaRowPad);
-          af[ks][mt][2] = *reinterpret_cast<const uint32_t*>(base + 8);
-          af[ks][mt][3] = *reinterpret_cast<const uint32_t*>(base + 8 * kMmaRowPad + 8);
-        }
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int src = 8 * j + g;  // lane holding column tile0 + 8j + g
-        uint32_t wj[B];
-#pragma unroll
-        for (int i = 0; i < B; ++i) wj[i] = __shfl_sync(0xFFFFFFFFu, wc[i], src);
-        T s1 = H::from_float(0.0f), z1 = H::from_float(0.0f);
-        if (uni) {
-          s1 = __shfl_sync(0xFFFFFFFFu, s_col, src);
-          z1 = __shfl_sync(0xFFFFFFFFu, z_col, src);
-        }
-#pragma unroll
-        for (int ks = 0; ks < 2; ++ks) {
-          T2 s_lo, z_lo, s_hi, z_hi;
-          if (uni) {
-            s_lo = s_hi = T2{s1, s1};
-            z_lo = z_hi = T2{z1, z1};
-          } else {
-            // Rows 16ks + 2t, +1, +8, +9 of column tile0 + 8j + g: their own groups.
-            const int rr = 16 * ks + 2 * t;
-            const int ga = __shfl_sync(0xFFFFFFFFu, gl, rr), gb = __shfl_sync(0xFFFFFFFFu, gl, rr + 1);
-            const int gc = __shfl_sync(0xFFFFFFFFu, gl, rr + 8), gd = __shfl_sync(0xFFFFFFFFu, gl, rr + 9);
-            const int64_t n = tile0 + 8 * j + g;
-            const bool ok = n < a.N;
-            auto ld = [&](const T* p, int gg) { return ok ? p[int64_t(gg) * a.N + n] : H::from_float(0.0f); };
-            s_lo = T2{ld(sc, ga), ld(sc, gb)};
-            z_lo = T2{ld(zr, ga), ld(zr, gb)};
-            s_hi = T2{ld(sc, gc), ld(sc, gd)};
-            z_hi = T2{ld(zr, gc), ld(zr, gd)};
-          }
-          const T2 q_lo = __hsub2(bits_as<T2>(code_pair<B>(wj, ks, false, t, magic)), offset);  // exact
-          const T2 q_hi = __hsub2(bits_as<T2>(code_pair<B>(wj, ks, true, t, magic)), offset);
-          T2 w_lo, w_hi;
-          if (asym) {
-            w_lo = __hmul2(s_lo, __hsub2(q_lo, z_lo));
-            w_hi = __hmul2(s_hi, __hsub2(q_hi, z_hi));
-          } else {
-            w_lo = __hfma2(q_lo, s_lo, __hneg2(z_lo));
-            w_hi = __hfma2(q_hi, s_hi, __hneg2(z_hi));
-          }
-          const uint32_t b0 = as_bits(w_lo), b1 = as_bits(w_hi);
-#pragma unroll
-          for (int mt = 0; mt < MTILES; ++mt) mma_16816<T>(acc[mt][j], af[ks][mt], b0, b1);
-        }
-      }
-      __syncwarp();  // xs is rewritten next chunk
-    }
-    cp_async_wait<0>();
-  }
-
-  // Block reduction in warp order. acc[mt][j]: rows mt*16 + g (e 0, 1) and + 8 (e 2, 3), columns 8j + 2t + (e & 1).
-  __syncthreads();  // everyone is done with xs: the buffer becomes red
-  float* red = reinterpret_cast<float*>(smem);
-#pragma unroll
-  for (int mt = 0; mt < MTILES; ++mt)
-#pragma unroll
-    for (int j = 0; j < 4; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int row = mt * 16 + g + (e >= 2 ? 8 : 0), cc = 8 * j + 2 * t + (e & 1);
-        red[(warp * kRows + row) * kMmaTileN + cc] = acc[mt][j][e];
-      }
-  __syncthreads();
-  for (int idx = threadIdx.x; idx < kRows * kMmaTileN; idx += kMmaWarps * 32) {
-    const int row = idx / kMmaTileN, cc = idx % kMmaTileN;
-    const int64_t n = tile0 + cc;
-    if (row >= a.M || n >= a.N) continue;
-    float v = red[row * kMmaTileN + cc];
-#pragma unroll
-    for (int w = 1; w < kMmaWarps; ++w) v += red[(w * kRows + row) * kMmaTileN + cc];
-    if (a.partial != nullptr) {
-      a.partial[(int64_t(blockIdx.y) * a.M + row) * a.N + n] = v;
-    } else {
-      const int dt = std::is_same<T, __half>::value ? 1 : 2;
-      if (a.bias != nullptr) v += raw_to_float(load_raw(a.bias, n, dt), dt);
-      store_out(a.out, row * a.ldo + n, dt, v);
-    }
-  }
-}
-
-template <int B, typename T>
-void launch_mma_b(int mtiles, dim3 grid, cudaStream_t stream, const MmaArgs& a) {
-  switch (mtiles) {
-    case 1: wq_mma_kernel<B, 1, T><<<grid, kMmaWarps * 32, 0, stream>>>(a); break;
-    case 2: wq_mma_kernel<B, 2, T><<<grid, kMmaWarps * 32, 0, stream>>>(a); break;
-    case 3: wq_mma_kernel<B, 3, T><<<grid, kMmaWarps * 32, 0, stream>>>(a); break;
-    default: wq_mma_kernel<B, 4, T><<<grid, kMmaWarps * 32, 0, stream>>>(a); break;
-  }
-}
-
-// Every segment 2 or 4 bits (a channel-mix of those runs one launch per segment).
-bool all_mma_widths(const WqWeight& w) {
-  for (int s = 0; s < w.nseg; ++s)
-    if (w.bits[s] != 2 && w.bits[s] != 4) return false;
-  return w.nseg >= 1;
-}
-
-// Whether the tensor-core path takes this call (xtype unknown: nullptr skips that condition).
-bool mma_eligible(const WqWeight& w, int64_t M, const DType* xtype) {
-  return w.allow_half && (w.sdtype == DType::kFloat16 || w.sdtype == DType::kBFloat16) &&
-         (xtype == nullptr || *xtype == w.sdtype) && all_mma_widths(w) &&
-         M >= 2 && M <= 64;  // M = 1: the CUDA-core kernel is faster (no padded rows, no word shuffles)
-}
-
-// Splits of one segment's tensor-core launch (`chunks` 32-row chunks): about 4 blocks per SM, at least 2
-// chunks per warp and split.
-int64_t mma_splits(const WqWeight& w, int64_t chunks, int sms) {
-  const int64_t base = (w.N + kMmaTileN - 1) / kMmaTileN;
-  const int64_t want = std::max<int64_t>(1, int64_t(4) * sms / base);
-  const int64_t cap = std::max<int64_t>(1, chunks / (int64_t(kMmaWarps) * 2));
-  int64_t splits = std::min(std::min(want, cap), kMaxGridY);
-  const int64_t cps = (chunks + splits - 1) / splits;
-  return (chunks + cps - 1) / cps;
-}
-
-// ---------------------------------------------------------------------------------------------------
 // Dequantize.
 
 struct DeqArgs {
@@ -1124,43 +719,6 @@ __global__ void __launch_bounds__(kDequantThreads) wq_dequantize4_kernel(const D
 // ---------------------------------------------------------------------------------------------------
 // Host side.
 
-struct DeviceInfo {
-  int sms = 1;
-  int major = 0;
-};
-
-// Multiprocessor count and compute capability of the current device, cached per device (attribute
-// queries do not sync, but they are not free either).
-Status device_info(const char* fn, DeviceInfo* info) {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> cached_sms[kMaxDevices];
-  static std::atomic<int> cached_major[kMaxDevices];
-  int dev = 0;
-  cudaError_t err = cudaGetDevice(&dev);
-  if (err != cudaSuccess)
-    return Status::device(validate::err(fn, std::string("cudaGetDevice failed: ") + cudaGetErrorString(err)));
-  if (dev >= 0 && dev < kMaxDevices) {
-    const int s = cached_sms[dev].load(std::memory_order_acquire);
-    if (s > 0) {
-      info->sms = s;
-      info->major = cached_major[dev].load(std::memory_order_acquire);
-      return Status::ok();
-    }
-  }
-  int sms = 0, major = 0;
-  err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-  if (err != cudaSuccess)
-    return Status::device(validate::err(fn, std::string("cudaDeviceGetAttribute failed: ") + cudaGetErrorString(err)));
-  info->sms = sms > 0 ? sms : 1;
-  info->major = major;
-  if (dev >= 0 && dev < kMaxDevices) {
-    cached_major[dev].store(major, std::memory_order_release);
-    cached_sms[dev].store(info->sms, std::memory_order_release);
-  }
-  return Status::ok();
-}
-
 struct SegPlan {
   int bits;
   int64_t row0, qrow0, chunks, splits, cps, slot0;
@@ -1250,6 +808,60 @@ void launch_main(int mt, int bits, dim3 grid, cudaStream_t stream, const MainArg
   }
 }
 
+// The call's fields of MainArgs.
+template <class Args>
+void fill_common(Args& a, const WqWeight& w, const void* x, int64_t M, int64_t ldx, const void* bias, void* out,
+                 int64_t ldo) {
+  a.g_idx = w.g_idx;
+  a.groups = w.groups;
+  a.scales = w.scales;
+  a.zeros = w.zeros;
+  a.perm = w.perm;
+  a.cs = w.channel_scale;
+  a.x = x;
+  a.M = M;
+  a.ldx = ldx;
+  a.bias = bias;
+  a.out = out;
+  a.ldo = ldo;
+}
+
+}  // namespace
+
+namespace wq_detail {
+
+// Multiprocessor count and compute capability of the current device, cached per device (attribute
+// queries do not sync, but they are not free either).
+Status device_info(const char* fn, DeviceInfo* info) {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> cached_sms[kMaxDevices];
+  static std::atomic<int> cached_major[kMaxDevices];
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess)
+    return Status::device(validate::err(fn, std::string("cudaGetDevice failed: ") + cudaGetErrorString(err)));
+  if (dev >= 0 && dev < kMaxDevices) {
+    const int s = cached_sms[dev].load(std::memory_order_acquire);
+    if (s > 0) {
+      info->sms = s;
+      info->major = cached_major[dev].load(std::memory_order_acquire);
+      return Status::ok();
+    }
+  }
+  int sms = 0, major = 0;
+  err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  if (err != cudaSuccess)
+    return Status::device(validate::err(fn, std::string("cudaDeviceGetAttribute failed: ") + cudaGetErrorString(err)));
+  info->sms = sms > 0 ? sms : 1;
+  info->major = major;
+  if (dev >= 0 && dev < kMaxDevices) {
+    cached_major[dev].store(major, std::memory_order_release);
+    cached_sms[dev].store(info->sms, std::memory_order_release);
+  }
+  return Status::ok();
+}
+
 // The reduce kernel, as a programmatic dependent launch where the device supports it (sm_90+).
 Status launch_reduce(const char* fn, const DeviceInfo& dev, cudaStream_t stream, const float* ws, int64_t slots,
                      int64_t M, int64_t N, const void* bias, int sdt, void* out, int odt, int64_t ldo) {
@@ -1278,81 +890,9 @@ Status launch_reduce(const char* fn, const DeviceInfo& dev, cudaStream_t stream,
   return launch_error(fn, "reduce kernel launch failed");
 }
 
-// The fields MainArgs and MmaArgs share (same names), from the call's arguments.
-template <class Args>
-void fill_common(Args& a, const WqWeight& w, const void* x, int64_t M, int64_t ldx, const void* bias, void* out,
-                 int64_t ldo) {
-  a.g_idx = w.g_idx;
-  a.groups = w.groups;
-  a.scales = w.scales;
-  a.zeros = w.zeros;
-  a.perm = w.perm;
-  a.cs = w.channel_scale;
-  a.x = x;
-  a.M = M;
-  a.ldx = ldx;
-  a.bias = bias;
-  a.out = out;
-  a.ldo = ldo;
-}
+}  // namespace wq_detail
 
-// Chunks of segment sg and the slots (split-K partial sums) of all segments.
-int64_t seg_chunks(const WqWeight& w, int sg) { return (w.row_end[sg] - (sg == 0 ? 0 : w.row_end[sg - 1]) + 31) / 32; }
-
-int64_t mma_slots(const WqWeight& w, int sms) {
-  int64_t slots = 0;
-  for (int sg = 0; sg < w.nseg; ++sg) slots += mma_splits(w, seg_chunks(w, sg), sms);
-  return slots;
-}
-
-size_t mma_workspace_bytes(const WqWeight& w, int64_t M, int sms) {
-  const int64_t slots = mma_slots(w, sms);
-  return slots > 1 ? size_t(slots) * size_t(M) * size_t(w.N) * sizeof(float) : 0;
-}
-
-// One launch per segment (each writing its own slots of the workspace unless a single segment needs one
-// split), then wq_reduce_kernel over all slots in order.
-Status launch_mma(const char* fn, const WqWeight& w, const void* x, int64_t M, int64_t ldx, const void* bias,
-                  void* out, int64_t ldo, float* ws, const DeviceInfo& dev, cudaStream_t stream) {
-  const int64_t slots = mma_slots(w, dev.sms);
-  MmaArgs a = {};
-  a.N = w.N;
-  a.K = w.K;
-  fill_common(a, w, x, M, ldx, bias, out, ldo);
-  a.asym = w.asym ? 1 : 0;
-  a.xvec = (w.perm == nullptr && w.channel_scale == nullptr && w.K % 8 == 0 && ldx % 8 == 0 &&
-            reinterpret_cast<uintptr_t>(x) % 16 == 0)
-               ? 1
-               : 0;
-  const int mtiles = int((M + 15) / 16);
-  const bool fp16 = w.sdtype == DType::kFloat16;
-  int64_t slot0 = 0, qrow0 = 0;
-  for (int sg = 0; sg < w.nseg; ++sg) {
-    a.row0 = sg == 0 ? 0 : w.row_end[sg - 1];
-    a.chunks = seg_chunks(w, sg);
-    const int64_t splits = mma_splits(w, a.chunks, dev.sms);
-    a.cps = (a.chunks + splits - 1) / splits;
-    a.qweight = w.qweight + qrow0 * w.N;
-    a.partial = slots > 1 ? ws + slot0 * M * w.N : nullptr;
-    const dim3 grid(static_cast<unsigned>((w.N + kMmaTileN - 1) / kMmaTileN), static_cast<unsigned>(splits));
-    if (w.bits[sg] == 4) {
-      if (fp16) launch_mma_b<4, __half>(mtiles, grid, stream, a); else launch_mma_b<4, __nv_bfloat16>(mtiles, grid, stream, a);
-    } else {
-      if (fp16) launch_mma_b<2, __half>(mtiles, grid, stream, a); else launch_mma_b<2, __nv_bfloat16>(mtiles, grid, stream, a);
-    }
-    Status st = launch_error(fn, "tensor-core kernel launch failed");
-    if (!st.is_ok()) return st;
-    slot0 += splits;
-    qrow0 += a.chunks * w.bits[sg];
-  }
-  if (slots == 1) return Status::ok();
-  const int dt = static_cast<int>(w.sdtype);
-  return launch_reduce(fn, dev, stream, ws, slots, M, w.N, bias, dt, out, dt, ldo);
-}
-
-}  // namespace
-
-bool wq_matmul_uses_tensor_cores(const WqWeight& w, DType xtype, int64_t M) { return mma_eligible(w, M, &xtype); }
+bool wq_matmul_uses_tensor_cores(const WqWeight& w, DType xtype, int64_t M) { return wq_detail::tc_eligible(w, M, &xtype); }
 
 Status wq_matmul_workspace(const WqWeight& w, int64_t M, size_t* bytes) {
   const char* fn = "lowbit::cuda::wq_matmul_workspace";
@@ -1370,7 +910,12 @@ Status wq_matmul_workspace(const WqWeight& w, int64_t M, size_t* bytes) {
   if (!st.is_ok()) return st;
   *bytes = plan.ws_bytes;
   // The x dtype is not known here: enough for whichever path wq_matmul takes.
-  if (mma_eligible(w, M, nullptr)) *bytes = std::max(*bytes, mma_workspace_bytes(w, M, dev.sms));
+  if (wq_detail::tc_eligible(w, M, nullptr)) {
+    size_t tc = 0;
+    st = wq_detail::tc_workspace(fn, w, M, dev.sms, &tc);
+    if (!st.is_ok()) return st;
+    *bytes = std::max(*bytes, tc);
+  }
   return Status::ok();
 }
 
@@ -1387,13 +932,8 @@ Status wq_matmul(const WqWeight& w, const void* x, DType xtype, int64_t M, int64
   st = make_plan(fn, w, M, dev.sms, &plan);
   if (!st.is_ok()) return st;
   const cudaStream_t cs = reinterpret_cast<cudaStream_t>(stream);
-  if (mma_eligible(w, M, &xtype)) {
-    const size_t need = mma_workspace_bytes(w, M, dev.sms);
-    if (need > 0 && (workspace == nullptr || workspace_bytes < need))
-      return Status::invalid(validate::err(fn, "workspace_bytes must be >= " + std::to_string(need) +
-                                                   " (wq_matmul_workspace), got " + std::to_string(workspace_bytes)));
-    return launch_mma(fn, w, x, M, ldx, bias, out, ldo, static_cast<float*>(workspace), dev, cs);
-  }
+  if (wq_detail::tc_eligible(w, M, &xtype))
+    return wq_detail::tc_matmul(fn, w, x, M, ldx, bias, out, ldo, workspace, workspace_bytes, dev, cs);
   if (plan.ws_bytes > 0) {
     if (workspace_bytes < plan.ws_bytes)
       return Status::invalid(validate::err(fn, "workspace_bytes must be >= " + std::to_string(plan.ws_bytes) +

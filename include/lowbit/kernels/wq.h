@@ -70,12 +70,14 @@ struct WqWeight {
   const int32_t* perm = nullptr;       // (K,) stored row -> original channel, or null (identity)
   const void* channel_scale = nullptr;  // (K,) original order, sdtype, or null (all ones)
   // Tensor-core permission (CUDA wq_matmul only; the CPU ignores it). When true, x has dtype sdtype and
-  // sdtype is float16 or bfloat16, the kernel may compute w in that 16-bit type instead of fp32:
-  //   sym  w16 = rne16(s * q - z)        asym  w16 = rne16(s * (q - z))      (one rounding, as an FMA)
-  // and x' = rne16(x * c), then accumulate x' * w16 in fp32 on tensor cores (mma.sync m16n8k16): what a
-  // dense F.linear on the dequantized 16-bit weight computes. Today: segments of 2 or 4 bits, 2 <= M <= 64.
-  // Results then differ from the fp32 definition by the 16-bit rounding of w and x' (tests: 2^-11 (fp16)
-  // or 2^-8 (bf16) times sum |x'||W| on top of the fp32 tolerance).
+  // sdtype is float16 or bfloat16, the kernel may round x' = x * c once to that 16-bit type and multiply
+  // on tensor cores (mma.sync m16n8k16, fp32 accumulation). Today: every segment 2 or 4 bits, 1 <= M <= 64.
+  // It multiplies the exact integer codes and applies each group's (s, z) to the fp32 sums of that group
+  // (sym: s * sum x'q - z * sum x'; asym: s * (sum x'q - z * sum x')) where a 4-row x 32/b-code block of
+  // words lies in one group, and otherwise dequantizes w16 = rne16(s * q - z) (sym) / rne16(s * (q - z))
+  // (asym) per row. Results then differ from the fp32 definition by the 16-bit rounding of x' (and w16)
+  // and the changed summation order (tests: 2^-11 (fp16) or 2^-8 (bf16) times sum |x'||W| on top of the
+  // fp32 tolerance).
   bool allow_half = false;
 };
 

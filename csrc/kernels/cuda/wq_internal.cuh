@@ -1,0 +1,87 @@
+// Private interface between the two CUDA units of wq_matmul (include/lowbit/kernels/wq.h):
+//   wq_matmul.cu  the CUDA-core kernel (any width, any dtype), wq_dequantize, the split-K reduce kernel,
+//                 the public entry points and the choice of path;
+//   wq_tc.cu      the tensor-core kernel (WqWeight::allow_half, 2- and 4-bit segments, M <= 64).
+// Device helpers both kernels use and the host hooks between the units. Nothing here is public API.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "lowbit/kernels/common.h"
+#include "lowbit/kernels/wq.h"
+
+namespace lowbit {
+namespace cuda {
+namespace wq_detail {
+
+// ---------------------------------------------------------------------------------------------------
+// Device helpers. dt: 0 fp32, 1 fp16, 2 bf16 (the DType values).
+
+// Weights are read once: keep them out of L1.
+__device__ __forceinline__ uint4 ld_stream_v4(const uint32_t* p) {
+  uint4 v;
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(p));
+  return v;
+}
+__device__ __forceinline__ uint32_t ld_stream(const uint32_t* p) {
+  uint32_t v;
+  asm("ld.global.nc.L1::no_allocate.u32 %0, [%1];" : "=r"(v) : "l"(p));
+  return v;
+}
+
+// The raw bits of element i (16-bit types zero-extended). Conversion is separate so that a prefetched
+// value is not touched until it is needed.
+__device__ __forceinline__ uint32_t load_raw(const void* base, int64_t i, int dt) {
+  if (dt == 0) return __ldg(static_cast<const unsigned int*>(base) + i);
+  return __ldg(static_cast<const unsigned short*>(base) + i);
+}
+__device__ __forceinline__ float raw_to_float(uint32_t raw, int dt) {
+  if (dt == 0) return __uint_as_float(raw);
+  if (dt == 1) return __half2float(__ushort_as_half(static_cast<unsigned short>(raw)));
+  return __uint_as_float(raw << 16);  // bf16 -> fp32 is exact
+}
+__device__ __forceinline__ void store_out(void* out, int64_t i, int dt, float v) {
+  if (dt == 0)
+    static_cast<float*>(out)[i] = v;
+  else if (dt == 1)
+    static_cast<__half*>(out)[i] = __float2half_rn(v);
+  else
+    static_cast<__nv_bfloat16*>(out)[i] = __float2bfloat16_rn(v);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Host hooks.
+
+struct DeviceInfo {
+  int sms = 1;
+  int major = 0;
+};
+
+// Multiprocessor count and compute capability of the current device (cached per device; no sync).
+Status device_info(const char* fn, DeviceInfo* info);
+
+// Sums `slots` fp32 partial results ws[slot][M][N] in slot order, adds bias (dtype sdt) and rounds once
+// into out (dtype odt, row stride ldo). A programmatic dependent launch on sm_90+ (the kernels before it
+// call pdl_trigger()).
+Status launch_reduce(const char* fn, const DeviceInfo& dev, cudaStream_t stream, const float* ws, int64_t slots,
+                     int64_t M, int64_t N, const void* bias, int sdt, void* out, int odt, int64_t ldo);
+
+// wq_tc.cu. Whether the tensor-core kernel takes this call (xtype null: not known yet, that condition is
+// skipped); the workspace it needs (bytes, for any x stride and alignment); and the call itself, for a
+// validated weight and call with M >= 1, N >= 1.
+bool tc_eligible(const WqWeight& w, int64_t M, const DType* xtype);
+Status tc_workspace(const char* fn, const WqWeight& w, int64_t M, int sms, size_t* bytes);
+Status tc_matmul(const char* fn, const WqWeight& w, const void* x, int64_t M, int64_t ldx, const void* bias,
+                 void* out, int64_t ldo, void* workspace, size_t workspace_bytes, const DeviceInfo& dev,
+                 cudaStream_t stream);
+
+}  // namespace wq_detail
+}  // namespace cuda
+}  // namespace lowbit

@@ -1,0 +1,955 @@
+// Tensor-core weight-only matmul (include/lowbit/kernels/wq.h, WqWeight::allow_half): x of the scales'
+// 16-bit dtype (fp16 / bf16), segments of 2 or 4 bits, 1 <= M <= 64. This is the LLM decode kernel
+// (M = 1 .. 16): it has to stream the packed words at HBM bandwidth, so it is built around how few
+// instructions a weight can cost and how many bytes a warp keeps in flight.
+//
+// Orientation. out^T = W^T x'^T: the WEIGHTS are the A operand of mma.sync.m16n8k16 (16 output columns
+// x 16 k) and x' the B operand (16 k x 8 rows of x), so M = 1 pads 8 rows of x, not 16, and each lane
+// dequantizes only the codes of its own A fragment.
+//
+// A free k order. The dot product does not care in which order k runs as long as A and B agree, so the
+// 16 k-slots of an mma step are mapped onto the rows that the packed words hand out most cheaply. A
+// k-block is the 4 word rows t = 0..3 of a column (4 * 32/B stored rows: 32 for 4-bit, 64 for 2-bit);
+// lane (g = lane / 4, t = lane % 4) owns word row t of its columns. A word holds C = 32/B codes, code i
+// at bits [B*i, B*i + B); PAIR i (i < C/2) is codes (i, i + C/2), i.e. the bits at B*i of both 16-bit
+// halves, so one shift + one LOP3 (mask, OR the exponent of 1024 (fp16) / 128 (bf16)) yields two
+// 16-bit numbers magic + q * 2^p, and one HFMA2 (times 2^-p, minus magic * 2^-p) turns them into the
+// exact integers q. mma step s takes pair 2s as its k-slots (2t, 2t+1) and pair 2s+1 as (2t+8, 2t+9):
+//   slot 2t   <- row C*t + 2s          slot 2t+8 <- row C*t + 2s + 1
+//   slot 2t+1 <- row C*t + 2s + C/2    slot 2t+9 <- row C*t + 2s + 1 + C/2      (rows within the k-block)
+// The B fragment of lane (g, t) is then rows C*t .. C*t + C-1 of x' row g: one (4-bit) or two (2-bit)
+// 16-byte loads, re-paired by one PRMT per register.
+//
+// Columns. A warp covers 64 columns; lane group g owns columns n0 + 4g + {0..3} (its "A" quad) and
+// n0 + 32 + 4g + {0..3} (its "B" quad), so each word row is two 16-byte loads per lane and every warp load
+// instruction reads 4 full 128-byte lines. m-tile mt of the mma takes column 2mt of the lane's 8 as its
+// row g and column 2mt + 1 as its row g + 8.
+//
+// Scales in fp32, per group. The fast path does not dequantize: it multiplies the exact codes,
+// accumulating A_g = sum_{k in g} x'_k q_k (and, with an all-ones A operand, X_g = sum_{k in g} x'_k) in
+// fp32 over the k-blocks of one group, and folds the group in when it ends:
+//   sym  (w = s*q - z):   acc += s*A_g - z*X_g       asym (w = s*(q - z)):   acc += s*(A_g - z*X_g)
+// (two FMAs per output and group). Per 8 codes (4-bit, fp16) that is 2 LOP3 + 1 shift + 4 HFMA2 plus
+// 4/8 of an mma per x row tile: about a third of the CUDA-core kernel's issue cost, and the products
+// are exact (no rounding of w to 16 bits), so the result is closer to the fp32 definition of wq.h than
+// a dense F.linear on the rounded 16-bit weight; the only 16-bit rounding is x' (allow_half).
+// A k-block whose rows do not all share one group (act-order without the layers' sort, groups smaller
+// than a k-block) takes the exact per-row path: w = rne16(s*q - z) (sym) or rne16(s*(q - z)) (asym) with
+// each row's own (s, z), one HFMA2 / HSUB2+HMUL2 per pair, into the same fp32 accumulators.
+//
+// Pipeline. Each warp keeps S k-blocks in flight in registers: their words (ld.global.nc.L1::no_allocate,
+// read once), their x' (L1-cached: every warp of the SM reads it) and the g_idx of their rows. The group
+// of the next k-block is known one step ahead, so its (s, z) are fetched one k-block before they are
+// needed (kept while the group lasts).
+//
+// Work decomposition: grid.x = column tiles x row tiles of x (row tile fastest, so the blocks that read
+// the same words run together and the re-reads come from L2), grid.y = split-K; kTcWarps warps per block
+// on the same 64 columns split the block's k-blocks into contiguous ranges and are summed through shared
+// memory in warp order. One split: the block writes out (bias, one rounding); several (or several
+// segments, one launch each): fp32 partials per slot, then launch_reduce (wq_matmul.cu) sums the slots
+// in order. No float atomics: the result depends on the shape and SM count only.
+//
+// x' = x * channel_scale gathered into stored-row order (perm) and rounded once to the 16-bit type: a
+// small prep kernel writes it to the workspace when there is a perm or channel scale, or x cannot be read
+// with aligned 16-byte loads; otherwise the main kernel reads x itself. Rows past the segment are
+// zeroed in registers (their padding code bits then multiply zero).
+//
+// Indices: g_idx entries are clamped into [0, groups) (wq.h). Word rows past the segment's words are
+// never read; columns past N are neither read nor written.
+#include "wq_internal.cuh"
+
+#include "pdl.cuh"
+
+#ifdef __USE_FAST_MATH__
+#error "wq_tc.cu must not be built with --use_fast_math: the code conversions rely on exact FMA"
+#endif
+
+#include <algorithm>
+#include <limits>
+#include <string>
+#include <type_traits>
+
+#include "../validate.h"
+
+namespace lowbit {
+namespace cuda {
+namespace wq_detail {
+namespace {
+
+constexpr int kTcWarps = 4;
+constexpr int kTcThreads = 32 * kTcWarps;
+constexpr int kTcCols = 64;            // columns per block (and per warp)
+constexpr int64_t kMaxGridY = 65535;
+constexpr int kPrepThreads = 256;
+constexpr int64_t kXAlignRows = 64;    // rows of the prepared x' are padded to a multiple of this (zeros)
+
+template <typename T>
+struct Tc;
+template <>
+struct Tc<__half> {
+  using T2 = __half2;
+  static constexpr uint32_t kMagic = 0x64006400u;  // 1024 in both halves: 1024 + q*2^p exact for q*2^p < 1024
+  static constexpr int kMant = 10;                 // mantissa bits
+  static constexpr uint32_t kOne2 = 0x3C003C00u;   // (1, 1)
+  // Bits of 2^e.
+  static constexpr uint32_t pow2(int e) { return uint32_t(15 + e) << 10; }
+  static constexpr int kMagicExp = 10;
+};
+template <>
+struct Tc<__nv_bfloat16> {
+  using T2 = __nv_bfloat162;
+  static constexpr uint32_t kMagic = 0x43004300u;  // 128 in both halves
+  static constexpr int kMant = 7;
+  static constexpr uint32_t kOne2 = 0x3F803F80u;
+  static constexpr uint32_t pow2(int e) { return uint32_t(127 + e) << 7; }
+  static constexpr int kMagicExp = 7;
+};
+
+template <typename T2>
+__device__ __forceinline__ T2 bits_as(uint32_t u) {
+  T2 v;
+  static_assert(sizeof(T2) == 4, "16-bit pair");
+  memcpy(&v, &u, 4);
+  return v;
+}
+template <typename T2>
+__device__ __forceinline__ uint32_t as_bits(T2 v) {
+  uint32_t u;
+  memcpy(&u, &v, 4);
+  return u;
+}
+
+// Pair I of a word (codes I and I + C/2) as 16-bit magic + q * 2^P in both halves. Pairs that fit the
+// mantissa together share one shift (kPer of them); the mask-and-or is one LOP3 (`magic` comes from a
+// register, see TcArgs::magic).
+template <int B, typename T, int I>
+struct PairCode {
+  static constexpr int kPer = Tc<T>::kMant / B;
+  static constexpr int kShift = (I / kPer) * kPer * B;
+  static constexpr int kPos = B * I - kShift;
+  static constexpr uint32_t kMask = (((1u << B) - 1u) << kPos) * 0x00010001u;
+  static_assert(kPos + B <= Tc<T>::kMant, "the code must stay inside the mantissa");
+  __device__ static __forceinline__ uint32_t raw(uint32_t w, uint32_t magic) {
+    return ((w >> kShift) & kMask) | magic;
+  }
+  // The exact integers (q_I, q_{I+C/2}): (magic + q*2^P) * 2^-P - magic * 2^-P, one exact FMA.
+  __device__ static __forceinline__ typename Tc<T>::T2 exact(uint32_t w, uint32_t magic) {
+    using T2 = typename Tc<T>::T2;
+    constexpr uint32_t kScale = Tc<T>::pow2(-kPos) * 0x00010001u;
+    constexpr uint32_t kNeg = (0x8000u | Tc<T>::pow2(Tc<T>::kMagicExp - kPos)) * 0x00010001u;
+    return __hfma2(bits_as<T2>(raw(w, magic)), bits_as<T2>(kScale), bits_as<T2>(kNeg));
+  }
+};
+
+// PairCode<B, T, i> for an index that is a constant once the loops are unrolled.
+template <int B, typename T>
+struct PairCodeSel {
+  __device__ static __forceinline__ typename Tc<T>::T2 exact(uint32_t w, int i, uint32_t magic) {
+    switch (i) {
+      case 0: return PairCode<B, T, 0>::exact(w, magic);
+      case 1: return PairCode<B, T, 1>::exact(w, magic);
+      case 2: return PairCode<B, T, 2>::exact(w, magic);
+      case 3: return PairCode<B, T, 3>::exact(w, magic);
+      case 4: return PairCode<B, T, 4>::exact(w, magic);
+      case 5: return PairCode<B, T, 5>::exact(w, magic);
+      case 6: return PairCode<B, T, 6>::exact(w, magic);
+      default: return PairCode<B, T, 7>::exact(w, magic);
+    }
+  }
+};
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+// 16 bytes global -> shared, L2 only (the words are read once).
+__device__ __forceinline__ void cp_async_16_stream(void* dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(dst)), "l"(src) : "memory");
+}
+// 16 bytes through L1 (x' is read by every warp of the SM).
+__device__ __forceinline__ void cp_async_16_cached(void* dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 16;" ::"r"(smem_addr(dst)), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_async_8(void* dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(smem_addr(dst)), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_async_4(void* dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(smem_addr(dst)), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                          uint32_t b0, uint32_t b1) {
+  if constexpr (std::is_same<T, __half>::value) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  }
+}
+
+template <int NT, int kXr, int kGr>
+struct SlowIn {
+  uint4 w[2];
+  uint32_t xv[NT][kXr];
+  int gv[kGr];
+};
+template <int NT>
+struct SlowOut {
+  float v[4][NT][4];
+};
+
+// One k-block whose rows span several groups: w = rne16(s*q - z) (sym) or rne16(s*(q - z)) (asym) with
+// each row's own (s, z), multiplied on the tensor cores; returns the k-block's contribution to acc.
+// Rows past the segment (group -1) take group G; their x' is zero.
+template <int B, int NT, typename T>
+__device__ __noinline__ SlowOut<NT> slow_kblock(const SlowIn<NT, 16 / B, 4 * (32 / B) / 32> in, int G,
+                                                const void* scales, const void* zeros, int64_t N, int64_t nqa,
+                                                int64_t nqb, int asym, uint32_t magic) {
+  using T2 = typename Tc<T>::T2;
+  constexpr int kCpw = 32 / B, kPairs = kCpw / 2, kSteps = kCpw / 4, kGr = 4 * kCpw / 32;
+  const int t = threadIdx.x & 3;
+  const int64_t nq[2] = {nqa, nqb};
+  SlowOut<NT> o;
+#pragma unroll
+  for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o.v[mt][nt][e] = 0.0f;
+  auto word = [&](int j) -> uint32_t {
+    const uint4& q = in.w[j >> 2];
+    return (j & 3) == 0 ? q.x : (j & 3) == 1 ? q.y : (j & 3) == 2 ? q.z : q.w;
+  };
+  const unsigned short* sc = static_cast<const unsigned short*>(scales);
+  const unsigned short* zr = static_cast<const unsigned short*>(zeros);
+#pragma unroll
+  for (int s = 0; s < kSteps; ++s) {
+    uint32_t b0[NT], b1[NT];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      b0[nt] = __byte_perm(in.xv[nt][s], in.xv[nt][s + kPairs / 2], 0x5410);
+      b1[nt] = __byte_perm(in.xv[nt][s], in.xv[nt][s + kPairs / 2], 0x7632);
+    }
+    // Groups of the 4 rows this lane's pairs 2s (lo) and 2s + 1 (hi) hold: lo (ra, rb), hi (rc, rd).
+    int grp[4];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const int r = kCpw * t + 2 * s + (q & 1 ? kPairs : 0) + (q >> 1);
+      int v = __shfl_sync(0xFFFFFFFFu, in.gv[0], r & 31);
+      if constexpr (kGr > 1) {
+        const int v1 = __shfl_sync(0xFFFFFFFFu, in.gv[1], r & 31);
+        if (r >= 32) v = v1;
+      }
+      grp[q] = v < 0 ? G : v;
+    }
+#pragma unroll
+    for (int mt = 0; mt < 4; ++mt) {
+      uint32_t wlo[2], whi[2];
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        const int j = 2 * mt + hr;
+        const int64_t n = nq[j >> 2] + (j & 3);
+        const bool ok = n < N;
+        uint32_t sv[4], zv[4];
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          sv[q] = ok ? __ldg(sc + int64_t(grp[q]) * N + n) : 0u;
+          zv[q] = ok ? __ldg(zr + int64_t(grp[q]) * N + n) : 0u;
+        }
+        const T2 s_lo = bits_as<T2>(sv[0] | (sv[1] << 16)), z_lo = bits_as<T2>(zv[0] | (zv[1] << 16));
+        const T2 s_hi = bits_as<T2>(sv[2] | (sv[3] << 16)), z_hi = bits_as<T2>(zv[2] | (zv[3] << 16));
+        const uint32_t wj = word(j);
+        const T2 q_lo = PairCodeSel<B, T>::exact(wj, 2 * s, magic);
+        const T2 q_hi = PairCodeSel<B, T>::exact(wj, 2 * s + 1, magic);
+        if (asym) {
+          wlo[hr] = as_bits(__hmul2(s_lo, __hsub2(q_lo, z_lo)));
+          whi[hr] = as_bits(__hmul2(s_hi, __hsub2(q_hi, z_hi)));
+        } else {
+          wlo[hr] = as_bits(__hfma2(q_lo, s_lo, __hneg2(z_lo)));
+          whi[hr] = as_bits(__hfma2(q_hi, s_hi, __hneg2(z_hi)));
+        }
+      }
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+        mma_16816<T>(o.v[mt][nt], wlo[0], wlo[1], whi[0], whi[1], b0[nt], b1[nt]);
+    }
+  }
+  return o;
+}
+
+struct TcArgs {
+  const uint32_t* qweight;  // word row 0 of this segment
+  int64_t qrows;            // word rows of this segment that may be read
+  int64_t N;
+  int64_t row0, row_end;    // stored rows [row0, row_end) of this segment
+  int64_t nkb, kps;         // k-blocks of the segment; per split
+  const int32_t* g_idx;
+  int64_t groups;
+  int64_t gs_guess;         // g_idx[r] is expected to be r / gs_guess (only speed depends on it)
+  const void* scales;
+  const void* zeros;
+  const void* x;            // x' in stored-row order (or x itself when there is no perm / channel scale)
+  int64_t ldx, xrows;       // row stride; rows >= xrows are read as 0 (xrows % 8 == 0)
+  int64_t M;
+  int64_t mtiles;
+  const void* bias;
+  void* out;
+  int64_t ldo;
+  float* partial;           // this segment's first slot of [slot][M][N], or null: write out
+  int asym;
+  int vec;                  // N % 4 == 0 and 16-byte aligned words: 16-byte word loads, 8-byte scale loads
+  uint32_t magic;           // Tc<T>::kMagic, from a parameter so that ptxas keeps it in a register
+};
+
+// (s, z) of the lane's 8 columns for one group, raw 16-bit pairs: s[0..1] = A quad, s[2..3] = B quad.
+struct GroupSZ {
+  uint32_t s[4], z[4];
+};
+
+// Ring geometry of one kernel variant (per warp and slot, in 16-byte vectors per lane): the two word
+// quads, the x' vectors of each row tile of 8, the (s, z) quads of the slot's group (only for k-blocks
+// that start a group), then one 16-byte vector of g_idx entries.
+template <int B, int NT>
+struct TcRing {
+  static constexpr int kXv = NT * (16 / B) / 4 > 0 ? NT * (16 / B) / 4 : 1;  // x' vectors
+  static constexpr int kW = 0, kX = 2, kSz = 2 + kXv, kG = 4 + kXv, kVec = 5 + kXv;
+  static constexpr int kSlotBytes = kVec * 32 * 16;
+  static constexpr int kStages = 18432 / kSlotBytes > 6 ? 6 : 18432 / kSlotBytes;  // <= 72 KB per block
+  static constexpr int kRedBytes = 4 * 8 * NT * 64 * 4;  // kTcWarps x rows x kTcCols fp32
+  static constexpr int kBytes = 4 * kStages * kSlotBytes > kRedBytes ? 4 * kStages * kSlotBytes : kRedBytes;
+};
+
+template <int B, int NT, typename T, bool kVec>
+__global__ void __launch_bounds__(kTcThreads) wq_tc_kernel(const TcArgs a) {
+  using H = Tc<T>;
+  using R = TcRing<B, NT>;
+  constexpr int S = R::kStages;
+  constexpr int kCpw = 32 / B;         // codes per word
+  constexpr int kPairs = kCpw / 2;     // pairs per word
+  constexpr int kSteps = kCpw / 4;     // mma k-steps per k-block
+  constexpr int kRows = 4 * kCpw;      // stored rows per k-block
+  constexpr int kXr = kCpw / 2;        // x' registers per lane, k-block and row tile of 8
+  constexpr int kGr = kRows / 32;      // g_idx entries per lane and k-block
+  constexpr int kBatch = 8 * NT;       // rows of x per block
+  extern __shared__ __align__(16) unsigned char smem[];
+  float* red = reinterpret_cast<float*>(smem);
+  pdl_trigger();
+
+  // Row and k-block indices are 32-bit (tc_eligible: K < 2^30); pointers advance by fixed steps.
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int64_t mtile = int64_t(blockIdx.x) % a.mtiles, ntile = int64_t(blockIdx.x) / a.mtiles;
+  const int64_t n0 = ntile * kTcCols, m0 = mtile * kBatch;
+  const int64_t nq[2] = {n0 + 4 * g, n0 + 32 + 4 * g};  // the lane's two column quads
+  const int nkb = int(a.nkb), kps = int(a.kps);
+  const int s0 = int(blockIdx.y) * kps, s1 = min(nkb, s0 + kps);
+  const int per = (s1 - s0 + kTcWarps - 1) / kTcWarps;
+  const int kb0 = min(s1, s0 + warp * per), kb1 = min(s1, kb0 + per);
+  const int tail = nkb - 1;            // the segment's last k-block: the only one with rows to clamp / mask
+  const int row0 = int(a.row0), row_end = int(a.row_end), gs = int(a.gs_guess), groups = int(a.groups);
+  const uint32_t magic = a.magic;
+
+  float acc[4][NT][4], accg[4][NT][4], accx[NT][4];
+#pragma unroll
+  for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[mt][nt][e] = accg[mt][nt][e] = 0.0f;
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) accx[nt][e] = 0.0f;
+
+  // Word j (0..7) of the lane's columns for one k-block: quad j / 4, component j % 4.
+  auto word = [](const uint4 (&w)[2], int j) -> uint32_t {
+    const uint4& q = w[j >> 2];
+    return (j & 3) == 0 ? q.x : (j & 3) == 1 ? q.y : (j & 3) == 2 ? q.z : q.w;
+  };
+  const unsigned short* sc16 = static_cast<const unsigned short*>(a.scales);
+  const unsigned short* zr16 = static_cast<const unsigned short*>(a.zeros);
+  // (s, z) of group grp, loaded now (the fallback when the ring does not hold them).
+  auto load_sz = [&](int grp) {
+    GroupSZ r;
+    const unsigned short* sc = sc16 + int64_t(grp) * a.N;
+    const unsigned short* zr = zr16 + int64_t(grp) * a.N;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      uint32_t sv[4], zv[4];
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const bool ok = nq[h] + c < a.N;
+        sv[c] = ok ? __ldg(sc + nq[h] + c) : 0u;
+        zv[c] = ok ? __ldg(zr + nq[h] + c) : 0u;
+      }
+      r.s[2 * h] = sv[0] | (sv[1] << 16);
+      r.s[2 * h + 1] = sv[2] | (sv[3] << 16);
+      r.z[2 * h] = zv[0] | (zv[1] << 16);
+      r.z[2 * h + 1] = zv[2] | (zv[3] << 16);
+    }
+    return r;
+  };
+  // The fp32 value of column j's entry of a GroupSZ array.
+  auto sz_at = [](const uint32_t (&v)[4], int j) -> float {
+    const uint32_t u = v[j >> 1] >> (16 * (j & 1));
+    if constexpr (std::is_same<T, __half>::value)
+      return __half2float(__ushort_as_half(static_cast<unsigned short>(u & 0xFFFFu)));
+    else
+      return __uint_as_float(u << 16);
+  };
+
+  int gcur = -1;  // the group accumulating in accg / accx
+  GroupSZ scur = {};
+  // Folds the running group into acc (see the header) and clears its accumulators.
+  auto flush = [&]() {
+    if (gcur < 0) return;
+#pragma unroll
+    for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        const int j = 2 * mt + hr;
+        const float sv = sz_at(scur.s, j), zv = sz_at(scur.z, j);
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+          for (int e2 = 0; e2 < 2; ++e2) {
+            const int e = 2 * hr + e2;
+            const float A = accg[mt][nt][e], X = accx[nt][e2];
+            if (a.asym) {
+              acc[mt][nt][e] = fmaf(sv, fmaf(-zv, X, A), acc[mt][nt][e]);
+            } else {
+              acc[mt][nt][e] = fmaf(-zv, X, fmaf(sv, A, acc[mt][nt][e]));
+            }
+            accg[mt][nt][e] = 0.0f;
+          }
+      }
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) accx[nt][e] = 0.0f;
+  };
+
+  // The group each k-block is expected to lie in (its first row / gs), walked incrementally by the issuing
+  // side and by the consuming side: the ring carries (s, z) for the warp's first k-block and for every
+  // k-block whose expected group differs from its predecessor's ("fresh").
+  struct GroupWalk {
+    int grp, next_row;
+    bool fresh;
+    __device__ void start(int row, int gsz) {
+      grp = row / gsz;
+      next_row = (grp + 1) * gsz;
+      fresh = true;
+    }
+    __device__ void step(int row, int gsz) {  // row: first row of the next k-block
+      fresh = row >= next_row;
+      while (row >= next_row) {
+        ++grp;
+        next_row += gsz;
+      }
+    }
+  };
+  GroupWalk walk_issue, walk_use;
+  walk_issue.start(row0 + kb0 * kRows, gs);
+  walk_use = walk_issue;
+
+  // The shared-memory ring of this warp: S slots of R::kVec 16-byte vectors per lane, lane-contiguous so
+  // that every access is conflict-free. Each lane copies (cp.async) and reads back only its own vectors:
+  // no barrier is needed around the ring.
+  uint4* ring = reinterpret_cast<uint4*>(smem) + warp * S * R::kVec * 32 + lane;
+  int issue_slot = 0, use_slot = 0;  // ring slots of the next k-block to issue / to consume
+  // Issue-side cursors, advanced by one k-block per issue(). Every copy has a valid source: columns past
+  // N read column N - 1 (or the last quad), and in the tail k-block word rows past the segment, x' rows
+  // past xrows and g_idx rows past the segment read the last valid one. Their values only reach outputs
+  // that are never written or rows that the consumer masks, so no copy is predicated or zero-filled.
+  const int64_t qlast = a.qrows - 1;
+  const uint32_t* wp[2];  // word row 4 kb + t of the next k-block (vector mode: quad start clamped to N - 4)
+  int clast[2];           // scalar mode: offset of column N - 1 from wp (columns past it read it)
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int64_t base = kVec ? min(nq[h], a.N - 4) : min(nq[h], a.N - 1);
+    wp[h] = a.qweight + min(int64_t(kb0) * 4 + t, qlast) * a.N + base;
+    clast[h] = int(a.N - 1 - base);
+  }
+  const int64_t wstep = 4 * a.N;
+  const T* xp[NT];  // this lane's x' piece of the next k-block, per row tile
+  const int xrow0 = row0 + kb0 * kRows + kCpw * t;
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+    xp[nt] = static_cast<const T*>(a.x) + min(m0 + 8 * nt + g, a.M - 1) * a.ldx + xrow0;
+  const int32_t* gp = a.g_idx + row0 + kb0 * kRows + lane;  // this lane's g_idx rows of the next k-block
+
+  auto issue = [&](int kb) {
+    if (kb < kb1) {
+      uint4* dst = ring + issue_slot * R::kVec * 32;
+      issue_slot = issue_slot == S - 1 ? 0 : issue_slot + 1;
+      if (kb != tail) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          if constexpr (kVec) {
+            cp_async_16_stream(dst + (R::kW + h) * 32, wp[h]);
+          } else {
+#pragma unroll
+            for (int c = 0; c < 4; ++c)
+              cp_async_4(reinterpret_cast<uint32_t*>(dst + (R::kW + h) * 32) + c, wp[h] + min(c, clast[h]));
+          }
+        }
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+          for (int v = 0; v < kXr / 4; ++v) cp_async_16_cached(dst + (R::kX + nt * (kXr / 4) + v) * 32, xp[nt] + 8 * v);
+#pragma unroll
+        for (int i = 0; i < kGr; ++i) cp_async_4(reinterpret_cast<uint32_t*>(dst + R::kG * 32) + i, gp + 32 * i);
+      } else {
+        const int64_t wrow = int64_t(kb) * 4 + t;
+        const int64_t back = wrow > qlast ? (wrow - qlast) * a.N : 0;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          if constexpr (kVec) {
+            cp_async_16_stream(dst + (R::kW + h) * 32, wp[h] - back);
+          } else {
+#pragma unroll
+            for (int c = 0; c < 4; ++c)
+              cp_async_4(reinterpret_cast<uint32_t*>(dst + (R::kW + h) * 32) + c, wp[h] - back + min(c, clast[h]));
+          }
+        }
+        const int64_t xrow = row0 + int64_t(kb) * kRows + kCpw * t;
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+          for (int v = 0; v < kXr / 4; ++v) {
+            const int64_t r = xrow + 8 * v;
+            cp_async_16_cached(dst + (R::kX + nt * (kXr / 4) + v) * 32,
+                               xp[nt] + 8 * v - (r + 8 <= a.xrows ? 0 : r + 8 - a.xrows));
+          }
+        const int grow = row0 + kb * kRows + lane;
+#pragma unroll
+        for (int i = 0; i < kGr; ++i)
+          cp_async_4(reinterpret_cast<uint32_t*>(dst + R::kG * 32) + i,
+                     grow + 32 * i < row_end ? gp + 32 * i : a.g_idx + row_end - 1);
+      }
+      if (kb != kb0) walk_issue.step(row0 + kb * kRows, gs);
+      if constexpr (kVec) {  // scalar mode: the consumer loads (s, z) itself
+        if (walk_issue.fresh) {
+          const int64_t off = int64_t(min(walk_issue.grp, groups - 1)) * a.N;
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int64_t n = min(nq[h], a.N - 4);
+            cp_async_8(reinterpret_cast<uint32_t*>(dst + R::kSz * 32) + 2 * h, sc16 + off + n);
+            cp_async_8(reinterpret_cast<uint32_t*>(dst + (R::kSz + 1) * 32) + 2 * h, zr16 + off + n);
+          }
+        }
+      }
+#pragma unroll
+      for (int h = 0; h < 2; ++h) wp[h] += wstep;
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) xp[nt] += kRows;
+      gp += kRows;
+    }
+    cp_async_commit();  // one group per k-block, empty past the end: the wait count stays uniform
+  };
+
+  // Prologue: S - 1 k-blocks in flight; each step issues one more and consumes the oldest.
+#pragma unroll
+  for (int st = 0; st < S - 1; ++st) issue(kb0 + st);
+#pragma unroll 1
+  for (int kb = kb0; kb < kb1; ++kb) {
+    issue(kb + S - 1);
+    cp_async_wait<S - 1>();  // this k-block's group has landed
+    const uint4* src = ring + use_slot * R::kVec * 32;
+    use_slot = use_slot == S - 1 ? 0 : use_slot + 1;
+    const uint4 w[2] = {src[R::kW * 32], src[(R::kW + 1) * 32]};
+    uint32_t xv[NT][kXr];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int v = 0; v < kXr / 4; ++v) {
+        const uint4 q = src[(R::kX + nt * (kXr / 4) + v) * 32];
+        xv[nt][4 * v] = q.x;
+        xv[nt][4 * v + 1] = q.y;
+        xv[nt][4 * v + 2] = q.z;
+        xv[nt][4 * v + 3] = q.w;
+      }
+    const uint4 graw = src[R::kG * 32];
+    if (kb != kb0) walk_use.step(row0 + kb * kRows, gs);
+    // Groups of this lane's rows (lane + 32 i), clamped; in the tail k-block, -1 past the segment and
+    // x' = 0 for those rows.
+    int gv[kGr];
+#pragma unroll
+    for (int i = 0; i < kGr; ++i) gv[i] = min(max(static_cast<int>(i == 0 ? graw.x : graw.y), 0), groups - 1);
+    if (kb == tail) {
+      const int rg = row0 + kb * kRows + lane;
+#pragma unroll
+      for (int i = 0; i < kGr; ++i)
+        if (rg + 32 * i >= row_end) gv[i] = -1;
+      const int xrow = row0 + kb * kRows + kCpw * t;
+#pragma unroll
+      for (int i = 0; i < kXr; ++i) {
+        const uint32_t keep = (xrow + 2 * i < row_end ? 0x0000FFFFu : 0u) | (xrow + 2 * i + 1 < row_end ? 0xFFFF0000u : 0u);
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) xv[nt][i] &= keep;
+      }
+    }
+    const int G = __shfl_sync(0xFFFFFFFFu, gv[0], 0);  // row 0 of the k-block: always inside the segment
+    bool mine = true;
+#pragma unroll
+    for (int i = 0; i < kGr; ++i) mine = mine && (gv[i] == G || gv[i] < 0);
+    const bool uni = __all_sync(0xFFFFFFFFu, mine) != 0;
+    if (uni) {
+      if (G != gcur) {
+        flush();
+        gcur = G;
+        bool in_ring = false;
+        if constexpr (kVec) in_ring = walk_use.fresh && G == min(walk_use.grp, groups - 1);
+        if (in_ring) {
+          const uint4 sv = src[R::kSz * 32], zv = src[(R::kSz + 1) * 32];
+          scur.s[0] = sv.x; scur.s[1] = sv.y; scur.s[2] = sv.z; scur.s[3] = sv.w;
+          scur.z[0] = zv.x; scur.z[1] = zv.y; scur.z[2] = zv.z; scur.z[3] = zv.w;
+        } else {
+          scur = load_sz(G);
+        }
+      }
+#pragma unroll
+      for (int s = 0; s < kSteps; ++s) {
+        uint32_t b0[NT], b1[NT];
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          b0[nt] = __byte_perm(xv[nt][s], xv[nt][s + kPairs / 2], 0x5410);
+          b1[nt] = __byte_perm(xv[nt][s], xv[nt][s + kPairs / 2], 0x7632);
+        }
+#pragma unroll
+        for (int mt = 0; mt < 4; ++mt) {
+          const uint32_t wa = word(w, 2 * mt), wb = word(w, 2 * mt + 1);
+          const uint32_t a0 = as_bits(PairCodeSel<B, T>::exact(wa, 2 * s, magic));
+          const uint32_t a1 = as_bits(PairCodeSel<B, T>::exact(wb, 2 * s, magic));
+          const uint32_t a2 = as_bits(PairCodeSel<B, T>::exact(wa, 2 * s + 1, magic));
+          const uint32_t a3 = as_bits(PairCodeSel<B, T>::exact(wb, 2 * s + 1, magic));
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) mma_16816<T>(accg[mt][nt], a0, a1, a2, a3, b0[nt], b1[nt]);
+        }
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) mma_16816<T>(accx[nt], H::kOne2, H::kOne2, H::kOne2, H::kOne2, b0[nt], b1[nt]);
+      }
+    } else {
+      // Rows of several groups: the exact per-row path, out of line (it is rare, and its temporaries
+      // would otherwise count against the fast path's registers).
+      flush();
+      gcur = -1;
+      SlowIn<NT, kXr, kGr> in;
+      in.w[0] = w[0];
+      in.w[1] = w[1];
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int i = 0; i < kXr; ++i) in.xv[nt][i] = xv[nt][i];
+#pragma unroll
+      for (int i = 0; i < kGr; ++i) in.gv[i] = gv[i];
+      const SlowOut<NT> o = slow_kblock<B, NT, T>(in, G, a.scales, a.zeros, a.N, nq[0], nq[1], a.asym, magic);
+#pragma unroll
+      for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc[mt][nt][e] += o.v[mt][nt][e];
+    }
+    __syncwarp();
+  }
+  cp_async_wait<0>();
+  flush();
+  __syncthreads();  // every warp is done with its ring: the buffer becomes `red`
+
+  // Block reduction in warp order. acc[mt][nt][e]: column j = 2mt + e/2 of the lane group, x row
+  // 8nt + 2t + e%2 of the block's rows.
+#pragma unroll
+  for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int j = 2 * mt + (e >> 1);
+        const int cc = 4 * g + (j & 3) + 32 * (j >> 2), row = 8 * nt + 2 * t + (e & 1);
+        red[(warp * kBatch + row) * kTcCols + cc] = acc[mt][nt][e];
+      }
+  __syncthreads();
+  const int dt = std::is_same<T, __half>::value ? 1 : 2;
+  for (int idx = threadIdx.x; idx < kBatch * kTcCols; idx += kTcThreads) {
+    const int row = idx / kTcCols, cc = idx % kTcCols;
+    const int64_t m = m0 + row, n = n0 + cc;
+    if (m >= a.M || n >= a.N) continue;
+    float v = red[row * kTcCols + cc];
+#pragma unroll
+    for (int wp = 1; wp < kTcWarps; ++wp) v += red[(wp * kBatch + row) * kTcCols + cc];
+    if (a.partial != nullptr) {
+      a.partial[(int64_t(blockIdx.y) * a.M + m) * a.N + n] = v;
+    } else {
+      if (a.bias != nullptr) v += raw_to_float(load_raw(a.bias, n, dt), dt);
+      store_out(a.out, m * a.ldo + n, dt, v);
+    }
+  }
+}
+
+// x' = x * channel_scale in stored-row order, rounded once to T, rows [K, Kp) zero: xs (M, Kp).
+template <typename T>
+__global__ void __launch_bounds__(kPrepThreads) wq_tc_prep_kernel(const T* __restrict__ x, int64_t ldx, int64_t M,
+                                                                  int64_t K, int64_t Kp, const int32_t* perm,
+                                                                  const T* cs, T* __restrict__ xs) {
+  const int64_t pieces = Kp / 8, total = M * pieces;
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t m = e / pieces, r0 = (e - m * pieces) * 8;
+    uint32_t h[4];
+#pragma unroll
+    for (int i = 0; i < 8; i += 2) {
+      T v[2];
+#pragma unroll
+      for (int u = 0; u < 2; ++u) {
+        const int64_t r = r0 + i + u;
+        float f = 0.0f;
+        if (r < K) {
+          const int64_t k = perm != nullptr ? min(max(int64_t(__ldg(perm + r)), int64_t(0)), K - 1) : r;
+          f = float(x[m * ldx + k]);
+          if (cs != nullptr) f *= float(cs[k]);
+        }
+        if constexpr (std::is_same<T, __half>::value) v[u] = __float2half_rn(f); else v[u] = __float2bfloat16_rn(f);
+      }
+      unsigned short lo, hi;
+      memcpy(&lo, &v[0], 2);
+      memcpy(&hi, &v[1], 2);
+      h[i / 2] = uint32_t(lo) | (uint32_t(hi) << 16);
+    }
+    *reinterpret_cast<uint4*>(xs + m * Kp + r0) = make_uint4(h[0], h[1], h[2], h[3]);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Host side.
+
+// The kernel of one (width, row tiles, type) and its resident blocks per SM (queried once).
+template <int B, int NT, typename T, bool kVec>
+struct TcKernel {
+  static constexpr int kSmem = TcRing<B, NT>::kBytes;
+  // Opts the kernel into more than 48 KB of dynamic shared memory (once); false if the device refuses.
+  static bool prepare() {
+    static const bool ok = [] {
+      if (cudaFuncSetAttribute(wq_tc_kernel<B, NT, T, kVec>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem) != cudaSuccess) {
+        cudaGetLastError();
+        return false;
+      }
+      return true;
+    }();
+    return ok;
+  }
+  static void launch(dim3 grid, cudaStream_t stream, const TcArgs& a) {
+    wq_tc_kernel<B, NT, T, kVec><<<grid, kTcThreads, kSmem, stream>>>(a);
+  }
+  static int blocks_per_sm() {
+    static const int v = [] {
+      int n = 0;
+      if (!prepare() ||
+          cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, wq_tc_kernel<B, NT, T, kVec>, kTcThreads, kSmem) != cudaSuccess) {
+        cudaGetLastError();
+        n = 1;
+      }
+      return std::max(n, 1);
+    }();
+    return v;
+  }
+};
+template <typename T, bool V, class F>
+auto with_tc_kernel(int bits, int nt, F&& f) {
+  if (bits == 4) return nt == 1 ? f(TcKernel<4, 1, T, V>{}) : f(TcKernel<4, 2, T, V>{});
+  return nt == 1 ? f(TcKernel<2, 1, T, V>{}) : f(TcKernel<2, 2, T, V>{});
+}
+template <class F>
+auto with_tc_kernel(bool fp16, bool vec, int bits, int nt, F&& f) {
+  if (fp16) return vec ? with_tc_kernel<__half, true>(bits, nt, f) : with_tc_kernel<__half, false>(bits, nt, f);
+  return vec ? with_tc_kernel<__nv_bfloat16, true>(bits, nt, f) : with_tc_kernel<__nv_bfloat16, false>(bits, nt, f);
+}
+
+struct TcSeg {
+  int bits;
+  int64_t row0, row_end, qrow0, qrows, nkb, splits, kps, slot0;
+};
+struct TcPlan {
+  int nt = 1;
+  int64_t mtiles = 0, ntiles = 0, slots = 0, kp = 0;
+  size_t x_bytes = 0, ws_bytes = 0;
+  int nseg = 0;
+  TcSeg seg[kWqMaxSegments] = {};
+};
+
+constexpr size_t round_up(size_t v, size_t m) { return (v + m - 1) / m * m; }
+
+// The plan of a validated weight and 1 <= M <= 64: a pure function of (w's shape, M, SM count), shared by
+// the workspace query and the call.
+Status make_tc_plan(const char* fn, const WqWeight& w, int64_t M, int sms, TcPlan* p) {
+  p->nt = M <= 8 ? 1 : 2;
+  p->mtiles = (M + 8 * p->nt - 1) / (8 * p->nt);
+  p->ntiles = (w.N + kTcCols - 1) / kTcCols;
+  const int64_t base = p->mtiles * p->ntiles;
+  if (base > int64_t(std::numeric_limits<int>::max()))
+    return Status::invalid(validate::err(fn, "N needs more than 2^31 - 1 blocks of " + std::to_string(kTcCols) +
+                                                 " columns (N=" + std::to_string(w.N) + ")"));
+  p->kp = (w.K + kXAlignRows - 1) / kXAlignRows * kXAlignRows;
+  p->nseg = w.nseg;
+  int64_t start = 0, q0 = 0, slots = 0;
+  for (int s = 0; s < w.nseg; ++s) {
+    TcSeg& sg = p->seg[s];
+    sg.bits = w.bits[s];
+    sg.row0 = start;
+    sg.row_end = w.row_end[s];
+    const int64_t chunks = (sg.row_end - start + 31) / 32;
+    sg.qrow0 = q0;
+    sg.qrows = chunks * sg.bits;
+    const int64_t rows_per_kb = 4 * (32 / sg.bits);
+    sg.nkb = (sg.row_end - start + rows_per_kb - 1) / rows_per_kb;
+    // Split-K: the count whose blocks fill the resident slots best (wave quantization: 448 blocks on 396
+    // slots run as two waves), at least 4 k-blocks per warp, a small premium on fewer splits (each adds
+    // a partial-sum slot).
+    const int bps = with_tc_kernel(w.sdtype == DType::kFloat16, true, sg.bits, p->nt, [](auto k) { return k.blocks_per_sm(); });
+    const int64_t resident = int64_t(bps) * sms;
+    const int64_t cap = std::min(std::max<int64_t>(1, sg.nkb / (int64_t(kTcWarps) * 4)), kMaxGridY);
+    int64_t splits = 1;
+    double best = -1.0;
+    for (int64_t c = 1; c <= std::min<int64_t>(cap, 64); ++c) {
+      const int64_t blocks = base * c, waves = (blocks + resident - 1) / resident;
+      const double score = double(blocks) / double(waves * resident) - 0.01 * double(c);
+      if (score > best) {
+        best = score;
+        splits = c;
+      }
+    }
+    sg.kps = (sg.nkb + splits - 1) / splits;
+    sg.splits = (sg.nkb + sg.kps - 1) / sg.kps;  // no empty split
+    sg.slot0 = slots;
+    slots += sg.splits;
+    q0 += sg.qrows;
+    start = sg.row_end;
+  }
+  p->slots = slots;
+  // x' scratch (reserved whatever x is: the workspace query does not see x's stride or alignment), then
+  // the partial sums when there is more than one slot.
+  p->x_bytes = round_up(size_t(M) * size_t(p->kp) * 2, 256);
+  p->ws_bytes = p->x_bytes + (slots > 1 ? size_t(slots) * size_t(M) * size_t(w.N) * sizeof(float) : 0);
+  return Status::ok();
+}
+
+Status tc_launch_error(const char* fn, const char* what) {
+  const cudaError_t err = cudaGetLastError();
+  if (err == cudaSuccess) return Status::ok();
+  return Status::device(validate::err(fn, std::string(what) + ": " + cudaGetErrorString(err)));
+}
+
+}  // namespace
+
+bool tc_eligible(const WqWeight& w, int64_t M, const DType* xtype) {
+  if (!w.allow_half || (w.sdtype != DType::kFloat16 && w.sdtype != DType::kBFloat16)) return false;
+  if (xtype != nullptr && *xtype != w.sdtype) return false;
+  if (w.nseg < 1 || M < 1 || M > 64 || w.K >= (int64_t(1) << 30) || w.groups >= (int64_t(1) << 30)) return false;
+  for (int s = 0; s < w.nseg; ++s)
+    if (w.bits[s] != 2 && w.bits[s] != 4) return false;
+  return true;
+}
+
+Status tc_workspace(const char* fn, const WqWeight& w, int64_t M, int sms, size_t* bytes) {
+  TcPlan plan;
+  Status st = make_tc_plan(fn, w, M, sms, &plan);
+  if (st.is_ok()) *bytes = plan.ws_bytes;
+  return st;
+}
+
+Status tc_matmul(const char* fn, const WqWeight& w, const void* x, int64_t M, int64_t ldx, const void* bias,
+                 void* out, int64_t ldo, void* workspace, size_t workspace_bytes, const DeviceInfo& dev,
+                 cudaStream_t stream) {
+  TcPlan plan;
+  Status st = make_tc_plan(fn, w, M, dev.sms, &plan);
+  if (!st.is_ok()) return st;
+  if (workspace == nullptr || workspace_bytes < plan.ws_bytes)
+    return Status::invalid(validate::err(fn, "workspace_bytes must be >= " + std::to_string(plan.ws_bytes) +
+                                                 " (wq_matmul_workspace), got " +
+                                                 (workspace == nullptr ? std::string("a null workspace")
+                                                                       : std::to_string(workspace_bytes))));
+  if (reinterpret_cast<uintptr_t>(workspace) % 16 != 0)
+    return Status::invalid(validate::err(fn, "workspace must be 16-byte aligned"));
+  const bool fp16 = w.sdtype == DType::kFloat16;
+  char* wsb = static_cast<char*>(workspace);
+  TcArgs a = {};
+  a.N = w.N;
+  a.g_idx = w.g_idx;
+  a.groups = w.groups;
+  a.scales = w.scales;
+  a.zeros = w.zeros;
+  a.M = M;
+  a.mtiles = plan.mtiles;
+  a.bias = bias;
+  a.out = out;
+  a.ldo = ldo;
+  a.asym = w.asym ? 1 : 0;
+  a.magic = fp16 ? Tc<__half>::kMagic : Tc<__nv_bfloat16>::kMagic;
+  // g_idx[r] == r / gs is what checkpoints (and the layers' act-order sort) produce; the kernel checks
+  // every k-block's actual groups, so a wrong guess costs speed, never correctness.
+  a.gs_guess = std::max<int64_t>(32, ((w.K + w.groups - 1) / w.groups + 31) / 32 * 32);
+  const bool direct = w.perm == nullptr && w.channel_scale == nullptr && w.K % 8 == 0 && ldx % 8 == 0 &&
+                      reinterpret_cast<uintptr_t>(x) % 16 == 0;
+  if (direct) {
+    a.x = x;
+    a.ldx = ldx;
+    a.xrows = w.K;
+  } else {
+    const int64_t total = M * (plan.kp / 8);
+    const int64_t blocks = std::min<int64_t>((total + kPrepThreads - 1) / kPrepThreads, int64_t(dev.sms) * 8);
+    if (fp16)
+      wq_tc_prep_kernel<__half><<<unsigned(blocks), kPrepThreads, 0, stream>>>(
+          static_cast<const __half*>(x), ldx, M, w.K, plan.kp, w.perm, static_cast<const __half*>(w.channel_scale),
+          reinterpret_cast<__half*>(wsb));
+    else
+      wq_tc_prep_kernel<__nv_bfloat16><<<unsigned(blocks), kPrepThreads, 0, stream>>>(
+          static_cast<const __nv_bfloat16*>(x), ldx, M, w.K, plan.kp, w.perm,
+          static_cast<const __nv_bfloat16*>(w.channel_scale), reinterpret_cast<__nv_bfloat16*>(wsb));
+    st = tc_launch_error(fn, "x' prep kernel launch failed");
+    if (!st.is_ok()) return st;
+    a.x = wsb;
+    a.ldx = plan.kp;
+    a.xrows = plan.kp;
+  }
+  float* partial = plan.slots > 1 ? reinterpret_cast<float*>(wsb + plan.x_bytes) : nullptr;
+  for (int s = 0; s < plan.nseg; ++s) {
+    const TcSeg& sg = plan.seg[s];
+    a.qweight = w.qweight + sg.qrow0 * w.N;
+    a.qrows = sg.qrows;
+    a.row0 = sg.row0;
+    a.row_end = sg.row_end;
+    a.nkb = sg.nkb;
+    a.kps = sg.kps;
+    a.vec = (w.N % 4 == 0 && reinterpret_cast<uintptr_t>(a.qweight) % 16 == 0 &&
+             reinterpret_cast<uintptr_t>(w.scales) % 8 == 0 && reinterpret_cast<uintptr_t>(w.zeros) % 8 == 0)
+                ? 1
+                : 0;
+    a.partial = partial != nullptr ? partial + sg.slot0 * M * w.N : nullptr;
+    const dim3 grid(static_cast<unsigned>(plan.mtiles * plan.ntiles), static_cast<unsigned>(sg.splits));
+    with_tc_kernel(fp16, a.vec != 0, sg.bits, plan.nt, [&](auto k) {
+      k.prepare();  // a refusal shows as the launch error below
+      k.launch(grid, stream, a);
+      return 0;
+    });
+    st = tc_launch_error(fn, "tensor-core kernel launch failed");
+    if (!st.is_ok()) return st;
+  }
+  if (plan.slots == 1) return Status::ok();
+  const int dt = static_cast<int>(w.sdtype);
+  return launch_reduce(fn, dev, stream, partial, plan.slots, M, w.N, bias, dt, out, dt, ldo);
+}
+
+}  // namespace wq_detail
+}  // namespace cuda
+}  // namespace lowbit

@@ -1,0 +1,55 @@
+"""Where a weight-only layer's forward spends device time (torch.profiler), for tuning the wq kernels.
+
+    PYTHONPATH=python python3 scripts/wq_profile.py [K N] [M ...] [--bits B] [--gptq]  (CUDA, fp16)
+
+Builds an MBWQLinear layer-mix layer (B-bit, group 128, default 4) -- or with --gptq an MPQLinear GPTQ
+4-bit act-order layer -- with random words, runs 20 forwards per M (default M = 1 16) on several copies
+of the weights (so that they come from DRAM, not L2), and prints the average device time of every kernel
+and the bandwidth on the packed bytes."""
+import argparse
+import math
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import lowbit  # noqa: F401
+from lowbit.nn import MBWQLinear
+
+ap = argparse.ArgumentParser()
+ap.add_argument("shape", nargs="*", type=int, default=[4096, 4096, 1, 16])
+ap.add_argument("--bits", type=int, default=4)
+args = ap.parse_args()
+K, N, *Ms = args.shape
+Ms = Ms or [1, 16]
+dev = "cuda"
+
+
+def make():
+    layer = MBWQLinear(K, N, w_bit=args.bits, group_size=128, use_mbw=False, dtype=torch.half, device=dev)
+    G = math.ceil(K / 128)
+    layer.qweight.copy_(torch.randint(-2**31, 2**31 - 1, layer.qweight.shape, dtype=torch.int32, device=dev))
+    layer.set_scales(torch.rand(G, N, device=dev) * 0.01 + 1e-3)
+    layer.set_zeros(torch.randn(G, N, device=dev) * 0.01)
+    layer.prepare_params()
+    return layer
+
+
+packed = K * N * args.bits / 8 + 2 * 2 * math.ceil(K / 128) * N
+copies = max(2, math.ceil(160e6 / packed))
+layers = [make() for _ in range(copies)]
+for M in Ms:
+    x = torch.randn(M, K, device=dev, dtype=torch.half)
+    for i in range(3 * copies):
+        layers[i % copies](x)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for i in range(20):
+            layers[i % copies](x)
+        torch.cuda.synchronize()
+    print(f"== K={K} N={N} M={M} {args.bits}-bit g128: packed {packed / 1e6:.1f} MB")
+    for ev in sorted(prof.key_averages(), key=lambda e: -e.self_device_time_total):
+        if ev.self_device_time_total <= 0:
+            continue
+        us = ev.self_device_time_total / max(1, ev.count)
+        print(f"  {us:8.2f} us x{ev.count:3d}  {ev.key[:90]}"
+              + (f"   {packed / us / 1e6:.2f} TB/s" if "wq_tc" in ev.key or "wq_matmul" in ev.key else ""))
