@@ -42,12 +42,14 @@
 // of the next k-block is known one step ahead, so its (s, z) are fetched one k-block before they are
 // needed (kept while the group lasts).
 //
-// Work decomposition: grid.x = column tiles x row tiles of x (row tile fastest, so the blocks that read
-// the same words run together and the re-reads come from L2), grid.y = split-K; kTcWarps warps per block
-// on the same 64 columns split the block's k-blocks into contiguous ranges and are summed through shared
-// memory in warp order. One split: the block writes out (bias, one rounding); several (or several
-// segments, one launch each): fp32 partials per slot, then launch_reduce (wq_matmul.cu) sums the slots
-// in order. No float atomics: the result depends on the shape and SM count only.
+// Work decomposition: a warp owns one 64-column tile and one split-K range of k-blocks (long ranges keep
+// the ring in its steady state); a block is kTcWarps warps on consecutive column tiles (they share x' in
+// L1). grid.x = groups of column tiles x row tiles of x (row tile fastest, so the blocks that read the
+// same words run together and the re-reads come from L2), grid.y = split-K, chosen so that the blocks fill
+// the resident slots in whole waves. One split: each warp writes out its columns (bias, one rounding);
+// several (or several segments, one launch each): fp32 partials per slot, then launch_reduce
+// (wq_matmul.cu) sums the slots in order. No float atomics: the result depends on the shape and SM count
+// only.
 //
 // x' = x * channel_scale gathered into stored-row order (perm) and rounded once to the 16-bit type: a
 // small prep kernel writes it to the workspace when there is a perm or channel scale, or x cannot be read
@@ -303,7 +305,7 @@ struct TcArgs {
   const void* x;            // x' in stored-row order (or x itself when there is no perm / channel scale)
   int64_t ldx, xrows;       // row stride; rows >= xrows are read as 0 (xrows % 8 == 0)
   int64_t M;
-  int64_t mtiles;
+  int64_t mtiles, ntiles;
   const void* bias;
   void* out;
   int64_t ldo;
@@ -327,8 +329,7 @@ struct TcRing {
   static constexpr int kW = 0, kX = 2, kSz = 2 + kXv, kG = 4 + kXv, kVec = 5 + kXv;
   static constexpr int kSlotBytes = kVec * 32 * 16;
   static constexpr int kStages = 18432 / kSlotBytes > 6 ? 6 : 18432 / kSlotBytes;  // <= 72 KB per block
-  static constexpr int kRedBytes = 4 * 8 * NT * 64 * 4;  // kTcWarps x rows x kTcCols fp32
-  static constexpr int kBytes = 4 * kStages * kSlotBytes > kRedBytes ? 4 * kStages * kSlotBytes : kRedBytes;
+  static constexpr int kBytes = 4 * kStages * kSlotBytes;  // kTcWarps rings
 };
 
 template <int B, int NT, typename T, bool kVec>
@@ -344,19 +345,19 @@ __global__ void __launch_bounds__(kTcThreads) wq_tc_kernel(const TcArgs a) {
   constexpr int kGr = kRows / 32;      // g_idx entries per lane and k-block
   constexpr int kBatch = 8 * NT;       // rows of x per block
   extern __shared__ __align__(16) unsigned char smem[];
-  float* red = reinterpret_cast<float*>(smem);
   pdl_trigger();
 
   // Row and k-block indices are 32-bit (tc_eligible: K < 2^30); pointers advance by fixed steps.
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
-  const int64_t mtile = int64_t(blockIdx.x) % a.mtiles, ntile = int64_t(blockIdx.x) / a.mtiles;
-  const int64_t n0 = ntile * kTcCols, m0 = mtile * kBatch;
+  // Each warp owns one column tile (kTcWarps consecutive tiles per block) and the block's whole split.
+  const int64_t mtile = int64_t(blockIdx.x) % a.mtiles;
+  const int64_t ntile = (int64_t(blockIdx.x) / a.mtiles) * kTcWarps + warp;
+  const int64_t n0 = min(ntile, a.ntiles - 1) * kTcCols, m0 = mtile * kBatch;
   const int64_t nq[2] = {n0 + 4 * g, n0 + 32 + 4 * g};  // the lane's two column quads
   const int nkb = int(a.nkb), kps = int(a.kps);
   const int s0 = int(blockIdx.y) * kps, s1 = min(nkb, s0 + kps);
-  const int per = (s1 - s0 + kTcWarps - 1) / kTcWarps;
-  const int kb0 = min(s1, s0 + warp * per), kb1 = min(s1, kb0 + per);
+  const int kb0 = s0, kb1 = ntile < a.ntiles ? s1 : s0;  // a warp past the last tile has nothing to do
   const int tail = nkb - 1;            // the segment's last k-block: the only one with rows to clamp / mask
   const int row0 = int(a.row0), row_end = int(a.row_end), gs = int(a.gs_guess), groups = int(a.groups);
   const uint32_t magic = a.magic;
@@ -667,10 +668,11 @@ __global__ void __launch_bounds__(kTcThreads) wq_tc_kernel(const TcArgs a) {
   }
   cp_async_wait<0>();
   flush();
-  __syncthreads();  // every warp is done with its ring: the buffer becomes `red`
+  if (kb0 >= kb1) return;
 
-  // Block reduction in warp order. acc[mt][nt][e]: column j = 2mt + e/2 of the lane group, x row
-  // 8nt + 2t + e%2 of the block's rows.
+  // The warp's results. acc[mt][nt][e]: column j = 2mt + e/2 of the lane group, x row 8nt + 2t + e%2 of
+  // the block's rows.
+  const int dt = std::is_same<T, __half>::value ? 1 : 2;
 #pragma unroll
   for (int mt = 0; mt < 4; ++mt)
 #pragma unroll
@@ -678,25 +680,16 @@ __global__ void __launch_bounds__(kTcThreads) wq_tc_kernel(const TcArgs a) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int j = 2 * mt + (e >> 1);
-        const int cc = 4 * g + (j & 3) + 32 * (j >> 2), row = 8 * nt + 2 * t + (e & 1);
-        red[(warp * kBatch + row) * kTcCols + cc] = acc[mt][nt][e];
+        const int64_t n = n0 + 4 * g + (j & 3) + 32 * (j >> 2), m = m0 + 8 * nt + 2 * t + (e & 1);
+        if (m >= a.M || n >= a.N) continue;
+        float v = acc[mt][nt][e];
+        if (a.partial != nullptr) {
+          a.partial[(int64_t(blockIdx.y) * a.M + m) * a.N + n] = v;
+        } else {
+          if (a.bias != nullptr) v += raw_to_float(load_raw(a.bias, n, dt), dt);
+          store_out(a.out, m * a.ldo + n, dt, v);
+        }
       }
-  __syncthreads();
-  const int dt = std::is_same<T, __half>::value ? 1 : 2;
-  for (int idx = threadIdx.x; idx < kBatch * kTcCols; idx += kTcThreads) {
-    const int row = idx / kTcCols, cc = idx % kTcCols;
-    const int64_t m = m0 + row, n = n0 + cc;
-    if (m >= a.M || n >= a.N) continue;
-    float v = red[row * kTcCols + cc];
-#pragma unroll
-    for (int wp = 1; wp < kTcWarps; ++wp) v += red[(wp * kBatch + row) * kTcCols + cc];
-    if (a.partial != nullptr) {
-      a.partial[(int64_t(blockIdx.y) * a.M + m) * a.N + n] = v;
-    } else {
-      if (a.bias != nullptr) v += raw_to_float(load_raw(a.bias, n, dt), dt);
-      store_out(a.out, m * a.ldo + n, dt, v);
-    }
-  }
 }
 
 // x' = x * channel_scale in stored-row order, rounded once to T, rows [K, Kp) zero: xs (M, Kp).
@@ -796,7 +789,7 @@ Status make_tc_plan(const char* fn, const WqWeight& w, int64_t M, int sms, TcPla
   p->nt = M <= 8 ? 1 : 2;
   p->mtiles = (M + 8 * p->nt - 1) / (8 * p->nt);
   p->ntiles = (w.N + kTcCols - 1) / kTcCols;
-  const int64_t base = p->mtiles * p->ntiles;
+  const int64_t base = p->mtiles * ((p->ntiles + kTcWarps - 1) / kTcWarps);  // blocks per split
   if (base > int64_t(std::numeric_limits<int>::max()))
     return Status::invalid(validate::err(fn, "N needs more than 2^31 - 1 blocks of " + std::to_string(kTcCols) +
                                                  " columns (N=" + std::to_string(w.N) + ")"));
@@ -818,7 +811,7 @@ Status make_tc_plan(const char* fn, const WqWeight& w, int64_t M, int sms, TcPla
     // a partial-sum slot).
     const int bps = with_tc_kernel(w.sdtype == DType::kFloat16, true, sg.bits, p->nt, [](auto k) { return k.blocks_per_sm(); });
     const int64_t resident = int64_t(bps) * sms;
-    const int64_t cap = std::min(std::max<int64_t>(1, sg.nkb / (int64_t(kTcWarps) * 4)), kMaxGridY);
+    const int64_t cap = std::min(std::max<int64_t>(1, sg.nkb / 4), kMaxGridY);  // >= 4 k-blocks per warp
     int64_t splits = 1;
     double best = -1.0;
     for (int64_t c = 1; c <= std::min<int64_t>(cap, 64); ++c) {
@@ -891,6 +884,7 @@ Status tc_matmul(const char* fn, const WqWeight& w, const void* x, int64_t M, in
   a.zeros = w.zeros;
   a.M = M;
   a.mtiles = plan.mtiles;
+  a.ntiles = plan.ntiles;
   a.bias = bias;
   a.out = out;
   a.ldo = ldo;
@@ -936,7 +930,8 @@ Status tc_matmul(const char* fn, const WqWeight& w, const void* x, int64_t M, in
                 ? 1
                 : 0;
     a.partial = partial != nullptr ? partial + sg.slot0 * M * w.N : nullptr;
-    const dim3 grid(static_cast<unsigned>(plan.mtiles * plan.ntiles), static_cast<unsigned>(sg.splits));
+    const dim3 grid(static_cast<unsigned>(plan.mtiles * ((plan.ntiles + kTcWarps - 1) / kTcWarps)),
+                    static_cast<unsigned>(sg.splits));
     with_tc_kernel(fp16, a.vec != 0, sg.bits, plan.nt, [&](auto k) {
       k.prepare();  // a refusal shows as the launch error below
       k.launch(grid, stream, a);
