@@ -475,12 +475,13 @@ __global__ void __launch_bounds__(kTcThreads) wq_tc_kernel(const TcArgs a) {
   // past xrows and g_idx rows past the segment read the last valid one. Their values only reach outputs
   // that are never written or rows that the consumer masks, so no copy is predicated or zero-filled.
   const int64_t qlast = a.qrows - 1;
-  const uint32_t* wp[2];  // word row 4 kb + t of the next k-block (vector mode: quad start clamped to N - 4)
+  const uint32_t* wp[2];  // word row 4 kb + t of the next k-block (vector mode: quad start clamped to N - 4);
+                          // in the tail k-block that row may lie past the segment and is pulled back to qlast
   int clast[2];           // scalar mode: offset of column N - 1 from wp (columns past it read it)
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int64_t base = kVec ? min(nq[h], a.N - 4) : min(nq[h], a.N - 1);
-    wp[h] = a.qweight + min(int64_t(kb0) * 4 + t, qlast) * a.N + base;
+    wp[h] = a.qweight + (int64_t(kb0) * 4 + t) * a.N + base;  // dereferenced only at rows <= qlast (tail)
     clast[h] = int(a.N - 1 - base);
   }
   const int64_t wstep = 4 * a.N;
