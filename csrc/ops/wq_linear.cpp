@@ -228,8 +228,8 @@ at::Tensor wq_linear_forward_impl(const at::Tensor& x, const at::Tensor& qweight
   if (M > 0 && w.N > 0) {
     int64_t fused_max = fused_max_rows(x.is_cpu());
 #ifdef LOWBIT_WITH_CUDA
-    // The tensor-core kernel beats tiles + cuBLAS up to M = 32 (H200: M = 16 at 8192 x 28672 209 us vs
-    // 432 us); at M = 64 the tiles win (4096^2: 32 vs 43 us).
+    // The tensor-core kernel beats tiles + cuBLAS up to M = 32 (H100, 8192 x 28672: M = 32 210 us vs
+    // tiles ~515 us at M = 64); M = 64 stays on the tiles until the kernel is re-measured there.
     static const bool env_override = std::getenv("LOWBIT_WQ_FUSED_MAX_ROWS") != nullptr;
     if (!x.is_cpu() && !env_override &&
         cuda::wq_matmul_uses_tensor_cores(with_half(w, x), kernel_dtype(x.scalar_type(), w.op, "x"), M))
