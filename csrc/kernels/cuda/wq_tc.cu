@@ -163,19 +163,25 @@ struct PairCodeSel {
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
+// Shared-memory operands are 32-bit shared-window addresses (no generic-to-shared conversion per copy).
 // 16 bytes global -> shared, L2 only (the words are read once).
-__device__ __forceinline__ void cp_async_16_stream(void* dst, const void* src) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(dst)), "l"(src) : "memory");
+__device__ __forceinline__ void cp_async_16_stream(uint32_t dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
 }
 // 16 bytes through L1 (x' is read by every warp of the SM).
-__device__ __forceinline__ void cp_async_16_cached(void* dst, const void* src) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 16;" ::"r"(smem_addr(dst)), "l"(src) : "memory");
+__device__ __forceinline__ void cp_async_16_cached(uint32_t dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
 }
-__device__ __forceinline__ void cp_async_8(void* dst, const void* src) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(smem_addr(dst)), "l"(src) : "memory");
+__device__ __forceinline__ void cp_async_8(uint32_t dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(dst), "l"(src) : "memory");
 }
-__device__ __forceinline__ void cp_async_4(void* dst, const void* src) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(smem_addr(dst)), "l"(src) : "memory");
+__device__ __forceinline__ void cp_async_4(uint32_t dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(dst), "l"(src) : "memory");
+}
+__device__ __forceinline__ uint4 lds128(uint32_t addr) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr));
+  return v;
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 template <int N>
@@ -468,8 +474,11 @@ __global__ void __launch_bounds__(kTcThreads) wq_tc_kernel(const TcArgs a) {
   // The shared-memory ring of this warp: S slots of R::kVec 16-byte vectors per lane, lane-contiguous so
   // that every access is conflict-free. Each lane copies (cp.async) and reads back only its own vectors:
   // no barrier is needed around the ring.
-  uint4* ring = reinterpret_cast<uint4*>(smem) + warp * S * R::kVec * 32 + lane;
-  int issue_slot = 0, use_slot = 0;  // ring slots of the next k-block to issue / to consume
+  constexpr uint32_t kVs = 32 * 16;                 // bytes from one of a lane's vectors to the next
+  constexpr uint32_t kSlotStride = R::kVec * kVs;  // bytes per slot
+  const uint32_t ring_base = smem_addr(smem) + uint32_t(warp * S * R::kVec * 32 + lane) * 16u;
+  const uint32_t ring_end = ring_base + S * kSlotStride;
+  uint32_t issue_addr = ring_base, use_addr = ring_base;  // this lane's slot of the next k-block to issue / use
   // Issue-side cursors, advanced by one k-block per issue(). Every copy has a valid source: columns past
   // N read column N - 1 (or the last quad), and in the tail k-block word rows past the segment, x' rows
   // past xrows and g_idx rows past the segment read the last valid one. Their values only reach outputs
@@ -494,36 +503,36 @@ __global__ void __launch_bounds__(kTcThreads) wq_tc_kernel(const TcArgs a) {
 
   auto issue = [&](int kb) {
     if (kb < kb1) {
-      uint4* dst = ring + issue_slot * R::kVec * 32;
-      issue_slot = issue_slot == S - 1 ? 0 : issue_slot + 1;
+      const uint32_t dst = issue_addr;
+      issue_addr = issue_addr + kSlotStride == ring_end ? ring_base : issue_addr + kSlotStride;
       if (kb != tail) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           if constexpr (kVec) {
-            cp_async_16_stream(dst + (R::kW + h) * 32, wp[h]);
+            cp_async_16_stream(dst + (R::kW + h) * kVs, wp[h]);
           } else {
 #pragma unroll
             for (int c = 0; c < 4; ++c)
-              cp_async_4(reinterpret_cast<uint32_t*>(dst + (R::kW + h) * 32) + c, wp[h] + min(c, clast[h]));
+              cp_async_4(dst + (R::kW + h) * kVs + 4 * c, wp[h] + min(c, clast[h]));
           }
         }
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-          for (int v = 0; v < kXr / 4; ++v) cp_async_16_cached(dst + (R::kX + nt * (kXr / 4) + v) * 32, xp[nt] + 8 * v);
+          for (int v = 0; v < kXr / 4; ++v) cp_async_16_cached(dst + (R::kX + nt * (kXr / 4) + v) * kVs, xp[nt] + 8 * v);
 #pragma unroll
-        for (int i = 0; i < kGr; ++i) cp_async_4(reinterpret_cast<uint32_t*>(dst + R::kG * 32) + i, gp + 32 * i);
+        for (int i = 0; i < kGr; ++i) cp_async_4(dst + R::kG * kVs + 4 * i, gp + 32 * i);
       } else {
         const int64_t wrow = int64_t(kb) * 4 + t;
         const int64_t back = wrow > qlast ? (wrow - qlast) * a.N : 0;
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           if constexpr (kVec) {
-            cp_async_16_stream(dst + (R::kW + h) * 32, wp[h] - back);
+            cp_async_16_stream(dst + (R::kW + h) * kVs, wp[h] - back);
           } else {
 #pragma unroll
             for (int c = 0; c < 4; ++c)
-              cp_async_4(reinterpret_cast<uint32_t*>(dst + (R::kW + h) * 32) + c, wp[h] - back + min(c, clast[h]));
+              cp_async_4(dst + (R::kW + h) * kVs + 4 * c, wp[h] - back + min(c, clast[h]));
           }
         }
         const int64_t xrow = row0 + int64_t(kb) * kRows + kCpw * t;
@@ -532,13 +541,13 @@ __global__ void __launch_bounds__(kTcThreads) wq_tc_kernel(const TcArgs a) {
 #pragma unroll
           for (int v = 0; v < kXr / 4; ++v) {
             const int64_t r = xrow + 8 * v;
-            cp_async_16_cached(dst + (R::kX + nt * (kXr / 4) + v) * 32,
+            cp_async_16_cached(dst + (R::kX + nt * (kXr / 4) + v) * kVs,
                                xp[nt] + 8 * v - (r + 8 <= a.xrows ? 0 : r + 8 - a.xrows));
           }
         const int grow = row0 + kb * kRows + lane;
 #pragma unroll
         for (int i = 0; i < kGr; ++i)
-          cp_async_4(reinterpret_cast<uint32_t*>(dst + R::kG * 32) + i,
+          cp_async_4(dst + R::kG * kVs + 4 * i,
                      grow + 32 * i < row_end ? gp + 32 * i : a.g_idx + row_end - 1);
       }
       if (kb != kb0) walk_issue.step(row0 + kb * kRows, gs);
@@ -548,8 +557,8 @@ __global__ void __launch_bounds__(kTcThreads) wq_tc_kernel(const TcArgs a) {
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
             const int64_t n = min(nq[h], a.N - 4);
-            cp_async_8(reinterpret_cast<uint32_t*>(dst + R::kSz * 32) + 2 * h, sc16 + off + n);
-            cp_async_8(reinterpret_cast<uint32_t*>(dst + (R::kSz + 1) * 32) + 2 * h, zr16 + off + n);
+            cp_async_8(dst + R::kSz * kVs + 4 * 2 * h, sc16 + off + n);
+            cp_async_8(dst + (R::kSz + 1) * kVs + 4 * 2 * h, zr16 + off + n);
           }
         }
       }
@@ -569,21 +578,21 @@ __global__ void __launch_bounds__(kTcThreads) wq_tc_kernel(const TcArgs a) {
   for (int kb = kb0; kb < kb1; ++kb) {
     issue(kb + S - 1);
     cp_async_wait<S - 1>();  // this k-block's group has landed
-    const uint4* src = ring + use_slot * R::kVec * 32;
-    use_slot = use_slot == S - 1 ? 0 : use_slot + 1;
-    const uint4 w[2] = {src[R::kW * 32], src[(R::kW + 1) * 32]};
+    const uint32_t src = use_addr;
+    use_addr = use_addr + kSlotStride == ring_end ? ring_base : use_addr + kSlotStride;
+    const uint4 w[2] = {lds128(src + R::kW * kVs), lds128(src + (R::kW + 1) * kVs)};
     uint32_t xv[NT][kXr];
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
       for (int v = 0; v < kXr / 4; ++v) {
-        const uint4 q = src[(R::kX + nt * (kXr / 4) + v) * 32];
+        const uint4 q = lds128(src + (R::kX + nt * (kXr / 4) + v) * kVs);
         xv[nt][4 * v] = q.x;
         xv[nt][4 * v + 1] = q.y;
         xv[nt][4 * v + 2] = q.z;
         xv[nt][4 * v + 3] = q.w;
       }
-    const uint4 graw = src[R::kG * 32];
+    const uint4 graw = lds128(src + R::kG * kVs);
     if (kb != kb0) walk_use.step(row0 + kb * kRows, gs);
     // Groups of this lane's rows (lane + 32 i), clamped; in the tail k-block, -1 past the segment and
     // x' = 0 for those rows.
@@ -615,7 +624,7 @@ __global__ void __launch_bounds__(kTcThreads) wq_tc_kernel(const TcArgs a) {
         bool in_ring = false;
         if constexpr (kVec) in_ring = walk_use.fresh && G == min(walk_use.grp, groups - 1);
         if (in_ring) {
-          const uint4 sv = src[R::kSz * 32], zv = src[(R::kSz + 1) * 32];
+          const uint4 sv = lds128(src + R::kSz * kVs), zv = lds128(src + (R::kSz + 1) * kVs);
           scur.s[0] = sv.x; scur.s[1] = sv.y; scur.s[2] = sv.z; scur.s[3] = sv.w;
           scur.z[0] = zv.x; scur.z[1] = zv.y; scur.z[2] = zv.z; scur.z[3] = zv.w;
         } else {
