@@ -4,8 +4,9 @@
 
 Builds an MBWQLinear layer-mix layer (B-bit, group 128, default 4) -- or with --gptq an MPQLinear GPTQ
 4-bit act-order layer -- with random words, runs 20 forwards per M (default M = 1 16) on several copies
-of the weights (so that they come from DRAM, not L2), and prints the average device time of every kernel
-and the bandwidth on the packed bytes."""
+of the weights (so that they come from DRAM, not L2), and prints the median time of one forward (CUDA
+events behind a spin kernel), the average device time of every kernel and the bandwidth on the packed
+bytes. LOWBIT_WQ_FUSED_MAX_ROWS picks the fused kernels or the dequantized tiles for a given M."""
 import argparse
 import math
 
@@ -46,7 +47,17 @@ for M in Ms:
         for i in range(20):
             layers[i % copies](x)
         torch.cuda.synchronize()
-    print(f"== K={K} N={N} M={M} {args.bits}-bit g128: packed {packed / 1e6:.1f} MB")
+    times = []
+    for i in range(30):  # CUDA events around one forward behind a spin kernel (as bench/harness.py)
+        torch.cuda._sleep(200000)
+        t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        t0.record()
+        layers[i % copies](x)
+        t1.record()
+        torch.cuda.synchronize()
+        times.append(t0.elapsed_time(t1) * 1000)
+    times.sort()
+    print(f"== K={K} N={N} M={M} {args.bits}-bit g128: packed {packed / 1e6:.1f} MB, forward {times[15]:.1f} us (median)")
     for ev in sorted(prof.key_averages(), key=lambda e: -e.self_device_time_total):
         if ev.self_device_time_total <= 0:
             continue
