@@ -67,6 +67,9 @@ struct DeviceInfo {
 // Multiprocessor count and compute capability of the current device (cached per device; no sync).
 Status device_info(const char* fn, DeviceInfo* info);
 
+// Ok, or the pending launch error (cleared) as a device Status "fn: what: <CUDA error>".
+Status launch_error(const char* fn, const char* what);
+
 // Sums `slots` fp32 partial results ws[slot][M][N] in slot order, adds bias (dtype sdt) and rounds once
 // into out (dtype odt, row stride ldo). A programmatic dependent launch on sm_90+ (the kernels before it
 // call pdl_trigger()).

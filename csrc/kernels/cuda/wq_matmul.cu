@@ -780,11 +780,6 @@ Status make_plan(const char* fn, const WqWeight& w, int64_t M, int sms, Plan* p)
   return Status::ok();
 }
 
-Status launch_error(const char* fn, const char* what) {
-  const cudaError_t err = cudaGetLastError();
-  if (err == cudaSuccess) return Status::ok();
-  return Status::device(validate::err(fn, std::string(what) + ": " + cudaGetErrorString(err)));
-}
 
 template <int MT>
 void launch_main_mt(int bits, dim3 grid, cudaStream_t stream, const MainArgs& a) {
@@ -829,6 +824,12 @@ void fill_common(Args& a, const WqWeight& w, const void* x, int64_t M, int64_t l
 }  // namespace
 
 namespace wq_detail {
+
+Status launch_error(const char* fn, const char* what) {
+  const cudaError_t err = cudaGetLastError();
+  if (err == cudaSuccess) return Status::ok();
+  return Status::device(validate::err(fn, std::string(what) + ": " + cudaGetErrorString(err)));
+}
 
 // Multiprocessor count and compute capability of the current device, cached per device (attribute
 // queries do not sync, but they are not free either).

@@ -856,11 +856,6 @@ Status make_tc_plan(const char* fn, const WqWeight& w, int64_t M, int sms, TcPla
   return Status::ok();
 }
 
-Status tc_launch_error(const char* fn, const char* what) {
-  const cudaError_t err = cudaGetLastError();
-  if (err == cudaSuccess) return Status::ok();
-  return Status::device(validate::err(fn, std::string(what) + ": " + cudaGetErrorString(err)));
-}
 
 }  // namespace
 
@@ -929,7 +924,7 @@ Status tc_matmul(const char* fn, const WqWeight& w, const void* x, int64_t M, in
       wq_tc_prep_kernel<__nv_bfloat16><<<unsigned(blocks), kPrepThreads, 0, stream>>>(
           static_cast<const __nv_bfloat16*>(x), ldx, M, w.K, plan.kp, w.perm,
           static_cast<const __nv_bfloat16*>(w.channel_scale), reinterpret_cast<__nv_bfloat16*>(wsb));
-    st = tc_launch_error(fn, "x' prep kernel launch failed");
+    st = launch_error(fn, "x' prep kernel launch failed");
     if (!st.is_ok()) return st;
     a.x = wsb;
     a.ldx = plan.kp;
@@ -956,7 +951,7 @@ Status tc_matmul(const char* fn, const WqWeight& w, const void* x, int64_t M, in
       k.launch(grid, stream, a);
       return 0;
     });
-    st = tc_launch_error(fn, "tensor-core kernel launch failed");
+    st = launch_error(fn, "tensor-core kernel launch failed");
     if (!st.is_ok()) return st;
   }
   if (plan.slots == 1) return Status::ok();
