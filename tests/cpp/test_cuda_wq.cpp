@@ -358,16 +358,7 @@ TEST_F(CudaWq, MixedFastAndGenericColumns) {
       c.xtype = DType::kFloat32;
       SCOPED_TRACE(describe(c));
       HostWq h = make_wq(c.spec);
-      for (int64_t g = 0; g < h.groups; ++g)
-        for (int64_t n = 0; n < N; n += 7) {
-          const size_t i = size_t(g * N + n);
-          const float s = asym ? h.scale_f[i] : 0x1.004p-14f;  // s * 2^7 + 1000.5 needs 25 bits
-          const float z = asym ? 3.5f : 1000.5f;
-          wq_store(h.sdtype, h.scales.data(), i, s);
-          wq_store(h.sdtype, h.zeros.data(), i, z);
-          h.scale_f[i] = wq_load(h.sdtype, h.scales.data(), i);
-          h.zero_f[i] = wq_load(h.sdtype, h.zeros.data(), i);
-        }
+      mix_inexact_fast_constants(h, asym);
       DeviceWq d(h, 0);
       upload_wq(h, &d);
       if (HasFatalFailure()) return;

@@ -44,10 +44,9 @@ std::vector<WqIsa> wq_isas() {
   return v;
 }
 
-// The full check of one case (see the top of the file).
-void check_case(const WqCase& c) {
+// The full check of one case (see the top of the file) on the weight w (made from c.spec).
+void check_weight(const WqCase& c, const HostWq& w) {
   SCOPED_TRACE(describe(c));
-  const HostWq w = make_wq(c.spec);
   const WqWeight v = w.view();
   const int64_t M = c.M, N = w.N, K = w.K;
   const int64_t ldx = K + c.ldx_pad, ldo = N + c.ldo_pad;
@@ -83,6 +82,8 @@ void check_case(const WqCase& c) {
   ASSERT_TRUE(s.is_ok()) << s.message;
   EXPECT_TRUE(got.bytes == want.bytes) << "wq_matmul: not bitwise equal to wq_matmul_ref";
 }
+
+void check_case(const WqCase& c) { check_weight(c, make_wq(c.spec)); }
 
 // check_case over a list, stopping at the first fatal failure.
 void check_cases(const std::vector<WqCase>& cases) {
@@ -140,6 +141,31 @@ TEST(WqKernel, GroupsStraddlingChunks) { check_cases(wq_cases_groups_straddling_
 TEST(WqKernel, DtypesBiasAndRowCounts) { check_cases(wq_cases_dtypes_bias_rows(WqTarget::kCpu)); }
 
 // Bigger: several column blocks and 32-row chunks per block; M = 12 = one tile of 8 and one of 4.
+// Scales / zeros for which a magic-number dequantization (code in the mantissa of 2^23 + q 2^16, one FMA
+// against s 2^7 + z) would round differently from fmaf(s, q, -z) (the CUDA-core kernel switches to its
+// generic form for them; the CPU kernels must stay bitwise equal to the reference on them too).
+TEST(WqKernel, MixedFastAndGenericColumns) {
+  uint32_t seed = 700;
+  for (int32_t b : {4, 2, 8, 1})
+    for (bool asym : {false, true})
+      for (int64_t N : {256, 258}) {
+        WqCase c;
+        c.spec.K = 512;
+        c.spec.N = N;
+        c.spec.segments = {{b, 0}};
+        c.spec.group_size = 128;
+        c.spec.asym = asym;
+        c.spec.sdtype = DType::kFloat16;
+        c.spec.seed = seed++;
+        c.M = asym ? 1 : 3;
+        c.xtype = DType::kFloat32;
+        HostWq h = make_wq(c.spec);
+        mix_inexact_fast_constants(h, asym);
+        check_weight(c, h);
+        if (::testing::Test::HasFatalFailure()) return;
+      }
+}
+
 TEST(WqKernel, MediumShape) {
   WqCase c;
   c.spec.K = 1024;

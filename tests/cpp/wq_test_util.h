@@ -498,6 +498,26 @@ inline std::string wq_compare(const void* got, lowbit::DType otype, int64_t M, i
 inline constexpr lowbit::DType kWqDtypes[] = {lowbit::DType::kFloat32, lowbit::DType::kFloat16,
                                               lowbit::DType::kBFloat16};
 
+// Every 7th column of every group gets a scale / zero whose fast-dequantization constant is NOT exact in
+// fp32 (sym: C = s * 2^7 + z rounds), so kernels that switch between the exact fast form and the generic
+// one per group and column (the CUDA-core kernel) must give the bits of the generic formula on both.
+// The pair is chosen so that the fast form WOULD round differently (s = 0x1.674p-14, z = 1000.5: codes
+// 2, 4, 7, 9, 12, 14 give other bits), so taking it regardless fails the test. asym keeps its random
+// scale and takes z = 3.5 (exact: a fast column next to the others).
+inline void mix_inexact_fast_constants(HostWq& h, bool asym) {
+  const int64_t N = h.N;
+  for (int64_t g = 0; g < h.groups; ++g)
+    for (int64_t n = 0; n < N; n += 7) {
+      const size_t i = size_t(g * N + n);
+      const float s = asym ? h.scale_f[i] : 0x1.674p-14f;
+      const float z = asym ? 3.5f : 1000.5f;
+      wq_store(h.sdtype, h.scales.data(), i, s);
+      wq_store(h.sdtype, h.zeros.data(), i, z);
+      h.scale_f[i] = wq_load(h.sdtype, h.scales.data(), i);
+      h.zero_f[i] = wq_load(h.sdtype, h.zeros.data(), i);
+    }
+}
+
 struct WqCase {
   WqSpec spec;
   int64_t M = 1;
