@@ -804,8 +804,7 @@ void launch_main(int mt, int bits, dim3 grid, cudaStream_t stream, const MainArg
 }
 
 // The call's fields of MainArgs.
-template <class Args>
-void fill_common(Args& a, const WqWeight& w, const void* x, int64_t M, int64_t ldx, const void* bias, void* out,
+void fill_common(MainArgs& a, const WqWeight& w, const void* x, int64_t M, int64_t ldx, const void* bias, void* out,
                  int64_t ldo) {
   a.g_idx = w.g_idx;
   a.groups = w.groups;
