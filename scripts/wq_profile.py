@@ -57,7 +57,32 @@ for M in Ms:
         torch.cuda.synchronize()
         times.append(t0.elapsed_time(t1) * 1000)
     times.sort()
-    print(f"== K={K} N={N} M={M} {args.bits}-bit g128: packed {packed / 1e6:.1f} MB, forward {times[15]:.1f} us (median)")
+    # Inside a CUDA graph (as a decode step runs): 4 * copies forwards captured back to back, replayed.
+    calls = 4 * copies
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for i in range(calls):
+            layers[i % copies](x)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            layers[i % copies](x)
+    graph.replay()
+    torch.cuda.synchronize()
+    gtimes = []
+    for _ in range(10):
+        t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        t0.record()
+        graph.replay()
+        t1.record()
+        torch.cuda.synchronize()
+        gtimes.append(t0.elapsed_time(t1) * 1000 / calls)
+    gtimes.sort()
+    del graph
+    print(f"== K={K} N={N} M={M} {args.bits}-bit g128: packed {packed / 1e6:.1f} MB, forward {times[15]:.1f} us "
+          f"(median), in a CUDA graph {gtimes[5]:.1f} us per forward")
     for ev in sorted(prof.key_averages(), key=lambda e: -e.self_device_time_total):
         if ev.self_device_time_total <= 0:
             continue

@@ -593,6 +593,9 @@ __global__ void __launch_bounds__(kThreads, min_blocks(B, MT)) wq_matmul_kernel(
 __global__ void __launch_bounds__(kReduceThreads) wq_reduce_kernel(const float* __restrict__ ws, int64_t slots,
                                                                   int64_t M, int64_t N, const void* bias, int sdt,
                                                                   void* out, int odt, int64_t ldo) {
+  // Lets the next kernel, when it is a programmatic dependent (a tensor-core wq kernel: wq_tc.cu), start its
+  // weight prefetch now; it waits for this kernel before it touches anything this one writes.
+  pdl_trigger();
   pdl_wait();  // the main kernels' partial sums are complete and visible past this point
   const int64_t total = M * N;
   for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < total;

@@ -28,7 +28,7 @@
 // Scales in fp32, per group. The fast path does not dequantize: it multiplies the exact codes,
 // accumulating A_g = sum_{k in g} x'_k q_k (and, with an all-ones A operand, X_g = sum_{k in g} x'_k) in
 // fp32 over the k-blocks of one group, and folds the group in when it ends:
-//   sym  (w = s*q - z):   acc += s*A_g - z*X_g       asym (w = s*(q - z)):   acc += s*(A_g - z*X_g)
+//   sym  (w = s*q - z):   acc += s*A_g - z*X_g       asym (w = s*(q - z)):   acc += s*A_g - (s*z)*X_g
 // (two FMAs per output and group). Per 8 codes (4-bit, fp16) that is 2 LOP3 + 1 shift + 4 HFMA2 plus
 // 4/8 of an mma per x row tile: about a third of the CUDA-core kernel's issue cost, and the products
 // are exact (no rounding of w to 16 bits), so the result is closer to the fp32 definition of wq.h than
@@ -42,9 +42,10 @@
 // once), x' (cp.async.ca: every warp of the SM reads it), the g_idx of the k-block's rows and, for a
 // k-block that starts a new expected group (row / gs_guess, gs_guess = ceil(K / groups) rounded up to 32),
 // that group's (s, z). The consumer checks the actual groups of every k-block (shuffle + vote): a wrong
-// guess costs a direct load of (s, z), never a wrong result. Each lane copies and reads back only its own
-// 16-byte vectors, so the ring needs no barrier; addresses are 32-bit shared-window addresses advanced
-// per slot. Every copy has an in-range source (no zero-fill): columns past N, rows past the segment and
+// guess costs a direct load of (s, z), never a wrong result. The words are copied in line order (8 lanes
+// per 128-byte line) into the slots of the lanes that read them, so the consumer passes a __syncwarp after
+// its wait (and one at the end of each k-block before the slot is refilled); the other pieces each lane
+// copies and reads back itself. Addresses are 32-bit shared-window addresses advanced per slot. Every copy has an in-range source (no zero-fill): columns past N, rows past the segment and
 // x' rows past xrows read an in-range neighbour whose value only reaches unwritten outputs or rows that
 // the consumer masks to x' = 0.
 //
@@ -191,6 +192,9 @@ __device__ __forceinline__ uint4 lds128(uint32_t addr) {
   uint4 v;
   asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr));
   return v;
+}
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 template <int N>
@@ -429,6 +433,9 @@ __global__ void __launch_bounds__(kTcThreads) wq_tc_kernel(const TcArgs a) {
   int gcur = -1;  // the group accumulating in accg / accx
   GroupSZ scur = {};
   // Folds the running group into acc (see the header) and clears its accumulators.
+  // One form for both: acc += s*A_g + zz*X_g with zz = -z (sym) or -(s*z) (asym), so that the fold is two
+  // FMAs per output with no per-output select.
+  const bool asym = a.asym != 0;
   auto flush = [&]() {
     if (gcur < 0) return;
 #pragma unroll
@@ -437,17 +444,13 @@ __global__ void __launch_bounds__(kTcThreads) wq_tc_kernel(const TcArgs a) {
       for (int hr = 0; hr < 2; ++hr) {
         const int j = 2 * mt + hr;
         const float sv = sz_at(scur.s, j), zv = sz_at(scur.z, j);
+        const float zz = asym ? -(sv * zv) : -zv;
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
           for (int e2 = 0; e2 < 2; ++e2) {
             const int e = 2 * hr + e2;
-            const float A = accg[mt][nt][e], X = accx[nt][e2];
-            if (a.asym) {
-              acc[mt][nt][e] = fmaf(sv, fmaf(-zv, X, A), acc[mt][nt][e]);
-            } else {
-              acc[mt][nt][e] = fmaf(-zv, X, fmaf(sv, A, acc[mt][nt][e]));
-            }
+            acc[mt][nt][e] = fmaf(zz, accx[nt][e2], fmaf(sv, accg[mt][nt][e], acc[mt][nt][e]));
             accg[mt][nt][e] = 0.0f;
           }
       }
@@ -492,14 +495,26 @@ __global__ void __launch_bounds__(kTcThreads) wq_tc_kernel(const TcArgs a) {
   // N read column N - 1 (or the last quad), and in the tail k-block word rows past the segment, x' rows
   // past xrows and g_idx rows past the segment read the last valid one. Their values only reach outputs
   // that are never written or rows that the consumer masks, so no copy is predicated or zero-filled.
+  // The words are copied in line order, not fragment order: copy lane c takes word row c / 8 and column
+  // quad c % 8 of each half, so every 8 consecutive lanes read one whole 128-byte line (fragment order,
+  // 4 rows per 8 lanes, cost each 16-byte piece a sector of its own: ncu, twice the L2 sectors and requests
+  // of the line order). The piece lands where its fragment lane (g = quad, t = row) reads it: 16-byte unit
+  // 8 row + (quad ^ 2 row) of the half, conflict-free both for the copies (one row, 8 quads) and for the
+  // reads (quads 2q, 2q + 1 of 4 rows).
+  auto word_unit = [](int row, int quad) { return 8 * row + (quad ^ (2 * row)); };
+  const int crow = lane >> 3, cquad = lane & 7;  // this lane's copy: word row and column quad
+  const uint32_t wdst = uint32_t(word_unit(crow, cquad) - lane) * 16u;  // from this lane's ring vectors
+  const uint32_t wsrc = uint32_t(word_unit(t, g) - lane) * 16u;
   const int64_t qlast = a.qrows - 1;
-  const uint32_t* wp[2];  // word row 4 kb + t of the next k-block (vector mode: quad start clamped to N - 4);
-                          // in the tail k-block that row may lie past the segment and is pulled back to qlast
+  const uint32_t* wp[2];  // word row 4 kb + crow of the next k-block, this lane's copy quad (vector mode:
+                          // quad start clamped to N - 4); in the tail k-block that row may lie past the
+                          // segment and is pulled back to qlast
   int clast[2];           // scalar mode: offset of column N - 1 from wp (columns past it read it)
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    const int64_t base = kVec ? min(nq[h], a.N - 4) : min(nq[h], a.N - 1);
-    wp[h] = a.qweight + (int64_t(kb0) * 4 + t) * a.N + base;  // dereferenced only at rows <= qlast (tail)
+    const int64_t cq = n0 + 32 * h + 4 * cquad;
+    const int64_t base = kVec ? min(cq, a.N - 4) : min(cq, a.N - 1);
+    wp[h] = a.qweight + (int64_t(kb0) * 4 + crow) * a.N + base;  // dereferenced only at rows <= qlast (tail)
     clast[h] = int(a.N - 1 - base);
   }
   const int64_t wstep = 4 * a.N;
@@ -518,11 +533,11 @@ __global__ void __launch_bounds__(kTcThreads) wq_tc_kernel(const TcArgs a) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           if constexpr (kVec) {
-            cp_async_16_stream(dst + (R::kW + h) * kVs, wp[h]);
+            cp_async_16_stream(dst + (R::kW + h) * kVs + wdst, wp[h]);
           } else {
 #pragma unroll
             for (int c = 0; c < 4; ++c)
-              cp_async_4(dst + (R::kW + h) * kVs + 4 * c, wp[h] + min(c, clast[h]));
+              cp_async_4(dst + (R::kW + h) * kVs + wdst + 4 * c, wp[h] + min(c, clast[h]));
           }
         }
 #pragma unroll
@@ -532,16 +547,16 @@ __global__ void __launch_bounds__(kTcThreads) wq_tc_kernel(const TcArgs a) {
 #pragma unroll
         for (int i = 0; i < kGr; ++i) cp_async_4(dst + R::kG * kVs + 4 * i, gp + 32 * i);
       } else {
-        const int64_t wrow = int64_t(kb) * 4 + t;
+        const int64_t wrow = int64_t(kb) * 4 + crow;
         const int64_t back = wrow > qlast ? (wrow - qlast) * a.N : 0;
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           if constexpr (kVec) {
-            cp_async_16_stream(dst + (R::kW + h) * kVs, wp[h] - back);
+            cp_async_16_stream(dst + (R::kW + h) * kVs + wdst, wp[h] - back);
           } else {
 #pragma unroll
             for (int c = 0; c < 4; ++c)
-              cp_async_4(dst + (R::kW + h) * kVs + 4 * c, wp[h] - back + min(c, clast[h]));
+              cp_async_4(dst + (R::kW + h) * kVs + wdst + 4 * c, wp[h] - back + min(c, clast[h]));
           }
         }
         const int64_t xrow = row0 + int64_t(kb) * kRows + kCpw * t;
@@ -580,16 +595,28 @@ __global__ void __launch_bounds__(kTcThreads) wq_tc_kernel(const TcArgs a) {
     cp_async_commit();  // one group per k-block, empty past the end: the wait count stays uniform
   };
 
+  // The kernel is a programmatic dependent of the kernel before it (sm_90+, TcKernel::launch): the words
+  // of the first k-blocks are requested into L2 (a prefetch has no visible effect, so it is safe before the
+  // wait), and everything else -- x, g_idx, scales, the outputs and the workspace -- is touched only after
+  // the kernels before this one have completed. Consecutive projections of one input (q / k / v, gate /
+  // up) then overlap the next layer's DRAM latency with the last one's tail.
+#pragma unroll
+  for (int st = 0; st < S - 1; ++st)
+    if (kb0 + st < kb1 && kb0 + st != tail)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) prefetch_l2(wp[h] + int64_t(st) * wstep);
+  pdl_wait();
   // Prologue: S - 1 k-blocks in flight; each step issues one more and consumes the oldest.
 #pragma unroll
   for (int st = 0; st < S - 1; ++st) issue(kb0 + st);
 #pragma unroll 1
   for (int kb = kb0; kb < kb1; ++kb) {
     issue(kb + S - 1);
-    cp_async_wait<S - 1>();  // this k-block's group has landed
+    cp_async_wait<S - 1>();  // this lane's copies of this k-block have landed
+    __syncwarp();            // ... and every lane's (the words of a fragment lane were copied by another)
     const uint32_t src = use_addr;
     use_addr = use_addr + kSlotStride == ring_end ? ring_base : use_addr + kSlotStride;
-    const uint4 w[2] = {lds128(src + R::kW * kVs), lds128(src + (R::kW + 1) * kVs)};
+    const uint4 w[2] = {lds128(src + R::kW * kVs + wsrc), lds128(src + (R::kW + 1) * kVs + wsrc)};
     uint32_t xv[NT][kXr];
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
@@ -602,30 +629,41 @@ __global__ void __launch_bounds__(kTcThreads) wq_tc_kernel(const TcArgs a) {
         xv[nt][4 * v + 3] = q.w;
       }
     const uint4 graw = lds128(src + R::kG * kVs);
-    if (kb != kb0) walk_use.step(row0 + kb * kRows, gs);
-    // Groups of this lane's rows (lane + 32 i), clamped; in the tail k-block, -1 past the segment and
-    // x' = 0 for those rows.
+    const int krow = row0 + kb * kRows;  // first stored row of the k-block
+    if (kb != kb0) walk_use.step(krow, gs);
+    // The common case first: a k-block before the tail whose rows all lie in the expected group (checked
+    // unclamped against a value in [0, groups), so equality also proves the entries in range).
+    const int expect = walk_use.grp;
+    bool hit = kb != tail && expect < groups;
+#pragma unroll
+    for (int i = 0; i < kGr; ++i) hit = hit && static_cast<int>(i == 0 ? graw.x : graw.y) == expect;
     int gv[kGr];
+    int G = expect;
+    bool uni = __all_sync(0xFFFFFFFFu, hit) != 0;
+    if (!uni) {
+      // Groups of this lane's rows (lane + 32 i), clamped; in the tail k-block, -1 past the segment and
+      // x' = 0 for those rows.
 #pragma unroll
-    for (int i = 0; i < kGr; ++i) gv[i] = min(max(static_cast<int>(i == 0 ? graw.x : graw.y), 0), groups - 1);
-    if (kb == tail) {
-      const int rg = row0 + kb * kRows + lane;
+      for (int i = 0; i < kGr; ++i) gv[i] = min(max(static_cast<int>(i == 0 ? graw.x : graw.y), 0), groups - 1);
+      if (kb == tail) {
+        const int rg = krow + lane;
 #pragma unroll
-      for (int i = 0; i < kGr; ++i)
-        if (rg + 32 * i >= row_end) gv[i] = -1;
-      const int xrow = row0 + kb * kRows + kCpw * t;
+        for (int i = 0; i < kGr; ++i)
+          if (rg + 32 * i >= row_end) gv[i] = -1;
+        const int xrow = krow + kCpw * t;
 #pragma unroll
-      for (int i = 0; i < kXr; ++i) {
-        const uint32_t keep = (xrow + 2 * i < row_end ? 0x0000FFFFu : 0u) | (xrow + 2 * i + 1 < row_end ? 0xFFFF0000u : 0u);
+        for (int i = 0; i < kXr; ++i) {
+          const uint32_t keep = (xrow + 2 * i < row_end ? 0x0000FFFFu : 0u) | (xrow + 2 * i + 1 < row_end ? 0xFFFF0000u : 0u);
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt) xv[nt][i] &= keep;
+          for (int nt = 0; nt < NT; ++nt) xv[nt][i] &= keep;
+        }
       }
-    }
-    const int G = __shfl_sync(0xFFFFFFFFu, gv[0], 0);  // row 0 of the k-block: always inside the segment
-    bool mine = true;
+      G = __shfl_sync(0xFFFFFFFFu, gv[0], 0);  // row 0 of the k-block: always inside the segment
+      bool mine = true;
 #pragma unroll
-    for (int i = 0; i < kGr; ++i) mine = mine && (gv[i] == G || gv[i] < 0);
-    const bool uni = __all_sync(0xFFFFFFFFu, mine) != 0;
+      for (int i = 0; i < kGr; ++i) mine = mine && (gv[i] == G || gv[i] < 0);
+      uni = __all_sync(0xFFFFFFFFu, mine) != 0;
+    }
     if (uni) {
       if (G != gcur) {
         flush();
@@ -761,8 +799,26 @@ struct TcKernel {
     }();
     return ok;
   }
-  static void launch(dim3 grid, cudaStream_t stream, const TcArgs& a) {
-    wq_tc_kernel<B, NT, T, kVec><<<grid, kTcThreads, kSmem, stream>>>(a);
+  // A programmatic dependent launch on sm_90+ (the kernel waits for its predecessors itself, see the
+  // prefetch in wq_tc_kernel); a plain launch elsewhere or if the driver refuses the attribute.
+  static cudaError_t launch(dim3 grid, cudaStream_t stream, const TcArgs& a, bool pdl) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = dim3(kTcThreads);
+    cfg.dynamicSmemBytes = kSmem;
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = pdl ? 1 : 0;
+    cudaError_t err = cudaLaunchKernelEx(&cfg, wq_tc_kernel<B, NT, T, kVec>, a);
+    if (err != cudaSuccess && pdl) {
+      cudaGetLastError();
+      cfg.numAttrs = 0;
+      err = cudaLaunchKernelEx(&cfg, wq_tc_kernel<B, NT, T, kVec>, a);
+    }
+    return err;
   }
   static int blocks_per_sm() {
     static const int v = [] {
@@ -946,11 +1002,14 @@ Status tc_matmul(const char* fn, const WqWeight& w, const void* x, int64_t M, in
     a.partial = partial != nullptr ? partial + sg.slot0 * M * w.N : nullptr;
     const dim3 grid(static_cast<unsigned>(plan.mtiles * ((plan.ntiles + kTcWarps - 1) / kTcWarps)),
                     static_cast<unsigned>(sg.splits));
-    with_tc_kernel(fp16, a.vec != 0, sg.bits, plan.nt, [&](auto k) {
+    const cudaError_t err = with_tc_kernel(fp16, a.vec != 0, sg.bits, plan.nt, [&](auto k) {
       k.prepare();  // a refusal shows as the launch error below
-      k.launch(grid, stream, a);
-      return 0;
+      return k.launch(grid, stream, a, dev.major >= 9);
     });
+    if (err != cudaSuccess) {
+      cudaGetLastError();
+      return Status::device(validate::err(fn, std::string("tensor-core kernel launch failed: ") + cudaGetErrorString(err)));
+    }
     st = launch_error(fn, "tensor-core kernel launch failed");
     if (!st.is_ok()) return st;
   }
