@@ -40,7 +40,7 @@
 // Pipeline. Each warp streams its k-blocks through a ring of S slots in shared memory (cp.async, one
 // commit group per k-block, S - 1 in flight while one is consumed): the words (cp.async.cg: L2 only, read
 // once), x' (cp.async.ca: every warp of the SM reads it), the g_idx of the k-block's rows and, for a
-// k-block that starts a new expected group (row / gs_guess, gs_guess = ceil(K / groups) rounded up to 32),
+// k-block that starts a new expected group (row / gs_guess, gs_guess = ceil(K / groups) rounded up to a whole k-block),
 // that group's (s, z). The consumer checks the actual groups of every k-block (shuffle + vote): a wrong
 // guess costs a direct load of (s, z), never a wrong result. The words are copied in line order (8 lanes
 // per 128-byte line) into the slots of the lanes that read them, so the consumer passes a __syncwarp after
@@ -460,22 +460,24 @@ __global__ void __launch_bounds__(kTcThreads) wq_tc_kernel(const TcArgs a) {
       for (int e = 0; e < 4; ++e) accx[nt][e] = 0.0f;
   };
 
-  // The group each k-block is expected to lie in (its first row / gs), walked incrementally by the issuing
-  // side and by the consuming side: the ring carries (s, z) for the warp's first k-block and for every
-  // k-block whose expected group differs from its predecessor's ("fresh").
+  // The group each k-block is expected to lie in, walked by the issuing side and by the consuming side
+  // alike: the ring carries (s, z) for the warp's first k-block and for every k-block whose expected group
+  // differs from its predecessor's ("fresh"). gs is a multiple of kRows (tc_matmul), so the expectation
+  // advances by one group every gs / kRows k-blocks: a countdown, not a division or a loop.
   struct GroupWalk {
-    int grp, next_row;
+    int grp, left, per;
     bool fresh;
     __device__ void start(int row, int gsz) {
       grp = row / gsz;
-      next_row = (grp + 1) * gsz;
+      per = gsz / kRows;
+      left = per - (row - grp * gsz) / kRows;  // k-blocks of the expected group from this one on
       fresh = true;
     }
-    __device__ void step(int row, int gsz) {  // row: first row of the next k-block
-      fresh = row >= next_row;
-      while (row >= next_row) {
+    __device__ void step() {  // to the next k-block
+      fresh = --left == 0;
+      if (fresh) {
         ++grp;
-        next_row += gsz;
+        left = per;
       }
     }
   };
@@ -518,6 +520,13 @@ __global__ void __launch_bounds__(kTcThreads) wq_tc_kernel(const TcArgs a) {
     clast[h] = int(a.N - 1 - base);
   }
   const int64_t wstep = 4 * a.N;
+  const unsigned short* szs[2];  // (s, z) of the lane's column quads in group 0 (quad start clamped to N - 4)
+  const unsigned short* szz[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    szs[h] = sc16 + min(nq[h], a.N - 4);
+    szz[h] = zr16 + min(nq[h], a.N - 4);
+  }
   const T* xp[NT];  // this lane's x' piece of the next k-block, per row tile
   const int xrow0 = row0 + kb0 * kRows + kCpw * t;
 #pragma unroll
@@ -574,15 +583,14 @@ __global__ void __launch_bounds__(kTcThreads) wq_tc_kernel(const TcArgs a) {
           cp_async_4(dst + R::kG * kVs + 4 * i,
                      grow + 32 * i < row_end ? gp + 32 * i : a.g_idx + row_end - 1);
       }
-      if (kb != kb0) walk_issue.step(row0 + kb * kRows, gs);
+      if (kb != kb0) walk_issue.step();
       if constexpr (kVec) {  // scalar mode: the consumer loads (s, z) itself
         if (walk_issue.fresh) {
           const int64_t off = int64_t(min(walk_issue.grp, groups - 1)) * a.N;
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
-            const int64_t n = min(nq[h], a.N - 4);
-            cp_async_8(dst + R::kSz * kVs + 4 * 2 * h, sc16 + off + n);
-            cp_async_8(dst + (R::kSz + 1) * kVs + 4 * 2 * h, zr16 + off + n);
+            cp_async_8(dst + R::kSz * kVs + 4 * 2 * h, szs[h] + off);
+            cp_async_8(dst + (R::kSz + 1) * kVs + 4 * 2 * h, szz[h] + off);
           }
         }
       }
@@ -630,7 +638,7 @@ __global__ void __launch_bounds__(kTcThreads) wq_tc_kernel(const TcArgs a) {
       }
     const uint4 graw = lds128(src + R::kG * kVs);
     const int krow = row0 + kb * kRows;  // first stored row of the k-block
-    if (kb != kb0) walk_use.step(krow, gs);
+    if (kb != kb0) walk_use.step();
     // The common case first: a k-block before the tail whose rows all lie in the expected group (checked
     // unclamped against a value in [0, groups), so equality also proves the entries in range).
     const int expect = walk_use.grp;
@@ -962,7 +970,7 @@ Status tc_matmul(const char* fn, const WqWeight& w, const void* x, int64_t M, in
   a.magic = fp16 ? Tc<__half>::kMagic : Tc<__nv_bfloat16>::kMagic;
   // g_idx[r] == r / gs is what checkpoints (and the layers' act-order sort) produce; the kernel checks
   // every k-block's actual groups, so a wrong guess costs speed, never correctness.
-  a.gs_guess = std::max<int64_t>(32, ((w.K + w.groups - 1) / w.groups + 31) / 32 * 32);
+  const int64_t gs_rows = (w.K + w.groups - 1) / w.groups;
   const bool direct = w.perm == nullptr && w.channel_scale == nullptr && w.K % 8 == 0 && ldx % 8 == 0 &&
                       reinterpret_cast<uintptr_t>(x) % 16 == 0;
   if (direct) {
@@ -995,6 +1003,10 @@ Status tc_matmul(const char* fn, const WqWeight& w, const void* x, int64_t M, in
     a.row_end = sg.row_end;
     a.nkb = sg.nkb;
     a.kps = sg.kps;
+    // A multiple of the k-block (the kernel's group walk counts whole k-blocks); when groups are smaller
+    // than a k-block, every k-block takes the per-row path whatever the guess.
+    const int64_t kb_rows = 4 * (32 / sg.bits);
+    a.gs_guess = std::max<int64_t>(kb_rows, (gs_rows + kb_rows - 1) / kb_rows * kb_rows);
     a.vec = (w.N % 4 == 0 && reinterpret_cast<uintptr_t>(a.qweight) % 16 == 0 &&
              reinterpret_cast<uintptr_t>(w.scales) % 8 == 0 && reinterpret_cast<uintptr_t>(w.zeros) % 8 == 0)
                 ? 1
