@@ -15,9 +15,12 @@ Model. A minimal Llama decoder in plain PyTorch (no transformers): token embeddi
 cache of fixed length) -> residual, RMSNorm -> SiLU-gated MLP (gate/up/down) -> residual], final RMSNorm and
 an lm_head that stays dense (never quantized). Presets: 7b = hidden 4096, intermediate 11008, 32 layers, 32
 heads, vocab 32000 (Llama-2-7B); tiny = hidden 256, intermediate 688, 2 layers, 4 heads, vocab 1000.
---layers cuts the depth and keeps the shapes. Attention is written out (scores, mask, fp32 softmax) over the
-whole static cache with a mask of the positions <= the current one; at the default lengths (cache of
-prompt + tokens = 144 positions) it is a small part of a step.
+--layers cuts the depth and keeps the shapes. The parts between the projections use PyTorch's fused
+kernels, as an inference runtime would (a step of a 7B model is ~15 of them per layer, not ~45):
+F.rms_norm, rotary embeddings of q and k together in the model dtype (x * cos + roll(x, half) * sin with
+the sign of rotate-half folded into the sin table, as Hugging Face computes them in the activation dtype),
+F.scaled_dot_product_attention over the whole static cache with a boolean mask of the positions <= the
+current one (cache of prompt + tokens = 144 positions at the defaults).
 
 Weights. Random, generated on the device layer by layer (no host copy of the model). Dense weights ~ N(0, 1/K).
 The quantized variants are built from random packed words with bench/wq_linear.py's layer_mix() and
@@ -119,19 +122,13 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device), requires_grad=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
-def rotate_half(x: Tensor) -> Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x (B, heads, S, head_dim), cos/sin (S, head_dim) fp32."""
-    xf = x.float()
-    return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
+def apply_rope(x: Tensor, cos: Tensor, sin_signed: Tensor) -> Tensor:
+    """x (..., S, head_dim); cos (S, head_dim) and sin_signed = cat(-sin[:half], sin[half:]) in x's dtype:
+    x * cos + rotate_half(x) * sin, with rotate_half(x) * sin == roll(x, half) * sin_signed."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin_signed)
 
 
 class Attention(nn.Module):
@@ -148,16 +145,14 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, pos: Tensor, mask: Tensor) -> Tensor:
         B, S, H = x.shape
-        q = self.q_proj(x).view(B, S, self.heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, S, self.heads, self.head_dim).transpose(1, 2)
+        qk = torch.stack((self.q_proj(x), self.k_proj(x)))  # (2, B, S, H): one rotary pass for both
+        qk = apply_rope(qk.view(2, B, S, self.heads, self.head_dim).transpose(2, 3), cos, sin)
+        q, k = qk.unbind(0)  # (B, heads, S, head_dim)
         v = self.v_proj(x).view(B, S, self.heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         self.k_cache.index_copy_(2, pos, k)
         self.v_cache.index_copy_(2, pos, v)
-        scores = torch.matmul(q, self.k_cache.transpose(2, 3)).float() * (1.0 / math.sqrt(self.head_dim))
-        scores = scores.masked_fill(~mask, float("-inf"))  # mask (S, L): True where key pos <= query pos
-        probs = torch.softmax(scores, dim=-1).to(q.dtype)
-        o = torch.matmul(probs, self.v_cache)  # (B, heads, S, head_dim)
+        # mask (S, L): True where key pos <= query pos
+        o = F.scaled_dot_product_attention(q, self.k_cache, self.v_cache, attn_mask=mask)  # (B, heads, S, hd)
         return self.o_proj(o.transpose(1, 2).reshape(B, S, H))
 
 
@@ -213,7 +208,10 @@ class Llama(nn.Module):
                                               / cfg.head_dim))
         freqs = torch.outer(torch.arange(length, device=dev, dtype=torch.float32), inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
-        self.rope_cos, self.rope_sin = emb.cos(), emb.sin()
+        half = cfg.head_dim // 2
+        sin = emb.sin()
+        self.rope_cos = emb.cos().to(self.dtype)
+        self.rope_sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1).to(self.dtype)  # rotate-half's sign
         self.key_positions = torch.arange(length, device=dev)
         self.cache_len = length
 
