@@ -91,7 +91,6 @@ namespace {
 constexpr int kTcWarps = 4;
 constexpr int kTcThreads = 32 * kTcWarps;
 constexpr int kTcCols = 64;            // columns per block (and per warp)
-constexpr int64_t kMaxGridY = 65535;
 constexpr int kPrepThreads = 256;
 constexpr int64_t kXAlignRows = 64;    // rows of the prepared x' are padded to a multiple of this (zeros)
 
@@ -310,15 +309,22 @@ __device__ __noinline__ SlowOut<NT> slow_kblock(const SlowIn<NT, 16 / B, 4 * (32
   return o;
 }
 
-struct TcArgs {
+// One segment's rows, words and split-K (host: make_tc_plan).
+struct TcSegArgs {
   const uint32_t* qweight;  // word row 0 of this segment
   int64_t qrows;            // word rows of this segment that may be read
-  int64_t N;
   int64_t row0, row_end;    // stored rows [row0, row_end) of this segment
   int64_t nkb, kps;         // k-blocks of the segment; per split
+  int64_t gs_guess;         // g_idx[r] is expected to be r / gs_guess (only speed depends on it)
+  float* partial;           // this segment's first slot of [slot][M][N], or null: write out
+  int bits;                 // 2 or 4
+  int splits;               // grid.y blocks of this segment
+};
+
+struct TcArgs {
+  int64_t N;
   const int32_t* g_idx;
   int64_t groups;
-  int64_t gs_guess;         // g_idx[r] is expected to be r / gs_guess (only speed depends on it)
   const void* scales;
   const void* zeros;
   const void* x;            // x' in stored-row order (or x itself when there is no perm / channel scale)
@@ -328,10 +334,11 @@ struct TcArgs {
   const void* bias;
   void* out;
   int64_t ldo;
-  float* partial;           // this segment's first slot of [slot][M][N], or null: write out
   int asym;
   int vec;                  // N % 4 == 0 and 16-byte aligned words: 16-byte word loads, 8-byte scale loads
   uint32_t magic;           // Tc<T>::kMagic, from a parameter so that ptxas keeps it in a register
+  int nseg;                 // segments, in grid.y order (all of them run in one launch)
+  TcSegArgs seg[kWqMaxSegments];
 };
 
 // (s, z) of the lane's 8 columns for one group, raw 16-bit pairs: s[0..1] = A quad, s[2..3] = B quad.
@@ -351,8 +358,9 @@ struct TcRing {
   static constexpr int kBytes = 4 * kStages * kSlotBytes;  // kTcWarps rings
 };
 
+// The work of one block on one segment of B-bit words: split `split` of its k-blocks.
 template <int B, int NT, typename T, bool kVec>
-__global__ void __launch_bounds__(kTcThreads) wq_tc_kernel(const TcArgs a) {
+__device__ __forceinline__ void tc_body(const TcArgs& a, const TcSegArgs& sg, int split, unsigned char* smem) {
   using H = Tc<T>;
   using R = TcRing<B, NT>;
   constexpr int S = R::kStages;
@@ -363,8 +371,6 @@ __global__ void __launch_bounds__(kTcThreads) wq_tc_kernel(const TcArgs a) {
   constexpr int kXr = kCpw / 2;        // x' registers per lane, k-block and row tile of 8
   constexpr int kGr = kRows / 32;      // g_idx entries per lane and k-block
   constexpr int kBatch = 8 * NT;       // rows of x per block
-  extern __shared__ __align__(16) unsigned char smem[];
-  pdl_trigger();
 
   // Row and k-block indices are 32-bit (tc_eligible: K < 2^30); pointers advance by fixed steps.
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -374,11 +380,11 @@ __global__ void __launch_bounds__(kTcThreads) wq_tc_kernel(const TcArgs a) {
   const int64_t ntile = (int64_t(blockIdx.x) / a.mtiles) * kTcWarps + warp;
   const int64_t n0 = min(ntile, a.ntiles - 1) * kTcCols, m0 = mtile * kBatch;
   const int64_t nq[2] = {n0 + 4 * g, n0 + 32 + 4 * g};  // the lane's two column quads
-  const int nkb = int(a.nkb), kps = int(a.kps);
-  const int s0 = int(blockIdx.y) * kps, s1 = min(nkb, s0 + kps);
+  const int nkb = int(sg.nkb), kps = int(sg.kps);
+  const int s0 = split * kps, s1 = min(nkb, s0 + kps);
   const int kb0 = s0, kb1 = ntile < a.ntiles ? s1 : s0;  // a warp past the last tile has nothing to do
   const int tail = nkb - 1;            // the segment's last k-block: the only one with rows to clamp / mask
-  const int row0 = int(a.row0), row_end = int(a.row_end), gs = int(a.gs_guess), groups = int(a.groups);
+  const int row0 = int(sg.row0), row_end = int(sg.row_end), gs = int(sg.gs_guess), groups = int(a.groups);
   const uint32_t magic = a.magic;
 
   float acc[4][NT][4], accg[4][NT][4], accx[NT][4];
@@ -507,7 +513,7 @@ __global__ void __launch_bounds__(kTcThreads) wq_tc_kernel(const TcArgs a) {
   const int crow = lane >> 3, cquad = lane & 7;  // this lane's copy: word row and column quad
   const uint32_t wdst = uint32_t(word_unit(crow, cquad) - lane) * 16u;  // from this lane's ring vectors
   const uint32_t wsrc = uint32_t(word_unit(t, g) - lane) * 16u;
-  const int64_t qlast = a.qrows - 1;
+  const int64_t qlast = sg.qrows - 1;
   const uint32_t* wp[2];  // word row 4 kb + crow of the next k-block, this lane's copy quad (vector mode:
                           // quad start clamped to N - 4); in the tail k-block that row may lie past the
                           // segment and is pulled back to qlast
@@ -516,7 +522,7 @@ __global__ void __launch_bounds__(kTcThreads) wq_tc_kernel(const TcArgs a) {
   for (int h = 0; h < 2; ++h) {
     const int64_t cq = n0 + 32 * h + 4 * cquad;
     const int64_t base = kVec ? min(cq, a.N - 4) : min(cq, a.N - 1);
-    wp[h] = a.qweight + (int64_t(kb0) * 4 + crow) * a.N + base;  // dereferenced only at rows <= qlast (tail)
+    wp[h] = sg.qweight + (int64_t(kb0) * 4 + crow) * a.N + base;  // dereferenced only at rows <= qlast (tail)
     clast[h] = int(a.N - 1 - base);
   }
   const int64_t wstep = 4 * a.N;
@@ -748,13 +754,51 @@ __global__ void __launch_bounds__(kTcThreads) wq_tc_kernel(const TcArgs a) {
         const int64_t n = n0 + 4 * g + (j & 3) + 32 * (j >> 2), m = m0 + 8 * nt + 2 * t + (e & 1);
         if (m >= a.M || n >= a.N) continue;
         float v = acc[mt][nt][e];
-        if (a.partial != nullptr) {
-          a.partial[(int64_t(blockIdx.y) * a.M + m) * a.N + n] = v;
+        if (sg.partial != nullptr) {
+          sg.partial[(int64_t(split) * a.M + m) * a.N + n] = v;
         } else {
           if (a.bias != nullptr) v += raw_to_float(load_raw(a.bias, n, dt), dt);
           store_out(a.out, m * a.ldo + n, dt, v);
         }
       }
+}
+
+// Kernel variants by the segments of one launch: 1 = one 2-bit segment, 2 = one 4-bit segment, 3 = several
+// segments of either width (a channel-mix layer in one launch).
+constexpr int width_mask(int bits) { return bits == 4 ? 2 : 1; }
+
+// Shared memory of a kernel variant: the largest ring among its widths.
+template <int kMask, int NT>
+constexpr int tc_smem_bytes() {
+  return kMask == 1 ? TcRing<2, NT>::kBytes
+         : kMask == 2 ? TcRing<4, NT>::kBytes
+                      : (TcRing<2, NT>::kBytes > TcRing<4, NT>::kBytes ? TcRing<2, NT>::kBytes : TcRing<4, NT>::kBytes);
+}
+
+// kMask 1 / 2: segment a.seg[0], split blockIdx.y. kMask 3: every segment of a weight in one launch,
+// grid.y enumerating the segments' splits in order, so that a channel-mix layer's 2- and 4-bit rows
+// stream concurrently (the small layers, where a launch per segment costs its latency twice). The
+// 16-byte-load variants of one row tile are held to 3 blocks per SM (168 registers): ptxas otherwise
+// takes 176-190 for one width and ~230 for both, i.e. 2 blocks; no spills for one width, ~220 bytes for
+// both (measured faster than two launches on the small layers nonetheless).
+template <int kMask, int NT, typename T, bool kVec>
+__global__ void __launch_bounds__(kTcThreads, NT == 1 && kVec ? 3 : 1) wq_tc_kernel(const TcArgs a) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  pdl_trigger();
+  if constexpr (kMask == 3) {
+    int split = int(blockIdx.y), s = 0;
+    while (s + 1 < a.nseg && split >= a.seg[s].splits) {
+      split -= a.seg[s].splits;
+      ++s;
+    }
+    const TcSegArgs sg = a.seg[s];
+    if (sg.bits == 4)
+      tc_body<4, NT, T, kVec>(a, sg, split, smem);
+    else
+      tc_body<2, NT, T, kVec>(a, sg, split, smem);
+  } else {
+    tc_body<kMask == 2 ? 4 : 2, NT, T, kVec>(a, a.seg[0], int(blockIdx.y), smem);
+  }
 }
 
 // x' = x * channel_scale in stored-row order, rounded once to T, rows [K, Kp) zero: xs (M, Kp).
@@ -792,14 +836,14 @@ __global__ void __launch_bounds__(kPrepThreads) wq_tc_prep_kernel(const T* __res
 // ---------------------------------------------------------------------------------------------------
 // Host side.
 
-// The kernel of one (width, row tiles, type) and its resident blocks per SM (queried once).
-template <int B, int NT, typename T, bool kVec>
+// The kernel of one (widths present, row tiles, type) and its resident blocks per SM (queried once).
+template <int kMask, int NT, typename T, bool kVec>
 struct TcKernel {
-  static constexpr int kSmem = TcRing<B, NT>::kBytes;
+  static constexpr int kSmem = tc_smem_bytes<kMask, NT>();
   // Opts the kernel into more than 48 KB of dynamic shared memory (once); false if the device refuses.
   static bool prepare() {
     static const bool ok = [] {
-      if (cudaFuncSetAttribute(wq_tc_kernel<B, NT, T, kVec>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem) != cudaSuccess) {
+      if (cudaFuncSetAttribute(wq_tc_kernel<kMask, NT, T, kVec>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem) != cudaSuccess) {
         cudaGetLastError();
         return false;
       }
@@ -820,11 +864,11 @@ struct TcKernel {
     attr[0].val.programmaticStreamSerializationAllowed = 1;
     cfg.attrs = attr;
     cfg.numAttrs = pdl ? 1 : 0;
-    cudaError_t err = cudaLaunchKernelEx(&cfg, wq_tc_kernel<B, NT, T, kVec>, a);
+    cudaError_t err = cudaLaunchKernelEx(&cfg, wq_tc_kernel<kMask, NT, T, kVec>, a);
     if (err != cudaSuccess && pdl) {
       cudaGetLastError();
       cfg.numAttrs = 0;
-      err = cudaLaunchKernelEx(&cfg, wq_tc_kernel<B, NT, T, kVec>, a);
+      err = cudaLaunchKernelEx(&cfg, wq_tc_kernel<kMask, NT, T, kVec>, a);
     }
     return err;
   }
@@ -832,7 +876,7 @@ struct TcKernel {
     static const int v = [] {
       int n = 0;
       if (!prepare() ||
-          cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, wq_tc_kernel<B, NT, T, kVec>, kTcThreads, kSmem) != cudaSuccess) {
+          cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, wq_tc_kernel<kMask, NT, T, kVec>, kTcThreads, kSmem) != cudaSuccess) {
         cudaGetLastError();
         n = 1;
       }
@@ -841,15 +885,21 @@ struct TcKernel {
     return v;
   }
 };
-template <typename T, bool V, class F>
-auto with_tc_kernel(int bits, int nt, F&& f) {
-  if (bits == 4) return nt == 1 ? f(TcKernel<4, 1, T, V>{}) : f(TcKernel<4, 2, T, V>{});
-  return nt == 1 ? f(TcKernel<2, 1, T, V>{}) : f(TcKernel<2, 2, T, V>{});
+template <typename T, bool V, int kMask, class F>
+auto with_tc_kernel(int nt, F&& f) {
+  return nt == 1 ? f(TcKernel<kMask, 1, T, V>{}) : f(TcKernel<kMask, 2, T, V>{});
 }
+template <typename T, bool V, class F>
+auto with_tc_kernel(int mask, int nt, F&& f) {
+  if (mask == 1) return with_tc_kernel<T, V, 1>(nt, f);
+  if (mask == 2) return with_tc_kernel<T, V, 2>(nt, f);
+  return with_tc_kernel<T, V, 3>(nt, f);
+}
+// mask: width_mask of every segment or'ed together.
 template <class F>
-auto with_tc_kernel(bool fp16, bool vec, int bits, int nt, F&& f) {
-  if (fp16) return vec ? with_tc_kernel<__half, true>(bits, nt, f) : with_tc_kernel<__half, false>(bits, nt, f);
-  return vec ? with_tc_kernel<__nv_bfloat16, true>(bits, nt, f) : with_tc_kernel<__nv_bfloat16, false>(bits, nt, f);
+auto with_tc_kernel(bool fp16, bool vec, int mask, int nt, F&& f) {
+  if (fp16) return vec ? with_tc_kernel<__half, true>(mask, nt, f) : with_tc_kernel<__half, false>(mask, nt, f);
+  return vec ? with_tc_kernel<__nv_bfloat16, true>(mask, nt, f) : with_tc_kernel<__nv_bfloat16, false>(mask, nt, f);
 }
 
 struct TcSeg {
@@ -858,6 +908,7 @@ struct TcSeg {
 };
 struct TcPlan {
   int nt = 1;
+  bool one_launch = false;  // several segments in one kMask = 3 launch (else one launch per segment)
   int64_t mtiles = 0, ntiles = 0, slots = 0, kp = 0;
   size_t x_bytes = 0, ws_bytes = 0;
   int nseg = 0;
@@ -878,7 +929,15 @@ Status make_tc_plan(const char* fn, const WqWeight& w, int64_t M, int sms, TcPla
                                                  " columns (N=" + std::to_string(w.N) + ")"));
   p->kp = (w.K + kXAlignRows - 1) / kXAlignRows * kXAlignRows;
   p->nseg = w.nseg;
-  int64_t start = 0, q0 = 0, slots = 0;
+  // Channel-mix in one launch on layers below 64 Mi weights (H100, 2/4 mix M = 1: 11008 x 4096 31.3 ->
+  // 25.9 us, 4096 x 11008 26.8 -> 23.7); on larger ones the capped registers of the two-width kernel cost
+  // more than a second launch (8192 x 28672: 65 -> 79 us).
+  p->one_launch = w.nseg > 1 && w.K * w.N < (int64_t(64) << 20);
+  const bool fp16 = w.sdtype == DType::kFloat16;
+  auto resident_of = [&](int mask) {
+    return int64_t(with_tc_kernel(fp16, true, mask, p->nt, [](auto k) { return k.blocks_per_sm(); })) * sms;
+  };
+  int64_t start = 0, q0 = 0;
   for (int s = 0; s < w.nseg; ++s) {
     TcSeg& sg = p->seg[s];
     sg.bits = w.bits[s];
@@ -889,28 +948,65 @@ Status make_tc_plan(const char* fn, const WqWeight& w, int64_t M, int sms, TcPla
     sg.qrows = chunks * sg.bits;
     const int64_t rows_per_kb = 4 * (32 / sg.bits);
     sg.nkb = (sg.row_end - start + rows_per_kb - 1) / rows_per_kb;
-    // Split-K: the count whose blocks fill the resident slots best (wave quantization: 448 blocks on 396
-    // slots run as two waves), at least 4 k-blocks per warp, a small premium on fewer splits (each adds
-    // a partial-sum slot).
-    const int bps = with_tc_kernel(w.sdtype == DType::kFloat16, true, sg.bits, p->nt, [](auto k) { return k.blocks_per_sm(); });
-    const int64_t resident = int64_t(bps) * sms;
-    const int64_t cap = std::min(std::max<int64_t>(1, sg.nkb / 4), kMaxGridY);  // >= 4 k-blocks per warp
-    int64_t splits = 1;
+    q0 += sg.qrows;
+    start = sg.row_end;
+  }
+  // Split-K, at least 4 k-blocks per warp.
+  auto cap_of = [](const TcSeg& sg) { return std::min<int64_t>(std::max<int64_t>(1, sg.nkb / 4), 64); };
+  if (p->one_launch) {
+    const int64_t resident = resident_of(3);
+    // Several segments share one launch, and every k-block moves the same 1 KB of words per warp whatever
+    // its width: pick the longest per-warp run T (k-blocks) that minimises waves x T, each segment split
+    // into ceil(nkb / T) pieces; a small premium on fewer splits (each adds a partial-sum slot).
+    int64_t nkb_max = 1;
+    for (int s = 0; s < w.nseg; ++s) nkb_max = std::max(nkb_max, p->seg[s].nkb);
     double best = -1.0;
-    for (int64_t c = 1; c <= std::min<int64_t>(cap, 64); ++c) {
-      const int64_t blocks = base * c, waves = (blocks + resident - 1) / resident;
-      const double score = double(blocks) / double(waves * resident) - 0.01 * double(c);
-      if (score > best) {
-        best = score;
-        splits = c;
+    int64_t best_c[kWqMaxSegments] = {};
+    for (int64_t c = 1; c <= 64 * int64_t(w.nseg); ++c) {
+      const int64_t target = (nkb_max + c - 1) / c;
+      int64_t blocks = 0, run = 0, cs[kWqMaxSegments], nsplit = 0;
+      for (int s = 0; s < w.nseg; ++s) {
+        const TcSeg& sg = p->seg[s];
+        cs[s] = std::min(cap_of(sg), (sg.nkb + target - 1) / target);
+        const int64_t kps = (sg.nkb + cs[s] - 1) / cs[s];
+        run = std::max(run, kps);
+        blocks += base * cs[s];
+        nsplit += cs[s];
+      }
+      const int64_t waves = (blocks + resident - 1) / resident;
+      const double cost = double(waves) * double(run) * (1.0 + 0.002 * double(nsplit));
+      if (best < 0.0 || cost < best) {
+        best = cost;
+        for (int s = 0; s < w.nseg; ++s) best_c[s] = cs[s];
       }
     }
-    sg.kps = (sg.nkb + splits - 1) / splits;
+    for (int s = 0; s < w.nseg; ++s) p->seg[s].splits = best_c[s];
+  } else {
+    // A launch per segment: the count whose blocks fill the resident slots best (wave quantization: 448
+    // blocks on 396 slots run as two waves), a small premium on fewer splits.
+    for (int s = 0; s < w.nseg; ++s) {
+      TcSeg& sg = p->seg[s];
+      const int64_t resident = resident_of(width_mask(sg.bits)), cap = cap_of(sg);
+      int64_t splits = 1;
+      double best = -1.0;
+      for (int64_t c = 1; c <= cap; ++c) {
+        const int64_t blocks = base * c, waves = (blocks + resident - 1) / resident;
+        const double score = double(blocks) / double(waves * resident) - 0.01 * double(c);
+        if (score > best) {
+          best = score;
+          splits = c;
+        }
+      }
+      sg.splits = splits;
+    }
+  }
+  int64_t slots = 0;
+  for (int s = 0; s < w.nseg; ++s) {
+    TcSeg& sg = p->seg[s];
+    sg.kps = (sg.nkb + sg.splits - 1) / sg.splits;
     sg.splits = (sg.nkb + sg.kps - 1) / sg.kps;  // no empty split
     sg.slot0 = slots;
     slots += sg.splits;
-    q0 += sg.qrows;
-    start = sg.row_end;
   }
   p->slots = slots;
   // x' scratch (reserved whatever x is: the workspace query does not see x's stride or alignment), then
@@ -995,35 +1091,59 @@ Status tc_matmul(const char* fn, const WqWeight& w, const void* x, int64_t M, in
     a.xrows = plan.kp;
   }
   float* partial = plan.slots > 1 ? reinterpret_cast<float*>(wsb + plan.x_bytes) : nullptr;
-  for (int s = 0; s < plan.nseg; ++s) {
+  // Every segment in one launch: 16-byte word loads when N % 4 == 0 and the words are 16-byte aligned
+  // (then every segment's first word row is too).
+  a.vec = (w.N % 4 == 0 && reinterpret_cast<uintptr_t>(w.qweight) % 16 == 0 &&
+           reinterpret_cast<uintptr_t>(w.scales) % 8 == 0 && reinterpret_cast<uintptr_t>(w.zeros) % 8 == 0)
+              ? 1
+              : 0;
+  // Segment s's arguments.
+  auto seg_args = [&](int s) {
     const TcSeg& sg = plan.seg[s];
-    a.qweight = w.qweight + sg.qrow0 * w.N;
-    a.qrows = sg.qrows;
-    a.row0 = sg.row0;
-    a.row_end = sg.row_end;
-    a.nkb = sg.nkb;
-    a.kps = sg.kps;
+    TcSegArgs d = {};
+    d.qweight = w.qweight + sg.qrow0 * w.N;
+    d.qrows = sg.qrows;
+    d.row0 = sg.row0;
+    d.row_end = sg.row_end;
+    d.nkb = sg.nkb;
+    d.kps = sg.kps;
     // A multiple of the k-block (the kernel's group walk counts whole k-blocks); when groups are smaller
     // than a k-block, every k-block takes the per-row path whatever the guess.
     const int64_t kb_rows = 4 * (32 / sg.bits);
-    a.gs_guess = std::max<int64_t>(kb_rows, (gs_rows + kb_rows - 1) / kb_rows * kb_rows);
-    a.vec = (w.N % 4 == 0 && reinterpret_cast<uintptr_t>(a.qweight) % 16 == 0 &&
-             reinterpret_cast<uintptr_t>(w.scales) % 8 == 0 && reinterpret_cast<uintptr_t>(w.zeros) % 8 == 0)
-                ? 1
-                : 0;
-    a.partial = partial != nullptr ? partial + sg.slot0 * M * w.N : nullptr;
-    const dim3 grid(static_cast<unsigned>(plan.mtiles * ((plan.ntiles + kTcWarps - 1) / kTcWarps)),
-                    static_cast<unsigned>(sg.splits));
-    const cudaError_t err = with_tc_kernel(fp16, a.vec != 0, sg.bits, plan.nt, [&](auto k) {
+    d.gs_guess = std::max<int64_t>(kb_rows, (gs_rows + kb_rows - 1) / kb_rows * kb_rows);
+    d.partial = partial != nullptr ? partial + sg.slot0 * M * w.N : nullptr;
+    d.bits = sg.bits;
+    d.splits = static_cast<int>(sg.splits);
+    return d;
+  };
+  const unsigned grid_x = static_cast<unsigned>(plan.mtiles * ((plan.ntiles + kTcWarps - 1) / kTcWarps));
+  auto launch = [&](int mask, int64_t grid_y) -> Status {
+    const cudaError_t err = with_tc_kernel(fp16, a.vec != 0, mask, plan.nt, [&](auto k) {
       k.prepare();  // a refusal shows as the launch error below
-      return k.launch(grid, stream, a, dev.major >= 9);
+      return k.launch(dim3(grid_x, static_cast<unsigned>(grid_y)), stream, a, dev.major >= 9);
     });
     if (err != cudaSuccess) {
       cudaGetLastError();
       return Status::device(validate::err(fn, std::string("tensor-core kernel launch failed: ") + cudaGetErrorString(err)));
     }
-    st = launch_error(fn, "tensor-core kernel launch failed");
+    return launch_error(fn, "tensor-core kernel launch failed");
+  };
+  if (plan.one_launch) {
+    a.nseg = plan.nseg;
+    int64_t grid_y = 0;
+    for (int s = 0; s < plan.nseg; ++s) {
+      a.seg[s] = seg_args(s);
+      grid_y += plan.seg[s].splits;
+    }
+    st = launch(3, grid_y);
     if (!st.is_ok()) return st;
+  } else {
+    a.nseg = 1;
+    for (int s = 0; s < plan.nseg; ++s) {
+      a.seg[0] = seg_args(s);
+      st = launch(width_mask(plan.seg[s].bits), plan.seg[s].splits);
+      if (!st.is_ok()) return st;
+    }
   }
   if (plan.slots == 1) return Status::ok();
   const int dt = static_cast<int>(w.sdtype);
