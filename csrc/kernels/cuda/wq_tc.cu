@@ -806,6 +806,9 @@ template <typename T>
 __global__ void __launch_bounds__(kPrepThreads) wq_tc_prep_kernel(const T* __restrict__ x, int64_t ldx, int64_t M,
                                                                   int64_t K, int64_t Kp, const int32_t* perm,
                                                                   const T* cs, T* __restrict__ xs) {
+  // The main kernel behind this one is a programmatic dependent: let it launch and prefetch its words now
+  // (it waits for this kernel's completion before it reads x').
+  pdl_trigger();
   const int64_t pieces = Kp / 8, total = M * pieces;
   for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += int64_t(gridDim.x) * blockDim.x) {
     const int64_t m = e / pieces, r0 = (e - m * pieces) * 8;
