@@ -170,7 +170,7 @@ TEST_F(CudaWq, TensorCorePath) {
         WqCase c;
         c.spec.K = sh.K;
         c.spec.N = sh.N;
-        // A 4/2-bit channel-mix (one launch per segment) on every other large-enough case.
+        // A 4/2-bit channel-mix (both segments in one launch) on every other large-enough case.
         if (sh.K > 96 && seed % 2 == 1)
           c.spec.segments = {{b == 4 ? 4 : 2, 64}, {b == 4 ? 2 : 4, 0}};
         else
@@ -271,6 +271,34 @@ TEST_F(CudaWq, LargeLayerShapes) {
         check_case(c);
         if (HasFatalFailure()) return;
       }
+}
+
+// Channel-mix on the tensor-core kernel above 64 Mi weights, where every segment takes a launch of its own
+// (below, TensorCoreDecodeShapes: one launch for all): a 2-bit segment ending mid k-block, then 4-bit,
+// M = 1 and 12 (one and two row tiles), with q_perm.
+TEST_F(CudaWq, LargeChannelMixLaunchPerSegment) {
+  uint32_t seed = 1400;
+  for (int64_t M : {1, 12}) {
+    WqCase c;
+    c.spec.K = 4352;
+    c.spec.N = 16384;  // K * N = 68 Mi weights
+    c.spec.segments = {{2, 2080}, {4, 0}};
+    c.spec.group_size = 128;
+    c.spec.asym = M == 1;
+    c.spec.perm = true;
+    c.spec.sdtype = DType::kFloat16;
+    c.spec.seed = seed++;
+    c.xtype = DType::kFloat16;
+    c.M = M;
+    c.bias = M == 12;
+    SCOPED_TRACE(describe(c));
+    const HostWq h = make_wq(c.spec);
+    DeviceWq d(h, 0);
+    upload_wq(h, &d);
+    if (HasFatalFailure()) return;
+    run_and_check(c, h, d, nullptr, /*allow_half=*/true, kRtol + 2 * wq_out_eps(c.xtype));
+    if (HasFatalFailure()) return;
+  }
 }
 
 TEST_F(CudaWq, EveryWidthAlone) { check_cases(wq_cases_every_width(WqTarget::kCuda)); }
