@@ -6,7 +6,8 @@ Builds an MBWQLinear layer-mix layer (B-bit, group 128, default 4) -- or with --
 channel-mix layer of bench/wq_linear.py (q_perm, groups of 128) -- with random words, runs 20 forwards
 per M (default M = 1 16) on several copies of the weights (so that they come from DRAM, not L2), and
 prints the median time of one forward (CUDA events behind a spin kernel; and inside a CUDA graph of
-back-to-back forwards), the average device time of every kernel and the bandwidth on the packed bytes. LOWBIT_WQ_FUSED_MAX_ROWS picks the fused kernels or the dequantized tiles for a given M."""
+back-to-back forwards), the average device time of every kernel and the bandwidth on the packed bytes.
+LOWBIT_WQ_FUSED_MAX_ROWS picks the fused kernels or the dequantized tiles for a given M."""
 import argparse
 import math
 
@@ -90,8 +91,9 @@ for M in Ms:
         gtimes.append(t0.elapsed_time(t1) * 1000 / calls)
     gtimes.sort()
     del graph
-    print(f"== K={K} N={N} M={M} {'2/4 mix' if args.mix else f'{args.bits}-bit'} g128: packed {packed / 1e6:.1f} MB, forward {times[15]:.1f} us "
-          f"(median), in a CUDA graph {gtimes[5]:.1f} us per forward")
+    kind = "2/4 mix" if args.mix else f"{args.bits}-bit"
+    print(f"== K={K} N={N} M={M} {kind} g128: packed {packed / 1e6:.1f} MB, forward {times[15]:.1f} us (median), "
+          f"in a CUDA graph {gtimes[5]:.1f} us per forward")
     for ev in sorted(prof.key_averages(), key=lambda e: -e.self_device_time_total):
         if ev.self_device_time_total <= 0:
             continue

@@ -40,14 +40,15 @@
 // Pipeline. Each warp streams its k-blocks through a ring of S slots in shared memory (cp.async, one
 // commit group per k-block, S - 1 in flight while one is consumed): the words (cp.async.cg: L2 only, read
 // once), x' (cp.async.ca: every warp of the SM reads it), the g_idx of the k-block's rows and, for a
-// k-block that starts a new expected group (row / gs_guess, gs_guess = ceil(K / groups) rounded up to a whole k-block),
-// that group's (s, z). The consumer checks the actual groups of every k-block (shuffle + vote): a wrong
-// guess costs a direct load of (s, z), never a wrong result. The words are copied in line order (8 lanes
-// per 128-byte line) into the slots of the lanes that read them, so the consumer passes a __syncwarp after
-// its wait (and one at the end of each k-block before the slot is refilled); the other pieces each lane
-// copies and reads back itself. Addresses are 32-bit shared-window addresses advanced per slot. Every copy has an in-range source (no zero-fill): columns past N, rows past the segment and
-// x' rows past xrows read an in-range neighbour whose value only reaches unwritten outputs or rows that
-// the consumer masks to x' = 0.
+// k-block that starts a new expected group (row / gs_guess, gs_guess = ceil(K / groups) rounded up to a
+// whole k-block), that group's (s, z). The consumer checks the actual groups of every k-block (one
+// compare and vote against the expected group; shuffle + vote otherwise): a wrong guess costs a direct
+// load of (s, z), never a wrong result. The words are copied in line order (8 lanes per 128-byte line)
+// into the slots of the lanes that read them, so the consumer passes a __syncwarp after its wait (and one
+// at the end of each k-block before the slot is refilled); the other pieces each lane copies and reads
+// back itself. Addresses are 32-bit shared-window addresses advanced per slot. Every copy has an
+// in-range source (no zero-fill): columns past N, rows past the segment and x' rows past xrows read an
+// in-range neighbour whose value only reaches unwritten outputs or rows that the consumer masks to x' = 0.
 //
 // Work decomposition: a warp owns one 64-column tile and one split-K range of k-blocks (long ranges keep
 // the ring in its steady state); a block is kTcWarps warps on consecutive column tiles (they share x' in
@@ -55,8 +56,8 @@
 // same words run together and the re-reads come from L2), grid.y = split-K, chosen so that the blocks fill
 // the resident slots in whole waves. One split: each warp writes out its columns (bias, one rounding);
 // several (or several segments: all in one launch below 64 Mi weights, a launch each above): fp32
-// partials per slot, then launch_reduce (wq_matmul.cu) sums the slots in order. No float atomics: the result depends on the shape and SM count
-// only.
+// partials per slot, then launch_reduce (wq_matmul.cu) sums the slots in order. No float atomics: the
+// result depends on the shape and SM count only.
 //
 // x' = x * channel_scale gathered into stored-row order (perm) and rounded once to the 16-bit type: a
 // small prep kernel writes it to the workspace when there is a perm or channel scale, or x cannot be read
