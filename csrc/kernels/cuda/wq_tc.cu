@@ -12,9 +12,10 @@
 // k-block is the 4 word rows t = 0..3 of a column (4 * 32/B stored rows: 32 for 4-bit, 64 for 2-bit);
 // lane (g = lane / 4, t = lane % 4) owns word row t of its columns. A word holds C = 32/B codes, code i
 // at bits [B*i, B*i + B); PAIR i (i < C/2) is codes (i, i + C/2), i.e. the bits at B*i of both 16-bit
-// halves, so one shift + one LOP3 (mask, OR the exponent of 1024 (fp16) / 128 (bf16)) yields two
-// 16-bit numbers magic + q * 2^p, and one HFMA2 (times 2^-p, minus magic * 2^-p) turns them into the
-// exact integers q. mma step s takes pair 2s as its k-slots (2t, 2t+1) and pair 2s+1 as (2t+8, 2t+9):
+// halves. The pair sits at bit p of its halves after a shift shared by the pairs that fit the mantissa
+// together; one LOP3 (mask, OR the exponent of c_p = 2^(10 - p) (fp16) / 2^(7 - p) (bf16)) yields two
+// 16-bit numbers c_p + q, exactly: the code's lowest bit then weighs 1. (The slow path below turns them
+// into q with one more HFMA2.) mma step s takes pair 2s as its k-slots (2t, 2t+1) and pair 2s+1 as (2t+8, 2t+9):
 //   slot 2t   <- row C*t + 2s          slot 2t+8 <- row C*t + 2s + 1
 //   slot 2t+1 <- row C*t + 2s + C/2    slot 2t+9 <- row C*t + 2s + 1 + C/2      (rows within the k-block)
 // The B fragment of lane (g, t) is then rows C*t .. C*t + C-1 of x' row g: one (4-bit) or two (2-bit)
@@ -25,14 +26,16 @@
 // instruction reads 4 full 128-byte lines. m-tile mt of the mma takes column 2mt of the lane's 8 as its
 // row g and column 2mt + 1 as its row g + 8.
 //
-// Scales in fp32, per group. The fast path does not dequantize: it multiplies the exact codes,
-// accumulating A_g = sum_{k in g} x'_k q_k (and, with an all-ones A operand, X_g = sum_{k in g} x'_k) in
-// fp32 over the k-blocks of one group, and folds the group in when it ends:
-//   sym  (w = s*q - z):   acc += s*A_g - z*X_g       asym (w = s*(q - z)):   acc += s*A_g - (s*z)*X_g
-// (two FMAs per output and group). Per 8 codes (4-bit, fp16) that is 2 LOP3 + 1 shift + 4 HFMA2 plus
-// 4/8 of an mma per x row tile: about a third of the CUDA-core kernel's issue cost, and the products
-// are exact (no rounding of w to 16 bits), so the result is closer to the fp32 definition of wq.h than
-// a dense F.linear on the rounded 16-bit weight; the only 16-bit rounding is x' (allow_half).
+// Scales in fp32, per group. The fast path does not dequantize: it multiplies the codes c_p + q by x'
+// (exact products), accumulating A_g = sum_{k in g} x'_k (c_k + q_k) in fp32 over the k-blocks of one
+// group, and with one more mma per step whose A operand is 1 in rows 0..7 and c_p in rows 8..15 both
+// X_g = sum_{k in g} x'_k and O_g = sum_{k in g} c_k x'_k. It folds the group in when it ends:
+//   sym  (w = s*q - z):   acc += s*(A_g - O_g) - z*X_g     asym (w = s*(q - z)):   acc += s*(A_g - O_g) - (s*z)*X_g
+// (three flops per output and group; bf16 4-bit has p = 0 everywhere, O_g = 128 X_g, folded into z's
+// factor). Per 8 codes (4-bit) that is 2 LOP3 + 1/4 shift plus 5/8 of an mma per x row tile. Subtracting
+// O_g costs a few fp32 ulps of c * sum |x'| per group (c <= 1024 fp16 / 128 bf16), within the documented
+// tolerance (wq.h) for any weights whose sum |x'| |w| is not itself that small; the products are exact
+// and the only 16-bit rounding is x' (allow_half).
 // A k-block whose rows do not all share one group (act-order without the layers' sort, groups smaller
 // than a k-block) takes the exact per-row path: w = rne16(s*q - z) (sym) or rne16(s*(q - z)) (asym) with
 // each row's own (s, z), one HFMA2 / HSUB2+HMUL2 per pair, into the same fp32 accumulators.
@@ -44,9 +47,12 @@
 // whole k-block), that group's (s, z). The consumer checks the actual groups of every k-block (one
 // compare and vote against the expected group; shuffle + vote otherwise): a wrong guess costs a direct
 // load of (s, z), never a wrong result. The words are copied in line order (8 lanes per 128-byte line)
-// into the slots of the lanes that read them, so the consumer passes a __syncwarp after its wait (and one
-// at the end of each k-block before the slot is refilled); the other pieces each lane copies and reads
-// back itself. Addresses are 32-bit shared-window addresses advanced per slot. Every copy has an
+// into the slots of the lanes that read them, and the (s, z) of the warp's 64 columns are copied once by
+// the whole warp and read by every lane of a column quad, so the consumer passes a __syncwarp after its
+// wait (and one at the end of each k-block before the slot is refilled); x' and g_idx each lane copies
+// and reads back itself. A slot is 1 KB of words plus ~1 KB of the rest (TcRing), so the 18 KB of each
+// warp keep 8 (4-bit, one row tile) k-blocks in flight. Addresses are 32-bit shared-window addresses
+// advanced per slot; the global side is a base per stream plus a 32-bit offset. Every copy has an
 // in-range source (no zero-fill): columns past N, rows past the segment and x' rows past xrows read an
 // in-range neighbour whose value only reaches unwritten outputs or rows that the consumer masks to x' = 0.
 //
@@ -67,9 +73,9 @@
 // Indices: g_idx entries are clamped into [0, groups) (wq.h). Word rows past the segment's words are
 // never read; columns past N are never written.
 //
-// Measured (H100, docs/PERFORMANCE.md): 8192 x 28672 4-bit M = 1 56.6 us per forward (52 us inside a
-// CUDA graph) = 2.2-2.4 TB/s; ncu: 252 instructions per warp and k-block (~105 of them dequantization and
-// mma), 12 warps per SM, L2 requests at 24 % of peak, stalls on fixed-latency dependencies and issue.
+// Measured (H100, docs/PERFORMANCE.md): 8192 x 28672 4-bit M = 1 ~54 us per forward (~52 us inside a
+// CUDA graph) = 2.3-2.4 TB/s, ~80 % of the copy bandwidth; ~160 instructions per warp and k-block on the
+// fast path (SASS: ~50 of them dequantization and mma), 12 warps per SM.
 #include "wq_internal.cuh"
 
 #include "pdl.cuh"
@@ -145,6 +151,12 @@ struct PairCode {
   __device__ static __forceinline__ uint32_t raw(uint32_t w, uint32_t magic) {
     return ((w >> kShift) & kMask) | magic;
   }
+  // (c_P + q_I, c_P + q_{I+C/2}) with c_P = 2^(kMagicExp - P): the same mask, OR'd with the magic of
+  // exponent kMagicExp - P (unit_magic<P>), so that the code's lowest bit weighs exactly 1. One LOP3 (plus
+  // the shared shift); the fast path multiplies these and subtracts c_P * sum x' per group (tc_body).
+  __device__ static __forceinline__ uint32_t unit(uint32_t w, const uint32_t (&mg)[5]) {
+    return ((w >> kShift) & kMask) | mg[kPos / 2];
+  }
   // The exact integers (q_I, q_{I+C/2}): (magic + q*2^P) * 2^-P - magic * 2^-P, one exact FMA.
   __device__ static __forceinline__ typename Tc<T>::T2 exact(uint32_t w, uint32_t magic) {
     using T2 = typename Tc<T>::T2;
@@ -157,6 +169,19 @@ struct PairCode {
 // PairCode<B, T, i> for an index that is a constant once the loops are unrolled.
 template <int B, typename T>
 struct PairCodeSel {
+  __device__ static constexpr int pos(int i) { return B * i - (i / (Tc<T>::kMant / B)) * (Tc<T>::kMant / B) * B; }
+  __device__ static __forceinline__ uint32_t unit(uint32_t w, int i, const uint32_t (&mg)[5]) {
+    switch (i) {
+      case 0: return PairCode<B, T, 0>::unit(w, mg);
+      case 1: return PairCode<B, T, 1>::unit(w, mg);
+      case 2: return PairCode<B, T, 2>::unit(w, mg);
+      case 3: return PairCode<B, T, 3>::unit(w, mg);
+      case 4: return PairCode<B, T, 4>::unit(w, mg);
+      case 5: return PairCode<B, T, 5>::unit(w, mg);
+      case 6: return PairCode<B, T, 6>::unit(w, mg);
+      default: return PairCode<B, T, 7>::unit(w, mg);
+    }
+  }
   __device__ static __forceinline__ typename Tc<T>::T2 exact(uint32_t w, int i, uint32_t magic) {
     switch (i) {
       case 0: return PairCode<B, T, 0>::exact(w, magic);
@@ -188,6 +213,11 @@ __device__ __forceinline__ void cp_async_8(uint32_t dst, const void* src) {
 }
 __device__ __forceinline__ void cp_async_4(uint32_t dst, const void* src) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(dst), "l"(src) : "memory");
+}
+__device__ __forceinline__ uint32_t lds32(uint32_t addr) {
+  uint32_t v;
+  asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(addr));
+  return v;
 }
 __device__ __forceinline__ uint4 lds128(uint32_t addr) {
   uint4 v;
@@ -348,16 +378,25 @@ struct GroupSZ {
   uint32_t s[4], z[4];
 };
 
-// Ring geometry of one kernel variant (per warp and slot, in 16-byte vectors per lane): the two word
-// quads, the x' vectors of each row tile of 8, the (s, z) quads of the slot's group (only for k-blocks
-// that start a group), then one 16-byte vector of g_idx entries.
+// Ring geometry of one kernel variant, per warp and slot (one k-block). First 16-byte vectors per lane
+// (vector v of lane l at 512 v + 16 l): the two word quads, then the x' vectors of each row tile of 8.
+// Then the pieces that are smaller than a vector per lane, packed so that a slot carries little besides
+// its 1 KB of words (the ring's depth, i.e. the bytes each warp keeps in flight, is what the 18 KB per warp
+// buys): the g_idx entries (entry i of lane l at kGOff + 128 i + 4 l) and the (s, z) of the warp's 64
+// columns (only for k-blocks that start a group; every lane of a column quad reads the same 16 bytes).
 template <int B, int NT>
 struct TcRing {
   static constexpr int kXv = NT * (16 / B) / 4 > 0 ? NT * (16 / B) / 4 : 1;  // x' vectors
-  static constexpr int kW = 0, kX = 2, kSz = 2 + kXv, kG = 4 + kXv, kVec = 5 + kXv;
-  static constexpr int kSlotBytes = kVec * 32 * 16;
-  static constexpr int kStages = 18432 / kSlotBytes > 6 ? 6 : 18432 / kSlotBytes;  // <= 72 KB per block
+  static constexpr int kGr = 4 * (32 / B) / 32;                              // g_idx entries per lane
+  static constexpr int kW = 0, kX = 2, kLaneVecs = 2 + kXv;
+  static constexpr int kGOff = kLaneVecs * 512;
+  // (s, z): 8 bytes per column quad q (0..15 over the warp's 64 columns) at kSzOff + 8 ((q % 8) 2 + q / 8),
+  // z 128 bytes further, so that quads g and g + 8 (a lane's two) are one 16-byte load.
+  static constexpr int kSzOff = kGOff + 128 * kGr;
+  static constexpr int kSlotBytes = kSzOff + 256;
+  static constexpr int kStages = 18432 / kSlotBytes > 10 ? 10 : 18432 / kSlotBytes;  // <= 72 KB per block
   static constexpr int kBytes = 4 * kStages * kSlotBytes;  // kTcWarps rings
+  static_assert(kSlotBytes % 128 == 0, "slots stay 128-byte aligned");
 };
 
 // The work of one block on one segment of B-bit words: split `split` of its k-blocks.
@@ -388,6 +427,17 @@ __device__ __forceinline__ void tc_body(const TcArgs& a, const TcSegArgs& sg, in
   const int tail = nkb - 1;            // the segment's last k-block: the only one with rows to clamp / mask
   const int row0 = int(sg.row0), row_end = int(sg.row_end), gs = int(sg.gs_guess), groups = int(a.groups);
   const uint32_t magic = a.magic;
+  // The fast path's codes enter the mma as c_P + q (PairCode::unit): mg[P / 2] = the magic of value
+  // c_P = 2^(kMagicExp - P), derived from the parameter so that ptxas keeps them in registers. Its sums
+  // then carry the offset sum c_P x', which the fold subtracts. One mma per step gives both group sums
+  // of x': its A operand is 1 in rows 0..7 and c_P in rows 8..15, so accx[nt][0..1] = sum x' (row g) and
+  // accx[nt][2..3] = sum c_P x' (row g + 8). Where every pair sits at P = 0 (bf16 4-bit) that offset is
+  // c_0 sum x' and the fold takes it through zz.
+  constexpr bool kUni = Tc<T>::kMant / B == 1;
+  constexpr float kC0 = float(1 << H::kMagicExp);
+  uint32_t mg[5];
+#pragma unroll
+  for (int j = 0; j < 5; ++j) mg[j] = magic - (uint32_t(2 * j) << H::kMant) * 0x00010001u;
 
   float acc[4][NT][4], accg[4][NT][4], accx[NT][4];
 #pragma unroll
@@ -441,8 +491,8 @@ __device__ __forceinline__ void tc_body(const TcArgs& a, const TcSegArgs& sg, in
   int gcur = -1;  // the group accumulating in accg / accx
   GroupSZ scur = {};
   // Folds the running group into acc (see the header) and clears its accumulators.
-  // One form for both: acc += s*A_g + zz*X_g with zz = -z (sym) or -(s*z) (asym), so that the fold is two
-  // FMAs per output with no per-output select.
+  // One form for both: acc += s*(A_g - O_g) + zz*X_g with zz = -z (sym) or -(s*z) (asym) and O_g the
+  // offset sum of the unit codes (accx[nt][2..3]; kUni: c_0 X_g, folded into zz), no per-output select.
   const bool asym = a.asym != 0;
   auto flush = [&]() {
     if (gcur < 0) return;
@@ -452,13 +502,14 @@ __device__ __forceinline__ void tc_body(const TcArgs& a, const TcSegArgs& sg, in
       for (int hr = 0; hr < 2; ++hr) {
         const int j = 2 * mt + hr;
         const float sv = sz_at(scur.s, j), zv = sz_at(scur.z, j);
-        const float zz = asym ? -(sv * zv) : -zv;
+        const float zz = (asym ? -(sv * zv) : -zv) - (kUni ? kC0 * sv : 0.0f);
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
           for (int e2 = 0; e2 < 2; ++e2) {
             const int e = 2 * hr + e2;
-            acc[mt][nt][e] = fmaf(zz, accx[nt][e2], fmaf(sv, accg[mt][nt][e], acc[mt][nt][e]));
+            const float ag = kUni ? accg[mt][nt][e] : accg[mt][nt][e] - accx[nt][2 + e2];
+            acc[mt][nt][e] = fmaf(zz, accx[nt][e2], fmaf(sv, ag, acc[mt][nt][e]));
             accg[mt][nt][e] = 0.0f;
           }
       }
@@ -472,18 +523,17 @@ __device__ __forceinline__ void tc_body(const TcArgs& a, const TcSegArgs& sg, in
   // alike: the ring carries (s, z) for the warp's first k-block and for every k-block whose expected group
   // differs from its predecessor's ("fresh"). gs is a multiple of kRows (tc_matmul), so the expectation
   // advances by one group every gs / kRows k-blocks: a countdown, not a division or a loop.
+  // A k-block is fresh when left == per (it starts its expected group) or it is the warp's first.
   struct GroupWalk {
     int grp, left, per;
-    bool fresh;
     __device__ void start(int row, int gsz) {
       grp = row / gsz;
       per = gsz / kRows;
       left = per - (row - grp * gsz) / kRows;  // k-blocks of the expected group from this one on
-      fresh = true;
     }
+    __device__ bool starts_group() const { return left == per; }
     __device__ void step() {  // to the next k-block
-      fresh = --left == 0;
-      if (fresh) {
+      if (--left == 0) {
         ++grp;
         left = per;
       }
@@ -493,12 +543,11 @@ __device__ __forceinline__ void tc_body(const TcArgs& a, const TcSegArgs& sg, in
   walk_issue.start(row0 + kb0 * kRows, gs);
   walk_use = walk_issue;
 
-  // The shared-memory ring of this warp: S slots of R::kVec 16-byte vectors per lane, lane-contiguous so
-  // that every access is conflict-free. Each lane copies (cp.async) and reads back only its own vectors:
-  // no barrier is needed around the ring.
+  // The shared-memory ring of this warp: S slots of R::kSlotBytes (TcRing), every access conflict-free.
+  // Slot addresses below are this lane's (slot start + 16 lane); the packed pieces subtract 16 lane.
   constexpr uint32_t kVs = 32 * 16;                 // bytes from one of a lane's vectors to the next
-  constexpr uint32_t kSlotStride = R::kVec * kVs;  // bytes per slot
-  const uint32_t ring_base = smem_addr(smem) + uint32_t(warp * S * R::kVec * 32 + lane) * 16u;
+  constexpr uint32_t kSlotStride = R::kSlotBytes;   // bytes per slot
+  const uint32_t ring_base = smem_addr(smem) + uint32_t(warp * S * R::kSlotBytes + lane * 16);
   const uint32_t ring_end = ring_base + S * kSlotStride;
   uint32_t issue_addr = ring_base, use_addr = ring_base;  // this lane's slot of the next k-block to issue / use
   // Issue-side cursors, advanced by one k-block per issue(). Every copy has a valid source: columns past
@@ -516,30 +565,33 @@ __device__ __forceinline__ void tc_body(const TcArgs& a, const TcSegArgs& sg, in
   const uint32_t wdst = uint32_t(word_unit(crow, cquad) - lane) * 16u;  // from this lane's ring vectors
   const uint32_t wsrc = uint32_t(word_unit(t, g) - lane) * 16u;
   const int64_t qlast = sg.qrows - 1;
-  const uint32_t* wp[2];  // word row 4 kb + crow of the next k-block, this lane's copy quad (vector mode:
-                          // quad start clamped to N - 4); in the tail k-block that row may lie past the
-                          // segment and is pulled back to qlast
-  int clast[2];           // scalar mode: offset of column N - 1 from wp (columns past it read it)
+  // Issue-side addresses are a fixed 64-bit base per stream plus a 32-bit offset that advances by one
+  // k-block per issue (one IMAD.WIDE per copy; tc_eligible keeps the offsets below 2^32):
+  //   words:  wb[h] + woff, woff = (4 kb + crow) N: word row 4 kb + crow, this lane's copy quad of half h
+  //           (vector mode: quad start clamped to N - 4); in the tail k-block that row may lie past the
+  //           segment and is pulled back to qlast;
+  // x' and g_idx: pointers to the next k-block's pieces, advanced by kRows per issue.
+  const uint32_t* wb[2];
+  int clast[2];           // scalar mode: offset of column N - 1 from the copy quad (columns past it read it)
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int64_t cq = n0 + 32 * h + 4 * cquad;
     const int64_t base = kVec ? min(cq, a.N - 4) : min(cq, a.N - 1);
-    wp[h] = sg.qweight + (int64_t(kb0) * 4 + crow) * a.N + base;  // dereferenced only at rows <= qlast (tail)
+    wb[h] = sg.qweight + base;  // dereferenced only at rows <= qlast
     clast[h] = int(a.N - 1 - base);
   }
-  const int64_t wstep = 4 * a.N;
-  const unsigned short* szs[2];  // (s, z) of the lane's column quads in group 0 (quad start clamped to N - 4)
-  const unsigned short* szz[2];
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    szs[h] = sc16 + min(nq[h], a.N - 4);
-    szz[h] = zr16 + min(nq[h], a.N - 4);
-  }
+  const uint32_t wstep = uint32_t(4 * a.N);
+  uint32_t woff = uint32_t((int64_t(kb0) * 4 + crow) * a.N);
+  // (s, z) copy of a fresh k-block: lane l copies the 8 bytes of column quad q = l % 16 (start clamped to
+  // N - 4) of s (l < 16) or z into its TcRing place; gofs: this lane's g_idx entries from its slot address.
+  const int szq = lane & 15;
+  const unsigned short* szp = (lane < 16 ? sc16 : zr16) + max(min(n0 + 4 * szq, a.N - 4), int64_t(0));
+  const uint32_t szdst = uint32_t(R::kSzOff + 128 * (lane >> 4) + 8 * ((szq & 7) * 2 + (szq >> 3)) - 16 * lane);
+  const uint32_t gofs = uint32_t(R::kGOff - 12 * lane);
   const T* xp[NT];  // this lane's x' piece of the next k-block, per row tile
-  const int xrow0 = row0 + kb0 * kRows + kCpw * t;
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt)
-    xp[nt] = static_cast<const T*>(a.x) + min(m0 + 8 * nt + g, a.M - 1) * a.ldx + xrow0;
+    xp[nt] = static_cast<const T*>(a.x) + min(m0 + 8 * nt + g, a.M - 1) * a.ldx + row0 + kb0 * kRows + kCpw * t;
   const int32_t* gp = a.g_idx + row0 + kb0 * kRows + lane;  // this lane's g_idx rows of the next k-block
 
   auto issue = [&](int kb) {
@@ -550,30 +602,31 @@ __device__ __forceinline__ void tc_body(const TcArgs& a, const TcSegArgs& sg, in
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           if constexpr (kVec) {
-            cp_async_16_stream(dst + (R::kW + h) * kVs + wdst, wp[h]);
+            cp_async_16_stream(dst + (R::kW + h) * kVs + wdst, wb[h] + woff);
           } else {
 #pragma unroll
             for (int c = 0; c < 4; ++c)
-              cp_async_4(dst + (R::kW + h) * kVs + wdst + 4 * c, wp[h] + min(c, clast[h]));
+              cp_async_4(dst + (R::kW + h) * kVs + wdst + 4 * c, wb[h] + woff + min(c, clast[h]));
           }
         }
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-          for (int v = 0; v < kXr / 4; ++v) cp_async_16_cached(dst + (R::kX + nt * (kXr / 4) + v) * kVs, xp[nt] + 8 * v);
+          for (int v = 0; v < kXr / 4; ++v)
+            cp_async_16_cached(dst + (R::kX + nt * (kXr / 4) + v) * kVs, xp[nt] + 8 * v);
 #pragma unroll
-        for (int i = 0; i < kGr; ++i) cp_async_4(dst + R::kG * kVs + 4 * i, gp + 32 * i);
+        for (int i = 0; i < kGr; ++i) cp_async_4(dst + gofs + 128 * i, gp + 32 * i);
       } else {
         const int64_t wrow = int64_t(kb) * 4 + crow;
-        const int64_t back = wrow > qlast ? (wrow - qlast) * a.N : 0;
+        const uint32_t wt = woff - uint32_t(wrow > qlast ? (wrow - qlast) * a.N : 0);
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           if constexpr (kVec) {
-            cp_async_16_stream(dst + (R::kW + h) * kVs + wdst, wp[h] - back);
+            cp_async_16_stream(dst + (R::kW + h) * kVs + wdst, wb[h] + wt);
           } else {
 #pragma unroll
             for (int c = 0; c < 4; ++c)
-              cp_async_4(dst + (R::kW + h) * kVs + wdst + 4 * c, wp[h] - back + min(c, clast[h]));
+              cp_async_4(dst + (R::kW + h) * kVs + wdst + 4 * c, wb[h] + wt + min(c, clast[h]));
           }
         }
         const int64_t xrow = row0 + int64_t(kb) * kRows + kCpw * t;
@@ -588,22 +641,16 @@ __device__ __forceinline__ void tc_body(const TcArgs& a, const TcSegArgs& sg, in
         const int grow = row0 + kb * kRows + lane;
 #pragma unroll
         for (int i = 0; i < kGr; ++i)
-          cp_async_4(dst + R::kG * kVs + 4 * i,
+          cp_async_4(dst + gofs + 128 * i,
                      grow + 32 * i < row_end ? gp + 32 * i : a.g_idx + row_end - 1);
       }
-      if (kb != kb0) walk_issue.step();
       if constexpr (kVec) {  // scalar mode: the consumer loads (s, z) itself
-        if (walk_issue.fresh) {
-          const int64_t off = int64_t(min(walk_issue.grp, groups - 1)) * a.N;
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            cp_async_8(dst + R::kSz * kVs + 4 * 2 * h, szs[h] + off);
-            cp_async_8(dst + (R::kSz + 1) * kVs + 4 * 2 * h, szz[h] + off);
-          }
+        if (walk_issue.starts_group() || kb == kb0) {
+          cp_async_8(dst + szdst, szp + int64_t(min(walk_issue.grp, groups - 1)) * a.N);
         }
       }
-#pragma unroll
-      for (int h = 0; h < 2; ++h) wp[h] += wstep;
+      walk_issue.step();
+      woff += wstep;
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) xp[nt] += kRows;
       gp += kRows;
@@ -620,7 +667,7 @@ __device__ __forceinline__ void tc_body(const TcArgs& a, const TcSegArgs& sg, in
   for (int st = 0; st < S - 1; ++st)
     if (kb0 + st < kb1 && kb0 + st != tail)
 #pragma unroll
-      for (int h = 0; h < 2; ++h) prefetch_l2(wp[h] + int64_t(st) * wstep);
+      for (int h = 0; h < 2; ++h) prefetch_l2(wb[h] + (woff + uint32_t(st) * wstep));
   pdl_wait();
   // Prologue: S - 1 k-blocks in flight; each step issues one more and consumes the oldest.
 #pragma unroll
@@ -644,15 +691,16 @@ __device__ __forceinline__ void tc_body(const TcArgs& a, const TcSegArgs& sg, in
         xv[nt][4 * v + 2] = q.z;
         xv[nt][4 * v + 3] = q.w;
       }
-    const uint4 graw = lds128(src + R::kG * kVs);
+    int graw[kGr];
+#pragma unroll
+    for (int i = 0; i < kGr; ++i) graw[i] = static_cast<int>(lds32(src + gofs + 128 * i));
     const int krow = row0 + kb * kRows;  // first stored row of the k-block
-    if (kb != kb0) walk_use.step();
     // The common case first: a k-block before the tail whose rows all lie in the expected group (checked
     // unclamped against a value in [0, groups), so equality also proves the entries in range).
     const int expect = walk_use.grp;
     bool hit = kb != tail && expect < groups;
 #pragma unroll
-    for (int i = 0; i < kGr; ++i) hit = hit && static_cast<int>(i == 0 ? graw.x : graw.y) == expect;
+    for (int i = 0; i < kGr; ++i) hit = hit && graw[i] == expect;
     int gv[kGr];
     int G = expect;
     bool uni = __all_sync(0xFFFFFFFFu, hit) != 0;
@@ -660,7 +708,7 @@ __device__ __forceinline__ void tc_body(const TcArgs& a, const TcSegArgs& sg, in
       // Groups of this lane's rows (lane + 32 i), clamped; in the tail k-block, -1 past the segment and
       // x' = 0 for those rows.
 #pragma unroll
-      for (int i = 0; i < kGr; ++i) gv[i] = min(max(static_cast<int>(i == 0 ? graw.x : graw.y), 0), groups - 1);
+      for (int i = 0; i < kGr; ++i) gv[i] = min(max(graw[i], 0), groups - 1);
       if (kb == tail) {
         const int rg = krow + lane;
 #pragma unroll
@@ -685,9 +733,10 @@ __device__ __forceinline__ void tc_body(const TcArgs& a, const TcSegArgs& sg, in
         flush();
         gcur = G;
         bool in_ring = false;
-        if constexpr (kVec) in_ring = walk_use.fresh && G == min(walk_use.grp, groups - 1);
+        if constexpr (kVec) in_ring = (walk_use.starts_group() || kb == kb0) && G == min(walk_use.grp, groups - 1);
         if (in_ring) {
-          const uint4 sv = lds128(src + R::kSz * kVs), zv = lds128(src + (R::kSz + 1) * kVs);
+          const uint32_t sza = src - 16 * lane + R::kSzOff + 16 * g;
+          const uint4 sv = lds128(sza), zv = lds128(sza + 128);
           scur.s[0] = sv.x; scur.s[1] = sv.y; scur.s[2] = sv.z; scur.s[3] = sv.w;
           scur.z[0] = zv.x; scur.z[1] = zv.y; scur.z[2] = zv.z; scur.z[3] = zv.w;
         } else {
@@ -705,15 +754,17 @@ __device__ __forceinline__ void tc_body(const TcArgs& a, const TcSegArgs& sg, in
 #pragma unroll
         for (int mt = 0; mt < 4; ++mt) {
           const uint32_t wa = word(w, 2 * mt), wb = word(w, 2 * mt + 1);
-          const uint32_t a0 = as_bits(PairCodeSel<B, T>::exact(wa, 2 * s, magic));
-          const uint32_t a1 = as_bits(PairCodeSel<B, T>::exact(wb, 2 * s, magic));
-          const uint32_t a2 = as_bits(PairCodeSel<B, T>::exact(wa, 2 * s + 1, magic));
-          const uint32_t a3 = as_bits(PairCodeSel<B, T>::exact(wb, 2 * s + 1, magic));
+          const uint32_t a0 = PairCodeSel<B, T>::unit(wa, 2 * s, mg);
+          const uint32_t a1 = PairCodeSel<B, T>::unit(wb, 2 * s, mg);
+          const uint32_t a2 = PairCodeSel<B, T>::unit(wa, 2 * s + 1, mg);
+          const uint32_t a3 = PairCodeSel<B, T>::unit(wb, 2 * s + 1, mg);
 #pragma unroll
           for (int nt = 0; nt < NT; ++nt) mma_16816<T>(accg[mt][nt], a0, a1, a2, a3, b0[nt], b1[nt]);
         }
+        const uint32_t clo = kUni ? H::kOne2 : mg[PairCodeSel<B, T>::pos(2 * s) / 2];
+        const uint32_t chi = kUni ? H::kOne2 : mg[PairCodeSel<B, T>::pos(2 * s + 1) / 2];
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt) mma_16816<T>(accx[nt], H::kOne2, H::kOne2, H::kOne2, H::kOne2, b0[nt], b1[nt]);
+        for (int nt = 0; nt < NT; ++nt) mma_16816<T>(accx[nt], H::kOne2, clo, H::kOne2, chi, b0[nt], b1[nt]);
       }
     } else {
       // Rows of several groups: the exact per-row path, out of line (it is rare, and its temporaries
@@ -737,6 +788,7 @@ __device__ __forceinline__ void tc_body(const TcArgs& a, const TcSegArgs& sg, in
 #pragma unroll
           for (int e = 0; e < 4; ++e) acc[mt][nt][e] += o.v[mt][nt][e];
     }
+    walk_use.step();
     __syncwarp();
   }
   cp_async_wait<0>();
@@ -1028,6 +1080,7 @@ bool tc_eligible(const WqWeight& w, int64_t M, const DType* xtype) {
   if (!w.allow_half || (w.sdtype != DType::kFloat16 && w.sdtype != DType::kBFloat16)) return false;
   if (xtype != nullptr && *xtype != w.sdtype) return false;
   if (w.nseg < 1 || M < 1 || M > 64 || w.K >= (int64_t(1) << 30) || w.groups >= (int64_t(1) << 30)) return false;
+  if (w.qrows * w.N >= (int64_t(1) << 32)) return false;  // 32-bit word offsets (tc_body)
   for (int s = 0; s < w.nseg; ++s)
     if (w.bits[s] != 2 && w.bits[s] != 4) return false;
   return true;

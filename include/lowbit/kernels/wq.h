@@ -72,7 +72,8 @@ struct WqWeight {
   // Tensor-core permission (CUDA wq_matmul only; the CPU ignores it). When true, x has dtype sdtype and
   // sdtype is float16 or bfloat16, the kernel may round x' = x * c once to that 16-bit type and multiply
   // on tensor cores (mma.sync m16n8k16, fp32 accumulation). Today: every segment 2 or 4 bits, 1 <= M <= 64.
-  // It multiplies the exact integer codes and applies each group's (s, z) to the fp32 sums of that group
+  // It multiplies the integer codes (as c + q, c a power of two, the c * sum x' offsets subtracted per group)
+  // and applies each group's (s, z) to the fp32 sums of that group
   // (sym: s * sum x'q - z * sum x'; asym: s * (sum x'q - z * sum x')) where a 4-row x 32/b-code block of
   // words lies in one group, and otherwise dequantizes w16 = rne16(s * q - z) (sym) / rne16(s * (q - z))
   // (asym) per row. Results then differ from the fp32 definition by the 16-bit rounding of x' (and w16)
