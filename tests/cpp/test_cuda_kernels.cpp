@@ -176,7 +176,10 @@ TEST_F(CudaKernels, QuantizeExactAtHalfIntegerBoundaries) {
   std::mt19937 rng(2026);
   std::vector<float> steps = {1.0f, 0.5f, 3.0f, 0.1f, 1.0f / 3.0f, 0.0213f, 1e-3f, 7.77e-5f, 12.5f,
                               std::nextafter(2.0f, 0.0f), std::nextafter(1.0f, 2.0f), 0x1p-60f, 0x1p60f,
-                              std::nextafter(0x1p-60f, 0.0f), 0x1p-70f, 0x1.fffffep-3f, 0x1.000002p-7f};
+                              std::nextafter(0x1p-60f, 0.0f), 0x1p-70f, 0x1.fffffep-3f, 0x1.000002p-7f,
+                              // the ends of the CUDA kernel's hoisted-reciprocal range [2^-30, 2^30] (StepDiv)
+                              0x1p-30f, 0x1p30f, std::nextafter(0x1p-30f, 0.0f), std::nextafter(0x1p30f, INFINITY),
+                              0x1.fffffep-1f, 0x1.fffffep29f};
   std::uniform_real_distribution<float> mant(1.0f, 2.0f);
   std::uniform_int_distribution<int> ex(-20, 6);
   for (int i = 0; i < 40; ++i) steps.push_back(std::ldexp(mant(rng), ex(rng)));
@@ -189,6 +192,12 @@ TEST_F(CudaKernels, QuantizeExactAtHalfIntegerBoundaries) {
       for (int k = 0; k < 13; ++k, t = std::nextafter(t, INFINITY)) x.push_back(t);
     }
     for (float v : {0.0f, -0.0f, INFINITY, -INFINITY, std::nanf(""), 1e-40f, -3e-39f, 3e38f, -3e38f}) x.push_back(v);
+    for (float m : {0x1p40f, -0x1p40f, 0x1p20f, -0x1p20f}) {  // around StepDiv's |t / s| = 2^40 switch
+      const float t = m * st;
+      x.push_back(t);
+      x.push_back(std::nextafter(t, 0.0f));
+      x.push_back(std::nextafter(t, 2.0f * t));
+    }
     while (x.size() % 8 != 0) x.push_back(0.25f * st);
     const int64_t n = int64_t(x.size());
     std::vector<int8_t> want(x.size());

@@ -19,9 +19,9 @@
 // round-half-even to an integer (cvt.rni, which also saturates at the int32 range) and an integer clamp.
 // Denormals are kept (default -ftz=false), as on the CPU.
 //
-// Resources observed (nvcc 13.0, -O3, sm_80 .. sm_90a): vector kernel 31-33 registers, scalar kernel 18,
-// no stack, no spills. SASS: LDG.E.128 (x, shift) and STG.E.64 (codes) on the vector path; each division
-// is MUFU.RCP + FFMA refinement with FCHK guarding a call to the exact slow path (inf, NaN, subnormals).
+// The division is __fdiv_rn's own fast path with the step's reciprocal hoisted (StepDiv): three FFMA per
+// element, bit-identical to __fdiv_rn; steps outside [2^-30, 2^30] use __fdiv_rn itself.
+// SASS: LDG.E.128 (x, shift) and STG.E.64 (codes) on the vector path.
 #include "lowbit/kernels/quantize.h"
 
 #ifdef __USE_FAST_MATH__
@@ -50,10 +50,38 @@ __device__ __forceinline__ float widen(float v) { return v; }
 __device__ __forceinline__ float widen(__half v) { return __half2float(v); }
 __device__ __forceinline__ float widen(__nv_bfloat16 v) { return __bfloat162float(v); }
 
-// One code from one fp32 input. Division, not a reciprocal multiply: the contract fixes the rounding.
-// __fdiv_rn is the IEEE round-to-nearest quotient whatever -prec-div says.
-__device__ __forceinline__ int8_t quantize_one(float t, float s, int qmin, int qmax) {
-  const float v = __fdiv_rn(t, s);
+// t / s rounded as IEEE division (__fdiv_rn) rounds it, for one step s shared by every element. __fdiv_rn
+// compiles (sm_80 .. sm_90a) to a fast path -- y = MUFU.RCP(s) refined once, q0 = t * y, q1 = q0 + (t - s
+// q0) y, all FFMA -- and FCHK, which sends inputs near the exponent limits to an exact slow routine. With
+// s in [2^-30, 2^30] (checked once; otherwise every element takes __fdiv_rn) this computes the same fast
+// path with y hoisted out of the loop: the same instructions on the same operands, hence the same bits,
+// wherever FCHK cannot fire -- every t whose code can be nonzero (|t / s| >= 1/2, so |t| >= 2^-31 and
+// all intermediates are normal and far from overflow). Where |q0| >= 2^40 (huge t, +-inf, NaN: the code
+// saturates or is 0 either way) q0 is returned; tiny t give tiny quotients (code 0) on both paths. The
+// MUFU and FCHK per element were what kept this kernel below memory speed.
+struct StepDiv {
+  float s, y;
+  bool fast;
+  __device__ explicit StepDiv(float step) : s(step) {
+    fast = fabsf(step) >= 0x1p-30f && fabsf(step) <= 0x1p30f;  // false for NaN
+    float y0;
+    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y0) : "f"(step));
+    y = __fmaf_rn(y0, __fmaf_rn(-step, y0, 1.0f), y0);
+  }
+  // kFast: the caller has branched on `fast` once (outside its loop).
+  template <bool kFast>
+  __device__ __forceinline__ float apply(float t) const {
+    if (!kFast) return __fdiv_rn(t, s);
+    const float q0 = __fmaf_rn(t, y, 0.0f);
+    const float q1 = __fmaf_rn(y, __fmaf_rn(-s, q0, t), q0);
+    return fabsf(q0) < 0x1p40f ? q1 : q0;
+  }
+  __device__ __forceinline__ float operator()(float t) const { return fast ? apply<true>(t) : apply<false>(t); }
+};
+
+// One code from one fp32 input. Division, not a reciprocal multiply: the contract fixes the rounding
+// (StepDiv gives the bits of __fdiv_rn, the IEEE round-to-nearest quotient).
+__device__ __forceinline__ int8_t code_of(float v, int qmin, int qmax) {
   if (v != v) return 0;          // NaN (from a NaN input or shift): code 0 by contract
   int r = __float2int_rn(v);     // round half to even; +-inf and huge values saturate to INT_MIN/MAX
   r = min(max(r, qmin), qmax);
@@ -89,23 +117,24 @@ __device__ __forceinline__ void load8(const T* p, float (&f)[kVec]) {
   }
 }
 
-template <typename T>
-__global__ void __launch_bounds__(kThreads) quantize_vec_kernel(
-    const T* __restrict__ x,          // (M, K), row stride ldx elements; 16-byte aligned rows
-    int64_t M,                        // rows
-    int64_t K,                        // columns, a multiple of kVec
-    int64_t ldx,                      // row stride of x in elements
-    const float* __restrict__ shift,  // (K,) 16-byte aligned, or nullptr
-    const float* __restrict__ scale,  // one fp32 on the device
-    int qmin, int qmax,               // clamp range of the codes
-    int8_t* __restrict__ q) {         // (M, K) contiguous, 8-byte aligned
-  const float s = __ldg(scale);
+template <typename T, bool kFast>
+__device__ __forceinline__ void quantize_vec_loop(const T* __restrict__ x, int64_t M, int64_t K, int64_t ldx,
+                                                  const float* __restrict__ shift, const StepDiv& div, int qmin,
+                                                  int qmax, int8_t* __restrict__ q) {
   const int64_t vecs_per_row = K / kVec;
   const int64_t total = M * vecs_per_row;
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  for (int64_t v = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; v < total; v += stride) {
-    const int64_t i = v / vecs_per_row;
-    const int64_t k = (v - i * vecs_per_row) * kVec;
+  const int64_t v0 = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (v0 >= total) return;
+  // (row, vector) of v, divided out once and then carried along by the fixed stride.
+  int64_t i = v0 / vecs_per_row, c = v0 - i * vecs_per_row;
+  const int64_t di = stride / vecs_per_row, dc = stride - di * vecs_per_row;
+  for (int64_t v = v0; v < total; v += stride, i += di, c += dc) {
+    if (c >= vecs_per_row) {
+      c -= vecs_per_row;
+      ++i;
+    }
+    const int64_t k = c * kVec;
     float f[kVec];
     load8(x + i * ldx + k, f);
     if (shift != nullptr) {
@@ -118,11 +147,28 @@ __global__ void __launch_bounds__(kThreads) quantize_vec_kernel(
     uint32_t packed[2] = {0u, 0u};
 #pragma unroll
     for (int j = 0; j < kVec; ++j) {
-      const uint32_t code = static_cast<uint8_t>(quantize_one(f[j], s, qmin, qmax));
+      const uint32_t code = static_cast<uint8_t>(code_of(div.apply<kFast>(f[j]), qmin, qmax));
       packed[j / 4] |= code << (8 * (j % 4));
     }
     *reinterpret_cast<uint2*>(q + i * K + k) = make_uint2(packed[0], packed[1]);
   }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) quantize_vec_kernel(
+    const T* __restrict__ x,          // (M, K), row stride ldx elements; 16-byte aligned rows
+    int64_t M,                        // rows
+    int64_t K,                        // columns, a multiple of kVec
+    int64_t ldx,                      // row stride of x in elements
+    const float* __restrict__ shift,  // (K,) 16-byte aligned, or nullptr
+    const float* __restrict__ scale,  // one fp32 on the device
+    int qmin, int qmax,               // clamp range of the codes
+    int8_t* __restrict__ q) {         // (M, K) contiguous, 8-byte aligned
+  const StepDiv div(__ldg(scale));
+  if (div.fast)
+    quantize_vec_loop<T, true>(x, M, K, ldx, shift, div, qmin, qmax, q);
+  else
+    quantize_vec_loop<T, false>(x, M, K, ldx, shift, div, qmin, qmax, q);
 }
 
 template <typename T>
@@ -135,7 +181,7 @@ __global__ void __launch_bounds__(kThreads) quantize_scalar_kernel(
     const float* __restrict__ scale,  // one fp32 on the device
     int qmin, int qmax,               // clamp range of the codes
     int8_t* __restrict__ q) {         // (M, K) contiguous
-  const float s = __ldg(scale);
+  const StepDiv div(__ldg(scale));
   const int64_t total = M * K;
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += stride) {
@@ -143,7 +189,7 @@ __global__ void __launch_bounds__(kThreads) quantize_scalar_kernel(
     const int64_t k = e - i * K;
     float t = widen(x[i * ldx + k]);
     if (shift != nullptr) t = __fadd_rn(t, __ldg(shift + k));
-    q[e] = quantize_one(t, s, qmin, qmax);
+    q[e] = code_of(div(t), qmin, qmax);
   }
 }
 
