@@ -567,18 +567,21 @@ __device__ __forceinline__ void tc_body(const TcArgs& a, const TcSegArgs& sg, in
   const int64_t qlast = sg.qrows - 1;
   // Issue-side addresses are a fixed 64-bit base per stream plus a 32-bit offset that advances by one
   // k-block per issue (one IMAD.WIDE per copy; tc_eligible keeps the offsets below 2^32):
-  //   words:  wb[h] + woff, woff = (4 kb + crow) N: word row 4 kb + crow, this lane's copy quad of half h
+  //   words:  qw + woff + wcol[h], woff = (4 kb + crow) N: word row 4 kb + crow, this lane's copy quad of half h
   //           (vector mode: quad start clamped to N - 4); in the tail k-block that row may lie past the
   //           segment and is pulled back to qlast;
   // x' and g_idx: pointers to the next k-block's pieces, advanced by kRows per issue.
-  const uint32_t* wb[2];
+  //   (the column of half h is a 32-bit offset from the segment's words, so that the compiler can keep or
+  //   cheaply recompute it; tc_eligible: N < 2^31)
+  const uint32_t* const qw = sg.qweight;  // dereferenced only at rows <= qlast
+  uint32_t wcol[2];
   int clast[2];           // scalar mode: offset of column N - 1 from the copy quad (columns past it read it)
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    const int64_t cq = n0 + 32 * h + 4 * cquad;
-    const int64_t base = kVec ? min(cq, a.N - 4) : min(cq, a.N - 1);
-    wb[h] = sg.qweight + base;  // dereferenced only at rows <= qlast
-    clast[h] = int(a.N - 1 - base);
+    const int cq = int(n0) + 32 * h + 4 * cquad, n32 = int(a.N);
+    const int base = kVec ? min(cq, n32 - 4) : min(cq, n32 - 1);
+    wcol[h] = uint32_t(base);
+    clast[h] = n32 - 1 - base;
   }
   const uint32_t wstep = uint32_t(4 * a.N);
   uint32_t woff = uint32_t((int64_t(kb0) * 4 + crow) * a.N);
@@ -602,11 +605,11 @@ __device__ __forceinline__ void tc_body(const TcArgs& a, const TcSegArgs& sg, in
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           if constexpr (kVec) {
-            cp_async_16_stream(dst + (R::kW + h) * kVs + wdst, wb[h] + woff);
+            cp_async_16_stream(dst + (R::kW + h) * kVs + wdst, qw + (woff + wcol[h]));
           } else {
 #pragma unroll
             for (int c = 0; c < 4; ++c)
-              cp_async_4(dst + (R::kW + h) * kVs + wdst + 4 * c, wb[h] + woff + min(c, clast[h]));
+              cp_async_4(dst + (R::kW + h) * kVs + wdst + 4 * c, qw + (woff + wcol[h] + min(c, clast[h])));
           }
         }
 #pragma unroll
@@ -622,11 +625,11 @@ __device__ __forceinline__ void tc_body(const TcArgs& a, const TcSegArgs& sg, in
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           if constexpr (kVec) {
-            cp_async_16_stream(dst + (R::kW + h) * kVs + wdst, wb[h] + wt);
+            cp_async_16_stream(dst + (R::kW + h) * kVs + wdst, qw + (wt + wcol[h]));
           } else {
 #pragma unroll
             for (int c = 0; c < 4; ++c)
-              cp_async_4(dst + (R::kW + h) * kVs + wdst + 4 * c, wb[h] + wt + min(c, clast[h]));
+              cp_async_4(dst + (R::kW + h) * kVs + wdst + 4 * c, qw + (wt + wcol[h] + min(c, clast[h])));
           }
         }
         const int64_t xrow = row0 + int64_t(kb) * kRows + kCpw * t;
@@ -667,7 +670,7 @@ __device__ __forceinline__ void tc_body(const TcArgs& a, const TcSegArgs& sg, in
   for (int st = 0; st < S - 1; ++st)
     if (kb0 + st < kb1 && kb0 + st != tail)
 #pragma unroll
-      for (int h = 0; h < 2; ++h) prefetch_l2(wb[h] + (woff + uint32_t(st) * wstep));
+      for (int h = 0; h < 2; ++h) prefetch_l2(qw + (woff + uint32_t(st) * wstep + wcol[h]));
   pdl_wait();
   // Prologue: S - 1 k-blocks in flight; each step issues one more and consumes the oldest.
 #pragma unroll
@@ -1080,7 +1083,7 @@ bool tc_eligible(const WqWeight& w, int64_t M, const DType* xtype) {
   if (!w.allow_half || (w.sdtype != DType::kFloat16 && w.sdtype != DType::kBFloat16)) return false;
   if (xtype != nullptr && *xtype != w.sdtype) return false;
   if (w.nseg < 1 || M < 1 || M > 64 || w.K >= (int64_t(1) << 30) || w.groups >= (int64_t(1) << 30)) return false;
-  if (w.qrows * w.N >= (int64_t(1) << 32)) return false;  // 32-bit word offsets (tc_body)
+  if (w.qrows * w.N >= (int64_t(1) << 32) || w.N >= (int64_t(1) << 31)) return false;  // 32-bit offsets (tc_body)
   for (int s = 0; s < w.nseg; ++s)
     if (w.bits[s] != 2 && w.bits[s] != 4) return false;
   return true;
