@@ -170,29 +170,25 @@ struct PairCode {
 template <int B, typename T>
 struct PairCodeSel {
   __device__ static constexpr int pos(int i) { return B * i - (i / (Tc<T>::kMant / B)) * (Tc<T>::kMant / B) * B; }
-  __device__ static __forceinline__ uint32_t unit(uint32_t w, int i, const uint32_t (&mg)[5]) {
+  // f(PairCode<B, T, i>{}) for the runtime index i (a constant after unrolling, so the switch folds away).
+  template <typename F>
+  __device__ static __forceinline__ auto at(int i, F f) {
     switch (i) {
-      case 0: return PairCode<B, T, 0>::unit(w, mg);
-      case 1: return PairCode<B, T, 1>::unit(w, mg);
-      case 2: return PairCode<B, T, 2>::unit(w, mg);
-      case 3: return PairCode<B, T, 3>::unit(w, mg);
-      case 4: return PairCode<B, T, 4>::unit(w, mg);
-      case 5: return PairCode<B, T, 5>::unit(w, mg);
-      case 6: return PairCode<B, T, 6>::unit(w, mg);
-      default: return PairCode<B, T, 7>::unit(w, mg);
+      case 0: return f(PairCode<B, T, 0>{});
+      case 1: return f(PairCode<B, T, 1>{});
+      case 2: return f(PairCode<B, T, 2>{});
+      case 3: return f(PairCode<B, T, 3>{});
+      case 4: return f(PairCode<B, T, 4>{});
+      case 5: return f(PairCode<B, T, 5>{});
+      case 6: return f(PairCode<B, T, 6>{});
+      default: return f(PairCode<B, T, 7>{});
     }
   }
+  __device__ static __forceinline__ uint32_t unit(uint32_t w, int i, const uint32_t (&mg)[5]) {
+    return at(i, [&](auto pc) { return decltype(pc)::unit(w, mg); });
+  }
   __device__ static __forceinline__ typename Tc<T>::T2 exact(uint32_t w, int i, uint32_t magic) {
-    switch (i) {
-      case 0: return PairCode<B, T, 0>::exact(w, magic);
-      case 1: return PairCode<B, T, 1>::exact(w, magic);
-      case 2: return PairCode<B, T, 2>::exact(w, magic);
-      case 3: return PairCode<B, T, 3>::exact(w, magic);
-      case 4: return PairCode<B, T, 4>::exact(w, magic);
-      case 5: return PairCode<B, T, 5>::exact(w, magic);
-      case 6: return PairCode<B, T, 6>::exact(w, magic);
-      default: return PairCode<B, T, 7>::exact(w, magic);
-    }
+    return at(i, [&](auto pc) { return decltype(pc)::exact(w, magic); });
   }
 };
 
