@@ -151,9 +151,9 @@ struct PairCode {
   __device__ static __forceinline__ uint32_t raw(uint32_t w, uint32_t magic) {
     return ((w >> kShift) & kMask) | magic;
   }
-  // (c_P + q_I, c_P + q_{I+C/2}) with c_P = 2^(kMagicExp - P): the same mask, OR'd with the magic of
-  // exponent kMagicExp - P (unit_magic<P>), so that the code's lowest bit weighs exactly 1. One LOP3 (plus
-  // the shared shift); the fast path multiplies these and subtracts c_P * sum x' per group (tc_body).
+  // (c_P + q_I, c_P + q_{I+C/2}) with c_P = 2^(kMagicExp - P): the same mask, OR'd with mg[P / 2], the
+  // magic of exponent kMagicExp - P (tc_body), so that the code's lowest bit weighs exactly 1. One LOP3
+  // (plus the shared shift); the fast path multiplies these and subtracts c_P * sum x' per group.
   __device__ static __forceinline__ uint32_t unit(uint32_t w, const uint32_t (&mg)[5]) {
     return ((w >> kShift) & kMask) | mg[kPos / 2];
   }
