@@ -97,7 +97,7 @@ class CudaWq : public CudaStreamTest {
     w.allow_half = allow_half;
     const int64_t M = c.M, N = h.N, K = h.K;
     const int64_t ldx = K + c.ldx_pad, ldo = N + c.ldo_pad;
-    const HostFloats x = random_matrix(M, K, ldx, c.xtype, c.spec.seed * 31u + 7u);
+    const HostFloats x = random_matrix(M, K, ldx, c.xtype, c.spec.seed * 31u + 7u, c.x_lo, c.x_hi);
     HostFloats bias;
     if (c.bias) bias = random_floats(size_t(N), c.spec.sdtype, c.spec.seed * 17u + 3u, -0.5, 0.5);
     DeviceBuffer dx(x.bytes.size()), db(bias.bytes.size());
@@ -248,6 +248,40 @@ TEST_F(CudaWq, TensorCoreDecodeShapes) {
       }
       ASSERT_EQ(aligned, shifted) << "the 4-byte load path must give the bits of the 16-byte one";
     }
+}
+
+// The tensor-core fast path multiplies c + q (c up to 1024 fp16 / 128 bf16) and subtracts c * sum x' per
+// group (wq_tc.cu): its fp32 cancellation is worst when x' has a large common part. All-positive x
+// (uniform in [0.5, 4)) over long K, 2- and 4-bit, sym and asym, fp16 and bf16, groups of 128 and 64 and
+// M = 1 / 12, against the float64 reference with the tolerance the tensor-core path documents (wq.h).
+TEST_F(CudaWq, TensorCoreOffsetCancellation) {
+  uint32_t seed = 7100;
+  for (DType t : {DType::kFloat16, DType::kBFloat16})
+    for (int32_t b : {2, 4})
+      for (bool asym : {false, true}) {
+        WqCase c;
+        c.spec.K = 8192;
+        c.spec.N = 192;
+        c.spec.segments = {{b, 0}};
+        c.spec.group_size = seed % 2 == 0 ? 128 : 64;
+        c.spec.asym = asym;
+        c.spec.sdtype = t;
+        c.spec.seed = seed++;
+        c.xtype = t;
+        c.M = seed % 2 == 0 ? 1 : 12;
+        c.x_lo = 0.5;
+        c.x_hi = 4.0;
+        SCOPED_TRACE(describe(c));
+        const HostWq h = make_wq(c.spec);
+        DeviceWq d(h, 0);
+        upload_wq(h, &d);
+        if (HasFatalFailure()) return;
+        WqWeight probe = d.w;
+        probe.allow_half = true;
+        ASSERT_TRUE(lowbit::cuda::wq_matmul_uses_tensor_cores(probe, c.xtype, c.M));
+        run_and_check(c, h, d, nullptr, /*allow_half=*/true, kRtol + 2 * wq_out_eps(c.xtype));
+        if (HasFatalFailure()) return;
+      }
 }
 
 // The decode-sized shapes a layer runs (4-bit and 2-bit, group 128; N = 5504 is the one BIE corrupted

@@ -525,6 +525,7 @@ struct WqCase {
   bool bias = false;
   int64_t ldx_pad = 0, ldo_pad = 0;
   size_t qoff = 0;  // qweight placed this many words into its device buffer (CUDA: 1..3 unaligned)
+  double x_lo = -1.0, x_hi = 1.0;  // x uniform in [x_lo, x_hi)
 };
 
 inline std::string describe(const WqCase& c) {
