@@ -47,9 +47,12 @@ at::Tensor quantize_s8_meta(const at::Tensor& x, const std::optional<at::Tensor>
   return at::empty_symint(x.sym_sizes(), x.options().dtype(at::kChar));
 }
 
-// Prepared operands shared by both devices: contiguous x, fp32 shift, fp32 clamped scale.
+// Prepared operands shared by both devices: contiguous x, fp32 shift, fp32 scale and eps. Without the host
+// check the kernel takes max(scale, eps) itself (no clamp op, no extra launch); with it, the clamped step
+// is made here, read once on the host, and passed alone (eps undefined).
 struct QuantOperands {
-  at::Tensor x, shift, scale;
+  at::Tensor x, shift, scale, eps;
+  const float* eps_ptr() const { return eps.defined() ? eps.data_ptr<float>() : nullptr; }
 };
 
 QuantOperands prepare(const at::Tensor& x, const std::optional<at::Tensor>& shift, const at::Tensor& scale,
@@ -57,8 +60,13 @@ QuantOperands prepare(const at::Tensor& x, const std::optional<at::Tensor>& shif
   QuantOperands o;
   o.x = x.contiguous();
   if (shift.has_value() && shift->defined()) o.shift = as_float(shift->detach()).contiguous();
-  o.scale = clamp_scale(scale, eps);
-  if (check_step) lowbit::ops::check_step(o.scale, scale, eps, kQuantOp, "scale");
+  if (check_step) {
+    o.scale = clamp_scale(scale, eps);
+    lowbit::ops::check_step(o.scale, scale, eps, kQuantOp, "scale");
+  } else {
+    o.scale = as_float(scale.detach()).reshape({});
+    o.eps = as_float(eps.detach()).reshape({});
+  }
   return o;
 }
 
@@ -71,7 +79,8 @@ at::Tensor quantize_s8_cpu(const at::Tensor& x, const std::optional<at::Tensor>&
   if (q.numel() == 0) return q;
   check_status(cpu::quantize_s8(kernel_dtype(x.scalar_type(), kQuantOp, "x"), o.x.data_ptr(), a.M, a.K, a.K,
                                 o.shift.defined() ? o.shift.data_ptr<float>() : nullptr,
-                                o.scale.data_ptr<float>(), int32_t(qmin), int32_t(qmax), q.data_ptr<int8_t>()),
+                                o.scale.data_ptr<float>(), int32_t(qmin), int32_t(qmax), q.data_ptr<int8_t>(),
+                                o.eps_ptr()),
                kQuantOp);
   return q;
 }
@@ -88,7 +97,7 @@ at::Tensor quantize_s8_cuda(const at::Tensor& x, const std::optional<at::Tensor>
   check_status(cuda::quantize_s8(kernel_dtype(x.scalar_type(), kQuantOp, "x"), o.x.data_ptr(), a.M, a.K, a.K,
                                  o.shift.defined() ? o.shift.data_ptr<float>() : nullptr,
                                  o.scale.data_ptr<float>(), int32_t(qmin), int32_t(qmax), q.data_ptr<int8_t>(),
-                                 current_stream(x)),
+                                 current_stream(x), o.eps_ptr()),
                kQuantOp);
   return q;
 }

@@ -222,6 +222,40 @@ TEST_F(CudaKernels, QuantizeExactAtHalfIntegerBoundaries) {
   }
 }
 
+// With eps the kernel reads both scalars and takes max(scale, eps) itself (NaN if either is NaN): codes
+// equal the CPU reference's with that step, vector and scalar paths.
+TEST_F(CudaKernels, QuantizeStepFromScaleAndEps) {
+  std::mt19937 rng(77);
+  struct Pair { float scale, eps; };
+  const Pair pairs[] = {{0.0213f, 1e-5f}, {1e-7f, 0.125f}, {0.5f, 0.5f}, {std::nanf(""), 0.1f}, {0.1f, std::nanf("")},
+                        {0.0f, 0.2f}, {0x1p-40f, 0x1p-35f}};
+  std::vector<float> x(1000);
+  for (const Pair& p : pairs) {
+    const float step = lowbit::qat_step(p.scale, p.eps);
+    SCOPED_TRACE("scale " + std::to_string(p.scale) + " eps " + std::to_string(p.eps));
+    for (auto& v : x) v = draw_input(rng, step == step ? step : 1.0f);
+    std::vector<int8_t> want(x.size());
+    ASSERT_TRUE(lowbit::cpu::quantize_s8_ref(DType::kFloat32, x.data(), 1, int64_t(x.size()), int64_t(x.size()),
+                                             nullptr, &step, -128, 127, want.data()).is_ok());
+    const float se[2] = {p.scale, p.eps};
+    DeviceBuffer dx(x.size() * 4 + 4), ds(8), dq(x.size() + 16);
+    ASSERT_TRUE(dx.ok() && ds.ok() && dq.ok());
+    CUDA_ASSERT(cudaMemcpy(ds.bytes(), se, 8, cudaMemcpyHostToDevice));
+    const float* d_scale = reinterpret_cast<const float*>(ds.bytes());
+    for (size_t off : {size_t(0), size_t(4)}) {  // 0: vector path; 4: misaligned, scalar path
+      CUDA_ASSERT(cudaMemcpy(dx.bytes() + off, x.data(), x.size() * 4, cudaMemcpyHostToDevice));
+      ASSERT_TRUE(lowbit::cuda::quantize_s8(DType::kFloat32, dx.bytes() + off, 1, int64_t(x.size()),
+                                            int64_t(x.size()), nullptr, d_scale, -128, 127, dq.data(), stream(),
+                                            d_scale + 1)
+                      .is_ok());
+      CUDA_ASSERT(cudaStreamSynchronize(stream_));
+      std::vector<int8_t> got(x.size());
+      CUDA_ASSERT(cudaMemcpy(got.data(), dq.bytes(), got.size(), cudaMemcpyDeviceToHost));
+      ASSERT_EQ(got, want) << "offset " << off;
+    }
+  }
+}
+
 TEST_F(CudaKernels, QuantizeEmptyIsNoOp) {
   DeviceBuffer dq(16);
   ASSERT_TRUE(dq.ok());

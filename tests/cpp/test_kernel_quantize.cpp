@@ -185,6 +185,25 @@ TEST(QuantizeS8, NaNAndInfinities) {
   expect_codes(DType::kFloat32, {3.0e38f, -3.0e38f}, nullptr, 1e-3f, -128, 127, {127, -128});
 }
 
+// With eps the kernel takes the step max(scale, eps) itself (NaN if either is NaN): the codes equal the
+// reference's with that step, on both the fast and the scalar path.
+TEST(QuantizeS8, StepFromScaleAndEps) {
+  const std::vector<float> x = {0.05f, -0.3f, 1.0f, 2.5f, -7.0f, 0.75f, kNaN, 100.0f, 0.001f, -0.02f};
+  const int64_t n = int64_t(x.size());
+  struct Pair { float scale, eps, step; };
+  const Pair pairs[] = {{0.25f, 1e-5f, 0.25f}, {1e-7f, 0.125f, 0.125f}, {0.5f, 0.5f, 0.5f},
+                        {kNaN, 0.1f, kNaN}, {0.1f, kNaN, kNaN}, {0.0f, 0.2f, 0.2f}};
+  for (const Pair& p : pairs) {
+    std::vector<int8_t> want(x.size()), got(x.size(), int8_t(99));
+    ASSERT_TRUE(lowbit::cpu::quantize_s8_ref(DType::kFloat32, x.data(), 1, n, n, nullptr, &p.step, -8, 7,
+                                             want.data()).is_ok());
+    ASSERT_TRUE(lowbit::cpu::quantize_s8(DType::kFloat32, x.data(), 1, n, n, nullptr, &p.scale, -8, 7, got.data(),
+                                         &p.eps).is_ok());
+    EXPECT_EQ(got, want) << "scale " << p.scale << " eps " << p.eps;
+    EXPECT_EQ(lowbit::qat_step(p.scale, p.eps) == p.step || (p.step != p.step), true);
+  }
+}
+
 TEST(QuantizeS8, HalfAndBf16Inputs) {
   // raw bit patterns: 1.0, -2.5, 65504 (max half), 2^-24 (smallest subnormal), NaN, -inf
   const std::vector<uint16_t> h = {0x3C00, 0xC100, 0x7BFF, 0x0001, 0x7E00, 0xFC00};

@@ -119,7 +119,12 @@ Status quantize_s8_path(bool use_avx512, DType xtype, const void* x, int64_t M, 
 }  // namespace detail
 
 Status quantize_s8(DType xtype, const void* x, int64_t M, int64_t K, int64_t ldx, const float* shift,
-                   const float* scale, int32_t qmin, int32_t qmax, int8_t* q) {
+                   const float* scale, int32_t qmin, int32_t qmax, int8_t* q, const float* eps) {
+  float step = 0.0f;
+  if (eps != nullptr && scale != nullptr) {
+    step = lowbit::qat_step(*scale, *eps);
+    scale = &step;
+  }
   return detail::quantize_s8_path(detail::quantize_avx512_supported(), xtype, x, M, K, ldx, shift, scale, qmin,
                                   qmax, q);
 }

@@ -79,6 +79,11 @@ struct StepDiv {
   __device__ __forceinline__ float operator()(float t) const { return fast ? apply<true>(t) : apply<false>(t); }
 };
 
+// The step of a launch: *scale, or qat_step(*scale, *eps) (quantize.h).
+__device__ __forceinline__ float step_of(const float* scale, const float* eps) {
+  return eps != nullptr ? lowbit::qat_step(__ldg(scale), __ldg(eps)) : __ldg(scale);
+}
+
 // One code from one fp32 input. Division, not a reciprocal multiply: the contract fixes the rounding
 // (StepDiv gives the bits of __fdiv_rn, the IEEE round-to-nearest quotient).
 __device__ __forceinline__ int8_t code_of(float v, int qmin, int qmax) {
@@ -162,9 +167,10 @@ __global__ void __launch_bounds__(kThreads) quantize_vec_kernel(
     int64_t ldx,                      // row stride of x in elements
     const float* __restrict__ shift,  // (K,) 16-byte aligned, or nullptr
     const float* __restrict__ scale,  // one fp32 on the device
+    const float* __restrict__ eps,    // one fp32 on the device, or nullptr (step = *scale)
     int qmin, int qmax,               // clamp range of the codes
     int8_t* __restrict__ q) {         // (M, K) contiguous, 8-byte aligned
-  const StepDiv div(__ldg(scale));
+  const StepDiv div(step_of(scale, eps));
   if (div.fast)
     quantize_vec_loop<T, true>(x, M, K, ldx, shift, div, qmin, qmax, q);
   else
@@ -179,9 +185,10 @@ __global__ void __launch_bounds__(kThreads) quantize_scalar_kernel(
     int64_t ldx,                      // row stride of x in elements
     const float* __restrict__ shift,  // (K,) or nullptr
     const float* __restrict__ scale,  // one fp32 on the device
+    const float* __restrict__ eps,    // one fp32 on the device, or nullptr (step = *scale)
     int qmin, int qmax,               // clamp range of the codes
     int8_t* __restrict__ q) {         // (M, K) contiguous
-  const StepDiv div(__ldg(scale));
+  const StepDiv div(step_of(scale, eps));
   const int64_t total = M * K;
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += stride) {
@@ -209,7 +216,7 @@ Status grid_for(int64_t work, int* blocks) {
 
 template <typename T>
 Status launch(const void* x_raw, int64_t M, int64_t K, int64_t ldx, const float* shift, const float* scale,
-              int32_t qmin, int32_t qmax, int8_t* q, cudaStream_t stream) {
+              const float* eps, int32_t qmin, int32_t qmax, int8_t* q, cudaStream_t stream) {
   const T* x = static_cast<const T*>(x_raw);
   const bool vec = K % kVec == 0 && (ldx * int64_t(sizeof(T))) % 16 == 0 && aligned(x, 16) && aligned(q, 8) &&
                    (shift == nullptr || aligned(shift, 16));
@@ -218,9 +225,9 @@ Status launch(const void* x_raw, int64_t M, int64_t K, int64_t ldx, const float*
   Status st = grid_for(work, &blocks);
   if (!st.is_ok()) return st;
   if (vec) {
-    quantize_vec_kernel<T><<<blocks, kThreads, 0, stream>>>(x, M, K, ldx, shift, scale, qmin, qmax, q);
+    quantize_vec_kernel<T><<<blocks, kThreads, 0, stream>>>(x, M, K, ldx, shift, scale, eps, qmin, qmax, q);
   } else {
-    quantize_scalar_kernel<T><<<blocks, kThreads, 0, stream>>>(x, M, K, ldx, shift, scale, qmin, qmax, q);
+    quantize_scalar_kernel<T><<<blocks, kThreads, 0, stream>>>(x, M, K, ldx, shift, scale, eps, qmin, qmax, q);
   }
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return Status::device(std::string("quantize_s8: kernel launch failed: ") + cudaGetErrorString(err));
@@ -243,15 +250,16 @@ Status qat_alpha(const float* scale1, const float* scale2, const float* eps, flo
 }
 
 Status quantize_s8(DType xtype, const void* x, int64_t M, int64_t K, int64_t ldx, const float* shift,
-                   const float* scale, int32_t qmin, int32_t qmax, int8_t* q, CUstream_st* stream) {
+                   const float* scale, int32_t qmin, int32_t qmax, int8_t* q, CUstream_st* stream,
+                   const float* eps) {
   const char* fn = "lowbit::cuda::quantize_s8";
   const Status st = validate::quantize_s8(fn, xtype, x, M, K, ldx, scale, qmin, qmax, q);
   if (!st.is_ok() || M == 0 || K == 0) return st;  // invalid, or nothing to read or write
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   switch (xtype) {
-    case DType::kFloat32: return launch<float>(x, M, K, ldx, shift, scale, qmin, qmax, q, s);
-    case DType::kFloat16: return launch<__half>(x, M, K, ldx, shift, scale, qmin, qmax, q, s);
-    case DType::kBFloat16: return launch<__nv_bfloat16>(x, M, K, ldx, shift, scale, qmin, qmax, q, s);
+    case DType::kFloat32: return launch<float>(x, M, K, ldx, shift, scale, eps, qmin, qmax, q, s);
+    case DType::kFloat16: return launch<__half>(x, M, K, ldx, shift, scale, eps, qmin, qmax, q, s);
+    case DType::kBFloat16: return launch<__nv_bfloat16>(x, M, K, ldx, shift, scale, eps, qmin, qmax, q, s);
   }
   return Status::invalid(validate::err(fn, "unreachable dtype"));
 }

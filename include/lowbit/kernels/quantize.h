@@ -5,10 +5,12 @@
 // * All arithmetic in fp32, in this order: convert x to fp32, add shift (fp32), IEEE fp32 division by
 //   `scale` (not a multiply by its reciprocal), round half to even, clamp. The same on CPU and CUDA,
 //   so both give bitwise equal codes.
-// * `scale` points to ONE fp32 value, normally already clamped below by eps by the caller (> 0, finite).
-//   It lives on the device of x (host memory for the CPU kernels), so no host sync is needed on CUDA. Its
-//   value is not checked by either kernel: any value gives the IEEE result of the formula (scale 0: +-inf
-//   clamp; inf or NaN: 0 before the clamp), identically on both.
+// * `scale` points to ONE fp32 value; with `eps` (one fp32 value, optional) the step is
+//   qat_step(*scale, *eps) = max(scale, eps) (NaN if either is NaN), computed inside the kernel so that a
+//   layer's forward needs no separate clamp op; without it, *scale itself (normally already clamped by
+//   the caller). Both live on the device of x (host memory for the CPU kernels), so no host sync is
+//   needed on CUDA. The step is not checked by either kernel: any value gives the IEEE result of the
+//   formula (step 0: +-inf clamp; inf or NaN: 0 before the clamp), identically on both.
 // * A NaN input gives 0 before the clamp (so code 0 whenever qmin <= 0 <= qmax); +-inf clamp to qmax / qmin.
 // * qmin/qmax: -128/127 for 8 bits, -8/7 for 4 bits (codes are stored one per int8 here; packing is a
 //   separate step).
@@ -26,13 +28,19 @@ namespace lowbit {
 //   alpha = s1 * s2 (one fp32 multiply) if both steps are finite and > 0, else NaN,
 // so a diverged or corrupt step turns the layer's output into NaN (as a NaN weight does in nn.Linear)
 // instead of stopping the device every call to test it. Written once here for both devices.
+// The quantizer step max(scale, eps) of a QAT layer, NaN if either is NaN (as torch.maximum).
+#if defined(__CUDACC__)
+__host__ __device__
+#endif
+inline float qat_step(float scale, float eps) {
+  return (scale != scale || eps != eps) ? __builtin_nanf("") : (scale > eps ? scale : eps);
+}
 #if defined(__CUDACC__)
 __host__ __device__
 #endif
 inline float qat_alpha_value(float scale1, float scale2, float eps) {
   const float nan = __builtin_nanf("");
-  auto step = [eps, nan](float s) { return (s != s || eps != eps) ? nan : (s > eps ? s : eps); };
-  const float s1 = step(scale1), s2 = step(scale2);
+  const float s1 = qat_step(scale1, eps), s2 = qat_step(scale2, eps);
   const bool ok = s1 > 0.f && s2 > 0.f && s1 <= 3.402823466e38f && s2 <= 3.402823466e38f;  // > 0, finite
   return ok ? s1 * s2 : nan;
 }
@@ -45,7 +53,7 @@ Status qat_alpha(const float* scale1, const float* scale2, const float* eps, flo
 // x: (M, K), element (i, k) at x[i * ldx + k], dtype `xtype`. shift: (K,) fp32, or nullptr for none.
 // q: (M, K) int8, contiguous (row stride K). OpenMP-parallel, AVX-512 where the CPU has it.
 Status quantize_s8(DType xtype, const void* x, int64_t M, int64_t K, int64_t ldx, const float* shift,
-                   const float* scale, int32_t qmin, int32_t qmax, int8_t* q);
+                   const float* scale, int32_t qmin, int32_t qmax, int8_t* q, const float* eps = nullptr);
 
 // Scalar reference of the above (single thread, no SIMD): the definition the fast paths must match bitwise.
 Status quantize_s8_ref(DType xtype, const void* x, int64_t M, int64_t K, int64_t ldx, const float* shift,
@@ -60,7 +68,8 @@ Status qat_alpha(const float* scale1, const float* scale2, const float* eps, flo
 
 // Same contract; x, shift, scale and q are device pointers; runs on `stream`, allocates nothing.
 Status quantize_s8(DType xtype, const void* x, int64_t M, int64_t K, int64_t ldx, const float* shift,
-                   const float* scale, int32_t qmin, int32_t qmax, int8_t* q, CUstream_st* stream);
+                   const float* scale, int32_t qmin, int32_t qmax, int8_t* q, CUstream_st* stream,
+                   const float* eps = nullptr);
 
 }  // namespace cuda
 }  // namespace lowbit
