@@ -133,6 +133,21 @@ class CudaWq : public CudaStreamTest {
     if (bytes_out != nullptr) *bytes_out = std::move(got);
   }
 
+  // One case with the tensor-core permission (allow_half) at the tolerance it documents, weights uploaded
+  // aligned; require_tc: the call must take the tensor-core path.
+  void run_tensor_core_case(const WqCase& c, bool require_tc) {
+    const HostWq h = make_wq(c.spec);
+    DeviceWq d(h, 0);
+    upload_wq(h, &d);
+    if (HasFatalFailure()) return;
+    if (require_tc) {
+      WqWeight probe = d.w;
+      probe.allow_half = true;
+      ASSERT_TRUE(lowbit::cuda::wq_matmul_uses_tensor_cores(probe, c.xtype, c.M));
+    }
+    run_and_check(c, h, d, nullptr, /*allow_half=*/true, kRtol + 2 * wq_out_eps(c.xtype));
+  }
+
   void check_case(const WqCase& c, std::vector<uint8_t>* bytes_out = nullptr) {
     SCOPED_TRACE(describe(c));
     const HostWq h = make_wq(c.spec);
@@ -188,11 +203,7 @@ TEST_F(CudaWq, TensorCorePath) {
         c.bias = seed % 2 == 0;
         c.ldo_pad = 3;
         SCOPED_TRACE(describe(c));
-        const HostWq h = make_wq(c.spec);
-        DeviceWq d(h, 0);
-        upload_wq(h, &d);
-        if (HasFatalFailure()) return;
-        run_and_check(c, h, d, nullptr, /*allow_half=*/true, kRtol + 2 * wq_out_eps(t));
+        run_tensor_core_case(c, /*require_tc=*/false);
         if (HasFatalFailure()) return;
       }
 }
@@ -272,14 +283,7 @@ TEST_F(CudaWq, TensorCoreOffsetCancellation) {
         c.x_lo = 0.5;
         c.x_hi = 4.0;
         SCOPED_TRACE(describe(c));
-        const HostWq h = make_wq(c.spec);
-        DeviceWq d(h, 0);
-        upload_wq(h, &d);
-        if (HasFatalFailure()) return;
-        WqWeight probe = d.w;
-        probe.allow_half = true;
-        ASSERT_TRUE(lowbit::cuda::wq_matmul_uses_tensor_cores(probe, c.xtype, c.M));
-        run_and_check(c, h, d, nullptr, /*allow_half=*/true, kRtol + 2 * wq_out_eps(c.xtype));
+        run_tensor_core_case(c, /*require_tc=*/true);
         if (HasFatalFailure()) return;
       }
 }
