@@ -241,12 +241,13 @@ at::Tensor wq_linear_forward_impl(const at::Tensor& x, const at::Tensor& qweight
   if (M > 0 && w.N > 0) {
     int64_t fused_max = fused_max_rows(x.is_cpu());
 #ifdef LOWBIT_WITH_CUDA
-    // The tensor-core kernel beats tiles + cuBLAS up to M = 32, and up to M = 64 on large layers (H100,
-    // M = 64: 8192^2 101 vs 163 us, 8192 x 28672 353 vs 508 us; 4096^2 35.5 vs 33.7 us).
+    // Where the tensor-core kernels beat tiles + cuBLAS (wq.h: wq_matmul_fused_max_rows).
     static const bool env_override = std::getenv("LOWBIT_WQ_FUSED_MAX_ROWS") != nullptr;
-    if (!x.is_cpu() && !env_override &&
-        cuda::wq_matmul_uses_tensor_cores(with_half(w, x), kernel_dtype(x.scalar_type(), w.op, "x"), M))
-      fused_max = w.K * w.N > (int64_t(32) << 20) ? 64 : 32;
+    if (!x.is_cpu() && !env_override) {
+      c10::cuda::CUDAGuard guard(x.device());
+      fused_max = std::max(fused_max, cuda::wq_matmul_fused_max_rows(with_half(w, x),
+                                                                    kernel_dtype(x.scalar_type(), w.op, "x")));
+    }
 #endif
     if (M <= fused_max) {
       fused_matmul(w, x2, bias, out);

@@ -1,7 +1,8 @@
 // Private interface between the two CUDA units of wq_matmul (include/lowbit/kernels/wq.h):
 //   wq_matmul.cu  the CUDA-core kernel (any width, any dtype), wq_dequantize, the split-K reduce kernel,
 //                 the public entry points and the choice of path;
-//   wq_tc.cu      the tensor-core kernel (WqWeight::allow_half, 2- and 4-bit segments, M <= 64).
+//   wq_tc.cu      the tensor-core kernel (WqWeight::allow_half, 2- and 4-bit segments, M <= 64);
+//   wq_wg.cu      the warpgroup (wgmma, sm_90a) kernel for larger M (one 2- or 4-bit segment).
 // Device helpers both kernels use and the host hooks between the units. Nothing here is public API.
 #pragma once
 
@@ -82,6 +83,32 @@ Status launch_reduce(const char* fn, const DeviceInfo& dev, cudaStream_t stream,
 bool tc_eligible(const WqWeight& w, int64_t M, const DType* xtype);
 Status tc_workspace(const char* fn, const WqWeight& w, int64_t M, int sms, size_t* bytes);
 Status tc_matmul(const char* fn, const WqWeight& w, const void* x, int64_t M, int64_t ldx, const void* bias,
+                 void* out, int64_t ldo, void* workspace, size_t workspace_bytes, const DeviceInfo& dev,
+                 cudaStream_t stream);
+
+// The warpgroup kernel's k order (wq_wg.cu): within each 64-row k-block, k-slot 16 s + k (wgmma k-step s,
+// k = 2t + 8h + e of the A fragment of lane quad position t) holds the stored row that lane t decodes
+// for it from its own words: 4-bit (words 2t, 2t + 1 of 8 rows each; pair s of word 2t + h is rows (s,
+// s + 4)): 16t + 8h + s + 4e; 2-bit (word t of 16 rows; pair 2s + h is rows (2s + h, 2s + h + 8)):
+// 16t + 2s + h + 8e.
+__host__ __device__ __forceinline__ int wg_slot_row(int bits, int slot) {
+  const int s = slot >> 4, k = slot & 15, t = (k & 7) >> 1, h = k >> 3, e = k & 1;
+  return bits == 4 ? 16 * t + 8 * h + s + 4 * e : 16 * t + 2 * s + h + 8 * e;
+}
+
+// x' = x[:, perm] * channel_scale rounded once to the scales' 16-bit dtype, rows padded with zeros to kp
+// (a multiple of 8; of 64 when order != 0) columns, into out (M x kp, 16-byte aligned). The tensor-core
+// kernels' prep pass. order 0: stored-row order; 2 / 4: the warpgroup kernel's k-slot order (wg_slot_row).
+Status tc_prep_x(const char* fn, const WqWeight& w, const void* x, int64_t M, int64_t ldx, int64_t kp, int order,
+                 void* out, const DeviceInfo& dev, cudaStream_t stream);
+
+// wq_wg.cu (sm_90a). The warpgroup kernel for M >= wg_min_rows() (17; LOWBIT_WQ_WG_MIN_ROWS overrides it,
+// read once): one segment of 2 or 4 bits, N % 4 == 0, 16-byte aligned words, on a cc 9.0 device with its
+// sm_90a code. Same contract as the tc_* hooks above.
+int64_t wg_min_rows();
+bool wg_eligible(const WqWeight& w, int64_t M, const DType* xtype);
+Status wg_workspace(const char* fn, const WqWeight& w, int64_t M, int sms, size_t* bytes);
+Status wg_matmul(const char* fn, const WqWeight& w, const void* x, int64_t M, int64_t ldx, const void* bias,
                  void* out, int64_t ldo, void* workspace, size_t workspace_bytes, const DeviceInfo& dev,
                  cudaStream_t stream);
 

@@ -124,6 +124,7 @@ using namespace wq_detail;
 
 // ---------------------------------------------------------------------------------------------------
 // Geometry and tuning.
+constexpr int64_t kWgFusedMaxRows = 256;  // wq_matmul_fused_max_rows with the warpgroup kernel
 constexpr int kWarps = 4;                 // warps per block, splitting the block's chunks
 constexpr int kThreads = 32 * kWarps;     // 128
 constexpr int kCols = 4;                  // columns per thread
@@ -895,7 +896,19 @@ Status launch_reduce(const char* fn, const DeviceInfo& dev, cudaStream_t stream,
 
 }  // namespace wq_detail
 
-bool wq_matmul_uses_tensor_cores(const WqWeight& w, DType xtype, int64_t M) { return wq_detail::tc_eligible(w, M, &xtype); }
+bool wq_matmul_uses_tensor_cores(const WqWeight& w, DType xtype, int64_t M) {
+  return wq_detail::wg_eligible(w, M, &xtype) || wq_detail::tc_eligible(w, M, &xtype);
+}
+
+int64_t wq_matmul_fused_max_rows(const WqWeight& w, DType xtype) {
+  // H100, 4-bit group 128, CUDA graph, against tiles + cuBLAS (docs/PERFORMANCE.md): the warpgroup kernel
+  // wins at every measured M up to 256 (4096^2 M = 256: 37.8 vs 40.7 us; 8192 x 28672: 386 vs 542 us);
+  // the mma.sync kernel up to M = 32, and 64 on layers above 32 Mi weights (8192 x 28672 M = 64: 353 vs
+  // 508 us; 4096^2: 35.5 vs 33.7 us).
+  if (wq_detail::wg_eligible(w, wq_detail::wg_min_rows(), &xtype)) return kWgFusedMaxRows;
+  if (wq_detail::tc_eligible(w, 1, &xtype)) return w.K * w.N > (int64_t(32) << 20) ? 64 : 32;
+  return 0;
+}
 
 Status wq_matmul_workspace(const WqWeight& w, int64_t M, size_t* bytes) {
   const char* fn = "lowbit::cuda::wq_matmul_workspace";
@@ -919,6 +932,12 @@ Status wq_matmul_workspace(const WqWeight& w, int64_t M, size_t* bytes) {
     if (!st.is_ok()) return st;
     *bytes = std::max(*bytes, tc);
   }
+  if (wq_detail::wg_eligible(w, M, nullptr)) {
+    size_t wg = 0;
+    st = wq_detail::wg_workspace(fn, w, M, dev.sms, &wg);
+    if (!st.is_ok()) return st;
+    *bytes = std::max(*bytes, wg);
+  }
   return Status::ok();
 }
 
@@ -935,6 +954,8 @@ Status wq_matmul(const WqWeight& w, const void* x, DType xtype, int64_t M, int64
   st = make_plan(fn, w, M, dev.sms, &plan);
   if (!st.is_ok()) return st;
   const cudaStream_t cs = reinterpret_cast<cudaStream_t>(stream);
+  if (wq_detail::wg_eligible(w, M, &xtype))
+    return wq_detail::wg_matmul(fn, w, x, M, ldx, bias, out, ldo, workspace, workspace_bytes, dev, cs);
   if (wq_detail::tc_eligible(w, M, &xtype))
     return wq_detail::tc_matmul(fn, w, x, M, ldx, bias, out, ldo, workspace, workspace_bytes, dev, cs);
   if (plan.ws_bytes > 0) {

@@ -77,6 +77,7 @@
 // CUDA graph) = 2.3-2.4 TB/s, ~80 % of the copy bandwidth; ~160 instructions per warp and k-block on the
 // fast path (SASS: ~50 of them dequantization and mma), 12 warps per SM.
 #include "wq_internal.cuh"
+#include "wq_codes.cuh"
 
 #include "pdl.cuh"
 
@@ -101,96 +102,6 @@ constexpr int kTcThreads = 32 * kTcWarps;
 constexpr int kTcCols = 64;            // columns per block (and per warp)
 constexpr int kPrepThreads = 256;
 constexpr int64_t kXAlignRows = 64;    // rows of the prepared x' are padded to a multiple of this (zeros)
-
-template <typename T>
-struct Tc;
-template <>
-struct Tc<__half> {
-  using T2 = __half2;
-  static constexpr uint32_t kMagic = 0x64006400u;  // 1024 in both halves: 1024 + q*2^p exact for q*2^p < 1024
-  static constexpr int kMant = 10;                 // mantissa bits
-  static constexpr uint32_t kOne2 = 0x3C003C00u;   // (1, 1)
-  // Bits of 2^e.
-  static constexpr uint32_t pow2(int e) { return uint32_t(15 + e) << 10; }
-  static constexpr int kMagicExp = 10;
-};
-template <>
-struct Tc<__nv_bfloat16> {
-  using T2 = __nv_bfloat162;
-  static constexpr uint32_t kMagic = 0x43004300u;  // 128 in both halves
-  static constexpr int kMant = 7;
-  static constexpr uint32_t kOne2 = 0x3F803F80u;
-  static constexpr uint32_t pow2(int e) { return uint32_t(127 + e) << 7; }
-  static constexpr int kMagicExp = 7;
-};
-
-template <typename T2>
-__device__ __forceinline__ T2 bits_as(uint32_t u) {
-  T2 v;
-  static_assert(sizeof(T2) == 4, "16-bit pair");
-  memcpy(&v, &u, 4);
-  return v;
-}
-template <typename T2>
-__device__ __forceinline__ uint32_t as_bits(T2 v) {
-  uint32_t u;
-  memcpy(&u, &v, 4);
-  return u;
-}
-
-// Pair I of a word (codes I and I + C/2) as 16-bit magic + q * 2^P in both halves. Pairs that fit the
-// mantissa together share one shift (kPer of them); the mask-and-or is one LOP3 (`magic` comes from a
-// register, see TcArgs::magic).
-template <int B, typename T, int I>
-struct PairCode {
-  static constexpr int kPer = Tc<T>::kMant / B;
-  static constexpr int kShift = (I / kPer) * kPer * B;
-  static constexpr int kPos = B * I - kShift;
-  static constexpr uint32_t kMask = (((1u << B) - 1u) << kPos) * 0x00010001u;
-  static_assert(kPos + B <= Tc<T>::kMant, "the code must stay inside the mantissa");
-  __device__ static __forceinline__ uint32_t raw(uint32_t w, uint32_t magic) {
-    return ((w >> kShift) & kMask) | magic;
-  }
-  // (c_P + q_I, c_P + q_{I+C/2}) with c_P = 2^(kMagicExp - P): the same mask, OR'd with mg[P / 2], the
-  // magic of exponent kMagicExp - P (tc_body), so that the code's lowest bit weighs exactly 1. One LOP3
-  // (plus the shared shift); the fast path multiplies these and subtracts c_P * sum x' per group.
-  __device__ static __forceinline__ uint32_t unit(uint32_t w, const uint32_t (&mg)[5]) {
-    return ((w >> kShift) & kMask) | mg[kPos / 2];
-  }
-  // The exact integers (q_I, q_{I+C/2}): (magic + q*2^P) * 2^-P - magic * 2^-P, one exact FMA.
-  __device__ static __forceinline__ typename Tc<T>::T2 exact(uint32_t w, uint32_t magic) {
-    using T2 = typename Tc<T>::T2;
-    constexpr uint32_t kScale = Tc<T>::pow2(-kPos) * 0x00010001u;
-    constexpr uint32_t kNeg = (0x8000u | Tc<T>::pow2(Tc<T>::kMagicExp - kPos)) * 0x00010001u;
-    return __hfma2(bits_as<T2>(raw(w, magic)), bits_as<T2>(kScale), bits_as<T2>(kNeg));
-  }
-};
-
-// PairCode<B, T, i> for an index that is a constant once the loops are unrolled.
-template <int B, typename T>
-struct PairCodeSel {
-  __device__ static constexpr int pos(int i) { return B * i - (i / (Tc<T>::kMant / B)) * (Tc<T>::kMant / B) * B; }
-  // f(PairCode<B, T, i>{}) for the runtime index i (a constant after unrolling, so the switch folds away).
-  template <typename F>
-  __device__ static __forceinline__ auto at(int i, F f) {
-    switch (i) {
-      case 0: return f(PairCode<B, T, 0>{});
-      case 1: return f(PairCode<B, T, 1>{});
-      case 2: return f(PairCode<B, T, 2>{});
-      case 3: return f(PairCode<B, T, 3>{});
-      case 4: return f(PairCode<B, T, 4>{});
-      case 5: return f(PairCode<B, T, 5>{});
-      case 6: return f(PairCode<B, T, 6>{});
-      default: return f(PairCode<B, T, 7>{});
-    }
-  }
-  __device__ static __forceinline__ uint32_t unit(uint32_t w, int i, const uint32_t (&mg)[5]) {
-    return at(i, [&](auto pc) { return decltype(pc)::unit(w, mg); });
-  }
-  __device__ static __forceinline__ typename Tc<T>::T2 exact(uint32_t w, int i, uint32_t magic) {
-    return at(i, [&](auto pc) { return decltype(pc)::exact(w, magic); });
-  }
-};
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -854,11 +765,13 @@ __global__ void __launch_bounds__(kTcThreads, NT == 1 && kVec ? 3 : 1) wq_tc_ker
   }
 }
 
-// x' = x * channel_scale in stored-row order, rounded once to T, rows [K, Kp) zero: xs (M, Kp).
+// x' = x * channel_scale in stored-row order, rounded once to T, rows [K, Kp) zero: xs (M, Kp). order 0:
+// column p holds stored row p; order 2 / 4: the warpgroup kernel's k-slot order for that width (wg_slot_row
+// in wq_internal.cuh; Kp a multiple of 64).
 template <typename T>
 __global__ void __launch_bounds__(kPrepThreads) wq_tc_prep_kernel(const T* __restrict__ x, int64_t ldx, int64_t M,
                                                                   int64_t K, int64_t Kp, const int32_t* perm,
-                                                                  const T* cs, T* __restrict__ xs) {
+                                                                  const T* cs, T* __restrict__ xs, int order) {
   // The main kernel behind this one is a programmatic dependent: let it launch and prefetch its words now
   // (it waits for this kernel's completion before it reads x').
   pdl_trigger();
@@ -871,7 +784,8 @@ __global__ void __launch_bounds__(kPrepThreads) wq_tc_prep_kernel(const T* __res
       T v[2];
 #pragma unroll
       for (int u = 0; u < 2; ++u) {
-        const int64_t r = r0 + i + u;
+        const int64_t p = r0 + i + u;
+        const int64_t r = order == 0 ? p : (p & ~int64_t(63)) + wg_slot_row(order, int(p & 63));
         float f = 0.0f;
         if (r < K) {
           const int64_t k = perm != nullptr ? min(max(int64_t(__ldg(perm + r)), int64_t(0)), K - 1) : r;
@@ -1092,6 +1006,21 @@ Status tc_workspace(const char* fn, const WqWeight& w, int64_t M, int sms, size_
   return st;
 }
 
+Status tc_prep_x(const char* fn, const WqWeight& w, const void* x, int64_t M, int64_t ldx, int64_t kp, int order,
+                 void* out, const DeviceInfo& dev, cudaStream_t stream) {
+  const int64_t total = M * (kp / 8);
+  const int64_t blocks = std::min<int64_t>((total + kPrepThreads - 1) / kPrepThreads, int64_t(dev.sms) * 8);
+  if (w.sdtype == DType::kFloat16)
+    wq_tc_prep_kernel<__half><<<unsigned(blocks), kPrepThreads, 0, stream>>>(
+        static_cast<const __half*>(x), ldx, M, w.K, kp, w.perm, static_cast<const __half*>(w.channel_scale),
+        static_cast<__half*>(out), order);
+  else
+    wq_tc_prep_kernel<__nv_bfloat16><<<unsigned(blocks), kPrepThreads, 0, stream>>>(
+        static_cast<const __nv_bfloat16*>(x), ldx, M, w.K, kp, w.perm,
+        static_cast<const __nv_bfloat16*>(w.channel_scale), static_cast<__nv_bfloat16*>(out), order);
+  return launch_error(fn, "x' prep kernel launch failed");
+}
+
 Status tc_matmul(const char* fn, const WqWeight& w, const void* x, int64_t M, int64_t ldx, const void* bias,
                  void* out, int64_t ldo, void* workspace, size_t workspace_bytes, const DeviceInfo& dev,
                  cudaStream_t stream) {
@@ -1131,17 +1060,7 @@ Status tc_matmul(const char* fn, const WqWeight& w, const void* x, int64_t M, in
     a.ldx = ldx;
     a.xrows = w.K;
   } else {
-    const int64_t total = M * (plan.kp / 8);
-    const int64_t blocks = std::min<int64_t>((total + kPrepThreads - 1) / kPrepThreads, int64_t(dev.sms) * 8);
-    if (fp16)
-      wq_tc_prep_kernel<__half><<<unsigned(blocks), kPrepThreads, 0, stream>>>(
-          static_cast<const __half*>(x), ldx, M, w.K, plan.kp, w.perm, static_cast<const __half*>(w.channel_scale),
-          reinterpret_cast<__half*>(wsb));
-    else
-      wq_tc_prep_kernel<__nv_bfloat16><<<unsigned(blocks), kPrepThreads, 0, stream>>>(
-          static_cast<const __nv_bfloat16*>(x), ldx, M, w.K, plan.kp, w.perm,
-          static_cast<const __nv_bfloat16*>(w.channel_scale), reinterpret_cast<__nv_bfloat16*>(wsb));
-    st = launch_error(fn, "x' prep kernel launch failed");
+    st = tc_prep_x(fn, w, x, M, ldx, plan.kp, 0, wsb, dev, stream);
     if (!st.is_ok()) return st;
     a.x = wsb;
     a.ldx = plan.kp;

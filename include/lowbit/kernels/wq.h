@@ -71,7 +71,9 @@ struct WqWeight {
   const void* channel_scale = nullptr;  // (K,) original order, sdtype, or null (all ones)
   // Tensor-core permission (CUDA wq_matmul only; the CPU ignores it). When true, x has dtype sdtype and
   // sdtype is float16 or bfloat16, the kernel may round x' = x * c once to that 16-bit type and multiply
-  // on tensor cores (mma.sync m16n8k16, fp32 accumulation). Today: every segment 2 or 4 bits, 1 <= M <= 64.
+  // on tensor cores (fp32 accumulation). Today: every segment 2 or 4 bits and 1 <= M <= 64 (mma.sync
+  // m16n8k16, wq_tc.cu); on a cc 9.0 device, one segment of 2 or 4 bits, N % 4 == 0 and 16-byte aligned
+  // words also any M >= 17 (wgmma, wq_wg.cu; per-row formula below for every k-block).
   // It multiplies the integer codes (as c + q, c a power of two, the c * sum x' offsets subtracted per group)
   // and applies each group's (s, z) to the fp32 sums of that group
   // (sym: s * sum x'q - z * sum x'; asym: s * (sum x'q - z * sum x')) where a 4-row x 32/b-code block of
@@ -136,6 +138,12 @@ Status wq_dequantize(const WqWeight& w, int64_t n0, int64_t n1, DType otype, voi
 
 // Whether wq_matmul takes the tensor-core path for this call (see WqWeight::allow_half).
 bool wq_matmul_uses_tensor_cores(const WqWeight& w, DType xtype, int64_t M);
+
+// The largest M up to which wq_matmul's tensor-core kernels are expected to beat dequantizing the weight
+// in column tiles and multiplying with a dense tensor-core GEMM, for this weight and x dtype on the
+// current device (H100 measurements, docs/PERFORMANCE.md); 0 when no tensor-core kernel takes the weight.
+// Advice for callers that have both paths (the wq_linear op); wq_matmul itself serves any M.
+int64_t wq_matmul_fused_max_rows(const WqWeight& w, DType xtype);
 
 }  // namespace cuda
 }  // namespace lowbit

@@ -1,0 +1,647 @@
+// Warpgroup (wgmma) weight-only matmul for Hopper (sm_90a): the medium- and large-M path of wq_matmul
+// (include/lowbit/kernels/wq.h, WqWeight::allow_half), one segment of 2 or 4 bits, x of the scales' 16-bit
+// dtype. The decode kernel (wq_tc.cu) keeps M <= 16; from M = 17 the work per weight grows with M and
+// mma.sync's issue rate, not the bytes, becomes the limit: wgmma takes a 64 x M x 16 product per
+// instruction and runs asynchronously beside the dequantization.
+//
+// Orientation. out^T = W^T x'^T, as in wq_tc.cu: the WEIGHTS are wgmma's A operand (64 output columns x 16
+// k per instruction), fed from REGISTERS, so they are dequantized straight into the A fragment and never
+// touch shared memory as 16-bit values; x' is the B operand (M rows x 16 k), read by wgmma from shared
+// memory through a descriptor (K-major, 128-byte swizzle: x' row r's 16-byte chunk c of a 64-element
+// k-block sits at chunk c ^ (r % 8) of its 128-byte line, written so by cp.async).
+//
+// The A fragment (the mma.m16n8k16 layout, warp w of the warpgroup taking rows 16w .. 16w + 15): lane
+// (g = lane / 4, t = lane % 4) holds columns c0 = 16w + g and c1 = c0 + 8 at k-slots (2t, 2t + 1) and
+// (2t + 8, 2t + 9). k runs in stored-row order, so for B bits per code the pair (2t, 2t + 1) of a 16-row
+// step is the 2B bits at 2tB of the step's words (4-bit: byte t of word 2s; 2-bit: bits 4t .. 4t + 3 of
+// word s). One PRMT moves the two codes into the low bits of the two 16-bit halves, one LOP3 masks them and
+// ORs the exponent of 2^m (m = mantissa bits): each half is then exactly 2^m + q, and one HSUB2 leaves q.
+// The weight is then formed as the documented per-row path of the tensor-core permission (wq.h):
+//   sym:  w16 = fma(q, s, -z)            (HFMA2, one rounding)
+//   asym: w16 = s * (q - z)              (HSUB2 + HMUL2)
+// with the (s, z) of the row's group, so every k-block, whatever its groups, runs the same arithmetic.
+// When all 64 rows of a k-block share one group (checked per k-block from its g_idx, one vote), a lane's
+// (s, z) are one pair per column, reloaded only when the group changes; otherwise each row pair looks up
+// its own groups (act-order without the layers' sort, groups of fewer than 64 rows).
+//
+// Pipeline. A CTA is two warpgroups on 128 consecutive columns (64 each) and one tile of MT rows of x
+// (MT = 32, 64 or 128: wgmma n = MT, or two n = 64 halves), over one split-K range of 64-row k-blocks. Every
+// thread copies its share of each k-block (x' tile, words, g_idx) into a ring of S stages with cp.async
+// (zero-filled past K, past the words and past N; rows of x past M read row M - 1 and are never stored).
+// Iteration i: wait for stage i; wgmma.wait_group 1 (this warpgroup's k-block i - 2 has retired, so its
+// A registers and, after the barrier, its stage are free); barrier; refill stage i - 2 with k-block
+// i + S - 2; dequantize k-block i into the A registers of its parity; fence; 4 wgmma k-steps (x MT / 64);
+// commit. So the dequantization of k-block i overlaps the tensor work of k-block i - 1.
+//
+// Rows past K in the tail k-block are zeroed in the A fragment (their padding codes may be anything) and
+// x' is zero there. Output: one split writes out[m, n] (+ bias, one rounding); several write fp32
+// partials per split and launch_reduce (wq_matmul.cu) sums them in split order. Deterministic; no atomics.
+#include "wq_internal.cuh"
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <limits>
+#include <string>
+#include <type_traits>
+
+#include "../validate.h"
+#include "pdl.cuh"
+#include "wq_codes.cuh"
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define LOWBIT_WG_DEVICE 1
+#endif
+
+namespace lowbit {
+namespace cuda {
+namespace wq_detail {
+namespace {
+
+constexpr int kWgThreads = 256;  // two warpgroups
+constexpr int kWgCols = 128;     // columns per CTA, 64 per warpgroup (the wgmma M)
+constexpr int kWgRows = 64;      // k rows per k-block: 4 wgmma k-steps, one 128-byte line of x'
+
+template <int B, int MT>
+struct WgShape {
+  static constexpr int kXBytes = MT * 128;                 // x' tile: MT rows x 64 k, 16-bit
+  static constexpr int kWordRows = kWgRows * B / 32;        // 8 (4-bit) / 4 (2-bit)
+  static constexpr int kWBytes = kWordRows * kWgCols * 4;   // words: [word row][128 columns]
+  static constexpr int kGBytes = kWgRows * 4;               // g_idx of the 64 rows
+  static constexpr int kSzBytes = 2 * kWgCols * 2;          // (s, z) rows of the expected group
+  static constexpr int kStage = (kXBytes + kWBytes + kGBytes + kSzBytes + 1023) / 1024 * 1024;
+  static constexpr int kStages = MT >= 128 ? 4 : 6;
+  static constexpr int kSmem = 1024 + kStages * kStage;     // + slack to align the base to 1024
+  static_assert(kStages >= 3, "the ring refills stage i - 2");
+  static_assert(2 * kSmem <= 228 * 1024, "two CTAs per SM");
+};
+
+struct WgArgs {
+  const void* x;            // x' from the prep kernel in k-slot order (wg_slot_row): M rows of ldx = Kp
+  int64_t ldx, M;
+  const uint32_t* qweight;  // the segment's words (qrows_used word rows, row stride N)
+  int64_t qrows_used, N, K, groups;
+  const int32_t* g_idx;
+  const void* scales;
+  const void* zeros;
+  const void* bias;         // (N,) of the scales' dtype, or null
+  void* out;                // (M, ldo)
+  int64_t ldo;
+  float* partial;           // null: one split, write out; else [split][M][N]
+  int64_t mtiles;
+  float inv_gs;             // 1 / gs_guess: g_idx[r] is expected to be r / gs_guess (only speed depends on it)
+  int sz_vec;               // 1: the expected group's (s, z) rows come with the stage (16-byte copies)
+  int nkb, kps;
+  uint32_t magic;           // Tc<T>::kMagic (through an argument: a register, so mask-and-or is one LOP3)
+};
+
+#ifdef LOWBIT_WG_DEVICE
+__device__ __forceinline__ uint32_t wg_smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+// 16 bytes global -> shared, L2 only; src_bytes 0 writes zeros (the source is not read).
+__device__ __forceinline__ void wg_cp16(uint32_t dst, const void* src, uint32_t src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
+}
+__device__ __forceinline__ void wg_cp4(uint32_t dst, const void* src, uint32_t src_bytes) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
+}
+__device__ __forceinline__ void wg_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wg_cp_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+__device__ __forceinline__ uint32_t wg_lds(uint32_t addr) {
+  uint32_t v;
+  asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(addr));
+  return v;
+}
+__device__ __forceinline__ uint32_t wg_lds16(uint32_t addr) {
+  unsigned short v;
+  asm volatile("ld.shared.u16 %0, [%1];" : "=h"(v) : "r"(addr));
+  return v;
+}
+__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wg_mma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wg_mma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
+}
+// Keeps registers that an in-flight wgmma reads (A) or writes (accumulators) alive and unmoved up to here.
+template <int N>
+__device__ __forceinline__ void wg_pin(uint32_t (&r)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+r"(r[i])::"memory");
+}
+template <int N>
+__device__ __forceinline__ void wg_pin(float (&r)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+// K-major, 128-byte swizzle (as gemm_s8_sm90.cu): start >> 4, LBO 1 (unused), SBO 1024 B, mode 1.
+__device__ __forceinline__ uint64_t wg_desc(uint32_t addr) {
+  return uint64_t((addr & 0x3FFFFu) >> 4) | (uint64_t(1) << 16) | (uint64_t(1024 >> 4) << 32) | (uint64_t(1) << 62);
+}
+
+// d (64 x 32 fp32 per warpgroup, 16 per thread) += A (registers) * B (descriptor), scale-d = 1.
+template <typename T>
+__device__ __forceinline__ void wg_mma_n32(float (&d)[16], const uint32_t (&a)[4], uint64_t db, uint32_t accumulate) {
+#define LOWBIT_WG_N32(TY)                                                                                          \
+  asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %21, 0;\n"                                                       \
+               "wgmma.mma_async.sync.aligned.m64n32k16.f32." TY "." TY " "                                        \
+               "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, "                         \
+               "{%16, %17, %18, %19}, %20, p, 1, 1, 0;\n}\n"                                                     \
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+                 "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),        \
+                 "+f"(d[15])                                                                                       \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(accumulate))
+  if constexpr (std::is_same<T, __half>::value)
+    LOWBIT_WG_N32("f16");
+  else
+    LOWBIT_WG_N32("bf16");
+#undef LOWBIT_WG_N32
+}
+template <typename T>
+__device__ __forceinline__ void wg_mma_n64(float (&d)[32], const uint32_t (&a)[4], uint64_t db, uint32_t accumulate) {
+#define LOWBIT_WG_N64(TY)                                                                                          \
+  asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %37, 0;\n"                                                       \
+               "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY " "                                        \
+               "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                          \
+               "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "                \
+               "{%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"                                                     \
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+                 "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),        \
+                 "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]),      \
+                 "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]),      \
+                 "+f"(d[29]), "+f"(d[30]), "+f"(d[31])                                                            \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(accumulate))
+  if constexpr (std::is_same<T, __half>::value)
+    LOWBIT_WG_N64("f16");
+  else
+    LOWBIT_WG_N64("bf16");
+#undef LOWBIT_WG_N64
+}
+
+// (v, v) of 16-bit element i as a pair.
+__device__ __forceinline__ uint32_t wg_pair_of(const void* p, int64_t i) {
+  const uint32_t h = __ldg(static_cast<const unsigned short*>(p) + i);
+  return h | (h << 16);
+}
+#endif  // LOWBIT_WG_DEVICE
+
+// Accumulators per thread: MT / 2 (a 64 x MT fp32 tile over 128 threads), as n = 32 (MT = 32) or MT / 64
+// tiles of n = 64.
+template <int MT>
+struct WgAcc {
+  static constexpr int kTiles = MT == 32 ? 1 : MT / 64;
+  static constexpr int kPer = MT == 32 ? 16 : 32;
+};
+
+// Two CTAs per SM up to MT = 64 (<= 128 registers), one for MT = 128 (its 64 accumulators per thread).
+template <typename T, int B, int MT, bool kAsym>
+__global__ void __launch_bounds__(kWgThreads, MT <= 64 ? 2 : 1) wq_wg_kernel(const WgArgs a) {
+#ifdef LOWBIT_WG_DEVICE
+  using S = WgShape<B, MT>;
+  using T2 = typename Tc<T>::T2;
+  using Acc = WgAcc<MT>;
+  using Sel = PairCodeSel<B, T>;
+  constexpr int kXCopies = MT * 8 / kWgThreads;               // 16-byte copies of x' per thread
+  constexpr int kWThreads = S::kWordRows * (kWgCols / 4);     // threads with a word copy (256 / 128)
+  static_assert(kXCopies >= 1 && kWThreads <= kWgThreads, "copy split");
+  extern __shared__ __align__(1024) uint8_t wg_smem[];
+  const uint32_t base = (wg_smem_addr(wg_smem) + 1023u) & ~1023u;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int64_t mt = int64_t(blockIdx.x) % a.mtiles, nt = int64_t(blockIdx.x) / a.mtiles;
+  const int64_t m0 = mt * MT;
+  const int n0 = int(nt) * kWgCols;
+  const int kb0 = int(blockIdx.y) * a.kps, nk = min(a.nkb - kb0, a.kps);
+  const int K = int(a.K), N = int(a.N);  // wg_eligible: K < 2^30, N < 2^31
+
+  // Copy plan, fixed per thread; k-block kb reads source + kb * step. x' (prepared: Kp columns, every
+  // chunk in range): kXCopies chunks, rows past M read row M - 1 (never stored). Words: one chunk of 4
+  // columns (zero-filled past N and past the segment's word rows). g_idx: one entry (zero past K). The
+  // expected group's (s, z): one chunk of 8 columns (sz_vec).
+  const T* xsrc[kXCopies];
+  uint32_t xdst[kXCopies];
+#pragma unroll
+  for (int j = 0; j < kXCopies; ++j) {
+    const int c = tid + j * kWgThreads, r = c >> 3, ch = c & 7;
+    xsrc[j] = static_cast<const T*>(a.x) + min(m0 + r, a.M - 1) * a.ldx + ch * 8;
+    xdst[j] = uint32_t(r) * 128u + uint32_t((ch ^ (r & 7)) << 4);
+  }
+  const int wj = tid / (kWgCols / 4), wch = tid % (kWgCols / 4);
+  const bool wcol_ok = tid < kWThreads && n0 + wch * 4 < N;
+  const uint32_t* const wsrc = a.qweight + (wcol_ok ? int64_t(wj) * N + n0 + wch * 4 : 0);
+  const int64_t wstep = int64_t(S::kWordRows) * N;
+  const uint32_t wdst = S::kXBytes + uint32_t(wj * kWgCols + wch * 4) * 4u;
+  const int qrows = int(a.qrows_used);
+  const int szc = tid - kWgRows, szwhich = szc / (kWgCols / 8), szch = szc % (kWgCols / 8);
+  const bool sz_thread = a.sz_vec != 0 && szc >= 0 && szc < 2 * (kWgCols / 8) && n0 + szch * 8 < N;
+  const uint16_t* const szsrc =
+      static_cast<const uint16_t*>(szwhich ? a.zeros : a.scales) + (sz_thread ? n0 + szch * 8 : 0);
+  const uint32_t szdst = S::kXBytes + S::kWBytes + S::kGBytes + uint32_t(szwhich * kWgCols * 2 + szch * 16);
+  const int groups = int(a.groups);
+  // The group a k-block is expected to lie in: row0 / gs_guess, in float (a guess: producer and consumer
+  // compute the same value, and a wrong one only costs the direct loads below).
+  auto guess = [&](int row0) { return min(int((float(row0) + 0.5f) * a.inv_gs), groups - 1); };
+
+  auto load = [&](int kb, int st) {
+    const uint32_t sb = base + uint32_t(st) * S::kStage;
+    if (kb < kb0 + nk) {
+      const int col0 = kb * kWgRows;
+#pragma unroll
+      for (int j = 0; j < kXCopies; ++j) wg_cp16(sb + xdst[j], xsrc[j] + col0, 16u);
+      if (tid < kWThreads) {
+        const bool ok = wcol_ok && kb * S::kWordRows + wj < qrows;
+        wg_cp16(sb + wdst, wsrc + (ok ? int64_t(kb) * wstep : 0), ok ? 16u : 0u);
+      }
+      if (tid < kWgRows) {
+        const bool ok = col0 + tid < K;
+        wg_cp4(sb + S::kXBytes + S::kWBytes + uint32_t(tid) * 4u, a.g_idx + (ok ? col0 + tid : 0), ok ? 4u : 0u);
+      } else if (sz_thread) {
+        wg_cp16(sb + szdst, szsrc + int64_t(guess(col0)) * N, 16u);
+      }
+    }
+    wg_commit();
+  };
+
+  // This lane's two columns (A rows g and g + 8 of its warp), clamped copies for (s, z), word addresses:
+  // 4-bit word rows 2t and 2t + 1, 2-bit word row t (wg_slot_row).
+  const int colw = (warp >> 2) * 64 + (warp & 3) * 16 + g;
+  const int c0 = n0 + colw, c1 = c0 + 8;
+  const int64_t cc[2] = {min(c0, N - 1), min(c1, N - 1)};
+  const uint32_t wcol[2] = {uint32_t(colw) * 4u, uint32_t(colw + 8) * 4u};
+  constexpr int kLaneWords = B == 4 ? 2 : 1;
+  const uint32_t wrow0 = uint32_t(kLaneWords * t) * (kWgCols * 4u);
+  // mg[P / 2]: the magic of value 2^(m - P) (m the mantissa bits) that makes a code at bit P weigh 1
+  // (PairCode::unit), from a register so that mask-and-or stays one LOP3.
+  uint32_t mg[5];
+#pragma unroll
+  for (int j = 0; j < 5; ++j) mg[j] = a.magic - (uint32_t(2 * j) << Tc<T>::kMant) * 0x00010001u;
+
+  float acc[Acc::kTiles][Acc::kPer];  // the first wgmma (scale-d 0) writes them; nk >= 1 (the plan)
+  uint32_t areg[2][4][4];             // [k-block parity][k-step][fragment register]
+
+  int cur_g = -1;
+  uint32_t sp[2] = {0u, 0u}, zp[2] = {0u, 0u};  // (s, s) and (z, z) (sym: (-z, -z)) of c0, c1
+
+  pdl_wait();  // x' comes from the prep kernel just before this one (a programmatic dependent launch)
+  for (int i = 0; i < S::kStages - 2; ++i) load(kb0 + i, i);
+
+  // k-block i: dequantized into areg[i % 2] while this warpgroup's wgmmas of k-block i - 1 run.
+  auto step = [&](const int i, auto parity) {
+    constexpr int P = decltype(parity)::value;
+    const int st = i % S::kStages;
+    wg_cp_wait<S::kStages - 3>();
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+    wg_mma_wait<1>();  // k-block i - 2 has retired: areg[P] is free
+    __syncthreads();   // stage i is complete; every warpgroup has retired k-block i - 2, so its stage is free
+    load(kb0 + i + S::kStages - 2, (i + S::kStages - 2) % S::kStages);
+
+    const uint32_t sb = base + uint32_t(st) * S::kStage;
+    const uint32_t sw = sb + S::kXBytes, sgi = sw + S::kWBytes;
+    const int row0 = (kb0 + i) * kWgRows;
+    // Groups: one vote over the 64 rows (rows past K count as matching).
+    const int32_t gfirst = int32_t(wg_lds(sgi));
+    const int32_t ga = int32_t(wg_lds(sgi + uint32_t(lane) * 4u));
+    const int32_t gb = int32_t(wg_lds(sgi + uint32_t(lane + 32) * 4u));
+    const bool uniform =
+        __all_sync(0xFFFFFFFFu, (ga == gfirst || row0 + lane >= K) && (gb == gfirst || row0 + lane + 32 >= K));
+    if (uniform && a.sz_vec && gfirst == guess(row0)) {
+      // The staged rows: (s, s), (z, z) of columns colw, colw + 8.
+      const uint32_t ssz = sgi + S::kGBytes;
+#pragma unroll
+      for (int ci = 0; ci < 2; ++ci) {
+        sp[ci] = __byte_perm(wg_lds16(ssz + wcol[ci] / 2u), 0u, 0x1010);
+        zp[ci] = __byte_perm(wg_lds16(ssz + kWgCols * 2u + wcol[ci] / 2u), 0u, 0x1010);
+        if constexpr (!kAsym) zp[ci] ^= 0x80008000u;  // -z
+      }
+      cur_g = -1;
+    } else if (uniform && gfirst != cur_g) {
+      cur_g = gfirst;
+      const int64_t gg = min(max(gfirst, 0), groups - 1);
+#pragma unroll
+      for (int ci = 0; ci < 2; ++ci) {
+        sp[ci] = wg_pair_of(a.scales, gg * N + cc[ci]);
+        zp[ci] = wg_pair_of(a.zeros, gg * N + cc[ci]);
+        if constexpr (!kAsym) zp[ci] ^= 0x80008000u;
+      }
+    }
+    uint32_t wv[kLaneWords][2];
+#pragma unroll
+    for (int h = 0; h < kLaneWords; ++h)
+#pragma unroll
+      for (int ci = 0; ci < 2; ++ci) wv[h][ci] = wg_lds(sw + wrow0 + uint32_t(h) * (kWgCols * 4u) + wcol[ci]);
+
+    // Fragment register 2h + ci of k-step s: column c_ci, k-slots 16 s + 2t + 8h (+1): pair s of word
+    // 2t + h (4-bit) or pair 2s + h of word t (2-bit), as c_P + q, minus c_P, then the per-row formula.
+    auto weight = [&](uint32_t w, int pi, uint32_t s2, uint32_t z2) -> uint32_t {
+      const uint32_t v = Sel::unit(w, pi, mg);
+      const T2 q = __hsub2(bits_as<T2>(v), bits_as<T2>(mg[Sel::pos(pi) / 2]));
+      if constexpr (kAsym)
+        return as_bits(__hmul2(bits_as<T2>(s2), __hsub2(q, bits_as<T2>(z2))));
+      else
+        return as_bits(__hfma2(q, bits_as<T2>(s2), bits_as<T2>(z2)));
+    };
+    if (uniform) {
+#pragma unroll
+      for (int s = 0; s < 4; ++s)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+          for (int ci = 0; ci < 2; ++ci)
+            areg[P][s][2 * h + ci] =
+                weight(wv[B == 4 ? h : 0][ci], B == 4 ? s : 2 * s + h, sp[ci], zp[ci]);
+    } else {
+      // Rows of one pair may lie in different groups: each row's own (s, z).
+#pragma unroll
+      for (int s = 0; s < 4; ++s)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int k = 16 * s + 2 * t + 8 * h;
+          const int64_t g0 = min(max(int32_t(wg_lds(sgi + uint32_t(wg_slot_row(B, k)) * 4u)), 0), groups - 1);
+          const int64_t g1 = min(max(int32_t(wg_lds(sgi + uint32_t(wg_slot_row(B, k + 1)) * 4u)), 0), groups - 1);
+#pragma unroll
+          for (int ci = 0; ci < 2; ++ci) {
+            const uint32_t s2 =
+                (wg_pair_of(a.scales, g0 * N + cc[ci]) & 0xFFFFu) | (wg_pair_of(a.scales, g1 * N + cc[ci]) << 16);
+            uint32_t z2 =
+                (wg_pair_of(a.zeros, g0 * N + cc[ci]) & 0xFFFFu) | (wg_pair_of(a.zeros, g1 * N + cc[ci]) << 16);
+            if constexpr (!kAsym) z2 ^= 0x80008000u;
+            areg[P][s][2 * h + ci] = weight(wv[B == 4 ? h : 0][ci], B == 4 ? s : 2 * s + h, s2, z2);
+          }
+        }
+    }
+    if (row0 + kWgRows > K) {  // tail k-block: rows past K weigh 0 whatever their padding codes
+#pragma unroll
+      for (int s = 0; s < 4; ++s)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int k = 16 * s + 2 * t + 8 * h;
+          const uint32_t keep = (row0 + wg_slot_row(B, k) < K ? 0x0000FFFFu : 0u) |
+                                (row0 + wg_slot_row(B, k + 1) < K ? 0xFFFF0000u : 0u);
+          areg[P][s][2 * h] &= keep;
+          areg[P][s][2 * h + 1] &= keep;
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < Acc::kTiles; ++j) wg_pin(acc[j]);
+    wg_fence();
+#pragma unroll
+    for (int s = 0; s < 4; ++s)
+#pragma unroll
+      for (int j = 0; j < Acc::kTiles; ++j) {
+        const uint64_t db = wg_desc(sb + uint32_t(j) * (64u * 128u) + uint32_t(s) * 32u);
+        if constexpr (MT == 32)
+          wg_mma_n32<T>(acc[j], areg[P][s], db, i > 0 || s > 0 ? 1u : 0u);
+        else
+          wg_mma_n64<T>(acc[j], areg[P][s], db, i > 0 || s > 0 ? 1u : 0u);
+      }
+    wg_mma_commit();
+#pragma unroll
+    for (int j = 0; j < Acc::kTiles; ++j) wg_pin(acc[j]);
+  };
+  for (int i = 0; i < nk; i += 2) {
+    step(i, std::integral_constant<int, 0>{});
+    if (i + 1 < nk) step(i + 1, std::integral_constant<int, 1>{});
+  }
+  wg_mma_wait<0>();
+#pragma unroll
+  for (int j = 0; j < Acc::kTiles; ++j) wg_pin(acc[j]);
+  wg_cp_wait<0>();  // the empty trailing groups
+  pdl_trigger();
+
+  // Fragment element e of tile j: column c0 (e % 4 < 2) or c1, row of x m0 + 64 j + 8 (e / 4) + 2 t + e % 2.
+#pragma unroll
+  for (int j = 0; j < Acc::kTiles; ++j) {
+#pragma unroll
+    for (int e = 0; e < Acc::kPer; ++e) {
+      const int n = (e & 2) ? c1 : c0;
+      const int64_t m = m0 + 64 * j + 8 * (e >> 2) + 2 * t + (e & 1);
+      if (n >= N || m >= a.M) continue;
+      const float v = acc[j][e];
+      if (a.partial != nullptr) {
+        a.partial[(int64_t(blockIdx.y) * a.M + m) * N + n] = v;
+      } else {
+        const float b = a.bias != nullptr ? float(__ldg(static_cast<const T*>(a.bias) + n)) : 0.0f;
+        static_cast<T*>(a.out)[m * a.ldo + n] = T(v + b);
+      }
+    }
+  }
+#else
+  __trap();  // never launched: the host checks that the sm_90a code was loaded (wg_ready)
+#endif
+}
+
+// Calls f(kernel, smem bytes) with the instantiation for (dtype, bits, MT, asym).
+template <typename F>
+decltype(auto) with_wg_kernel(bool fp16, int bits, int mt, bool asym, F&& f) {
+  auto by_t = [&](auto tag) -> decltype(auto) {
+    using T = typename decltype(tag)::type;
+    auto by_b = [&](auto bt) -> decltype(auto) {
+      constexpr int B = decltype(bt)::value;
+      auto by_m = [&](auto mtag) -> decltype(auto) {
+        constexpr int MT = decltype(mtag)::value;
+        if (asym) return f(wq_wg_kernel<T, B, MT, true>, WgShape<B, MT>::kSmem);
+        return f(wq_wg_kernel<T, B, MT, false>, WgShape<B, MT>::kSmem);
+      };
+      if (mt == 32) return by_m(std::integral_constant<int, 32>{});
+      if (mt == 64) return by_m(std::integral_constant<int, 64>{});
+      return by_m(std::integral_constant<int, 128>{});
+    };
+    if (bits == 2) return by_b(std::integral_constant<int, 2>{});
+    return by_b(std::integral_constant<int, 4>{});
+  };
+  struct H { using type = __half; };
+  struct BF { using type = __nv_bfloat16; };
+  if (fp16) return by_t(H{});
+  return by_t(BF{});
+}
+
+// Per device: cc 9.0 with the sm_90a code of every instantiation loaded and its shared memory granted.
+bool wg_ready(int device) {
+  static std::atomic<int> state[64];  // 0 unknown, 1 ready, 2 not
+  if (device < 0 || device >= 64) return false;
+  const int st = state[device].load(std::memory_order_acquire);
+  if (st != 0) return st == 1;
+  cudaDeviceProp prop{};
+  bool ok = cudaGetDeviceProperties(&prop, device) == cudaSuccess && prop.major == 9 && prop.minor == 0;
+  for (int f = 0; f < 2 && ok; ++f)
+    for (int b : {2, 4})
+      for (int mt : {32, 64, 128})
+        for (int as = 0; as < 2; ++as)
+          ok = ok && with_wg_kernel(f == 0, b, mt, as == 1, [&](auto kernel, int smem) {
+                 cudaFuncAttributes attr{};
+                 return size_t(smem) <= prop.sharedMemPerBlockOptin &&
+                        cudaFuncGetAttributes(&attr, kernel) == cudaSuccess && attr.binaryVersion == 90 &&
+                        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) == cudaSuccess;
+               });
+  cudaGetLastError();
+  state[device].store(ok ? 1 : 2, std::memory_order_release);
+  return ok;
+}
+
+struct WgPlan {
+  int mt = 64;
+  int64_t mtiles = 0, ntiles = 0, nkb = 0, splits = 1, kps = 0, kp = 0;
+  size_t x_bytes = 0, ws_bytes = 0;
+};
+
+// Rows of x per CTA tile: the smallest of 32, 64, 128 that holds M, at most LOWBIT_WQ_WG_TILE (read
+// once; for tuning).
+int wg_tile_rows(int64_t M) {
+  static const int cap = [] {
+    const char* e = std::getenv("LOWBIT_WQ_WG_TILE");
+    const int v = e != nullptr ? std::atoi(e) : 128;
+    return v >= 128 ? 128 : (v >= 64 ? 64 : 32);
+  }();
+  return std::min(cap, M <= 32 ? 32 : (M <= 64 ? 64 : 128));
+}
+
+// A pure function of (w's shape, M, SM count), shared by the workspace query and the call.
+Status make_wg_plan(const char* fn, const WqWeight& w, int64_t M, int sms, WgPlan* p) {
+  p->mt = wg_tile_rows(M);
+  p->mtiles = (M + p->mt - 1) / p->mt;
+  p->ntiles = (w.N + kWgCols - 1) / kWgCols;
+  p->nkb = (w.K + kWgRows - 1) / kWgRows;
+  const int64_t base = p->mtiles * p->ntiles;
+  if (base > int64_t(std::numeric_limits<int>::max()))
+    return Status::invalid(validate::err(fn, "too many tiles for one launch (M=" + std::to_string(M) +
+                                                 ", N=" + std::to_string(w.N) + ")"));
+  // Split-K: the count whose CTAs fill the
+  // resident slots best, each split at least 8 k-blocks, a small premium on fewer splits (each adds a
+  // partial-sum slot and the reduce pass).
+  int per_sm = 0;
+  with_wg_kernel(w.sdtype == DType::kFloat16, w.bits[0], p->mt, w.asym, [&](auto kernel, int smem) {
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kWgThreads, smem) != cudaSuccess) {
+      cudaGetLastError();
+      per_sm = 1;
+    }
+    return 0;
+  });
+  const int64_t resident = int64_t(std::max(per_sm, 1)) * sms;
+  const int64_t cap = std::max<int64_t>(1, std::min<int64_t>(p->nkb / 8, 32));
+  double best = -1.0;
+  for (int64_t c = 1; c <= cap; ++c) {
+    const int64_t blocks = base * c, waves = (blocks + resident - 1) / resident;
+    const double score = double(blocks) / double(waves * resident) - 0.02 * double(c - 1);
+    if (score > best) {
+      best = score;
+      p->splits = c;
+    }
+  }
+  p->kps = (p->nkb + p->splits - 1) / p->splits;
+  p->splits = (p->nkb + p->kps - 1) / p->kps;
+  p->kp = p->nkb * kWgRows;
+  p->x_bytes = (size_t(M) * size_t(p->kp) * 2 + 255) / 256 * 256;
+  p->ws_bytes = p->x_bytes + (p->splits > 1 ? size_t(p->splits) * size_t(M) * size_t(w.N) * sizeof(float) : 0);
+  return Status::ok();
+}
+
+}  // namespace
+
+int64_t wg_min_rows() {
+  static const int64_t v = [] {
+    const char* e = std::getenv("LOWBIT_WQ_WG_MIN_ROWS");
+    return e != nullptr ? int64_t(std::atoll(e)) : int64_t(17);
+  }();
+  return v;
+}
+
+bool wg_eligible(const WqWeight& w, int64_t M, const DType* xtype) {
+  if (!w.allow_half || (w.sdtype != DType::kFloat16 && w.sdtype != DType::kBFloat16)) return false;
+  if (xtype != nullptr && *xtype != w.sdtype) return false;
+  if (M < wg_min_rows() || w.nseg != 1 || (w.bits[0] != 2 && w.bits[0] != 4)) return false;
+  if (w.N % 4 != 0 || reinterpret_cast<uintptr_t>(w.qweight) % 16 != 0) return false;
+  if (w.K >= (int64_t(1) << 30) || w.N >= (int64_t(1) << 31)) return false;
+  int device = -1;
+  if (cudaGetDevice(&device) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  return wg_ready(device);
+}
+
+Status wg_workspace(const char* fn, const WqWeight& w, int64_t M, int sms, size_t* bytes) {
+  WgPlan plan;
+  Status st = make_wg_plan(fn, w, M, sms, &plan);
+  if (st.is_ok()) *bytes = plan.ws_bytes;
+  return st;
+}
+
+Status wg_matmul(const char* fn, const WqWeight& w, const void* x, int64_t M, int64_t ldx, const void* bias,
+                 void* out, int64_t ldo, void* workspace, size_t workspace_bytes, const DeviceInfo& dev,
+                 cudaStream_t stream) {
+  WgPlan plan;
+  Status st = make_wg_plan(fn, w, M, dev.sms, &plan);
+  if (!st.is_ok()) return st;
+  if (workspace == nullptr || workspace_bytes < plan.ws_bytes)
+    return Status::invalid(validate::err(fn, "workspace_bytes must be >= " + std::to_string(plan.ws_bytes) +
+                                                 " (wq_matmul_workspace), got " +
+                                                 (workspace == nullptr ? std::string("a null workspace")
+                                                                       : std::to_string(workspace_bytes))));
+  if (reinterpret_cast<uintptr_t>(workspace) % 16 != 0)
+    return Status::invalid(validate::err(fn, "workspace must be 16-byte aligned"));
+  const bool fp16 = w.sdtype == DType::kFloat16;
+  char* wsb = static_cast<char*>(workspace);
+  WgArgs a = {};
+  a.M = M;
+  a.qweight = w.qweight;
+  a.qrows_used = (w.K + 31) / 32 * w.bits[0];
+  a.N = w.N;
+  a.K = w.K;
+  a.groups = w.groups;
+  a.g_idx = w.g_idx;
+  a.scales = w.scales;
+  a.zeros = w.zeros;
+  a.bias = bias;
+  a.out = out;
+  a.ldo = ldo;
+  a.mtiles = plan.mtiles;
+  a.inv_gs = 1.0f / float(std::max<int64_t>(1, (w.K + w.groups - 1) / w.groups));
+  a.sz_vec = (w.N % 8 == 0 && reinterpret_cast<uintptr_t>(w.scales) % 16 == 0 &&
+              reinterpret_cast<uintptr_t>(w.zeros) % 16 == 0)
+                 ? 1
+                 : 0;
+  a.magic = fp16 ? Tc<__half>::kMagic : Tc<__nv_bfloat16>::kMagic;
+  a.nkb = static_cast<int>(plan.nkb);
+  a.kps = static_cast<int>(plan.kps);
+  a.partial = plan.splits > 1 ? reinterpret_cast<float*>(wsb + plan.x_bytes) : nullptr;
+  // x' always goes through the prep kernel: the k-slot order (wg_slot_row) lets each lane decode whole
+  // words, and the prep pass also applies perm and channel_scale and pads K to whole k-blocks.
+  st = tc_prep_x(fn, w, x, M, ldx, plan.kp, w.bits[0], wsb, dev, stream);
+  if (!st.is_ok()) return st;
+  a.x = wsb;
+  a.ldx = plan.kp;
+  // A programmatic dependent of the prep kernel: its launch and prologue overlap the prep pass (the
+  // kernel waits for it before its first copy).
+  const cudaError_t err = with_wg_kernel(fp16, w.bits[0], plan.mt, w.asym, [&](auto kernel, int smem) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(static_cast<unsigned>(plan.mtiles * plan.ntiles), static_cast<unsigned>(plan.splits));
+    cfg.blockDim = dim3(kWgThreads);
+    cfg.dynamicSmemBytes = static_cast<size_t>(smem);
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    cudaError_t e = cudaLaunchKernelEx(&cfg, kernel, a);
+    if (e != cudaSuccess) {
+      cudaGetLastError();  // PDL refused: a plain launch is just as correct
+      cfg.numAttrs = 0;
+      e = cudaLaunchKernelEx(&cfg, kernel, a);
+    }
+    return e;
+  });
+  if (err != cudaSuccess)
+    return Status::device(validate::err(fn, std::string("warpgroup kernel launch failed: ") + cudaGetErrorString(err)));
+  if (plan.splits == 1) return Status::ok();
+  const int dt = static_cast<int>(w.sdtype);
+  return launch_reduce(fn, dev, stream, a.partial, plan.splits, M, w.N, bias, dt, out, dt, ldo);
+}
+
+}  // namespace wq_detail
+}  // namespace cuda
+}  // namespace lowbit
