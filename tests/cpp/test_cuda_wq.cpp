@@ -209,9 +209,10 @@ TEST_F(CudaWq, TensorCorePath) {
 }
 
 // The warpgroup (wgmma) kernel that takes M >= 17 on an sm_90 device (one 2- or 4-bit segment, N % 4 == 0):
-// one and two n = 64 halves and the n = 32 tile, several row tiles with a partial last one (M = 129, 200),
-// split-K (K = 4096), a tail k-block (K = 100, 1000: rows past K zeroed, x through the prep kernel when
-// K % 8 != 0 or x's stride is padded), columns past N inside a 128-column tile, groups of 128 (one (s, z)
+// row tiles of 32 (n = 32), 64 and 128 (two n = 64 wgmmas), 128-row tiles with a partial last one (M = 129,
+// 200, 300), the 256-row tile (four n = 64; layers of >= 64 column tiles: N = 8196, M = 257 = two tiles),
+// split-K (K = 4096), tail k-blocks (K = 70, 100, 257, 1000: rows past K zeroed), padded x strides,
+// columns past N inside a 128-column tile, groups of 128 (one (s, z)
 // per k-block), 64, 16 and act-order (k-blocks of several groups: per-row lookups), perm, channel scale,
 // asym / sym, bias, garbage in the padding bits and extra word rows. Same tolerance as TensorCorePath.
 // Elsewhere (no sm_90a code) the same cases check whichever path takes them.
@@ -223,7 +224,9 @@ TEST_F(CudaWq, WarpgroupPath) {
   const bool sm90 = prop.major == 9 && prop.minor == 0;
   uint32_t seed = 1700;
   struct Shape { int64_t K, N, M; };
-  const Shape shapes[] = {{64, 8, 17}, {100, 132, 40}, {1000, 260, 64}, {640, 124, 200}, {4096, 136, 129}, {192, 256, 33}};
+  const Shape shapes[] = {{64, 8, 17},     {100, 132, 40},   {1000, 260, 64}, {640, 124, 200},
+                          {4096, 136, 129}, {192, 256, 33},  {320, 64, 100},  {257, 68, 300},
+                          {70, 8196, 257}};
   for (const Shape& sh : shapes)
     for (int32_t b : {4, 2})
       for (DType t : {DType::kFloat16, DType::kBFloat16}) {

@@ -1,41 +1,51 @@
 // Warpgroup (wgmma) weight-only matmul for Hopper (sm_90a): the medium- and large-M path of wq_matmul
-// (include/lowbit/kernels/wq.h, WqWeight::allow_half), one segment of 2 or 4 bits, x of the scales' 16-bit
-// dtype. The decode kernel (wq_tc.cu) keeps M <= 16; from M = 17 the work per weight grows with M and
-// mma.sync's issue rate, not the bytes, becomes the limit: wgmma takes a 64 x M x 16 product per
+// (include/lowbit/kernels/wq.h, WqWeight::allow_half): one segment of 2 or 4 bits, x of the scales' 16-bit
+// dtype, M >= 17. The decode kernel (wq_tc.cu) keeps M <= 16; from M = 17 the work per weight grows with M
+// and mma.sync's issue rate, not the bytes, becomes the limit: wgmma takes a 64 x n x 16 product per
 // instruction and runs asynchronously beside the dequantization.
 //
 // Orientation. out^T = W^T x'^T, as in wq_tc.cu: the WEIGHTS are wgmma's A operand (64 output columns x 16
 // k per instruction), fed from REGISTERS, so they are dequantized straight into the A fragment and never
-// touch shared memory as 16-bit values; x' is the B operand (M rows x 16 k), read by wgmma from shared
-// memory through a descriptor (K-major, 128-byte swizzle: x' row r's 16-byte chunk c of a 64-element
+// pass through shared memory as 16-bit values; x' is the B operand (rows of x x 16 k), read by wgmma from
+// shared memory through a descriptor (K-major, 128-byte swizzle: x' row r's 16-byte chunk c of a 64-slot
 // k-block sits at chunk c ^ (r % 8) of its 128-byte line, written so by cp.async).
 //
-// The A fragment (the mma.m16n8k16 layout, warp w of the warpgroup taking rows 16w .. 16w + 15): lane
-// (g = lane / 4, t = lane % 4) holds columns c0 = 16w + g and c1 = c0 + 8 at k-slots (2t, 2t + 1) and
-// (2t + 8, 2t + 9). k runs in stored-row order, so for B bits per code the pair (2t, 2t + 1) of a 16-row
-// step is the 2B bits at 2tB of the step's words (4-bit: byte t of word 2s; 2-bit: bits 4t .. 4t + 3 of
-// word s). One PRMT moves the two codes into the low bits of the two 16-bit halves, one LOP3 masks them and
-// ORs the exponent of 2^m (m = mantissa bits): each half is then exactly 2^m + q, and one HSUB2 leaves q.
-// The weight is then formed as the documented per-row path of the tensor-core permission (wq.h):
+// A free k order. The A fragment (mma.m16n8k16's layout, warp w of the warpgroup taking rows 16w .. 16w +
+// 15) gives lane (g = lane / 4, t = lane % 4) columns c0 = 16w + g and c1 = c0 + 8 at k-slots 2t + 8h + e
+// (h, e in {0, 1}) of each 16-slot k-step s. The dot product does not care which stored row a k-slot
+// holds as long as A and B agree, so the prep kernel writes x' in the order wg_slot_row (wq_internal.cuh)
+// defines: lane t then decodes whole words of its own. 4-bit: words 2t and 2t + 1 of the column's 64-row
+// k-block (8 rows each); step s, half h takes pair s of word 2t + h (rows s and s + 4 of the word).
+// 2-bit: word t (16 rows); step s, half h takes pair 2s + h (rows 2s + h and 2s + h + 8). A pair is one
+// LOP3 (PairCode::unit, wq_codes.cuh: the two codes masked in place and OR'd with the exponent of
+// c_P = 2^(m - P), m the mantissa bits, so that each half is exactly c_P + q), one HSUB2 leaves q, and the
+// weight is the tensor-core permission's per-row formula (wq.h):
 //   sym:  w16 = fma(q, s, -z)            (HFMA2, one rounding)
 //   asym: w16 = s * (q - z)              (HSUB2 + HMUL2)
-// with the (s, z) of the row's group, so every k-block, whatever its groups, runs the same arithmetic.
-// When all 64 rows of a k-block share one group (checked per k-block from its g_idx, one vote), a lane's
-// (s, z) are one pair per column, reloaded only when the group changes; otherwise each row pair looks up
-// its own groups (act-order without the layers' sort, groups of fewer than 64 rows).
+// with the (s, z) of the row's group. When all 64 rows of a k-block share one group (one vote over its
+// g_idx), a lane's (s, z) are one pair per column: read from the stage when the group is the expected one
+// (row / gs_guess, its rows copied with the stage), else loaded directly (once per group change);
+// otherwise each row pair looks up its own groups (act-order without the layers' sort, groups of fewer
+// than 64 rows). Same arithmetic either way.
 //
 // Pipeline. A CTA is two warpgroups on 128 consecutive columns (64 each) and one tile of MT rows of x
-// (MT = 32, 64 or 128: wgmma n = MT, or two n = 64 halves), over one split-K range of 64-row k-blocks. Every
-// thread copies its share of each k-block (x' tile, words, g_idx) into a ring of S stages with cp.async
-// (zero-filled past K, past the words and past N; rows of x past M read row M - 1 and are never stored).
-// Iteration i: wait for stage i; wgmma.wait_group 1 (this warpgroup's k-block i - 2 has retired, so its
-// A registers and, after the barrier, its stage are free); barrier; refill stage i - 2 with k-block
-// i + S - 2; dequantize k-block i into the A registers of its parity; fence; 4 wgmma k-steps (x MT / 64);
-// commit. So the dequantization of k-block i overlaps the tensor work of k-block i - 1.
+// (MT = 32, 64, 128 or 256: wgmma n = 32, or MT / 64 of n = 64), over one split-K range of 64-row
+// k-blocks. Every thread copies its share of each k-block (x' tile, words, g_idx, the expected group's
+// (s, z)) into a ring of S stages with cp.async (words zero-filled past N and past the segment, g_idx past
+// K; rows of x past M read row M - 1 and are never stored). Iteration i: wait for stage i; wgmma.wait_group
+// 1 (this warpgroup's k-block i - 2 has retired); barrier (so every warpgroup's has: stage i - 2 is free);
+// refill it with k-block i + S - 2; dequantize k-block i into the A registers of parity i % 2; fence; the
+// wgmmas; commit. The dequantization of k-block i thus overlaps the wgmmas of k-block i - 1. The first
+// wgmma starts the accumulators with scale-d = 0: zeroing them with moves made ptxas serialize every
+// wgmma (its C7515 warning).
 //
 // Rows past K in the tail k-block are zeroed in the A fragment (their padding codes may be anything) and
 // x' is zero there. Output: one split writes out[m, n] (+ bias, one rounding); several write fp32
 // partials per split and launch_reduce (wq_matmul.cu) sums them in split order. Deterministic; no atomics.
+//
+// Measured (H100, 4-bit g128, CUDA graph, docs/PERFORMANCE.md): 8192 x 28672 M = 32 113 us, M = 64 147 us,
+// M = 256 ~400 us (fp16 F.linear 166 / 172 / 199 us); ~200 instructions per warp and k-block, a third of
+// them the dequantization, the rest copies, the group vote and the loop: issue-bound, not at the bytes.
 #include "wq_internal.cuh"
 
 #include <algorithm>
@@ -73,7 +83,8 @@ struct WgShape {
   static constexpr int kStages = MT >= 128 ? 4 : 6;
   static constexpr int kSmem = 1024 + kStages * kStage;     // + slack to align the base to 1024
   static_assert(kStages >= 3, "the ring refills stage i - 2");
-  static_assert(2 * kSmem <= 228 * 1024, "two CTAs per SM");
+  static_assert(MT > 64 || 2 * kSmem <= 228 * 1024, "two CTAs per SM up to MT = 64");
+  static_assert(kSmem <= 227 * 1024, "sm_90 allows 227 KB of shared memory per block");
 };
 
 struct WgArgs {
@@ -197,7 +208,8 @@ struct WgAcc {
   static constexpr int kPer = MT == 32 ? 16 : 32;
 };
 
-// Two CTAs per SM up to MT = 64 (<= 128 registers), one for MT = 128 (its 64 accumulators per thread).
+// Two CTAs per SM up to MT = 64 (<= 128 registers), one for MT = 128 / 256 (64 / 128 accumulators per
+// thread).
 template <typename T, int B, int MT, bool kAsym>
 __global__ void __launch_bounds__(kWgThreads, MT <= 64 ? 2 : 1) wq_wg_kernel(const WgArgs a) {
 #ifdef LOWBIT_WG_DEVICE
@@ -222,14 +234,11 @@ __global__ void __launch_bounds__(kWgThreads, MT <= 64 ? 2 : 1) wq_wg_kernel(con
   // chunk in range): kXCopies chunks, rows past M read row M - 1 (never stored). Words: one chunk of 4
   // columns (zero-filled past N and past the segment's word rows). g_idx: one entry (zero past K). The
   // expected group's (s, z): one chunk of 8 columns (sz_vec).
-  const T* xsrc[kXCopies];
-  uint32_t xdst[kXCopies];
-#pragma unroll
-  for (int j = 0; j < kXCopies; ++j) {
-    const int c = tid + j * kWgThreads, r = c >> 3, ch = c & 7;
-    xsrc[j] = static_cast<const T*>(a.x) + min(m0 + r, a.M - 1) * a.ldx + ch * 8;
-    xdst[j] = uint32_t(r) * 128u + uint32_t((ch ^ (r & 7)) << 4);
-  }
+  // Copy j of x' is row r = tid / 8 + 32 j, chunk tid % 8 (its swizzled place: the same chunk ^ (r % 8)
+  // for every j, as 32 j % 8 == 0).
+  const int xch = tid & 7, xr0 = tid >> 3;
+  const T* const xsrc0 = static_cast<const T*>(a.x) + xch * 8;
+  const uint32_t xdst0 = uint32_t(xr0) * 128u + uint32_t((xch ^ (xr0 & 7)) << 4);
   const int wj = tid / (kWgCols / 4), wch = tid % (kWgCols / 4);
   const bool wcol_ok = tid < kWThreads && n0 + wch * 4 < N;
   const uint32_t* const wsrc = a.qweight + (wcol_ok ? int64_t(wj) * N + n0 + wch * 4 : 0);
@@ -251,7 +260,8 @@ __global__ void __launch_bounds__(kWgThreads, MT <= 64 ? 2 : 1) wq_wg_kernel(con
     if (kb < kb0 + nk) {
       const int col0 = kb * kWgRows;
 #pragma unroll
-      for (int j = 0; j < kXCopies; ++j) wg_cp16(sb + xdst[j], xsrc[j] + col0, 16u);
+      for (int j = 0; j < kXCopies; ++j)
+        wg_cp16(sb + xdst0 + uint32_t(j) * (32u * 128u), xsrc0 + min(m0 + xr0 + 32 * j, a.M - 1) * a.ldx + col0, 16u);
       if (tid < kWThreads) {
         const bool ok = wcol_ok && kb * S::kWordRows + wj < qrows;
         wg_cp16(sb + wdst, wsrc + (ok ? int64_t(kb) * wstep : 0), ok ? 16u : 0u);
@@ -448,7 +458,8 @@ decltype(auto) with_wg_kernel(bool fp16, int bits, int mt, bool asym, F&& f) {
       };
       if (mt == 32) return by_m(std::integral_constant<int, 32>{});
       if (mt == 64) return by_m(std::integral_constant<int, 64>{});
-      return by_m(std::integral_constant<int, 128>{});
+      if (mt == 128) return by_m(std::integral_constant<int, 128>{});
+      return by_m(std::integral_constant<int, 256>{});
     };
     if (bits == 2) return by_b(std::integral_constant<int, 2>{});
     return by_b(std::integral_constant<int, 4>{});
@@ -469,7 +480,7 @@ bool wg_ready(int device) {
   bool ok = cudaGetDeviceProperties(&prop, device) == cudaSuccess && prop.major == 9 && prop.minor == 0;
   for (int f = 0; f < 2 && ok; ++f)
     for (int b : {2, 4})
-      for (int mt : {32, 64, 128})
+      for (int mt : {32, 64, 128, 256})
         for (int as = 0; as < 2; ++as)
           ok = ok && with_wg_kernel(f == 0, b, mt, as == 1, [&](auto kernel, int smem) {
                  cudaFuncAttributes attr{};
@@ -488,22 +499,25 @@ struct WgPlan {
   size_t x_bytes = 0, ws_bytes = 0;
 };
 
-// Rows of x per CTA tile: the smallest of 32, 64, 128 that holds M, at most LOWBIT_WQ_WG_TILE (read
-// once; for tuning).
-int wg_tile_rows(int64_t M) {
+// Rows of x per CTA tile: the smallest of 32, 64, 128, 256 that holds M (256 for more), at most
+// LOWBIT_WQ_WG_TILE (read once; for tuning). One tile over all of M decodes each weight once, but a
+// 256-row CTA runs alone on its SM: on layers of fewer than 64 column tiles it then needs more split-K
+// partials, and two 128-row tiles were faster (H100, M = 256, CUDA graph: 4096^2 40.1 vs 53.1 us;
+// 4096 x 11008 104.9 vs 107.1, 8192 x 28672 400.8 vs 408.7, 28672 x 8192 305.2 vs 364.0 with 256).
+int wg_tile_rows(int64_t M, int64_t ntiles) {
   static const int cap = [] {
     const char* e = std::getenv("LOWBIT_WQ_WG_TILE");
-    const int v = e != nullptr ? std::atoi(e) : 128;
-    return v >= 128 ? 128 : (v >= 64 ? 64 : 32);
+    const int v = e != nullptr ? std::atoi(e) : 256;
+    return v >= 256 ? 256 : (v >= 128 ? 128 : (v >= 64 ? 64 : 32));
   }();
-  return std::min(cap, M <= 32 ? 32 : (M <= 64 ? 64 : 128));
+  return std::min(cap, M <= 32 ? 32 : (M <= 64 ? 64 : (M <= 128 || ntiles < 64 ? 128 : 256)));
 }
 
 // A pure function of (w's shape, M, SM count), shared by the workspace query and the call.
 Status make_wg_plan(const char* fn, const WqWeight& w, int64_t M, int sms, WgPlan* p) {
-  p->mt = wg_tile_rows(M);
-  p->mtiles = (M + p->mt - 1) / p->mt;
   p->ntiles = (w.N + kWgCols - 1) / kWgCols;
+  p->mt = wg_tile_rows(M, p->ntiles);
+  p->mtiles = (M + p->mt - 1) / p->mt;
   p->nkb = (w.K + kWgRows - 1) / kWgRows;
   const int64_t base = p->mtiles * p->ntiles;
   if (base > int64_t(std::numeric_limits<int>::max()))
