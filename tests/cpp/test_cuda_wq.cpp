@@ -209,7 +209,8 @@ TEST_F(CudaWq, TensorCorePath) {
 }
 
 // The warpgroup (wgmma) kernel that takes M >= 17 on an sm_90 device (one 2- or 4-bit segment, N % 4 == 0):
-// row tiles of 32 (n = 32), 64 and 128 (two n = 64 wgmmas), 128-row tiles with a partial last one (M = 129,
+// row tiles of 32 (n = 32; on layers of >= 64 column tiles two 64-column tiles per warpgroup: N = 8200,
+// the last 256-column CTA partial), 64 and 128 (two n = 64 wgmmas), 128-row tiles with a partial last one (M = 129,
 // 200, 300), the 256-row tile (four n = 64; layers of >= 64 column tiles: N = 8196, M = 257 = two tiles),
 // split-K (K = 4096), tail k-blocks (K = 70, 100, 257, 1000: rows past K zeroed), padded x strides,
 // columns past N inside a 128-column tile, groups of 128 (one (s, z)
@@ -226,7 +227,7 @@ TEST_F(CudaWq, WarpgroupPath) {
   struct Shape { int64_t K, N, M; };
   const Shape shapes[] = {{64, 8, 17},     {100, 132, 40},   {1000, 260, 64}, {640, 124, 200},
                           {4096, 136, 129}, {192, 256, 33},  {320, 64, 100},  {257, 68, 300},
-                          {70, 8196, 257}};
+                          {70, 8196, 257},  {320, 516, 29},  {130, 8200, 20}};
   for (const Shape& sh : shapes)
     for (int32_t b : {4, 2})
       for (DType t : {DType::kFloat16, DType::kBFloat16}) {

@@ -26,18 +26,19 @@
 // g_idx), a lane's (s, z) are one pair per column: read from the stage when the group is the expected one
 // (row / gs_guess, its rows copied with the stage), else loaded directly (once per group change);
 // otherwise each row pair looks up its own groups (act-order without the layers' sort, groups of fewer
-// than 64 rows). Same arithmetic either way.
+// than 64 rows) in a rolled loop through a per-warp scratch in shared memory (unrolled, it kept every
+// pair's loads live and made the fast path spill). Same arithmetic either way.
 //
-// Pipeline. A CTA is two warpgroups on 128 consecutive columns (64 each) and one tile of MT rows of x
-// (MT = 32, 64, 128 or 256: wgmma n = 32, or MT / 64 of n = 64), over one split-K range of 64-row
-// k-blocks. Every thread copies its share of each k-block (x' tile, words, g_idx, the expected group's
-// (s, z)) into a ring of S stages with cp.async (words zero-filled past N and past the segment, g_idx past
-// K; rows of x past M read row M - 1 and are never stored). Iteration i: wait for stage i; wgmma.wait_group
-// 1 (this warpgroup's k-block i - 2 has retired); barrier (so every warpgroup's has: stage i - 2 is free);
-// refill it with k-block i + S - 2; dequantize k-block i into the A registers of parity i % 2; fence; the
-// wgmmas; commit. The dequantization of k-block i thus overlaps the wgmmas of k-block i - 1. The first
-// wgmma starts the accumulators with scale-d = 0: zeroing them with moves made ptxas serialize every
-// wgmma (its C7515 warning).
+// Pipeline. A CTA is two warpgroups on 128 WT consecutive columns (WT tiles of 64 each; WT = 2 only for 32-row tiles
+// on large layers) and one tile of MT rows of x (MT = 32, 64, 128 or 256: wgmma n = 32, or MT / 64 of n = 64), over
+// one split-K range of 64-row k-blocks. Every thread copies its share of each k-block (x' tile, words, g_idx, the
+// expected group's (s, z)) into a ring of S stages with cp.async (words zero-filled past N and past the segment,
+// g_idx past K; rows of x past M read row M - 1 and are never stored). Iteration i: wait for stage i;
+// wgmma.wait_group 1 (this warpgroup's k-block i - 2 has retired); barrier (so every warpgroup's has: stage i - 2 is
+// free); refill it with k-block i + S - 2; dequantize k-block i into the A registers of parity i % 2; fence; the
+// wgmmas; commit. The dequantization of k-block i thus overlaps the wgmmas of k-block i - 1 (WT = 2 has one register
+// set: it waits for them first). The first wgmma starts the accumulators with scale-d = 0: zeroing them with moves
+// made ptxas serialize every wgmma (its C7515 warning).
 //
 // Rows past K in the tail k-block are zeroed in the A fragment (their padding codes may be anything) and
 // x' is zero there. Output: one split writes out[m, n] (+ bias, one rounding); several write fp32
@@ -69,19 +70,23 @@ namespace wq_detail {
 namespace {
 
 constexpr int kWgThreads = 256;  // two warpgroups
-constexpr int kWgCols = 128;     // columns per CTA, 64 per warpgroup (the wgmma M)
 constexpr int kWgRows = 64;      // k rows per k-block: 4 wgmma k-steps, one 128-byte line of x'
-
-template <int B, int MT>
+// WT: 64-column wgmma tiles per warpgroup, so 128 WT columns per CTA. Two (32-row tiles of x on large
+// layers only, see make_wg_plan) spread the per-k-block overhead of copies, group vote and barrier over
+// twice the weights; the register budget allows it only with the 16 accumulators of a 32-row tile.
+template <int B, int MT, int WT>
 struct WgShape {
   static constexpr int kXBytes = MT * 128;                 // x' tile: MT rows x 64 k, 16-bit
   static constexpr int kWordRows = kWgRows * B / 32;        // 8 (4-bit) / 4 (2-bit)
-  static constexpr int kWBytes = kWordRows * kWgCols * 4;   // words: [word row][128 columns]
+  static constexpr int kCols = 128 * WT;
+  static constexpr int kWBytes = kWordRows * kCols * 4;     // words: [word row][CTA columns]
   static constexpr int kGBytes = kWgRows * 4;               // g_idx of the 64 rows
-  static constexpr int kSzBytes = 2 * kWgCols * 2;          // (s, z) rows of the expected group
+  static constexpr int kSzBytes = 2 * kCols * 2;            // (s, z) rows of the expected group
   static constexpr int kStage = (kXBytes + kWBytes + kGBytes + kSzBytes + 1023) / 1024 * 1024;
-  static constexpr int kStages = MT >= 128 ? 4 : 6;
-  static constexpr int kSmem = 1024 + kStages * kStage;     // + slack to align the base to 1024
+  static constexpr int kStages = MT >= 128 ? 4 : (MT == 32 ? 5 : 6);
+  // The per-row path's scratch: 8 warps x the lane's 16 fragment registers per tile x 32 lanes x 4 bytes.
+  static constexpr int kScratch = 8 * WT * 16 * 128;
+  static constexpr int kSmem = 1024 + kStages * kStage + kScratch;  // + slack to align the base to 1024
   static_assert(kStages >= 3, "the ring refills stage i - 2");
   static_assert(MT > 64 || 2 * kSmem <= 228 * 1024, "two CTAs per SM up to MT = 64");
   static_assert(kSmem <= 227 * 1024, "sm_90 allows 227 KB of shared memory per block");
@@ -131,6 +136,9 @@ __device__ __forceinline__ uint32_t wg_lds16(uint32_t addr) {
   unsigned short v;
   asm volatile("ld.shared.u16 %0, [%1];" : "=h"(v) : "r"(addr));
   return v;
+}
+__device__ __forceinline__ void wg_sts(uint32_t addr, uint32_t v) {
+  asm volatile("st.shared.u32 [%0], %1;" ::"r"(addr), "r"(v) : "memory");
 }
 __device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wg_mma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
@@ -210,23 +218,26 @@ struct WgAcc {
 
 // Two CTAs per SM up to MT = 64 (<= 128 registers), one for MT = 128 / 256 (64 / 128 accumulators per
 // thread).
-template <typename T, int B, int MT, bool kAsym>
+template <typename T, int B, int MT, int WT, bool kAsym>
 __global__ void __launch_bounds__(kWgThreads, MT <= 64 ? 2 : 1) wq_wg_kernel(const WgArgs a) {
 #ifdef LOWBIT_WG_DEVICE
-  using S = WgShape<B, MT>;
+  using S = WgShape<B, MT, WT>;
   using T2 = typename Tc<T>::T2;
   using Acc = WgAcc<MT>;
   using Sel = PairCodeSel<B, T>;
+  constexpr int kCols = S::kCols;
+  constexpr int kParities = WT == 1 ? 2 : 1;                  // A register sets (registers allowing)
   constexpr int kXCopies = MT * 8 / kWgThreads;               // 16-byte copies of x' per thread
-  constexpr int kWThreads = S::kWordRows * (kWgCols / 4);     // threads with a word copy (256 / 128)
-  static_assert(kXCopies >= 1 && kWThreads <= kWgThreads, "copy split");
+  constexpr int kWChunks = S::kWordRows * (kCols / 4);        // 16-byte word chunks per k-block
+  constexpr int kWCopies = (kWChunks + kWgThreads - 1) / kWgThreads;
+  static_assert(kXCopies >= 1 && 2 * (kCols / 8) <= kWgThreads - kWgRows, "copy split");
   extern __shared__ __align__(1024) uint8_t wg_smem[];
   const uint32_t base = (wg_smem_addr(wg_smem) + 1023u) & ~1023u;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int64_t mt = int64_t(blockIdx.x) % a.mtiles, nt = int64_t(blockIdx.x) / a.mtiles;
   const int64_t m0 = mt * MT;
-  const int n0 = int(nt) * kWgCols;
+  const int n0 = int(nt) * kCols;
   const int kb0 = int(blockIdx.y) * a.kps, nk = min(a.nkb - kb0, a.kps);
   const int K = int(a.K), N = int(a.N);  // wg_eligible: K < 2^30, N < 2^31
 
@@ -239,17 +250,13 @@ __global__ void __launch_bounds__(kWgThreads, MT <= 64 ? 2 : 1) wq_wg_kernel(con
   const int xch = tid & 7, xr0 = tid >> 3;
   const T* const xsrc0 = static_cast<const T*>(a.x) + xch * 8;
   const uint32_t xdst0 = uint32_t(xr0) * 128u + uint32_t((xch ^ (xr0 & 7)) << 4);
-  const int wj = tid / (kWgCols / 4), wch = tid % (kWgCols / 4);
-  const bool wcol_ok = tid < kWThreads && n0 + wch * 4 < N;
-  const uint32_t* const wsrc = a.qweight + (wcol_ok ? int64_t(wj) * N + n0 + wch * 4 : 0);
   const int64_t wstep = int64_t(S::kWordRows) * N;
-  const uint32_t wdst = S::kXBytes + uint32_t(wj * kWgCols + wch * 4) * 4u;
   const int qrows = int(a.qrows_used);
-  const int szc = tid - kWgRows, szwhich = szc / (kWgCols / 8), szch = szc % (kWgCols / 8);
-  const bool sz_thread = a.sz_vec != 0 && szc >= 0 && szc < 2 * (kWgCols / 8) && n0 + szch * 8 < N;
+  const int szc = tid - kWgRows, szwhich = szc / (kCols / 8), szch = szc % (kCols / 8);
+  const bool sz_thread = a.sz_vec != 0 && szc >= 0 && szc < 2 * (kCols / 8) && n0 + szch * 8 < N;
   const uint16_t* const szsrc =
       static_cast<const uint16_t*>(szwhich ? a.zeros : a.scales) + (sz_thread ? n0 + szch * 8 : 0);
-  const uint32_t szdst = S::kXBytes + S::kWBytes + S::kGBytes + uint32_t(szwhich * kWgCols * 2 + szch * 16);
+  const uint32_t szdst = S::kXBytes + S::kWBytes + S::kGBytes + uint32_t(szwhich * kCols * 2 + szch * 16);
   const int groups = int(a.groups);
   // The group a k-block is expected to lie in: row0 / gs_guess, in float (a guess: producer and consumer
   // compute the same value, and a wrong one only costs the direct loads below).
@@ -262,9 +269,14 @@ __global__ void __launch_bounds__(kWgThreads, MT <= 64 ? 2 : 1) wq_wg_kernel(con
 #pragma unroll
       for (int j = 0; j < kXCopies; ++j)
         wg_cp16(sb + xdst0 + uint32_t(j) * (32u * 128u), xsrc0 + min(m0 + xr0 + 32 * j, a.M - 1) * a.ldx + col0, 16u);
-      if (tid < kWThreads) {
-        const bool ok = wcol_ok && kb * S::kWordRows + wj < qrows;
-        wg_cp16(sb + wdst, wsrc + (ok ? int64_t(kb) * wstep : 0), ok ? 16u : 0u);
+#pragma unroll
+      for (int j = 0; j < kWCopies; ++j) {
+        const int c = tid + j * kWgThreads, wj = c / (kCols / 4), wch = c % (kCols / 4);
+        if (kWChunks % kWgThreads == 0 || c < kWChunks) {
+          const bool ok = n0 + wch * 4 < N && kb * S::kWordRows + wj < qrows;
+          wg_cp16(sb + S::kXBytes + uint32_t(wj * kCols + wch * 4) * 4u,
+                  a.qweight + (ok ? int64_t(kb) * wstep + int64_t(wj) * N + n0 + wch * 4 : 0), ok ? 16u : 0u);
+        }
       }
       if (tid < kWgRows) {
         const bool ok = col0 + tid < K;
@@ -276,36 +288,35 @@ __global__ void __launch_bounds__(kWgThreads, MT <= 64 ? 2 : 1) wq_wg_kernel(con
     wg_commit();
   };
 
-  // This lane's two columns (A rows g and g + 8 of its warp), clamped copies for (s, z), word addresses:
-  // 4-bit word rows 2t and 2t + 1, 2-bit word row t (wg_slot_row).
-  const int colw = (warp >> 2) * 64 + (warp & 3) * 16 + g;
-  const int c0 = n0 + colw, c1 = c0 + 8;
-  const int64_t cc[2] = {min(c0, N - 1), min(c1, N - 1)};
-  const uint32_t wcol[2] = {uint32_t(colw) * 4u, uint32_t(colw + 8) * 4u};
+  // This lane's two columns per 64-column tile u of its warpgroup (A rows g and g + 8 of its warp): tile
+  // u's columns are colw0 + 64 u (+ 8); word addresses: 4-bit word rows 2t and 2t + 1, 2-bit word row t.
+  const int colw0 = (warp >> 2) * 64 * WT + (warp & 3) * 16 + g;
   constexpr int kLaneWords = B == 4 ? 2 : 1;
-  const uint32_t wrow0 = uint32_t(kLaneWords * t) * (kWgCols * 4u);
+  const uint32_t wrow0 = uint32_t(kLaneWords * t) * (kCols * 4u) + uint32_t(colw0) * 4u;
+  auto col_of = [&](int u, int ci) { return n0 + colw0 + 64 * u + 8 * ci; };
+  auto cclamp = [&](int u, int ci) { return int64_t(min(col_of(u, ci), N - 1)); };
   // mg[P / 2]: the magic of value 2^(m - P) (m the mantissa bits) that makes a code at bit P weigh 1
   // (PairCode::unit), from a register so that mask-and-or stays one LOP3.
   uint32_t mg[5];
 #pragma unroll
   for (int j = 0; j < 5; ++j) mg[j] = a.magic - (uint32_t(2 * j) << Tc<T>::kMant) * 0x00010001u;
 
-  float acc[Acc::kTiles][Acc::kPer];  // the first wgmma (scale-d 0) writes them; nk >= 1 (the plan)
-  uint32_t areg[2][4][4];             // [k-block parity][k-step][fragment register]
+  float acc[WT][Acc::kTiles][Acc::kPer];  // the first wgmma (scale-d 0) writes them; nk >= 1 (the plan)
+  uint32_t areg[kParities][WT][4][4];     // [k-block parity][tile][k-step][fragment register]
 
   int cur_g = -1;
-  uint32_t sp[2] = {0u, 0u}, zp[2] = {0u, 0u};  // (s, s) and (z, z) (sym: (-z, -z)) of c0, c1
+  uint32_t sp[WT][2] = {}, zp[WT][2] = {};  // (s, s) and (z, z) (sym: (-z, -z)) of each tile's 2 columns
 
   pdl_wait();  // x' comes from the prep kernel just before this one (a programmatic dependent launch)
   for (int i = 0; i < S::kStages - 2; ++i) load(kb0 + i, i);
 
   // k-block i: dequantized into areg[i % 2] while this warpgroup's wgmmas of k-block i - 1 run.
   auto step = [&](const int i, auto parity) {
-    constexpr int P = decltype(parity)::value;
+    constexpr int P = decltype(parity)::value % kParities;
     const int st = i % S::kStages;
     wg_cp_wait<S::kStages - 3>();
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-    wg_mma_wait<1>();  // k-block i - 2 has retired: areg[P] is free
+    wg_mma_wait<kParities - 1>();  // k-block i - kParities has retired: areg[P] is free
     __syncthreads();   // stage i is complete; every warpgroup has retired k-block i - 2, so its stage is free
     load(kb0 + i + S::kStages - 2, (i + S::kStages - 2) % S::kStages);
 
@@ -322,33 +333,40 @@ __global__ void __launch_bounds__(kWgThreads, MT <= 64 ? 2 : 1) wq_wg_kernel(con
       // The staged rows: (s, s), (z, z) of columns colw, colw + 8.
       const uint32_t ssz = sgi + S::kGBytes;
 #pragma unroll
-      for (int ci = 0; ci < 2; ++ci) {
-        sp[ci] = __byte_perm(wg_lds16(ssz + wcol[ci] / 2u), 0u, 0x1010);
-        zp[ci] = __byte_perm(wg_lds16(ssz + kWgCols * 2u + wcol[ci] / 2u), 0u, 0x1010);
-        if constexpr (!kAsym) zp[ci] ^= 0x80008000u;  // -z
-      }
+      for (int u = 0; u < WT; ++u)
+#pragma unroll
+        for (int ci = 0; ci < 2; ++ci) {
+          const uint32_t off = uint32_t(colw0 + 64 * u + 8 * ci) * 2u;
+          sp[u][ci] = __byte_perm(wg_lds16(ssz + off), 0u, 0x1010);
+          zp[u][ci] = __byte_perm(wg_lds16(ssz + kCols * 2u + off), 0u, 0x1010);
+          if constexpr (!kAsym) zp[u][ci] ^= 0x80008000u;  // -z
+        }
       cur_g = -1;
     } else if (uniform && gfirst != cur_g) {
       cur_g = gfirst;
       const int64_t gg = min(max(gfirst, 0), groups - 1);
 #pragma unroll
-      for (int ci = 0; ci < 2; ++ci) {
-        sp[ci] = wg_pair_of(a.scales, gg * N + cc[ci]);
-        zp[ci] = wg_pair_of(a.zeros, gg * N + cc[ci]);
-        if constexpr (!kAsym) zp[ci] ^= 0x80008000u;
-      }
+      for (int u = 0; u < WT; ++u)
+#pragma unroll
+        for (int ci = 0; ci < 2; ++ci) {
+          sp[u][ci] = wg_pair_of(a.scales, gg * N + cclamp(u, ci));
+          zp[u][ci] = wg_pair_of(a.zeros, gg * N + cclamp(u, ci));
+          if constexpr (!kAsym) zp[u][ci] ^= 0x80008000u;
+        }
     }
-    uint32_t wv[kLaneWords][2];
+    uint32_t wv[WT][kLaneWords][2];
 #pragma unroll
-    for (int h = 0; h < kLaneWords; ++h)
+    for (int u = 0; u < WT; ++u)
 #pragma unroll
-      for (int ci = 0; ci < 2; ++ci) wv[h][ci] = wg_lds(sw + wrow0 + uint32_t(h) * (kWgCols * 4u) + wcol[ci]);
+      for (int h = 0; h < kLaneWords; ++h)
+#pragma unroll
+        for (int ci = 0; ci < 2; ++ci)
+          wv[u][h][ci] = wg_lds(sw + wrow0 + uint32_t(h) * (kCols * 4u) + uint32_t(64 * u + 8 * ci) * 4u);
 
     // Fragment register 2h + ci of k-step s: column c_ci, k-slots 16 s + 2t + 8h (+1): pair s of word
     // 2t + h (4-bit) or pair 2s + h of word t (2-bit), as c_P + q, minus c_P, then the per-row formula.
-    auto weight = [&](uint32_t w, int pi, uint32_t s2, uint32_t z2) -> uint32_t {
-      const uint32_t v = Sel::unit(w, pi, mg);
-      const T2 q = __hsub2(bits_as<T2>(v), bits_as<T2>(mg[Sel::pos(pi) / 2]));
+    auto weight = [&](uint32_t v, uint32_t sub, uint32_t s2, uint32_t z2) -> uint32_t {
+      const T2 q = __hsub2(bits_as<T2>(v), bits_as<T2>(sub));
       if constexpr (kAsym)
         return as_bits(__hmul2(bits_as<T2>(s2), __hsub2(q, bits_as<T2>(z2))));
       else
@@ -356,32 +374,47 @@ __global__ void __launch_bounds__(kWgThreads, MT <= 64 ? 2 : 1) wq_wg_kernel(con
     };
     if (uniform) {
 #pragma unroll
-      for (int s = 0; s < 4; ++s)
+      for (int u = 0; u < WT; ++u)
 #pragma unroll
-        for (int h = 0; h < 2; ++h)
+        for (int s = 0; s < 4; ++s)
 #pragma unroll
-          for (int ci = 0; ci < 2; ++ci)
-            areg[P][s][2 * h + ci] =
-                weight(wv[B == 4 ? h : 0][ci], B == 4 ? s : 2 * s + h, sp[ci], zp[ci]);
+          for (int h = 0; h < 2; ++h)
+#pragma unroll
+            for (int ci = 0; ci < 2; ++ci)
+              areg[P][u][s][2 * h + ci] =
+                  weight(Sel::unit(wv[u][B == 4 ? h : 0][ci], B == 4 ? s : 2 * s + h, mg),
+                         mg[Sel::pos(B == 4 ? s : 2 * s + h) / 2], sp[u][ci], zp[u][ci]);
     } else {
-      // Rows of one pair may lie in different groups: each row's own (s, z).
+      // Rows of one pair may lie in different groups: each row's own (s, z). A rolled loop over the
+      // lane's pairs (the unrolled form kept every pair's loads live and spilled the fast path), through
+      // this lane's column of a per-warp scratch in shared memory, then into the A registers.
+      const uint32_t scr =
+          base + S::kStages * S::kStage + uint32_t(warp) * uint32_t(WT * 16 * 128) + uint32_t(lane) * 4u;
+#pragma unroll 1
+      for (int idx = 0; idx < WT * 16; ++idx) {
+        const int ci = idx & 1, h = (idx >> 1) & 1, s = (idx >> 2) & 3, u = idx >> 4;
+        const int k = 16 * s + 2 * t + 8 * h;
+        const int64_t g0 = min(max(int32_t(wg_lds(sgi + uint32_t(wg_slot_row(B, k)) * 4u)), 0), groups - 1);
+        const int64_t g1 = min(max(int32_t(wg_lds(sgi + uint32_t(wg_slot_row(B, k + 1)) * 4u)), 0), groups - 1);
+        const int64_t c = cclamp(u, ci);
+        const uint32_t s2 = (wg_pair_of(a.scales, g0 * N + c) & 0xFFFFu) | (wg_pair_of(a.scales, g1 * N + c) << 16);
+        uint32_t z2 = (wg_pair_of(a.zeros, g0 * N + c) & 0xFFFFu) | (wg_pair_of(a.zeros, g1 * N + c) << 16);
+        if constexpr (!kAsym) z2 ^= 0x80008000u;
+        const int pi = B == 4 ? s : 2 * s + h;
+        const uint32_t w =
+            wg_lds(sw + wrow0 + uint32_t(B == 4 ? h : 0) * (kCols * 4u) + uint32_t(64 * u + 8 * ci) * 4u);
+        const uint32_t sub = a.magic - (uint32_t(Sel::pos(pi)) << Tc<T>::kMant) * 0x00010001u;
+        wg_sts(scr + uint32_t(idx) * 128u, weight(Sel::unit(w, pi, mg), sub, s2, z2));
+      }
 #pragma unroll
-      for (int s = 0; s < 4; ++s)
+      for (int u = 0; u < WT; ++u)
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int k = 16 * s + 2 * t + 8 * h;
-          const int64_t g0 = min(max(int32_t(wg_lds(sgi + uint32_t(wg_slot_row(B, k)) * 4u)), 0), groups - 1);
-          const int64_t g1 = min(max(int32_t(wg_lds(sgi + uint32_t(wg_slot_row(B, k + 1)) * 4u)), 0), groups - 1);
+        for (int s = 0; s < 4; ++s)
 #pragma unroll
-          for (int ci = 0; ci < 2; ++ci) {
-            const uint32_t s2 =
-                (wg_pair_of(a.scales, g0 * N + cc[ci]) & 0xFFFFu) | (wg_pair_of(a.scales, g1 * N + cc[ci]) << 16);
-            uint32_t z2 =
-                (wg_pair_of(a.zeros, g0 * N + cc[ci]) & 0xFFFFu) | (wg_pair_of(a.zeros, g1 * N + cc[ci]) << 16);
-            if constexpr (!kAsym) z2 ^= 0x80008000u;
-            areg[P][s][2 * h + ci] = weight(wv[B == 4 ? h : 0][ci], B == 4 ? s : 2 * s + h, s2, z2);
-          }
-        }
+          for (int h = 0; h < 2; ++h)
+#pragma unroll
+            for (int ci = 0; ci < 2; ++ci)
+              areg[P][u][s][2 * h + ci] = wg_lds(scr + uint32_t(((u * 4 + s) * 2 + h) * 2 + ci) * 128u);
     }
     if (row0 + kWgRows > K) {  // tail k-block: rows past K weigh 0 whatever their padding codes
 #pragma unroll
@@ -391,26 +424,35 @@ __global__ void __launch_bounds__(kWgThreads, MT <= 64 ? 2 : 1) wq_wg_kernel(con
           const int k = 16 * s + 2 * t + 8 * h;
           const uint32_t keep = (row0 + wg_slot_row(B, k) < K ? 0x0000FFFFu : 0u) |
                                 (row0 + wg_slot_row(B, k + 1) < K ? 0xFFFF0000u : 0u);
-          areg[P][s][2 * h] &= keep;
-          areg[P][s][2 * h + 1] &= keep;
+#pragma unroll
+          for (int u = 0; u < WT; ++u) {
+            areg[P][u][s][2 * h] &= keep;
+            areg[P][u][s][2 * h + 1] &= keep;
+          }
         }
     }
 #pragma unroll
-    for (int j = 0; j < Acc::kTiles; ++j) wg_pin(acc[j]);
+    for (int u = 0; u < WT; ++u)
+#pragma unroll
+      for (int j = 0; j < Acc::kTiles; ++j) wg_pin(acc[u][j]);
     wg_fence();
 #pragma unroll
     for (int s = 0; s < 4; ++s)
 #pragma unroll
-      for (int j = 0; j < Acc::kTiles; ++j) {
-        const uint64_t db = wg_desc(sb + uint32_t(j) * (64u * 128u) + uint32_t(s) * 32u);
-        if constexpr (MT == 32)
-          wg_mma_n32<T>(acc[j], areg[P][s], db, i > 0 || s > 0 ? 1u : 0u);
-        else
-          wg_mma_n64<T>(acc[j], areg[P][s], db, i > 0 || s > 0 ? 1u : 0u);
-      }
+      for (int u = 0; u < WT; ++u)
+#pragma unroll
+        for (int j = 0; j < Acc::kTiles; ++j) {
+          const uint64_t db = wg_desc(sb + uint32_t(j) * (64u * 128u) + uint32_t(s) * 32u);
+          if constexpr (MT == 32)
+            wg_mma_n32<T>(acc[u][j], areg[P][u][s], db, i > 0 || s > 0 ? 1u : 0u);
+          else
+            wg_mma_n64<T>(acc[u][j], areg[P][u][s], db, i > 0 || s > 0 ? 1u : 0u);
+        }
     wg_mma_commit();
 #pragma unroll
-    for (int j = 0; j < Acc::kTiles; ++j) wg_pin(acc[j]);
+    for (int u = 0; u < WT; ++u)
+#pragma unroll
+      for (int j = 0; j < Acc::kTiles; ++j) wg_pin(acc[u][j]);
   };
   for (int i = 0; i < nk; i += 2) {
     step(i, std::integral_constant<int, 0>{});
@@ -418,19 +460,23 @@ __global__ void __launch_bounds__(kWgThreads, MT <= 64 ? 2 : 1) wq_wg_kernel(con
   }
   wg_mma_wait<0>();
 #pragma unroll
-  for (int j = 0; j < Acc::kTiles; ++j) wg_pin(acc[j]);
+  for (int u = 0; u < WT; ++u)
+#pragma unroll
+    for (int j = 0; j < Acc::kTiles; ++j) wg_pin(acc[u][j]);
   wg_cp_wait<0>();  // the empty trailing groups
   pdl_trigger();
 
   // Fragment element e of tile j: column c0 (e % 4 < 2) or c1, row of x m0 + 64 j + 8 (e / 4) + 2 t + e % 2.
 #pragma unroll
+  for (int u = 0; u < WT; ++u)
+#pragma unroll
   for (int j = 0; j < Acc::kTiles; ++j) {
 #pragma unroll
     for (int e = 0; e < Acc::kPer; ++e) {
-      const int n = (e & 2) ? c1 : c0;
+      const int n = col_of(u, (e >> 1) & 1);
       const int64_t m = m0 + 64 * j + 8 * (e >> 2) + 2 * t + (e & 1);
       if (n >= N || m >= a.M) continue;
-      const float v = acc[j][e];
+      const float v = acc[u][j][e];
       if (a.partial != nullptr) {
         a.partial[(int64_t(blockIdx.y) * a.M + m) * N + n] = v;
       } else {
@@ -444,17 +490,24 @@ __global__ void __launch_bounds__(kWgThreads, MT <= 64 ? 2 : 1) wq_wg_kernel(con
 #endif
 }
 
-// Calls f(kernel, smem bytes) with the instantiation for (dtype, bits, MT, asym).
+// Calls f(kernel, smem bytes) with the instantiation for (dtype, bits, MT, WT, asym); WT = 2 exists for
+// MT = 32 only.
 template <typename F>
-decltype(auto) with_wg_kernel(bool fp16, int bits, int mt, bool asym, F&& f) {
+decltype(auto) with_wg_kernel(bool fp16, int bits, int mt, int wt, bool asym, F&& f) {
   auto by_t = [&](auto tag) -> decltype(auto) {
     using T = typename decltype(tag)::type;
     auto by_b = [&](auto bt) -> decltype(auto) {
       constexpr int B = decltype(bt)::value;
       auto by_m = [&](auto mtag) -> decltype(auto) {
         constexpr int MT = decltype(mtag)::value;
-        if (asym) return f(wq_wg_kernel<T, B, MT, true>, WgShape<B, MT>::kSmem);
-        return f(wq_wg_kernel<T, B, MT, false>, WgShape<B, MT>::kSmem);
+        if constexpr (MT == 32) {
+          if (wt == 2) {
+            if (asym) return f(wq_wg_kernel<T, B, MT, 2, true>, WgShape<B, MT, 2>::kSmem);
+            return f(wq_wg_kernel<T, B, MT, 2, false>, WgShape<B, MT, 2>::kSmem);
+          }
+        }
+        if (asym) return f(wq_wg_kernel<T, B, MT, 1, true>, WgShape<B, MT, 1>::kSmem);
+        return f(wq_wg_kernel<T, B, MT, 1, false>, WgShape<B, MT, 1>::kSmem);
       };
       if (mt == 32) return by_m(std::integral_constant<int, 32>{});
       if (mt == 64) return by_m(std::integral_constant<int, 64>{});
@@ -481,8 +534,9 @@ bool wg_ready(int device) {
   for (int f = 0; f < 2 && ok; ++f)
     for (int b : {2, 4})
       for (int mt : {32, 64, 128, 256})
-        for (int as = 0; as < 2; ++as)
-          ok = ok && with_wg_kernel(f == 0, b, mt, as == 1, [&](auto kernel, int smem) {
+        for (int wt = 1; wt <= (mt == 32 ? 2 : 1); ++wt)
+          for (int as = 0; as < 2; ++as)
+            ok = ok && with_wg_kernel(f == 0, b, mt, wt, as == 1, [&](auto kernel, int smem) {
                  cudaFuncAttributes attr{};
                  return size_t(smem) <= prop.sharedMemPerBlockOptin &&
                         cudaFuncGetAttributes(&attr, kernel) == cudaSuccess && attr.binaryVersion == 90 &&
@@ -494,7 +548,7 @@ bool wg_ready(int device) {
 }
 
 struct WgPlan {
-  int mt = 64;
+  int mt = 64, wt = 1;
   int64_t mtiles = 0, ntiles = 0, nkb = 0, splits = 1, kps = 0, kp = 0;
   size_t x_bytes = 0, ws_bytes = 0;
 };
@@ -515,8 +569,13 @@ int wg_tile_rows(int64_t M, int64_t ntiles) {
 
 // A pure function of (w's shape, M, SM count), shared by the workspace query and the call.
 Status make_wg_plan(const char* fn, const WqWeight& w, int64_t M, int sms, WgPlan* p) {
-  p->ntiles = (w.N + kWgCols - 1) / kWgCols;
-  p->mt = wg_tile_rows(M, p->ntiles);
+  const int64_t tiles128 = (w.N + 127) / 128;
+  p->mt = wg_tile_rows(M, tiles128);
+  // Two 64-column tiles per warpgroup with 32-row tiles on layers of >= 64 column tiles (H100, kernel time,
+  // 4-bit: 8192 x 28672 M = 32 98 -> 90 us, 28672 x 8192 86 -> 80); on smaller ones the halved CTA count
+  // needs more split-K partials (4096^2 M = 17: 9.6 -> 12.0 us).
+  p->wt = p->mt == 32 && tiles128 >= 64 ? 2 : 1;
+  p->ntiles = (w.N + 128 * p->wt - 1) / (128 * p->wt);
   p->mtiles = (M + p->mt - 1) / p->mt;
   p->nkb = (w.K + kWgRows - 1) / kWgRows;
   const int64_t base = p->mtiles * p->ntiles;
@@ -527,7 +586,7 @@ Status make_wg_plan(const char* fn, const WqWeight& w, int64_t M, int sms, WgPla
   // resident slots best, each split at least 8 k-blocks, a small premium on fewer splits (each adds a
   // partial-sum slot and the reduce pass).
   int per_sm = 0;
-  with_wg_kernel(w.sdtype == DType::kFloat16, w.bits[0], p->mt, w.asym, [&](auto kernel, int smem) {
+  with_wg_kernel(w.sdtype == DType::kFloat16, w.bits[0], p->mt, p->wt, w.asym, [&](auto kernel, int smem) {
     if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kWgThreads, smem) != cudaSuccess) {
       cudaGetLastError();
       per_sm = 1;
@@ -630,7 +689,7 @@ Status wg_matmul(const char* fn, const WqWeight& w, const void* x, int64_t M, in
   a.ldx = plan.kp;
   // A programmatic dependent of the prep kernel: its launch and prologue overlap the prep pass (the
   // kernel waits for it before its first copy).
-  const cudaError_t err = with_wg_kernel(fp16, w.bits[0], plan.mt, w.asym, [&](auto kernel, int smem) {
+  const cudaError_t err = with_wg_kernel(fp16, w.bits[0], plan.mt, plan.wt, w.asym, [&](auto kernel, int smem) {
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = dim3(static_cast<unsigned>(plan.mtiles * plan.ntiles), static_cast<unsigned>(plan.splits));
     cfg.blockDim = dim3(kWgThreads);
