@@ -208,7 +208,7 @@ TEST_F(CudaWq, TensorCorePath) {
       }
 }
 
-// The warpgroup (wgmma) kernel that takes M >= 17 on an sm_90 device (one 2- or 4-bit segment, N % 4 == 0):
+// The warpgroup (wgmma) kernel that takes M >= 17 on an sm_90 device (2- and 4-bit segments, N % 4 == 0):
 // row tiles of 32 (n = 32; on layers of >= 64 column tiles two 64-column tiles per warpgroup: N = 8200,
 // the last 256-column CTA partial), 64 and 128 (two n = 64 wgmmas), 128-row tiles with a partial last one (M = 129,
 // 200, 300), the 256-row tile (four n = 64; layers of >= 64 column tiles: N = 8196, M = 257 = two tiles),
@@ -234,7 +234,12 @@ TEST_F(CudaWq, WarpgroupPath) {
         WqCase c;
         c.spec.K = sh.K;
         c.spec.N = sh.N;
-        c.spec.segments = {{b, 0}};
+        // Two cases in five with K > 130 a three-segment channel-mix (96 / 32 / rest rows: segments that
+        // start and end mid k-block, one launch each, partial sums over all of them), with and without perm.
+        if ((seed % 5 == 2 || seed % 5 == 4) && sh.K > 130)
+          c.spec.segments = {{b, 96}, {6 - b, 32}, {b, 0}};
+        else
+          c.spec.segments = {{b, 0}};
         const int kind = int(seed % 4);
         c.spec.group_size = kind == 0 ? 128 : (kind == 1 ? 64 : 16);
         c.spec.act_order = kind == 3;

@@ -2,7 +2,7 @@
 //   wq_matmul.cu  the CUDA-core kernel (any width, any dtype), wq_dequantize, the split-K reduce kernel,
 //                 the public entry points and the choice of path;
 //   wq_tc.cu      the tensor-core kernel (WqWeight::allow_half, 2- and 4-bit segments, M <= 64);
-//   wq_wg.cu      the warpgroup (wgmma, sm_90a) kernel for larger M (one 2- or 4-bit segment).
+//   wq_wg.cu      the warpgroup (wgmma, sm_90a) kernel for larger M (2- and 4-bit segments, a launch each).
 // Device helpers both kernels use and the host hooks between the units. Nothing here is public API.
 #pragma once
 
@@ -96,14 +96,16 @@ __host__ __device__ __forceinline__ int wg_slot_row(int bits, int slot) {
   return bits == 4 ? 16 * t + 8 * h + s + 4 * e : 16 * t + 2 * s + h + 8 * e;
 }
 
-// x' = x[:, perm] * channel_scale rounded once to the scales' 16-bit dtype, rows padded with zeros to kp
-// (a multiple of 8; of 64 when order != 0) columns, into out (M x kp, 16-byte aligned). The tensor-core
-// kernels' prep pass. order 0: stored-row order; 2 / 4: the warpgroup kernel's k-slot order (wg_slot_row).
+// x' = x[:, perm] * channel_scale rounded once to the scales' 16-bit dtype for the w.K stored rows, padded
+// with zeros to kp (a multiple of 8; of 64 when order != 0) columns, into out (M x kp, 16-byte aligned).
+// The tensor-core kernels' prep pass. order 0: stored-row order; 2 / 4: the warpgroup kernel's k-slot
+// order (wg_slot_row). k_in: x's input channels (perm entries are clamped into [0, k_in); a segment's
+// view has fewer stored rows than that).
 Status tc_prep_x(const char* fn, const WqWeight& w, const void* x, int64_t M, int64_t ldx, int64_t kp, int order,
-                 void* out, const DeviceInfo& dev, cudaStream_t stream);
+                 int64_t k_in, void* out, const DeviceInfo& dev, cudaStream_t stream);
 
 // wq_wg.cu (sm_90a). The warpgroup kernel for M >= wg_min_rows() (17; LOWBIT_WQ_WG_MIN_ROWS overrides it,
-// read once): one segment of 2 or 4 bits, N % 4 == 0, 16-byte aligned words, on a cc 9.0 device with its
+// read once): segments of 2 or 4 bits, N % 4 == 0, 16-byte aligned words, on a cc 9.0 device with its
 // sm_90a code. Same contract as the tc_* hooks above.
 int64_t wg_min_rows();
 bool wg_eligible(const WqWeight& w, int64_t M, const DType* xtype);

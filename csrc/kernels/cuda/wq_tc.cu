@@ -771,7 +771,8 @@ __global__ void __launch_bounds__(kTcThreads, NT == 1 && kVec ? 3 : 1) wq_tc_ker
 template <typename T>
 __global__ void __launch_bounds__(kPrepThreads) wq_tc_prep_kernel(const T* __restrict__ x, int64_t ldx, int64_t M,
                                                                   int64_t K, int64_t Kp, const int32_t* perm,
-                                                                  const T* cs, T* __restrict__ xs, int order) {
+                                                                  const T* cs, T* __restrict__ xs, int order,
+                                                                  int64_t k_in) {
   // The main kernel behind this one is a programmatic dependent: let it launch and prefetch its words now
   // (it waits for this kernel's completion before it reads x').
   pdl_trigger();
@@ -788,7 +789,7 @@ __global__ void __launch_bounds__(kPrepThreads) wq_tc_prep_kernel(const T* __res
         const int64_t r = order == 0 ? p : (p & ~int64_t(63)) + wg_slot_row(order, int(p & 63));
         float f = 0.0f;
         if (r < K) {
-          const int64_t k = perm != nullptr ? min(max(int64_t(__ldg(perm + r)), int64_t(0)), K - 1) : r;
+          const int64_t k = perm != nullptr ? min(max(int64_t(__ldg(perm + r)), int64_t(0)), k_in - 1) : r;
           f = float(x[m * ldx + k]);
           if (cs != nullptr) f *= float(cs[k]);
         }
@@ -1007,17 +1008,17 @@ Status tc_workspace(const char* fn, const WqWeight& w, int64_t M, int sms, size_
 }
 
 Status tc_prep_x(const char* fn, const WqWeight& w, const void* x, int64_t M, int64_t ldx, int64_t kp, int order,
-                 void* out, const DeviceInfo& dev, cudaStream_t stream) {
+                 int64_t k_in, void* out, const DeviceInfo& dev, cudaStream_t stream) {
   const int64_t total = M * (kp / 8);
   const int64_t blocks = std::min<int64_t>((total + kPrepThreads - 1) / kPrepThreads, int64_t(dev.sms) * 8);
   if (w.sdtype == DType::kFloat16)
     wq_tc_prep_kernel<__half><<<unsigned(blocks), kPrepThreads, 0, stream>>>(
         static_cast<const __half*>(x), ldx, M, w.K, kp, w.perm, static_cast<const __half*>(w.channel_scale),
-        static_cast<__half*>(out), order);
+        static_cast<__half*>(out), order, k_in);
   else
     wq_tc_prep_kernel<__nv_bfloat16><<<unsigned(blocks), kPrepThreads, 0, stream>>>(
         static_cast<const __nv_bfloat16*>(x), ldx, M, w.K, kp, w.perm,
-        static_cast<const __nv_bfloat16*>(w.channel_scale), static_cast<__nv_bfloat16*>(out), order);
+        static_cast<const __nv_bfloat16*>(w.channel_scale), static_cast<__nv_bfloat16*>(out), order, k_in);
   return launch_error(fn, "x' prep kernel launch failed");
 }
 
@@ -1060,7 +1061,7 @@ Status tc_matmul(const char* fn, const WqWeight& w, const void* x, int64_t M, in
     a.ldx = ldx;
     a.xrows = w.K;
   } else {
-    st = tc_prep_x(fn, w, x, M, ldx, plan.kp, 0, wsb, dev, stream);
+    st = tc_prep_x(fn, w, x, M, ldx, plan.kp, 0, w.K, wsb, dev, stream);
     if (!st.is_ok()) return st;
     a.x = wsb;
     a.ldx = plan.kp;

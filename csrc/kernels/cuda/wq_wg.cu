@@ -1,6 +1,6 @@
 // Warpgroup (wgmma) weight-only matmul for Hopper (sm_90a): the medium- and large-M path of wq_matmul
-// (include/lowbit/kernels/wq.h, WqWeight::allow_half): one segment of 2 or 4 bits, x of the scales' 16-bit
-// dtype, M >= 17. The decode kernel (wq_tc.cu) keeps M <= 16; from M = 17 the work per weight grows with M
+// (include/lowbit/kernels/wq.h, WqWeight::allow_half): segments of 2 or 4 bits (one prep pass and one launch
+// per segment, partial sums over all of them when there are several), x of the scales' 16-bit dtype, M >= 17. The decode kernel (wq_tc.cu) keeps M <= 16; from M = 17 the work per weight grows with M
 // and mma.sync's issue rate, not the bytes, becomes the limit: wgmma takes a 64 x n x 16 product per
 // instruction and runs asynchronously beside the dequantization.
 //
@@ -106,6 +106,7 @@ struct WgArgs {
   float* partial;           // null: one split, write out; else [split][M][N]
   int64_t mtiles;
   float inv_gs;             // 1 / gs_guess: g_idx[r] is expected to be r / gs_guess (only speed depends on it)
+  int row_base;             // the segment's first stored row (for that guess)
   int sz_vec;               // 1: the expected group's (s, z) rows come with the stage (16-byte copies)
   int nkb, kps;
   uint32_t magic;           // Tc<T>::kMagic (through an argument: a register, so mask-and-or is one LOP3)
@@ -260,7 +261,7 @@ __global__ void __launch_bounds__(kWgThreads, MT <= 64 ? 2 : 1) wq_wg_kernel(con
   const int groups = int(a.groups);
   // The group a k-block is expected to lie in: row0 / gs_guess, in float (a guess: producer and consumer
   // compute the same value, and a wrong one only costs the direct loads below).
-  auto guess = [&](int row0) { return min(int((float(row0) + 0.5f) * a.inv_gs), groups - 1); };
+  auto guess = [&](int row0) { return min(int((float(a.row_base + row0) + 0.5f) * a.inv_gs), groups - 1); };
 
   auto load = [&](int kb, int st) {
     const uint32_t sb = base + uint32_t(st) * S::kStage;
@@ -625,7 +626,9 @@ int64_t wg_min_rows() {
 bool wg_eligible(const WqWeight& w, int64_t M, const DType* xtype) {
   if (!w.allow_half || (w.sdtype != DType::kFloat16 && w.sdtype != DType::kBFloat16)) return false;
   if (xtype != nullptr && *xtype != w.sdtype) return false;
-  if (M < wg_min_rows() || w.nseg != 1 || (w.bits[0] != 2 && w.bits[0] != 4)) return false;
+  if (M < wg_min_rows() || w.nseg < 1) return false;
+  for (int s = 0; s < w.nseg; ++s)
+    if (w.bits[s] != 2 && w.bits[s] != 4) return false;
   if (w.N % 4 != 0 || reinterpret_cast<uintptr_t>(w.qweight) % 16 != 0) return false;
   if (w.K >= (int64_t(1) << 30) || w.N >= (int64_t(1) << 31)) return false;
   int device = -1;
@@ -636,83 +639,149 @@ bool wg_eligible(const WqWeight& w, int64_t M, const DType* xtype) {
   return wg_ready(device);
 }
 
-Status wg_workspace(const char* fn, const WqWeight& w, int64_t M, int sms, size_t* bytes) {
+namespace {
+
+// Segment s of w as a one-segment weight of its own rows: its words (N % 4 == 0 keeps them 16-byte
+// aligned), g_idx and perm from its first stored row; without perm, x and channel_scale are shifted by
+// that row instead (wg_matmul). Groups, scales and zeros stay whole.
+struct WgSegment {
+  WqWeight view;
+  int64_t row0 = 0;
   WgPlan plan;
-  Status st = make_wg_plan(fn, w, M, sms, &plan);
-  if (st.is_ok()) *bytes = plan.ws_bytes;
+  int64_t slot0 = 0;  // first partial-sum slot
+};
+struct WgLayout {
+  int nseg = 0;
+  WgSegment seg[kWqMaxSegments];
+  int64_t slots = 0;  // partial-sum slots over all segments (1: the kernel writes out itself)
+  size_t x_bytes = 0, ws_bytes = 0;
+};
+
+Status make_wg_layout(const char* fn, const WqWeight& w, int64_t M, int sms, WgLayout* L) {
+  L->nseg = w.nseg;
+  int64_t row0 = 0, q0 = 0, slots = 0;
+  size_t x_bytes = 0;
+  for (int s = 0; s < w.nseg; ++s) {
+    WgSegment& g = L->seg[s];
+    const int64_t len = w.row_end[s] - row0;
+    g.row0 = row0;
+    g.view = w;
+    g.view.nseg = 1;
+    g.view.K = len;
+    g.view.bits[0] = w.bits[s];
+    g.view.row_end[0] = len;
+    g.view.qweight = w.qweight + q0 * w.N;
+    g.view.qrows = (len + 31) / 32 * w.bits[s];
+    g.view.g_idx = w.g_idx + row0;
+    g.view.perm = w.perm != nullptr ? w.perm + row0 : nullptr;
+    Status st = make_wg_plan(fn, g.view, M, sms, &g.plan);
+    if (!st.is_ok()) return st;
+    g.slot0 = slots;
+    slots += g.plan.splits;
+    x_bytes = std::max(x_bytes, g.plan.x_bytes);
+    q0 += g.view.qrows;
+    row0 = w.row_end[s];
+  }
+  L->slots = slots;
+  L->x_bytes = x_bytes;
+  L->ws_bytes = x_bytes + (slots > 1 ? size_t(slots) * size_t(M) * size_t(w.N) * sizeof(float) : 0);
+  return Status::ok();
+}
+
+}  // namespace
+
+Status wg_workspace(const char* fn, const WqWeight& w, int64_t M, int sms, size_t* bytes) {
+  WgLayout L;
+  Status st = make_wg_layout(fn, w, M, sms, &L);
+  if (st.is_ok()) *bytes = L.ws_bytes;
   return st;
 }
 
 Status wg_matmul(const char* fn, const WqWeight& w, const void* x, int64_t M, int64_t ldx, const void* bias,
                  void* out, int64_t ldo, void* workspace, size_t workspace_bytes, const DeviceInfo& dev,
                  cudaStream_t stream) {
-  WgPlan plan;
-  Status st = make_wg_plan(fn, w, M, dev.sms, &plan);
+  WgLayout L;
+  Status st = make_wg_layout(fn, w, M, dev.sms, &L);
   if (!st.is_ok()) return st;
-  if (workspace == nullptr || workspace_bytes < plan.ws_bytes)
-    return Status::invalid(validate::err(fn, "workspace_bytes must be >= " + std::to_string(plan.ws_bytes) +
+  if (workspace == nullptr || workspace_bytes < L.ws_bytes)
+    return Status::invalid(validate::err(fn, "workspace_bytes must be >= " + std::to_string(L.ws_bytes) +
                                                  " (wq_matmul_workspace), got " +
                                                  (workspace == nullptr ? std::string("a null workspace")
                                                                        : std::to_string(workspace_bytes))));
   if (reinterpret_cast<uintptr_t>(workspace) % 16 != 0)
     return Status::invalid(validate::err(fn, "workspace must be 16-byte aligned"));
   const bool fp16 = w.sdtype == DType::kFloat16;
+  const size_t esz = 2;  // x and channel_scale are 16-bit (wg_eligible)
   char* wsb = static_cast<char*>(workspace);
-  WgArgs a = {};
-  a.M = M;
-  a.qweight = w.qweight;
-  a.qrows_used = (w.K + 31) / 32 * w.bits[0];
-  a.N = w.N;
-  a.K = w.K;
-  a.groups = w.groups;
-  a.g_idx = w.g_idx;
-  a.scales = w.scales;
-  a.zeros = w.zeros;
-  a.bias = bias;
-  a.out = out;
-  a.ldo = ldo;
-  a.mtiles = plan.mtiles;
-  a.inv_gs = 1.0f / float(std::max<int64_t>(1, (w.K + w.groups - 1) / w.groups));
-  a.sz_vec = (w.N % 8 == 0 && reinterpret_cast<uintptr_t>(w.scales) % 16 == 0 &&
-              reinterpret_cast<uintptr_t>(w.zeros) % 16 == 0)
-                 ? 1
-                 : 0;
-  a.magic = fp16 ? Tc<__half>::kMagic : Tc<__nv_bfloat16>::kMagic;
-  a.nkb = static_cast<int>(plan.nkb);
-  a.kps = static_cast<int>(plan.kps);
-  a.partial = plan.splits > 1 ? reinterpret_cast<float*>(wsb + plan.x_bytes) : nullptr;
-  // x' always goes through the prep kernel: the k-slot order (wg_slot_row) lets each lane decode whole
-  // words, and the prep pass also applies perm and channel_scale and pads K to whole k-blocks.
-  st = tc_prep_x(fn, w, x, M, ldx, plan.kp, w.bits[0], wsb, dev, stream);
-  if (!st.is_ok()) return st;
-  a.x = wsb;
-  a.ldx = plan.kp;
-  // A programmatic dependent of the prep kernel: its launch and prologue overlap the prep pass (the
-  // kernel waits for it before its first copy).
-  const cudaError_t err = with_wg_kernel(fp16, w.bits[0], plan.mt, plan.wt, w.asym, [&](auto kernel, int smem) {
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(static_cast<unsigned>(plan.mtiles * plan.ntiles), static_cast<unsigned>(plan.splits));
-    cfg.blockDim = dim3(kWgThreads);
-    cfg.dynamicSmemBytes = static_cast<size_t>(smem);
-    cfg.stream = stream;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
-    cudaError_t e = cudaLaunchKernelEx(&cfg, kernel, a);
-    if (e != cudaSuccess) {
-      cudaGetLastError();  // PDL refused: a plain launch is just as correct
-      cfg.numAttrs = 0;
-      e = cudaLaunchKernelEx(&cfg, kernel, a);
+  float* partial = L.slots > 1 ? reinterpret_cast<float*>(wsb + L.x_bytes) : nullptr;
+  // One prep pass and one launch per segment, in order on the stream (so the x' buffer is reused); every
+  // segment writes its own partial-sum slots when there is more than one slot, and one reduce sums them.
+  for (int s = 0; s < L.nseg; ++s) {
+    const WgSegment& g = L.seg[s];
+    const WgPlan& plan = g.plan;
+    WqWeight v = g.view;
+    const void* xs = x;
+    if (w.perm == nullptr) {  // stored row r of the segment is input channel row0 + r
+      xs = static_cast<const char*>(x) + g.row0 * esz;
+      if (w.channel_scale != nullptr) v.channel_scale = static_cast<const char*>(w.channel_scale) + g.row0 * esz;
     }
-    return e;
-  });
-  if (err != cudaSuccess)
-    return Status::device(validate::err(fn, std::string("warpgroup kernel launch failed: ") + cudaGetErrorString(err)));
-  if (plan.splits == 1) return Status::ok();
+    WgArgs a = {};
+    a.M = M;
+    a.qweight = v.qweight;
+    a.qrows_used = v.qrows;
+    a.N = w.N;
+    a.K = v.K;
+    a.groups = w.groups;
+    a.g_idx = v.g_idx;
+    a.scales = w.scales;
+    a.zeros = w.zeros;
+    a.bias = bias;
+    a.out = out;
+    a.ldo = ldo;
+    a.mtiles = plan.mtiles;
+    a.inv_gs = 1.0f / float(std::max<int64_t>(1, (w.K + w.groups - 1) / w.groups));
+    a.row_base = static_cast<int>(g.row0);
+    a.sz_vec = (w.N % 8 == 0 && reinterpret_cast<uintptr_t>(w.scales) % 16 == 0 &&
+                reinterpret_cast<uintptr_t>(w.zeros) % 16 == 0)
+                   ? 1
+                   : 0;
+    a.magic = fp16 ? Tc<__half>::kMagic : Tc<__nv_bfloat16>::kMagic;
+    a.nkb = static_cast<int>(plan.nkb);
+    a.kps = static_cast<int>(plan.kps);
+    a.partial = partial != nullptr ? partial + g.slot0 * M * w.N : nullptr;
+    // x' always goes through the prep kernel: the k-slot order (wg_slot_row) lets each lane decode whole
+    // words, and the prep pass also applies perm and channel_scale and pads K to whole k-blocks.
+    st = tc_prep_x(fn, v, xs, M, ldx, plan.kp, v.bits[0], w.K, wsb, dev, stream);
+    if (!st.is_ok()) return st;
+    a.x = wsb;
+    a.ldx = plan.kp;
+    // A programmatic dependent of the prep kernel: its launch and prologue overlap the prep pass (the
+    // kernel waits for it before its first copy).
+    const cudaError_t err = with_wg_kernel(fp16, v.bits[0], plan.mt, plan.wt, w.asym, [&](auto kernel, int smem) {
+      cudaLaunchConfig_t cfg = {};
+      cfg.gridDim = dim3(static_cast<unsigned>(plan.mtiles * plan.ntiles), static_cast<unsigned>(plan.splits));
+      cfg.blockDim = dim3(kWgThreads);
+      cfg.dynamicSmemBytes = static_cast<size_t>(smem);
+      cfg.stream = stream;
+      cudaLaunchAttribute attr[1];
+      attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+      attr[0].val.programmaticStreamSerializationAllowed = 1;
+      cfg.attrs = attr;
+      cfg.numAttrs = 1;
+      cudaError_t e = cudaLaunchKernelEx(&cfg, kernel, a);
+      if (e != cudaSuccess) {
+        cudaGetLastError();  // PDL refused: a plain launch is just as correct
+        cfg.numAttrs = 0;
+        e = cudaLaunchKernelEx(&cfg, kernel, a);
+      }
+      return e;
+    });
+    if (err != cudaSuccess)
+      return Status::device(validate::err(fn, std::string("warpgroup kernel launch failed: ") + cudaGetErrorString(err)));
+  }
+  if (L.slots == 1) return Status::ok();
   const int dt = static_cast<int>(w.sdtype);
-  return launch_reduce(fn, dev, stream, a.partial, plan.splits, M, w.N, bias, dt, out, dt, ldo);
+  return launch_reduce(fn, dev, stream, partial, L.slots, M, w.N, bias, dt, out, dt, ldo);
 }
 
 }  // namespace wq_detail
