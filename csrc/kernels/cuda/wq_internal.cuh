@@ -71,6 +71,10 @@ Status device_info(const char* fn, DeviceInfo* info);
 // Ok, or the pending launch error (cleared) as a device Status "fn: what: <CUDA error>".
 Status launch_error(const char* fn, const char* what);
 
+// Ok, or why the caller's workspace (wq_matmul_workspace bytes) cannot take `need` bytes: null, too small
+// or not 16-byte aligned.
+Status check_workspace(const char* fn, const void* workspace, size_t workspace_bytes, size_t need);
+
 // Sums `slots` fp32 partial results ws[slot][M][N] in slot order, adds bias (dtype sdt) and rounds once
 // into out (dtype odt, row stride ldo). A programmatic dependent launch on sm_90+ (the kernels before it
 // call pdl_trigger()).

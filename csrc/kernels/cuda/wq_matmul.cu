@@ -866,6 +866,17 @@ Status device_info(const char* fn, DeviceInfo* info) {
   return Status::ok();
 }
 
+Status check_workspace(const char* fn, const void* workspace, size_t workspace_bytes, size_t need) {
+  if (workspace == nullptr || workspace_bytes < need)
+    return Status::invalid(validate::err(fn, "workspace_bytes must be >= " + std::to_string(need) +
+                                                 " (wq_matmul_workspace), got " +
+                                                 (workspace == nullptr ? std::string("a null workspace")
+                                                                       : std::to_string(workspace_bytes))));
+  if (reinterpret_cast<uintptr_t>(workspace) % 16 != 0)
+    return Status::invalid(validate::err(fn, "workspace must be 16-byte aligned"));
+  return Status::ok();
+}
+
 // The reduce kernel, as a programmatic dependent launch where the device supports it (sm_90+).
 Status launch_reduce(const char* fn, const DeviceInfo& dev, cudaStream_t stream, const float* ws, int64_t slots,
                      int64_t M, int64_t N, const void* bias, int sdt, void* out, int odt, int64_t ldo) {

@@ -1028,13 +1028,8 @@ Status tc_matmul(const char* fn, const WqWeight& w, const void* x, int64_t M, in
   TcPlan plan;
   Status st = make_tc_plan(fn, w, M, dev.sms, &plan);
   if (!st.is_ok()) return st;
-  if (workspace == nullptr || workspace_bytes < plan.ws_bytes)
-    return Status::invalid(validate::err(fn, "workspace_bytes must be >= " + std::to_string(plan.ws_bytes) +
-                                                 " (wq_matmul_workspace), got " +
-                                                 (workspace == nullptr ? std::string("a null workspace")
-                                                                       : std::to_string(workspace_bytes))));
-  if (reinterpret_cast<uintptr_t>(workspace) % 16 != 0)
-    return Status::invalid(validate::err(fn, "workspace must be 16-byte aligned"));
+  st = check_workspace(fn, workspace, workspace_bytes, plan.ws_bytes);
+  if (!st.is_ok()) return st;
   const bool fp16 = w.sdtype == DType::kFloat16;
   char* wsb = static_cast<char*>(workspace);
   TcArgs a = {};

@@ -703,13 +703,8 @@ Status wg_matmul(const char* fn, const WqWeight& w, const void* x, int64_t M, in
   WgLayout L;
   Status st = make_wg_layout(fn, w, M, dev.sms, &L);
   if (!st.is_ok()) return st;
-  if (workspace == nullptr || workspace_bytes < L.ws_bytes)
-    return Status::invalid(validate::err(fn, "workspace_bytes must be >= " + std::to_string(L.ws_bytes) +
-                                                 " (wq_matmul_workspace), got " +
-                                                 (workspace == nullptr ? std::string("a null workspace")
-                                                                       : std::to_string(workspace_bytes))));
-  if (reinterpret_cast<uintptr_t>(workspace) % 16 != 0)
-    return Status::invalid(validate::err(fn, "workspace must be 16-byte aligned"));
+  st = check_workspace(fn, workspace, workspace_bytes, L.ws_bytes);
+  if (!st.is_ok()) return st;
   const bool fp16 = w.sdtype == DType::kFloat16;
   const size_t esz = 2;  // x and channel_scale are 16-bit (wg_eligible)
   char* wsb = static_cast<char*>(workspace);
