@@ -630,7 +630,8 @@ bool wg_eligible(const WqWeight& w, int64_t M, const DType* xtype) {
   for (int s = 0; s < w.nseg; ++s)
     if (w.bits[s] != 2 && w.bits[s] != 4) return false;
   if (w.N % 4 != 0 || reinterpret_cast<uintptr_t>(w.qweight) % 16 != 0) return false;
-  if (w.K >= (int64_t(1) << 30) || w.N >= (int64_t(1) << 31)) return false;
+  // 32-bit row, column and group indices in the kernel.
+  if (w.K >= (int64_t(1) << 30) || w.N >= (int64_t(1) << 31) || w.groups >= (int64_t(1) << 30)) return false;
   int device = -1;
   if (cudaGetDevice(&device) != cudaSuccess) {
     cudaGetLastError();
