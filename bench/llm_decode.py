@@ -2,7 +2,7 @@
 2/4-bit mix, tokens/s at batch 1 and 16 with CUDA graphs, and the GPU memory of the linear layers.
 
     PYTHONPATH=python python3 bench/llm_decode.py [--device cuda|cpu] [--preset 7b|tiny] [--layers N]
-        [--tokens 128] [--prompt 16] [--batches 1,16] [--variants fp16,mbwq4,mix24] [--repeats 3]
+        [--tokens 128] [--prompt 16] [--batches 1,16] [--variants fp16,mbwq4,mix24[,fp16+fuse,...]] [--repeats 3]
         [--check | --no-check] [--markdown-out FILE]
 
     CPU smoke run: PYTHONPATH=python python3 bench/llm_decode.py --device cpu --preset tiny --tokens 8 --batches 1,2
@@ -34,6 +34,10 @@ the activations of a 32-layer model finite in fp16 (values only: no tensor is re
               the "2/4 mix g128" of bench/wq_linear.py)
   mix24layer  MBWQLinear layer-mix: attention q/k/v/o 4-bit, MLP gate/up/down 2-bit, group 128
   mbwq2       MBWQLinear layer-mix 2-bit, group 128, every projection
+Any variant with the suffix +fuse (e.g. mbwq4+fuse) runs q/k/v as one projection of 3 * hidden outputs and
+gate/up as one of 2 * intermediate, as inference runtimes do (MBWQLinear.fuse / MPQLinear.fuse build such
+a layer from the separately loaded ones; here it is built at its fused width directly) -- 4 projections
+per layer instead of 7; a fused variant's speed-up is against fp16+fuse when that ran.
 One variant is built, measured and freed before the next.
 
 Decode. For each batch B: a random prompt of P tokens (the same for every variant) is prefilled in one
@@ -132,23 +136,31 @@ def apply_rope(x: Tensor, cos: Tensor, sin_signed: Tensor) -> Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: Config, make: Callable[[str, str, int, int], nn.Module]) -> None:
+    def __init__(self, cfg: Config, make: Callable[[str, str, int, int], nn.Module], fuse: bool = False) -> None:
         super().__init__()
         h = cfg.hidden
-        self.heads, self.head_dim = cfg.heads, cfg.head_dim
-        self.q_proj = make("attn", "q_proj", h, h)
-        self.k_proj = make("attn", "k_proj", h, h)
-        self.v_proj = make("attn", "v_proj", h, h)
+        self.heads, self.head_dim, self.fuse = cfg.heads, cfg.head_dim, fuse
+        if fuse:  # q, k, v as one projection of 3h outputs (what MBWQLinear.fuse builds from three)
+            self.qkv_proj = make("attn", "qkv_proj", h, 3 * h)
+        else:
+            self.q_proj = make("attn", "q_proj", h, h)
+            self.k_proj = make("attn", "k_proj", h, h)
+            self.v_proj = make("attn", "v_proj", h, h)
         self.o_proj = make("attn", "o_proj", h, h)
         self.k_cache: Optional[Tensor] = None  # (B, heads, L, head_dim), set by Llama.allocate_cache
         self.v_cache: Optional[Tensor] = None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, pos: Tensor, mask: Tensor) -> Tensor:
         B, S, H = x.shape
-        qk = torch.stack((self.q_proj(x), self.k_proj(x)))  # (2, B, S, H): one rotary pass for both
-        qk = apply_rope(qk.view(2, B, S, self.heads, self.head_dim).transpose(2, 3), cos, sin)
+        if self.fuse:
+            qkv = self.qkv_proj(x).view(B, S, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            qk = apply_rope(qkv[:2], cos, sin)  # (2, B, heads, S, head_dim): one rotary pass for both
+            v = qkv[2]
+        else:
+            qk = torch.stack((self.q_proj(x), self.k_proj(x)))  # (2, B, S, H): one rotary pass for both
+            qk = apply_rope(qk.view(2, B, S, self.heads, self.head_dim).transpose(2, 3), cos, sin)
+            v = self.v_proj(x).view(B, S, self.heads, self.head_dim).transpose(1, 2)
         q, k = qk.unbind(0)  # (B, heads, S, head_dim)
-        v = self.v_proj(x).view(B, S, self.heads, self.head_dim).transpose(1, 2)
         self.k_cache.index_copy_(2, pos, k)
         self.v_cache.index_copy_(2, pos, v)
         # mask (S, L): True where key pos <= query pos
@@ -157,23 +169,30 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: Config, make: Callable[[str, str, int, int], nn.Module]) -> None:
+    def __init__(self, cfg: Config, make: Callable[[str, str, int, int], nn.Module], fuse: bool = False) -> None:
         super().__init__()
-        self.gate_proj = make("mlp", "gate_proj", cfg.hidden, cfg.intermediate)
-        self.up_proj = make("mlp", "up_proj", cfg.hidden, cfg.intermediate)
+        self.fuse = fuse
+        if fuse:  # gate and up as one projection of 2 * intermediate outputs
+            self.gate_up_proj = make("mlp", "gate_up_proj", cfg.hidden, 2 * cfg.intermediate)
+        else:
+            self.gate_proj = make("mlp", "gate_proj", cfg.hidden, cfg.intermediate)
+            self.up_proj = make("mlp", "up_proj", cfg.hidden, cfg.intermediate)
         self.down_proj = make("mlp", "down_proj", cfg.intermediate, cfg.hidden)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.fuse:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: Config, make, dtype, device) -> None:
+    def __init__(self, cfg: Config, make, dtype, device, fuse: bool = False) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden, cfg.eps, dtype, device)
-        self.self_attn = Attention(cfg, make)
+        self.self_attn = Attention(cfg, make, fuse)
         self.post_attention_layernorm = RMSNorm(cfg.hidden, cfg.eps, dtype, device)
-        self.mlp = MLP(cfg, make)
+        self.mlp = MLP(cfg, make, fuse)
 
     def forward(self, h: Tensor, cos: Tensor, sin: Tensor, pos: Tensor, mask: Tensor) -> Tensor:
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, pos, mask)
@@ -181,16 +200,17 @@ class DecoderLayer(nn.Module):
 
 
 class Llama(nn.Module):
-    """Llama decoder; make(role, name, K, N) builds each projection (role 'attn' or 'mlp')."""
+    """Llama decoder; make(role, name, K, N) builds each projection (role 'attn' or 'mlp'); fuse: q/k/v and
+    gate/up as one projection each."""
 
-    def __init__(self, cfg: Config, make, dtype, device) -> None:
+    def __init__(self, cfg: Config, make, dtype, device, fuse: bool = False) -> None:
         super().__init__()
         self.cfg, self.dtype, self.device = cfg, dtype, torch.device(device)
         self.embed_tokens = nn.Embedding(cfg.vocab, cfg.hidden, dtype=dtype, device=device)
         self.embed_tokens.weight.requires_grad_(False).normal_(0.0, 1.0)
         self.layers = nn.ModuleList()
         for i in range(cfg.layers):
-            self.layers.append(DecoderLayer(cfg, make, dtype, device))
+            self.layers.append(DecoderLayer(cfg, make, dtype, device, fuse))
         self.norm = RMSNorm(cfg.hidden, cfg.eps, dtype, device)
         self.lm_head = nn.Linear(cfg.hidden, cfg.vocab, bias=False, dtype=dtype, device=device)  # never quantized
         self.lm_head.weight.requires_grad_(False).normal_(0.0, cfg.hidden ** -0.5)
@@ -300,9 +320,19 @@ class LinearMemory:
         return self.packed_bytes * 8 / self.weights
 
 
+FUSE_SUFFIX = "+fuse"
+
+
+def split_variant(v: str) -> Tuple[str, bool]:
+    """'mbwq4+fuse' -> ('mbwq4', True): the variant with q/k/v and gate/up fused into one projection each."""
+    return (v[:-len(FUSE_SUFFIX)], True) if v.endswith(FUSE_SUFFIX) else (v, False)
+
+
 def build_model(cfg: Config, variant: str, dtype, dev: str) -> Tuple[Llama, LinearMemory]:
     """The model with every projection built by the variant's factory, measuring each one's memory."""
-    factory = VARIANTS[variant][1]
+    name, fuse = split_variant(variant)
+    factory = VARIANTS[name][1]
+    per_layer = 4 if fuse else 7
     cuda = dev.startswith("cuda")
     mem = LinearMemory(allocated_bytes=0 if cuda else None)
     built = [0]
@@ -317,12 +347,12 @@ def build_model(cfg: Config, variant: str, dtype, dev: str) -> Tuple[Llama, Line
         mem.tensor_bytes += harness.nbytes(m)
         mem.packed_bytes += sum(t.numel() * t.element_size() for t in m.state_dict().values())
         built[0] += 1
-        if built[0] % 7 == 0:
-            log(f"    built layer {built[0] // 7}/{cfg.layers}")
+        if built[0] % per_layer == 0:
+            log(f"    built layer {built[0] // per_layer}/{cfg.layers}")
         return m
 
     with torch.no_grad():
-        model = Llama(cfg, make, dtype, dev).eval()
+        model = Llama(cfg, make, dtype, dev, fuse).eval()
     return model, mem
 
 
@@ -444,7 +474,9 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128, help="decode steps T (default 128)")
     ap.add_argument("--prompt", type=int, default=16, help="prompt length P (default 16)")
     ap.add_argument("--batches", default="1,16")
-    ap.add_argument("--variants", default="fp16,mbwq4,mix24", help=f"comma list of {', '.join(VARIANTS)}")
+    ap.add_argument("--variants", default="fp16,mbwq4,mix24",
+                    help=f"comma list of {', '.join(VARIANTS)}, each optionally with {FUSE_SUFFIX} (q/k/v and "
+                         "gate/up fused into one projection each)")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per (variant, batch); median reported")
     ap.add_argument("--check", action=argparse.BooleanOptionalAction, default=None,
                     help="correctness checks (default: on for the tiny preset)")
@@ -461,7 +493,7 @@ def main() -> None:
         cfg = replace(cfg, layers=args.layers)
     variants = parse_list(args.variants)
     for v in variants:
-        if v not in VARIANTS:
+        if split_variant(v)[0] not in VARIANTS:
             ap.error(f"unknown variant {v!r}; choose among {', '.join(VARIANTS)}")
     batches = [int(b) for b in parse_list(args.batches)]
     T, P = args.tokens, args.prompt
@@ -479,7 +511,7 @@ def main() -> None:
     results = []  # dict per (variant, batch)
     mems: Dict[str, LinearMemory] = {}
     for variant in variants:
-        log(f"[{variant}] building: {VARIANTS[variant][0]}")
+        log(f"[{variant}] building: {VARIANTS[split_variant(variant)[0]][0]}")
         t_build = time.perf_counter()
         model, mem = build_model(cfg, variant, dtype, dev)
         mems[variant] = mem
@@ -524,11 +556,18 @@ def main() -> None:
         if cuda:
             torch.cuda.empty_cache()
 
-    base = {r["batch"]: r["tps"] for r in results if r["variant"] == "fp16"}
+    # Each variant against fp16 of the same model structure (fp16+fuse for fused variants, when it ran).
+    base = {(r["variant"], r["batch"]): r["tps"] for r in results if split_variant(r["variant"])[0] == "fp16"}
+
+    def baseline(variant: str, batch: int) -> Optional[float]:
+        fuse = split_variant(variant)[1]
+        return base.get(("fp16" + (FUSE_SUFFIX if fuse else ""), batch), base.get(("fp16", batch)))
+
     rows = []
     for r in results:
         mem = mems[r["variant"]]
-        speedup = r["tps"] / base[r["batch"]] if r["batch"] in base else None
+        b0 = baseline(r["variant"], r["batch"])
+        speedup = r["tps"] / b0 if b0 is not None else None
         rows.append([r["variant"], r["batch"], harness.fmt(r["tps"]), harness.fmt(r["ms"]),
                      f"{speedup:.2f}x" if speedup is not None else "n/a",
                      harness.fmt(mem.tensor_bytes / 2**20), harness.fmt(mem.packed_bytes / 2**20),
@@ -538,13 +577,17 @@ def main() -> None:
                                     "packed MiB", "bits/w", "mem ratio", "peak GiB"], rows,
                                    align="lrrrrrrrrr")
     dense = ", fp16" if cuda else ", fp32 on the CPU (the CPU baseline)"
-    legend = "\n".join(f"- {v}: {VARIANTS[v][0]}" + (dense if v == "fp16" else "") for v in variants)
+    legend = "\n".join(f"- {v}: {VARIANTS[split_variant(v)[0]][0]}" + (dense if split_variant(v)[0] == "fp16" else "")
+                       + (", q/k/v and gate/up fused into one projection each" if split_variant(v)[1] else "")
+                       + "" for v in variants)
     notes = []
-    if cuda and args.preset == "7b" and 1 in base:
-        r4 = [r for r in results if r["variant"] == "mbwq4" and r["batch"] == 1]
-        if r4:
-            s = r4[0]["tps"] / base[1]
-            notes.append(f"- target mbwq4 >= 2.5x fp16 at batch 1: {s:.2f}x ({'met' if s >= 2.5 else 'NOT met'})")
+    if cuda and args.preset == "7b":
+        for v in ("mbwq4", "mbwq4" + FUSE_SUFFIX):
+            r4 = [r for r in results if r["variant"] == v and r["batch"] == 1]
+            b0 = baseline(v, 1)
+            if r4 and b0 is not None:
+                s = r4[0]["tps"] / b0
+                notes.append(f"- target {v} >= 2.5x fp16 at batch 1: {s:.2f}x ({'met' if s >= 2.5 else 'NOT met'})")
     for v, mem in mems.items():
         if mem.ratio is not None and v != "fp16":
             notes.append(f"- target memory of {v}'s linear layers <= 1.1x packed bytes: {mem.ratio:.3f}x "

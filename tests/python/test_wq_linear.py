@@ -369,3 +369,116 @@ def test_pack_ops_match_reference():
         q = torch.ops.lowbit.wq_pack(codes, bits, rows)
         assert torch.equal(q, ref.pack_stream(codes, bits, rows))
         assert torch.equal(torch.ops.lowbit.wq_unpack(q, bits, rows), codes)
+
+
+def _prepared(cls, sd, device, **kw):
+    layer = cls(**kw)
+    layer.load_state_dict(sd)
+    layer.prepare_params()
+    return layer.to(device)
+
+
+@pytest.mark.parametrize("kind", ["mbwq_layer", "mbwq_channel", "gptq_act_order", "mpq_gba_sym"])
+def test_fuse_concatenates_outputs(device, kind):
+    """fuse(): one layer over the concatenated output features. Its output against the float64 reference
+    of the concatenated dense weights, and against the separate layers (bitwise on the CPU, where each
+    output is one FMA chain in stored-row order; on CUDA the kernels' K split may change with N: the
+    reference tolerance), its state dict reloading into a fresh layer of the fused width, split sizes."""
+    dt = torch.float16
+    K, Ns = 160, [24, 40, 8]
+    layers, Ws, cs = [], [], None
+    if kind == "mbwq_layer":
+        p = torch.randperm(K).to(torch.int16)
+        c = (torch.rand(1, 1, K) + 0.5).to(dt)
+        for N in Ns:
+            sd, W = mbwq_layer_mix(K, N, 4, 32, dt, perm=False, cs=False)
+            sd["q_perm"], sd["channel_scale"] = p, c
+            W = ref.wq_dense(ref.unpack_stream(sd["qweight"], [4], [K]), sd["scales"], sd["zeros"],
+                             torch.arange(K) // 32, asym=False, perm=p.long())
+            layers.append(_prepared(MBWQLinear, sd, device, in_channels=K, out_channels=N, w_bit=4, group_size=32,
+                                    use_mbw=False, dtype=dt))
+            Ws.append(W)
+        cs = c
+    elif kind == "mbwq_channel":
+        segs, gsz = [(4, 96), (2, 64)], {4: 32, 2: 64}
+        base, _, G, P = channel_mix_state(K, Ns[0], segs, gsz, dt)
+        for N in Ns:
+            sd, W, _, _ = channel_mix_state(K, N, segs, gsz, dt, perm=False)
+            for k in ("q_perm", "channel_scale", "q_groups"):
+                sd[k] = base[k]
+            codes = ref.unpack_stream(sd["qweight"], [4, 2], [96, 160])
+            g_idx = torch.tensor([i // 32 for i in range(96)] + [3 + (i - 96) // 64 for i in range(96, 160)])
+            W = ref.wq_dense(codes, sd["scales"], sd["zeros"], g_idx, asym=False, perm=base["q_perm"].long())
+            layers.append(_prepared(MBWQLinear, sd, device, in_channels=K, out_channels=N, use_mbw=True, groups=G,
+                                    rows_packed=P, dtype=dt))
+            Ws.append(W)
+        cs = base["channel_scale"]
+    elif kind == "gptq_act_order":
+        g_idx = torch.tensor([i // 32 for i in range(K)])[torch.randperm(K)].to(torch.int32)
+        for N in Ns:
+            codes, zp = rand_codes(K, N, 4), torch.randint(1, 16, (K // 32, N))
+            sd = {"qweight": ref.pack_stream(codes, [4], [K]), "qzeros": ref.pack_zeros_gptq(zp, 4),
+                  "scales": (torch.rand(K // 32, N) * 0.02 + 0.005).to(dt), "g_idx": g_idx}
+            Ws.append(ref.wq_dense(codes, sd["scales"], zp, g_idx.long(), asym=True))
+            layers.append(_prepared(MPQLinear, sd, device, in_channels=K, out_channels=N, w_bit=4, group_size=32,
+                                    use_gba_quant=False, dtype=dt))
+    else:  # GBA sym with double quantization, decoded at prepare: fused from the decoded scales / zeros
+        for N in Ns:
+            lin = torch.nn.Linear(K, N, bias=False)
+            layer = MPQLinear.from_float(lin, w_bit=4, group_size=32, asym=False, dtype=dt).to(device)
+            layers.append(layer)
+            Ws.append(layer.dequantized_weight(torch.float32).t().double().cpu())
+    fused = type(layers[0]).fuse(layers)
+    assert fused.out_channels == sum(Ns) and fused._prepared
+    W = torch.cat(Ws, 1)
+    for M in (1, 5, 33):
+        x = torch.randn(M, K, dtype=dt, device=device)
+        y = fused(x)
+        parts = torch.cat([l(x) for l in layers], -1)
+        assert y.shape == (M, sum(Ns)) and y.dtype == dt
+        check_close(y, x, W, cs=cs, big_m=M > 16)
+        if device == "cpu":
+            assert torch.equal(y, parts)
+        assert [t.shape[-1] for t in y.split([l.out_channels for l in layers], -1)] == Ns
+    again = type(fused)(**{**fused.constructor_args(), "dtype": fused.dtype})
+    again.load_state_dict(fused.state_dict())
+    again.prepare_params()
+    again.to(device)
+    x = torch.randn(3, K, dtype=dt, device=device)
+    assert torch.equal(again(x), fused(x))
+
+
+def test_fuse_rejects_what_does_not_concatenate():
+    dt = torch.float16
+    K = 64
+
+    def mbwq(N, perm_seed=0, gs=32, b=4, prepare=True):
+        sd, _ = mbwq_layer_mix(K, N, b, gs, dt, perm=False, cs=False)
+        sd["q_perm"] = torch.randperm(K, generator=torch.Generator().manual_seed(perm_seed)).to(torch.int16)
+        layer = MBWQLinear(K, N, w_bit=b, group_size=gs, use_mbw=False, dtype=dt)
+        layer.load_state_dict(sd)
+        if prepare:
+            layer.prepare_params()
+        return layer
+
+    with pytest.raises(ValueError, match="empty"):
+        MBWQLinear.fuse([])
+    with pytest.raises(ValueError, match="q_perm of layers\\[1\\] differs"):
+        MBWQLinear.fuse([mbwq(8, 0), mbwq(8, 1)])
+    with pytest.raises(ValueError, match="group_size=64"):
+        MBWQLinear.fuse([mbwq(8), mbwq(8, gs=64)])
+    with pytest.raises(ValueError, match="w_bit=2"):
+        MBWQLinear.fuse([mbwq(8), mbwq(8, b=2)])
+    with pytest.raises(ValueError, match="not prepared"):
+        MBWQLinear.fuse([mbwq(8), mbwq(8, prepare=False)])
+    lin = torch.nn.Linear(K, 12, bias=False)
+    with pytest.raises(TypeError, match="must be a MBWQLinear, got MPQLinear"):
+        MBWQLinear.fuse([mbwq(8), MPQLinear.from_float(lin, w_bit=4, group_size=32)])
+    gptq = []
+    for N in (12, 8):  # 12 4-bit zeros end mid-word: the packed qzeros cannot be concatenated
+        sd, _ = gptq_state(K, N, 4, 32, False, dt)
+        gptq.append(_prepared(MPQLinear, sd, "cpu", in_channels=K, out_channels=N, w_bit=4, group_size=32,
+                              use_gba_quant=False, dtype=dt))
+    with pytest.raises(ValueError, match="multiple of 32"):
+        MPQLinear.fuse(gptq)
+    assert MPQLinear.fuse(gptq[::-1]).out_channels == 20  # the partial word is the last layer's: fine

@@ -119,6 +119,78 @@ class _WqLinearBase(LowbitLayer):
         if was_prepared and not error_msgs:
             self.prepare_params()
 
+    # State-dict entries laid out along the output features, with the dim that indexes them (fuse()).
+    _OUT_DIMS = {"qweight": 1, "scales": 1, "zeros": 1, "qzeros": 1, "bias": 0}
+    # Constructor arguments fuse() does not compare: the output width, and the double-quantization block
+    # of MPQ's GBA layout (decoded by prepare_params(), so a prepared layer no longer has those tensors).
+    _FUSE_FREE_ARGS = ("out_channels", "dq_group_size", "dq_mode")
+
+    @classmethod
+    def fuse(cls, layers: Sequence["_WqLinearBase"]):
+        """One layer whose output is the concatenation of the outputs of ``layers`` (in order): the q / k / v
+        or gate / up projections of one input, run as one launch instead of several (what decode on small
+        layers is bound by). ``layers`` are prepared layers of this class on one device, equal in everything
+        that is not laid out along the output features: in_channels, dtype, widths, group size, asym,
+        disable_bias, g_idx, q_perm, channel_scale, q_groups. The fused layer holds the same packed codes,
+        scales and zeros side by side (its state dict is the concatenation along the output features, which
+        it also loads from), and is returned prepared. Its output is that of ``torch.cat([l(x) for l in
+        layers], -1)`` up to how the kernels split the sums over K (bitwise on the CPU); split it with
+        ``y.split([l.out_channels for l in layers], -1)``."""
+        layers = list(layers)
+        name = f"{cls.__name__}.fuse"
+        if not layers:
+            raise ValueError(f"{name}: layers is empty")
+        for i, l in enumerate(layers):
+            if type(l) is not cls:
+                raise TypeError(f"{name}: layers[{i}] must be a {cls.__name__}, got {type(l).__name__}")
+            if not l._prepared:
+                raise ValueError(f"{name}: layers[{i}] is not prepared: call prepare_params() on every layer first")
+        first = layers[0]
+        args0 = {k: v for k, v in first.constructor_args().items() if k not in cls._FUSE_FREE_ARGS}
+        dev = first.qweight.device
+        for i, l in enumerate(layers[1:], 1):
+            args = {k: v for k, v in l.constructor_args().items() if k not in cls._FUSE_FREE_ARGS}
+            for k in args0:
+                if args[k] != args0[k]:
+                    raise ValueError(f"{name}: layers[{i}] has {k}={args[k]!r}, layers[0] has {args0[k]!r}")
+            if l.qweight.device != dev:
+                raise ValueError(f"{name}: layers[{i}] is on {l.qweight.device}, layers[0] on {dev}")
+        sds = [l.state_dict() for l in layers]
+        for i, sd in enumerate(sds[1:], 1):
+            if set(sd) != set(sds[0]):
+                raise ValueError(f"{name}: layers[{i}] has the tensors {sorted(sd)}, layers[0] has {sorted(sds[0])}")
+        fused = {}
+        for k, t0 in sds[0].items():
+            ts = [sd[k] for sd in sds]
+            d = cls._OUT_DIMS.get(k)
+            if d is None:
+                for i, t in enumerate(ts[1:], 1):
+                    if t.shape != t0.shape or t.dtype != t0.dtype or not torch.equal(t, t0):
+                        raise ValueError(f"{name}: {k} of layers[{i}] differs from that of layers[0]; layers "
+                                         f"fuse only when everything but the output features is equal")
+                fused[k] = t0
+                continue
+            for i, t in enumerate(ts):
+                rest, rest0 = t.shape[:d] + t.shape[d + 1:], t0.shape[:d] + t0.shape[d + 1:]
+                if rest != rest0 or t.dtype != t0.dtype:
+                    raise ValueError(f"{name}: {k} of layers[{i}] is {t.dtype} {tuple(t.shape)}, not fusable with "
+                                     f"layers[0]'s {t0.dtype} {tuple(t0.shape)}")
+            if k == "qzeros":  # packed along the output features: each layer must end on a word boundary
+                for i, l in enumerate(layers[:-1]):
+                    if (l.out_channels * l.w_bit) % 32 != 0:
+                        raise ValueError(f"{name}: layers[{i}] packs its {l.out_channels} integer zeros of "
+                                         f"{l.w_bit} bits into a partial last word (out_channels * w_bit must "
+                                         f"be a multiple of 32 for every layer but the last)")
+            fused[k] = torch.cat(ts, d)
+        args = dict(first.constructor_args())
+        args.update(out_channels=sum(l.out_channels for l in layers), dtype=first.dtype)
+        if "dq_group_size" in args:
+            args["dq_group_size"] = -1
+        out = cls(**args, device=dev)
+        out.load_state_dict(fused)
+        out.prepare_params()
+        return out.to(dev)
+
     def extra_repr(self) -> str:
         return (f"in_channels={self.in_channels}, out_channels={self.out_channels}, w_bit={self.w_bit}, "
                 f"group_size={self.group_size}, dtype={self.dtype}, prepared={self._prepared}")
