@@ -482,3 +482,36 @@ def test_fuse_rejects_what_does_not_concatenate():
     with pytest.raises(ValueError, match="multiple of 32"):
         MPQLinear.fuse(gptq)
     assert MPQLinear.fuse(gptq[::-1]).out_channels == 20  # the partial word is the last layer's: fine
+
+
+def test_fuse_gba_asym_double_quant_with_bias(device):
+    """GBA asym layers (scales double-quantized, decoded at prepare; packed integer zeros) with a bias: the
+    fused layer carries the decoded scales, the concatenated packed zeros and the concatenated bias."""
+    K, gs, D, b = 64, 32, 32, 4
+    G = K // gs
+    dt = torch.float16
+    layers, Ws, biases = [], [], []
+    for N in (32, 64):
+        layer = MPQLinear(K, N, w_bit=b, group_size=gs, dq_group_size=D, asym=True, dtype=dt, disable_bias=False)
+        codes, zp = rand_codes(K, N, b), torch.randint(1, 2 ** b, (G, N))
+        qs = torch.randint(0, 256, tuple(layer.qscales.shape), dtype=torch.uint8)
+        sz = torch.rand(*layer.qscales_zeros.shape).to(dt)
+        ss = (torch.rand(*layer.qscales_scales.shape) * 0.001 + 1e-4).to(dt)
+        bias = torch.randn(N).to(dt)
+        sd = dict(layer.state_dict())
+        sd.update(qweight=ref.pack_stream(codes, [b], [K]), qzeros=ref.pack_zeros_gptq(zp, b), qscales=qs,
+                  qscales_zeros=sz, qscales_scales=ss, bias=bias)
+        layer.load_state_dict(sd)
+        layer.prepare_params()
+        Ws.append(ref.wq_dense(codes, ((qs.to(dt) - sz) * ss).reshape(G, N), zp, torch.arange(K) // gs, asym=True))
+        biases.append(bias)
+        layers.append(layer.to(device))
+    fused = MPQLinear.fuse(layers)
+    assert fused.out_channels == 96 and "bias" in dict(fused.named_buffers())
+    x = torch.randn(7, K, dtype=dt, device=device)
+    y = fused(x)
+    if device == "cpu":
+        assert torch.equal(y, torch.cat([l(x) for l in layers], -1))
+    r = x.double().cpu() @ torch.cat(Ws, 1) + torch.cat(biases).double()
+    tol = ref.wq_tol(x.double().cpu(), torch.cat(Ws, 1), dt, weight_rounding=True) + 2 ** -10 * r.abs()
+    assert torch.all((y.double().cpu() - r).abs() <= tol)
