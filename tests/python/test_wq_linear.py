@@ -474,6 +474,14 @@ def test_fuse_rejects_what_does_not_concatenate():
     lin = torch.nn.Linear(K, 12, bias=False)
     with pytest.raises(TypeError, match="must be a MBWQLinear, got MPQLinear"):
         MBWQLinear.fuse([mbwq(8), MPQLinear.from_float(lin, w_bit=4, group_size=32)])
+    class Sub(MBWQLinear):
+        pass
+    sub = Sub(K, 8, w_bit=4, group_size=32, use_mbw=False, dtype=dt)
+    sub.load_state_dict(mbwq(8).state_dict())
+    sub.prepare_params()
+    with pytest.raises(TypeError, match="layers\\[1\\] is a Sub, layers\\[0\\] a MBWQLinear"):
+        MBWQLinear.fuse([mbwq(8), sub])
+    assert type(MBWQLinear.fuse([sub, sub])) is Sub  # a subclass fuses into itself
     gptq = []
     for N in (12, 8):  # 12 4-bit zeros end mid-word: the packed qzeros cannot be concatenated
         sd, _ = gptq_state(K, N, 4, 32, False, dt)

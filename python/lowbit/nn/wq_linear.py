@@ -140,9 +140,12 @@ class _WqLinearBase(LowbitLayer):
         name = f"{cls.__name__}.fuse"
         if not layers:
             raise ValueError(f"{name}: layers is empty")
+        kind = type(layers[0])  # cls or a subclass of it; the fused layer is one too
         for i, l in enumerate(layers):
-            if type(l) is not cls:
+            if not isinstance(l, cls):
                 raise TypeError(f"{name}: layers[{i}] must be a {cls.__name__}, got {type(l).__name__}")
+            if type(l) is not kind:
+                raise TypeError(f"{name}: layers[{i}] is a {type(l).__name__}, layers[0] a {kind.__name__}")
             if not l._prepared:
                 raise ValueError(f"{name}: layers[{i}] is not prepared: call prepare_params() on every layer first")
         first = layers[0]
@@ -186,7 +189,7 @@ class _WqLinearBase(LowbitLayer):
         args.update(out_channels=sum(l.out_channels for l in layers), dtype=first.dtype)
         if "dq_group_size" in args:
             args["dq_group_size"] = -1
-        out = cls(**args, device=dev)
+        out = kind(**args, device=dev)
         out.load_state_dict(fused)
         out.prepare_params()
         return out.to(dev)
