@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import OrderedDict
 from typing import Union
 
 import torch
@@ -95,5 +96,10 @@ def load(path: Union[str, os.PathLike], model: torch.nn.Module, strict: bool = T
         setattr(parent, child, new)
     state = io.load_file(os.path.join(path, TENSORS))
     model.to(map_location)
-    model.load_state_dict({k: v.to(map_location) for k, v in state.items()}, strict=strict)
+    tensors = OrderedDict((k, v.to(map_location)) for k, v in state.items())
+    # safetensors keeps no per-module state-dict versions: restore the lowbit layers' own, so that each
+    # reads its tensors in the layout lowbit wrote (e.g. Q4Conv2d's OHWI qweight, not BIE's).
+    tensors._metadata = {name: {"version": getattr(type(model.get_submodule(name)), "_version", 1)}
+                         for name in layers}
+    model.load_state_dict(tensors, strict=strict)
     return model

@@ -20,7 +20,13 @@ MBWQLinearCuda = MBWQLinear
 
 class Q4Conv2dCutlass(Q4Conv2d):
     """BIE's positional order: ``(in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
-    a_bit=4, w_bit=4, device=None, dtype=torch.float)``; ``groups`` is keyword-only here."""
+    a_bit=4, w_bit=4, device=None, dtype=torch.float)``; ``groups`` is keyword-only here.
+
+    Loading: a ``qweight`` in BIE's own layout (its I-15, the OIHW codes cut into rows of C) is converted
+    to lowbit's OHWI packing, also in a qweight-only state dict without lowbit's version marker (BIE's
+    checkpoints); ``state_dict()`` writes lowbit's layout (docs/formats.md)."""
+
+    _unmarked_qweight_is_bie = True
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, a_bit=4, w_bit=4,
                  device=None, dtype=torch.float, *, groups=1):

@@ -166,6 +166,68 @@ def test_q4_conv2d_compat_and_bad_input(device):
         Q4Conv2d(4, 6, 3, groups=3)
 
 
+def _bie_conv_qweight(codes_oihw: torch.Tensor) -> torch.Tensor:
+    """BIE's conv qweight (spec §8.6, its I-15): the OIHW codes flattened in memory order, cut into rows of
+    C and packed in pairs, shaped (O, kh, kw, C/2)."""
+    O, C, kh, kw = codes_oihw.shape
+    return ref.pack_s4(codes_oihw.reshape(O * kh * kw, C)).reshape(O, kh, kw, C // 2)
+
+
+def test_q4_conv2d_loads_bie_qweight(device):
+    """A BIE conv checkpoint's qweight is read in BIE's layout and converted to lowbit's OHWI packing: by
+    the compat class for a qweight-only state dict (no version marker, as BIE writes it), and by both
+    classes when the float weight comes with it (the layout that holds Q(weight) is recognised). Eval
+    output equals the float64 convolution of the true quantized weight."""
+    C, O, k = 6, 5, (3, 3)
+    src = Q4Conv2d(C, O, k, padding=1)
+    src.prepare_params()
+    x = torch.randn(2, C, 7, 8)
+    src(x)  # sets scale_a
+    s_a, s_w = _steps(src)
+    wc = ref.codes(src.weight.detach(), s_w, -8, 7).to(torch.int8)  # OIHW codes
+    bie_q = _bie_conv_qweight(wc)
+    assert not torch.equal(bie_q, ops.pack_s4(wc.permute(0, 2, 3, 1).contiguous()))  # the layouts differ
+    xq = ref.codes(x.double() + src.bias_a.detach().double().view(1, -1, 1, 1), s_a, -8, 7) * s_a
+    y_ref = F.conv2d(xq, wc.double() * s_w, padding=1)
+    base = {k_: v for k_, v in src.state_dict().items() if k_ != "weight"}  # a plain dict: no versions
+    for cls, with_weight in ((Q4Conv2dCutlass, False), (Q4Conv2dCutlass, True), (Q4Conv2d, True)):
+        state = dict(base, qweight=bie_q)
+        if with_weight:
+            state["weight"] = src.weight.detach().clone()
+        layer = cls(C, O, 3, 1, 1) if cls is Q4Conv2dCutlass else cls(C, O, k, padding=1)
+        layer.load_state_dict(state)
+        layer.to(device).eval()
+        y = layer(x.to(device))
+        assert ref.rel_err(y, y_ref) < 1e-6, (cls.__name__, with_weight)
+        assert torch.equal(layer.qweight.cpu(), ops.pack_s4(wc.permute(0, 2, 3, 1).contiguous()))
+        # What it writes is lowbit's layout, marked as such: it reloads unchanged into either class.
+        again = Q4Conv2dCutlass(C, O, 3, 1, 1).to(device)
+        again.load_state_dict(layer.state_dict())
+        assert torch.equal(again.eval()(x.to(device)), y)
+
+
+def test_q4_conv2d_unmarked_qweight_rules(device):
+    """Without the version marker: lowbit's class reads a qweight-only dict as its own OHWI layout; with
+    the float weight, a qweight matching neither layout (stale) is dropped with a warning and re-derived,
+    so eval equals training."""
+    C, O = 4, 3
+    src = Q4Conv2d(C, O, 3, padding=1).to(device)
+    x = torch.randn(1, C, 6, 6, device=device)
+    y_train = src(x)
+    src.eval()
+    y_eval = src(x)
+    assert torch.equal(y_eval, y_train)
+    plain = {k: v for k, v in src.state_dict().items() if k != "weight"}
+    layer = Q4Conv2d(C, O, 3, padding=1).to(device)
+    layer.load_state_dict(plain)
+    assert torch.equal(layer.eval()(x), y_eval)
+    stale = dict(src.state_dict(), qweight=torch.randint(-128, 128, src.qweight.shape, dtype=torch.int8))
+    layer = Q4Conv2d(C, O, 3, padding=1).to(device)
+    with pytest.warns(UserWarning, match="matches neither layout"):
+        layer.load_state_dict(dict(stale))
+    assert torch.equal(layer.eval()(x), y_train)
+
+
 # ------------------------------------------------------------------------------------------ Q4MatMul
 @pytest.mark.parametrize("xs,ys", [((5, 8), (4, 8)), ((2, 3, 5, 8), (2, 3, 4, 8)), ((2, 3, 5, 8), (3, 4, 8)),
                                    ((1, 7, 9), (2, 1, 3, 9))])

@@ -294,3 +294,104 @@ def test_cuda_graph_capture(cls, dtype):
         eval_graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(ye, layer(xe2))
+
+
+def _fresh_qat_layers(device):
+    """A fresh layer of each QAT class (scale_a / clips still 0, the Q4 weight steps derived) and an
+    input for it."""
+    layers = [
+        (lowbit.nn.Q8Linear(37, 23, device=device), (torch.randn(2, 3, 37, device=device) * 1.5,)),
+        (lowbit.nn.Q4Linear(37, 23, device=device), (torch.randn(5, 37, device=device) * 0.7,)),
+        (lowbit.nn.Q4Conv2d(4, 6, 3, padding=1, device=device), (torch.randn(2, 4, 7, 9, device=device),)),
+        (lowbit.nn.Q4MatMul(device=device), (torch.randn(2, 5, 7, device=device) * 3, torch.randn(6, 7, device=device))),
+    ]
+    for layer, _ in layers:
+        if hasattr(layer, "prepare_params"):
+            layer.prepare_params()
+    return layers
+
+
+def _steps(layer):
+    return [layer.x_clip, layer.y_clip] if isinstance(layer, lowbit.nn.Q4MatMul) else [layer.scale_a]
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_first_forward_initialises_steps_in_any_mode(device, training):
+    """BIE sets scale_a (Q4MatMul: each clip from its own operand) on the first forward where it is 0,
+    whatever the mode: 2*mean|t|/sqrt(127) from the unshifted input. An eval-first layer used to keep a
+    step of eps and return near-zero outputs."""
+    for layer, inputs in _fresh_qat_layers(device):
+        layer.train(training)
+        with torch.no_grad():
+            y = layer(*inputs)
+        operands = inputs if isinstance(layer, lowbit.nn.Q4MatMul) else inputs[:1]
+        for step, t in zip(_steps(layer), operands):
+            assert step.item() == ref.lsq_scale(t.detach().cpu(), 127.0), type(layer).__name__
+        assert y.abs().mean().item() > 1e-2, type(layer).__name__  # not the eps-step output
+        # A step that is already set (loaded, or learned) is left alone by later first forwards.
+        twin = type(layer)(**{k: (getattr(torch, v.split(".")[-1]) if k == "dtype" else v)
+                              for k, v in layer.constructor_args().items()}).to(device)
+        twin.load_state_dict(layer.state_dict())
+        for s in _steps(twin):
+            s.data.fill_(0.25)
+        twin.train(training)
+        with torch.no_grad():
+            twin(*inputs)
+        assert all(s.item() == 0.25 for s in _steps(twin))
+
+
+def test_torch_compile_fullgraph_fresh_layer(device):
+    """The lazy step initialisation is a device-side select, not a host read: a fresh layer (and one just
+    loaded from a state dict with zero steps) compiles with fullgraph=True without an eager warm-up, and
+    matches an eager twin bitwise, forward and gradients."""
+    for layer, inputs in _fresh_qat_layers(device):
+        twin = type(layer)(**{k: (getattr(torch, v.split(".")[-1]) if k == "dtype" else v)
+                              for k, v in layer.constructor_args().items()}).to(device)
+        twin.load_state_dict(layer.state_dict())
+        compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+        y = compiled(*inputs)
+        y_ref = twin(*inputs)
+        assert torch.equal(y, y_ref), type(layer).__name__
+        y.square().sum().backward()
+        y_ref.square().sum().backward()
+        for p, q in zip(_steps(layer), _steps(twin)):
+            assert torch.equal(p, q) and torch.equal(p.grad, q.grad)
+        # A reload with zero steps re-arms the initialisation; still no graph break.
+        state = {k: (torch.zeros_like(v) if k in ("scale_a", "x_clip", "y_clip") else v)
+                 for k, v in layer.state_dict().items()}
+        layer.load_state_dict(state)
+        y2 = compiled(*inputs)
+        assert all(s.item() != 0 for s in _steps(layer))
+        assert torch.isfinite(y2).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("training", [True, False])
+def test_cuda_graph_capture_of_the_first_forward(training):
+    """A fresh layer's first forward (the one that initialises scale_a) captures into a CUDA graph: the
+    initialisation is a device-side select, so the capture sees no host read. Replays match eager."""
+    for layer, inputs in _fresh_qat_layers("cuda"):
+        twin = type(layer)(**{k: (getattr(torch, v.split(".")[-1]) if k == "dtype" else v)
+                              for k, v in layer.constructor_args().items()}).cuda()
+        twin.load_state_dict(layer.state_dict())
+        layer.train(training)
+        twin.train(training)
+        if not training and hasattr(layer, "generate_quantized_weight"):
+            layer.generate_quantized_weight()  # the eval qweight exists before capture (an allocation)
+        warm = type(layer)(**{k: (getattr(torch, v.split(".")[-1]) if k == "dtype" else v)
+                              for k, v in layer.constructor_args().items()}).cuda().train(training)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), torch.no_grad():  # kernels and workspaces, on another layer
+            warm(*inputs)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.no_grad(), torch.cuda.graph(graph):
+            y = layer(*inputs)
+        graph.replay()
+        with torch.no_grad():
+            y_ref = twin(*inputs)
+        torch.cuda.synchronize()
+        assert torch.equal(y, y_ref), type(layer).__name__
+        for p, q in zip(_steps(layer), _steps(twin)):
+            assert torch.equal(p, q) and p.item() != 0

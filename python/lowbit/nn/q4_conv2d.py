@@ -2,7 +2,8 @@
 (BIE: Q4Conv2dCutlass, whose forward was not a convolution; this one is)."""
 from __future__ import annotations
 
-from typing import Tuple, Union
+import warnings
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -63,6 +64,59 @@ class Q4Conv2d(Q4Base):
     def _forward_op(self, x: Tensor, weight: Tensor, scale_w: Tensor) -> Tensor:
         return ops.q4_conv2d(x, self.bias_a, weight, self.scale_a, scale_w, self.eps, self.stride, self.padding,
                              self.dilation, self.groups, self.bias)
+
+    # State-dict version 2: ``qweight`` in lowbit's OHWI packing. Version 1 (what ``torch.save`` records for
+    # BIE's Q4Conv2dCutlass, and for lowbit before this marker) or none (a plain dict) is ambiguous.
+    _version = 2
+    # Whether a qweight-only state dict without the version marker is read as BIE's layout (the compat
+    # class, whose checkpoints are BIE's) or as lowbit's (this class).
+    _unmarked_qweight_is_bie = False
+
+    def _bie_qweight_to_ohwi(self, q: Tensor) -> Optional[Tensor]:
+        """BIE's conv ``qweight`` (its I-15, spec §8.6): the codes of the OIHW weight, flattened in memory
+        order and cut into rows of C, packed in pairs. Returns the same codes repacked in lowbit's OHWI
+        layout, or None where BIE could not have written one (groups, or an odd C)."""
+        C, (kh, kw) = self.in_channels, self.kernel_size
+        if self.groups != 1 or C % 2 or tuple(q.shape) != self._qweight_shape():
+            return None
+        codes = ops.unpack_s4(q.reshape(-1, C // 2), C).reshape(self.out_channels, C, kh, kw)
+        return ops.pack_s4(codes.permute(0, 2, 3, 1).contiguous())
+
+    def _adapt_loaded_qweight(self, state_dict, prefix, local_metadata) -> None:
+        """Reads a BIE conv ``qweight`` into lowbit's layout. A state dict marked version 2 is lowbit's. An
+        unmarked one that also carries the float weight, ``scale_w`` and ``eps`` is recognised by which
+        layout holds Q(weight): BIE's is converted, lowbit's kept, and one matching neither (a stale
+        qweight) is dropped with a warning, to be re-derived from the weight. An unmarked qweight-only
+        state dict is BIE's for ``lowbit.compat.Q4Conv2dCutlass`` and lowbit's for this class."""
+        qkey = prefix + "qweight"
+        q = state_dict.get(qkey)
+        version = (local_metadata or {}).get("version")
+        if not isinstance(q, Tensor) or q.dtype != torch.int8 or (version is not None and version >= 2):
+            return
+        w, sw, eps = (state_dict.get(prefix + k) for k in ("weight", "scale_w", "eps"))
+        if all(isinstance(t, Tensor) for t in (w, sw, eps)) and tuple(w.shape) == self._weight_shape:
+            expected = ops.pack_s4(ops.quantize_s8(self._weight_codes_layout(w.detach().float()), None,
+                                                   sw.detach().float().reshape(()).to(w.device),
+                                                   eps.detach().float().reshape(()).to(w.device), self._qmin,
+                                                   self._qmax)).to(q.device)
+            if tuple(expected.shape) != tuple(q.shape):
+                return  # the shape check of the load reports it
+            # Fractions of matching bytes (BIE rounds ties away from zero, lowbit to even: rare exact
+            # ties may differ, hence a threshold rather than equality).
+            as_bie = self._bie_qweight_to_ohwi(q)
+            ours = float((q == expected).float().mean())
+            bie = float((as_bie == expected).float().mean()) if as_bie is not None else 0.0
+            if max(ours, bie) < 0.99:
+                warnings.warn(f"{type(self).__name__}: state_dict[{qkey!r}] matches neither layout of the "
+                              "checkpoint's quantized weight; it is dropped and re-derived from the weight")
+                del state_dict[qkey]
+            elif bie > ours:
+                state_dict[qkey] = as_bie
+            return
+        if self._unmarked_qweight_is_bie:
+            as_bie = self._bie_qweight_to_ohwi(q)
+            if as_bie is not None:
+                state_dict[qkey] = as_bie
 
     def set_activation(self, x: Tensor) -> Tensor:
         """Initialise ``scale_a`` from x if it is still 0; return x + bias_a over the channel dim."""

@@ -17,7 +17,7 @@ class Q4Linear(LinearShape, Q4Base):
     any batch size.
 
     * ``scale_w`` is fixed by :meth:`prepare_params` (``2*mean|W|/5.6345``, BIE's rule), not per step.
-    * ``scale_a`` starts at 0, is set on the first training forward to ``2*mean|x|/sqrt(127)`` (BIE's
+    * ``scale_a`` starts at 0, is set on the first forward (training or eval) to ``2*mean|x|/sqrt(127)`` (BIE's
       constant), then learned.
     * ``qweight`` is int8 of shape (out, ceil(in/2)): int4 pairs, first code in the high nibble.
 

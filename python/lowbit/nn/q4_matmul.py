@@ -5,13 +5,14 @@ import torch
 from torch import Tensor
 
 from .. import ops
+from .qat_base import init_step_if_zero
 
 
 class Q4MatMul(torch.nn.Module):
     """``out = s_x * s_y * (Q(x) @ Q(y).T)`` over the last two dims: x (..., m, k), y (..., n, k) ->
     (..., m, n), batch dims broadcast. ``Q(t; s) = clamp(rne(t / max(s, eps)), -8, 7)``.
 
-    ``x_clip`` and ``y_clip`` start at 0 and are each set from their own operand on the first training
+    ``x_clip`` and ``y_clip`` start at 0 and are each set from their own operand on the first
     forward (``2*mean|t|/sqrt(127)``, BIE's constant; BIE sets y_clip from x, I-11), then learned (LSQ).
     Gradients: straight-through for x and y with 4-bit clip masks, LSQ for both clips.
     Args as BIE: ``Q4MatMul(dtype=torch.float, device=None)``.
@@ -37,15 +38,12 @@ class Q4MatMul(torch.nn.Module):
         """Initialise each clip that is still 0 from its own operand."""
         if self._clips_ready:
             return
-        with torch.no_grad():
-            for clip, t in ((self.x_clip, x), (self.y_clip, y)):
-                if not bool(clip.detach().ne(0).item()):
-                    clip.copy_(ops.lsq_scale(t, self._init_qmax, None))
+        init_step_if_zero(self.x_clip, x, self._init_qmax)
+        init_step_if_zero(self.y_clip, y, self._init_qmax)
         self._clips_ready = True
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
-        if self.training:
-            self.set_activation_scale(x, y)
+        self.set_activation_scale(x, y)  # on the first forward in any mode, as BIE
         return ops.q4_matmul(x, y, self.x_clip, self.y_clip, self.eps)
 
     def _load_from_state_dict(self, *args, **kwargs):

@@ -14,7 +14,7 @@ class Q8Linear(LinearShape, QATBase):
     ``y = s_a * s_w * (Q(x + bias_a; s_a) @ Q(W; s_w).T)`` with ``Q(t; s) = clamp(rne(t / max(s, eps)),
     -128, 127)``, int32 accumulation, output in x's dtype (float32/float16/bfloat16), any leading dims.
 
-    * ``scale_a`` starts at 0 and is set on the first training forward to ``2*mean|x|/sqrt(127)``,
+    * ``scale_a`` starts at 0 and is set on the first forward (training or eval) to ``2*mean|x|/sqrt(127)``,
       then learned (LSQ gradient, clipped terms kept).
     * Training: ``s_w = max(2*mean|W|/sqrt(127), eps)`` from the current weight at every forward;
       gradients reach ``weight`` straight through the quantizer.

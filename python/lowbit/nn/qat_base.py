@@ -20,6 +20,18 @@ def _check_positive_int(name: str, value) -> int:
     return value
 
 
+def init_step_if_zero(step: Tensor, x: Tensor, qmax: float) -> None:
+    """BIE's lazy step initialisation: ``step := 2*mean|x|/sqrt(qmax)`` (in step's dtype) where ``step`` is
+    still exactly 0, else unchanged. A select on the device, not a host read of ``step``: the first
+    forward stays free of device syncs, so it can be captured in a CUDA graph or compiled with
+    ``torch.compile(fullgraph=True)``. Callers run it once per layer (and again after a state-dict load)."""
+    from .. import ops
+
+    with torch.no_grad():
+        fresh = ops.lsq_scale(x.detach(), qmax, None).to(step.dtype)
+        step.copy_(torch.where(step.ne(0), step, fresh))
+
+
 class QATBase(LowbitLayer):
     """A layer computing with Q(x + bias_a) and Q(W), with an LSQ-learned activation step ``scale_a``.
 
@@ -139,9 +151,13 @@ class QATBase(LowbitLayer):
             if self.qweight is not None:
                 self.qweight = None  # stale once training resumes (BIE I-3)
             return self._forward_op(x, self.weight, self._weight_scale())
+        self._init_scale_a(x)  # a layer evaluated before any training forward: BIE inits on any first forward
         return self._forward_op(x, self._eval_qweight(), self.scale_w)
 
     # ---------------------------------------------------------------- subclass hooks
+    def _adapt_loaded_qweight(self, state_dict, prefix, local_metadata) -> None:
+        """Called first when a state dict is loaded: may rewrite or drop its ``qweight`` in place."""
+
     def _after_load(self, state_dict, prefix) -> None:
         """Called after a state dict was loaded into this layer."""
 
@@ -161,11 +177,7 @@ class QATBase(LowbitLayer):
     def _init_scale_a(self, x: Tensor) -> None:
         if self._scale_a_ready:
             return
-        from .. import ops
-
-        with torch.no_grad():
-            if not bool(self.scale_a.detach().ne(0).item()):  # one host read per layer, not per call
-                self.scale_a.copy_(ops.lsq_scale(x, self._act_init_qmax, None))
+        init_step_if_zero(self.scale_a, x, self._act_init_qmax)
         self._scale_a_ready = True
 
     def _eval_qweight(self) -> Tensor:
@@ -188,6 +200,7 @@ class QATBase(LowbitLayer):
                               error_msgs):
         qkey, wkey = prefix + "qweight", prefix + "weight"
         name = type(self).__name__
+        self._adapt_loaded_qweight(state_dict, prefix, local_metadata)
         for key in ("scale_a", "scale_w", "eps"):
             t = state_dict.get(prefix + key)
             if t is None:
