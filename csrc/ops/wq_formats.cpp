@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -141,19 +142,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> wq_quantize_rtn_impl(const at::Te
   const auto Wg = W.reshape({G, gs, N});
   auto mn = Wg.amin(1), mx = Wg.amax(1);  // (G, N)
   at::Tensor s, z;
-  if (float_zero) {
-    s = (mx - mn) / maxq;
-    z = -mn;
-  } else if (int_zero) {
-    mn = at::clamp_max(mn, 0);
-    mx = at::clamp_min(mx, 0);
-    s = (mx - mn) / maxq;
+  if (int_zero) {
+    // GPTQ's grid: the range widened to include 0, step (max - min) / maxq, z = rne(-min / s) in [0, maxq]. The
+    // step is rounded *up* to the dtype, so that the grid [-z*s, (maxq - z)*s] covers the group and every weight
+    // is within s/2 of a grid point. GPTQ stores z - 1, so z = 0 (a group with no weight below -s/2, e.g. all
+    // positive) cannot be stored: such a group takes the same grid mirrored, s -> -s and z = maxq (the code of
+    // each weight becomes maxq - q): -s * (q' - maxq) = s * q. Only the sign of the stored scale differs.
+    const auto lo = at::clamp_max(mn, 0).to(at::kDouble), hi = at::clamp_min(mx, 0).to(at::kDouble);
+    auto step = (hi - lo) / maxq;
+    step = at::where(step > 0, step, at::ones_like(step));  // an all-zero group: any step works
+    auto sd = step.to(dt);
+    const auto up = at::nextafter(sd, at::full_like(sd, std::numeric_limits<double>::infinity()));
+    sd = at::where(sd.to(at::kDouble) < step, up, sd);
+    const auto s64 = sd.to(at::kDouble);
+    const auto z0 = at::round(-lo / s64);  // in [0, maxq]: -min <= max - min = maxq * step <= maxq * s
+    const auto mirror = z0 == 0;
+    s = at::where(mirror, -s64, s64).to(at::kFloat);
+    z = at::where(mirror, at::full_like(z0, maxq), z0).to(at::kFloat);
   } else {
-    s = at::maximum(mn.abs(), mx.abs()) * (2.0 / maxq);
+    if (float_zero) {
+      s = (mx - mn) / maxq;
+      z = -mn;
+    } else {
+      s = at::maximum(mn.abs(), mx.abs()) * (2.0 / maxq);
+      z = at::full_like(s, double(int64_t(1) << (bits - 1)));
+    }
+    s = at::where(s > 0, s, at::ones_like(s)).to(dt).to(at::kFloat);  // an all-equal group: any step works
   }
-  s = at::where(s > 0, s, at::ones_like(s)).to(dt).to(at::kFloat);  // an all-equal group: any step works
-  if (int_zero) z = at::clamp(at::round(-mn / s), 1, maxq);           // GPTQ stores z - 1: keep z >= 1
-  if (int_sym) z = at::full_like(s, double(int64_t(1) << (bits - 1)));
+  TORCH_CHECK(at::isfinite(s).all().item<bool>(), op, ": a group's step (max - min) / (2^bits - 1) overflows ",
+              c10::toString(dt), "; quantize in a wider dtype");
   z = z.to(dt).to(at::kFloat);
   at::Tensor q;
   const auto sr = s.repeat_interleave(gs, 0).narrow(0, 0, K), zr = z.repeat_interleave(gs, 0).narrow(0, 0, K);

@@ -275,11 +275,13 @@ def test_mpq_from_float_rtn(device, asym, b):
     layer = MPQLinear.from_float(lin, w_bit=b, group_size=16, asym=asym, dtype=torch.float32).to(device)
     W = lin.weight.detach().double()
     Wq = layer.dequantized_weight(torch.float32).double().cpu()
-    # RTN: every weight within half a step of its group's grid (plus the clamp of the grid's range).
-    step = (W.reshape(33, 5, 16).amax(-1) - W.reshape(33, 5, 16).amin(-1)) / (2 ** b - 1)
-    bound = step.repeat_interleave(16, 1) * (0.5 + 1e-4) + 1e-7
+    # RTN: every weight within half a step of its group's grid. GPTQ's integer grid (asym) spans the range
+    # widened to include 0.
+    mx, mn = W.reshape(33, 5, 16).amax(-1), W.reshape(33, 5, 16).amin(-1)
     if asym:
-        bound = bound * 2  # an integer zero point shifts the grid by up to half a step
+        mx, mn = mx.clamp_min(0), mn.clamp_max(0)
+    step = (mx - mn) / (2 ** b - 1)
+    bound = step.repeat_interleave(16, 1) * (0.5 + 1e-4) + 1e-7
     assert torch.all((Wq - W).abs() <= bound)
     x = torch.randn(5, 80, device=device)
     check_close(layer(x), x, Wq.t())
@@ -523,3 +525,299 @@ def test_fuse_gba_asym_double_quant_with_bias(device):
     r = x.double().cpu() @ torch.cat(Ws, 1) + torch.cat(biases).double()
     tol = ref.wq_tol(x.double().cpu(), torch.cat(Ws, 1), dt, weight_rounding=True) + 2 ** -10 * r.abs()
     assert torch.all((y.double().cpu() - r).abs() <= tol)
+
+
+# ---- checkpoint dtypes, GBA key sets, RTN grids, dtype casts, MLX inputs ---------------------------------------
+
+def unpack_zeros_gptq(qzeros, b, N):
+    """GPTQ v1 zero points from the packed words, written from the format: field n of a row (b bits at bit
+    (n % (32/b))·b of word n // (32/b), LSB first) holds z − 1."""
+    per = 32 // b
+    w = qzeros.long() & 0xFFFFFFFF
+    return torch.stack([((w[:, n // per] >> ((n % per) * b)) & ((1 << b) - 1)) + 1 for n in range(N)], 1)
+
+
+def _loaded(cls, sd, **kw):
+    layer = cls(**kw)
+    layer.load_state_dict(sd)
+    layer.prepare_params()
+    return layer
+
+
+def _bad_dtype_case(kind):
+    dt = torch.float16
+    if kind == "mpq":
+        sd, _ = gptq_state(64, 24, 4, 32, False, dt)
+        kw = dict(in_channels=64, out_channels=24, w_bit=4, group_size=32, use_gba_quant=False, dtype=dt)
+        return MPQLinear, sd, kw
+    if kind == "mbwq":
+        sd, _ = mbwq_layer_mix(64, 8, 4, 32, dt)
+        return MBWQLinear, sd, dict(in_channels=64, out_channels=8, w_bit=4, group_size=32, use_mbw=False, dtype=dt)
+    if kind == "mbwq_cm":
+        sd, _, G, P = channel_mix_state(96, 8, [(4, 32), (2, 64)], {4: 32, 2: 64}, dt)
+        return MBWQLinear, sd, dict(in_channels=96, out_channels=8, use_mbw=True, groups=G, rows_packed=P, dtype=dt)
+    layer = MPQLinear(64, 32, w_bit=2, group_size=32, dq_group_size=16, dtype=dt)  # GBA sym, double quantization
+    sd = {k: v.clone() for k, v in layer.state_dict().items() if k not in ("scales", "zeros", "bias")}
+    sd["qstatistic"] = torch.randint(0, 256, tuple(sd["qstatistic"].shape), dtype=torch.uint8)
+    return MPQLinear, sd, dict(in_channels=64, out_channels=32, w_bit=2, group_size=32, dq_group_size=16, dtype=dt)
+
+
+@pytest.mark.parametrize("kind,key,bad", [
+    ("mpq", "qweight", torch.float32), ("mpq", "qweight", torch.uint8), ("mpq", "qweight", torch.int64),
+    ("mpq", "qzeros", torch.float32), ("mpq", "scales", torch.int32), ("mpq", "g_idx", torch.float32),
+    ("mbwq", "q_perm", torch.float32), ("mbwq", "q_perm", torch.int64), ("mbwq", "channel_scale", torch.int32),
+    ("mbwq", "zeros", torch.int16), ("mbwq_cm", "q_groups", torch.float32), ("mbwq_cm", "q_groups", torch.int64),
+    ("gba", "qstatistic", torch.float16), ("gba", "qscales_scales", torch.int32)])
+def test_load_refuses_wrong_checkpoint_dtypes(kind, key, bad):
+    """A tensor whose dtype no BIE / GPTQ / green-bit-llm checkpoint uses is refused with the key, the accepted
+    dtypes and the one given (nn.Module's load would cast it into the buffer, silently changing packed bits,
+    codes or indices), and the layer keeps what it had."""
+    cls, sd, kw = _bad_dtype_case(kind)
+    layer = _loaded(cls, sd, **kw)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    x = torch.randn(3, kw["in_channels"], dtype=torch.float16)
+    y = layer(x)
+    wrong = dict(sd)
+    wrong[key] = sd[key].to(bad)
+    with pytest.raises(RuntimeError, match=rf"{type(layer).__name__}: checkpoint tensor '{key}' must be "
+                                           rf"torch\.\w+.*, got {bad}"):
+        layer.load_state_dict(wrong)
+    after = layer.state_dict()
+    assert sorted(after) == sorted(before) and all(torch.equal(after[k], before[k]) for k in before)
+    assert torch.equal(layer(x), y)
+    model = torch.nn.Sequential(cls(**kw))  # the message names the key with its module path
+    with pytest.raises(RuntimeError, match=rf"'0\.{key}' must be"):
+        model.load_state_dict({"0." + k: v for k, v in wrong.items()}, strict=False)
+
+
+def test_load_accepts_checkpoint_dtypes_without_wrapping(device):
+    """int64 g_idx (some GPTQ writers), int32 q_perm / q_groups and another float dtype for scales load; index
+    tensors keep their own integer dtype until prepare_params() checks them, so an out-of-range value is an
+    error instead of wrapping into range."""
+    K, N, b, gs = 96, 37, 4, 32
+    sd, W = gptq_state(K, N, b, gs, True, torch.float16)
+    sd = dict(sd, g_idx=sd["g_idx"].long(), scales=sd["scales"].float())  # fp32 scales: cast to the layer's fp16
+    kw = dict(in_channels=K, out_channels=N, w_bit=b, group_size=gs, use_gba_quant=False, dtype=torch.float16)
+    layer = _loaded(MPQLinear, sd, **kw).to(device)
+    assert layer.scales.dtype == torch.float16 and layer.g_idx.dtype == torch.int32
+    x = torch.randn(4, K, dtype=torch.float16, device=device)
+    check_close(layer(x), x, W)
+    g = sd["g_idx"].clone()
+    g[5] += 2 ** 32  # an int32 cast would wrap this back to a valid group
+    with pytest.raises(RuntimeError, match=r"g_idx\[5\] must be in \[0, 3\)"):
+        _loaded(MPQLinear, dict(sd, g_idx=g), **kw)
+
+    sd, W = mbwq_layer_mix(100, 9, 4, 32, torch.float16)
+    kw = dict(in_channels=100, out_channels=9, w_bit=4, group_size=32, use_mbw=False, dtype=torch.float16)
+    layer = _loaded(MBWQLinear, dict(sd, q_perm=sd["q_perm"].int()), **kw).to(device)
+    x = torch.randn(2, 100, dtype=torch.float16, device=device)
+    check_close(layer(x), x, W, cs=sd["channel_scale"])
+    p = sd["q_perm"].int()
+    p[3] += 65536  # an int16 cast would wrap this to the original channel
+    with pytest.raises(RuntimeError, match=r"q_perm\[3\] must be in \[0, 100\)"):
+        _loaded(MBWQLinear, dict(sd, q_perm=p), **kw)
+
+    sd, W, G, P = channel_mix_state(96, 8, [(4, 32), (2, 64)], {4: 32, 2: 32}, torch.float16)
+    layer = _loaded(MBWQLinear, dict(sd, q_groups=sd["q_groups"].int()), in_channels=96, out_channels=8,
+                    use_mbw=True, groups=G, rows_packed=P, dtype=torch.float16).to(device)
+    x = torch.randn(2, 96, dtype=torch.float16, device=device)
+    check_close(layer(x), x, W, cs=sd["channel_scale"])
+
+
+def gba_spec_checkpoint(kind, K, N, gs, dt):
+    """A checkpoint with exactly the tensors of spec_weight_only §10.3 (no scales / zeros: those are derived by
+    the double-quantization decode), its constructor arguments, and its dense W (K, N) in float64 from the
+    spec's decode (§3.4, done in the layer dtype, each operation rounded as BIE does)."""
+    G = math.ceil(K / gs)
+    g_idx = torch.arange(K) // gs
+    if kind == "sym":  # low_bit_llama w2a16g32: qstatistic nibbles, D = 16
+        b, D = 2, 16
+        NB = N // D
+        codes = rand_codes(K, N, b)
+        qstat = torch.randint(0, 256, (G, NB, D), dtype=torch.uint8)
+        qzz, qzs = (torch.rand(G, NB, 1) * 8).to(dt), (torch.rand(G, NB, 1) * 0.01).to(dt)
+        qsz, qss = (torch.rand(G, NB, 1) * 8).to(dt), (torch.rand(G, NB, 1) * 0.01 + 0.001).to(dt)
+        sd = {"qweight": ref.pack_stream(codes, [b], [K]), "qstatistic": qstat, "qzeros_zeros": qzz,
+              "qzeros_scales": qzs, "qscales_zeros": qsz, "qscales_scales": qss, "g_idx": g_idx.int(),
+              "wf": torch.arange(0, 32, b, dtype=torch.int32).reshape(1, -1), "bias": torch.zeros(N, dtype=dt)}
+        s = (((qstat >> 4).to(dt) - qsz) * qss).reshape(G, N)
+        z = (((qstat & 15).to(dt) - qzz) * qzs).reshape(G, N)
+        W = ref.wq_dense(codes, s, z, g_idx, asym=False)
+        return sd, dict(w_bit=b, dq_group_size=D), W
+    # asym: packed integer zeros, 8-bit scale codes; 4-bit: per (group, N-block), 2-bit dq_mode 1: per channel
+    b, D, mode = (4, 16, 2) if kind == "asym4" else (2, -1, 1)
+    NB = N // (N if D == -1 else D)
+    codes, zp = rand_codes(K, N, b), torch.randint(1, 2 ** b + 1, (G, N))
+    qs = torch.randint(0, 256, (G, NB, D) if b == 4 else (G, N), dtype=torch.uint8)
+    dq = (1, N, 1) if mode == 1 else (G, NB, 1)
+    qsz, qss = (torch.rand(*dq) * 8).to(dt), (torch.rand(*dq) * 0.001 + 1e-4).to(dt)
+    sd = {"qweight": ref.pack_stream(codes, [b], [K]), "qzeros": ref.pack_zeros_gptq(zp, b), "qscales": qs,
+          "qscales_zeros": qsz, "qscales_scales": qss, "g_idx": g_idx.int()}
+    c = qs.to(dt) if b == 4 else qs.to(dt).unsqueeze(-1)
+    s = ((c - qsz) * qss).reshape(G, N)
+    W = ref.wq_dense(codes, s, zp, g_idx, asym=True)
+    return sd, dict(w_bit=b, dq_group_size=D, dq_mode=mode, asym=True), W
+
+
+@pytest.mark.parametrize("kind", ["sym", "asym4", "asym2_dq1"])
+def test_gba_spec_tensor_set_loads_strictly(device, kind):
+    """A real GBA double-quantization checkpoint holds no scales / zeros (prepare_params() derives them): it
+    loads with strict=True, its forward matches the float64 decode, the prepared state dict reloads, and a raw
+    GBA checkpoint loaded into the prepared layer is decoded again. A missing double-quantization tensor is
+    still a missing key, and group_size >= 256 (not decoded, as in BIE) still needs scales."""
+    K, N, gs, dt = 200, 48, 32, torch.float16
+    sd, args, W = gba_spec_checkpoint(kind, K, N, gs, dt)
+    kw = dict(in_channels=K, out_channels=N, group_size=gs, dtype=dt, **args)
+    layer = MPQLinear(**kw)
+    result = layer.load_state_dict(sd, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    layer.prepare_params()
+    layer.to(device)
+    for M in (1, 5, 40):
+        x = torch.randn(M, K, dtype=dt, device=device)
+        check_close(layer(x), x, W, big_m=M > 16)
+    again = _loaded(MPQLinear, layer.state_dict(), **kw).to(device)
+    assert torch.equal(again(x), layer(x))
+    sd2, _, W2 = gba_spec_checkpoint(kind, K, N, gs, dt)
+    layer.load_state_dict(sd2, strict=True)  # into the prepared layer: re-prepared with the new tensors
+    assert layer._prepared
+    check_close(layer(x), x, W2, big_m=True)
+    need = "qstatistic" if kind == "sym" else "qscales"
+    with pytest.raises(RuntimeError, match=rf"Missing key\(s\).*{need}"):
+        MPQLinear(**kw).load_state_dict({k: v for k, v in sd.items() if k != need})
+    big = MPQLinear(512, 32, w_bit=2, group_size=256, dq_group_size=16, dtype=dt)
+    raw = {k: v for k, v in big.state_dict().items() if k not in ("scales", "zeros")}
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\).*scales"):
+        big.load_state_dict(raw)
+
+
+@pytest.mark.parametrize("b", [1, 2, 4, 8])
+@pytest.mark.parametrize("dt", [torch.float32, torch.float16])
+def test_mpq_from_float_gptq_rtn_every_group(device, b, dt):
+    """asym=True (GPTQ: integer zero points stored minus one) rounds to nearest in every group: mixed-sign,
+    all-positive (zero point 0, which z − 1 cannot hold), all-negative, all-zero, and positive with one tiny
+    negative weight. The checkpoint is decoded as any GPTQ reader does (codes, z = stored + 1, w = s·(q − z))
+    in float64: every weight within |s|/2 of its value, s no larger than the group's GPTQ step."""
+    K, N, gs = 200, 37, 32  # the last group has 8 rows
+    G = math.ceil(K / gs)
+    W = torch.randn(N, K) * 0.05
+    for n in range(N):
+        for g in range(G):
+            blk = W[n, g * gs:(g + 1) * gs]
+            kind = (n + g) % 5
+            if kind == 1:
+                blk.abs_().add_(0.01)
+            elif kind == 2:
+                blk.abs_().add_(0.01).neg_()
+            elif kind == 3:
+                blk.zero_()
+            elif kind == 4:
+                blk.abs_()[0] = -1e-4
+    lin = torch.nn.Linear(K, N, bias=False)
+    lin.weight.data.copy_(W)
+    layer = MPQLinear.from_float(lin, w_bit=b, group_size=gs, asym=True, dtype=dt).to(device)
+    sd = {k: v.cpu() for k, v in layer.state_dict().items()}
+    codes = ref.unpack_stream(sd["qweight"], [b], [K])
+    z = unpack_zeros_gptq(sd["qzeros"], b, N)
+    Wdq = ref.wq_dense(codes, sd["scales"], z, sd["g_idx"], asym=True)  # (K, N)
+    Wt = W.to(dt).double().t()
+    s = sd["scales"].double().abs()
+    assert torch.all((Wdq - Wt).abs() <= s[sd["g_idx"].long()] * (0.5 + 1e-4))
+    Wg = torch.nn.functional.pad(Wt, (0, 0, 0, G * gs - K)).reshape(G, gs, N)  # zero rows: GPTQ's range has 0
+    step = (Wg.amax(1).clamp_min(0) - Wg.amin(1).clamp_max(0)) / (2 ** b - 1)
+    live = step > 0  # an all-zero group: any step works
+    assert torch.all(s[live] <= step[live] * (1 + 2 ** -10))
+    for M in (2, 33):
+        x = torch.randn(M, K, dtype=dt, device=device)
+        check_close(layer(x), x, Wdq, big_m=M > 16)
+
+
+@pytest.mark.parametrize("group_sizes,segs", [({4: 64, 2: 136}, [(4, 64, 64), (2, 136, 136)]),
+                                              ({"4": 64, "2": 32}, [(4, 64, 64), (2, 136, 32)])])
+def test_mbwq_from_float_channel_mix_group_sizes(device, group_sizes, segs):
+    """The last width may use a group size that is not a multiple of 32 when its channels form one group;
+    green-bit-llm's string keys work. Every weight within half a step of its own group's grid (the reference
+    cuts each width's rows into group_size pieces itself), and the forward is x·Wdq."""
+    K, N = 200, 21
+    lin = torch.nn.Linear(K, N, bias=False)
+    layer = MBWQLinear.from_float(lin, bits=[4, 2], bits_prop=[0.5, 0.5], group_sizes=group_sizes,
+                                  dtype=torch.float32).to(device)
+    assert layer._seg_bits == [4, 2] and layer._seg_rows == [64, 200]
+    W = lin.weight.detach().double().t()
+    bound, r0 = torch.empty(K, N, dtype=torch.float64), 0
+    for b, n, gs in segs:
+        for g0 in range(r0, r0 + n, gs):
+            blk = W[g0:min(g0 + gs, r0 + n)]
+            bound[g0:g0 + blk.shape[0]] = (blk.amax(0) - blk.amin(0)) / (2 ** b - 1) * (0.5 + 1e-4) + 1e-7
+        r0 += n
+    Wq = layer.dequantized_weight(torch.float32).double().cpu().t()
+    assert torch.all((Wq - W).abs() <= bound)
+    x = torch.randn(3, K, device=device)
+    check_close(layer(x), x, Wq)
+
+
+def test_mbwq_from_float_channel_mix_refuses_unrepresentable_groups():
+    lin = torch.nn.Linear(200, 16)
+    with pytest.raises(ValueError, match=r"2-bit group size \(group_sizes\[2\]=100\) is not a multiple of 32, but "
+                                         r"the 2-bit segment \(136 of K=200 channels\) has 2 groups"):
+        MBWQLinear.from_float(lin, bits=[4, 2], bits_prop=[0.5, 0.5], group_sizes={4: 64, 2: 100})
+    with pytest.raises(ValueError, match=r"4-bit group size \(group_sizes\[4\]=48\).*followed by other widths"):
+        MBWQLinear.from_float(lin, bits=[4, 2], bits_prop=[0.5, 0.5], group_sizes={4: 48, 2: 32})
+    with pytest.raises(ValueError, match=r"4-bit group size \(group_size=40\)"):
+        MBWQLinear.from_float(lin, bits=[4, 2], bits_prop=[0.5, 0.5], group_size=40)
+    with pytest.raises(ValueError, match=r"bits must be distinct widths from \[8, 6, 5, 4, 3, 2\], got \[4, 4\]"):
+        MBWQLinear.from_float(lin, bits=[4, 4])
+    with pytest.raises(ValueError, match=r"bits_prop must have one proportion per width \(2\)"):
+        MBWQLinear.from_float(lin, bits=[4, 2], bits_prop=[1.0])
+    with pytest.raises(ValueError, match=r"group size of the 2-bit channels must be >= 1, got 0"):
+        MBWQLinear.from_float(lin, bits=[4, 2], group_sizes={2: 0}, group_size=32)
+
+
+def test_dtype_follows_casts_of_a_prepared_layer(device):
+    """After .half() / .bfloat16() / .float() the layer's dtype is that of its tensors: set_scales / set_zeros
+    cast to it (and move to the layer's device), dequantized_weight() and constructor_args() report it."""
+    K, N, gs, b = 200, 37, 64, 4
+    G = math.ceil(K / gs)
+    lin = torch.nn.Linear(K, N, bias=False)
+    layer = MBWQLinear.from_float(lin, w_bit=b, group_size=gs, dtype=torch.float32).to(device)
+    codes = ref.unpack_stream(layer.qweight.cpu(), [b], [K])
+    for cast, dt in (("half", torch.float16), ("bfloat16", torch.bfloat16), ("float", torch.float32)):
+        getattr(layer, cast)()
+        assert layer.dtype == dt and layer.constructor_args()["dtype"] == str(dt)
+        assert layer.dequantized_weight().dtype == dt
+        s, z = torch.rand(G, N) * 0.01 + 0.001, torch.randn(G, N) * 0.01  # float32, on the CPU
+        layer.set_scales(s)
+        layer.set_zeros(z)
+        assert layer.scales.dtype == layer.zeros.dtype == dt and layer.scales.device == layer.qweight.device
+        W = ref.wq_dense(codes, s.to(dt), z.to(dt), torch.arange(K) // gs, asym=False)
+        x = torch.randn(3, K, dtype=dt, device=device)
+        check_close(layer(x), x, W)
+    with pytest.raises(ValueError, match=r"set_scales: scales must be a float tensor of shape \(4, 37\) "
+                                         r"\(groups, out_channels\), got torch.float32 \(3, 37\)"):
+        layer.set_scales(torch.ones(3, N))
+    with pytest.raises(ValueError, match=r"set_zeros: zeros must be a float tensor.*got torch.int64"):
+        layer.set_zeros(torch.zeros(G, N, dtype=torch.long))
+    mpq = MPQLinear.from_float(lin, w_bit=b, group_size=gs, dtype=torch.float32).to(device).bfloat16()
+    assert mpq.dtype == torch.bfloat16 and mpq.constructor_args()["dtype"] == "torch.bfloat16"
+    assert mpq.dequantized_weight().dtype == torch.bfloat16
+    sd = {k: v.cpu() for k, v in mpq.state_dict().items()}
+    W = ref.wq_dense(ref.unpack_stream(sd["qweight"], [b], [K]), sd["scales"], unpack_zeros_gptq(sd["qzeros"], b, N),
+                     sd["g_idx"], asym=True)
+    x = torch.randn(3, K, dtype=torch.bfloat16, device=device)
+    check_close(mpq(x), x, W)
+
+
+def test_from_mlx_refuses_bad_scales_and_biases():
+    w = torch.zeros(8, 32, dtype=torch.uint32)  # N = 8, K = 256 at 4 bits: 8 groups of 32
+    s = torch.ones(8, 8, dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"scales and biases must have one dtype \(the layer's\), got "
+                                         r"torch.float32 and torch.float16"):
+        MPQLinear.from_mlx(w, s.float(), s, 32, 4)
+    with pytest.raises(ValueError, match=r"from_mlx: scales must be float32, float16 or bfloat16 of shape \(8, 8\) "
+                                         r"\(out_features, K / group_size for K=256\), got torch.float16 \(8, 7\)"):
+        MPQLinear.from_mlx(w, s[:, :7], s[:, :7], 32, 4)
+    with pytest.raises(ValueError, match=r"from_mlx: biases must be .* got torch.float16 \(8, 4\)"):
+        MPQLinear.from_mlx(w, s, s[:, :4], 32, 4)
+    with pytest.raises(ValueError, match=r"from_mlx: bias must be a float tensor of shape \(8,\), got"):
+        MPQLinear.from_mlx(w, s, s, 32, 4, bias=torch.zeros(7, dtype=torch.float16))
+    assert MPQLinear.from_mlx(w, s, s, 32, 4).dtype == torch.float16

@@ -26,6 +26,25 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Checkpoint keys BIE layers may carry that lowbit's runtime form does not need (dropped on load).
 _DQ_KEYS = ("qstatistic", "qzeros_zeros", "qzeros_scales", "qscales_zeros", "qscales_scales", "qscales")
 _MBW_WIDTHS = (8, 6, 5, 4, 3, 2)
+# The dtypes a checkpoint tensor may have, per key (what BIE, GPTQ writers and green-bit-llm store, plus what
+# lowbit itself saves). nn.Module's load would cast anything else into the buffer's dtype, silently changing
+# packed bits, codes or indices: such a tensor is refused instead. Float tensors of another float dtype are
+# cast to the layer's dtype (as nn.Module does).
+_KEY_DTYPES = {
+    "qweight": (torch.int32,), "qzeros": (torch.int32,), "g_idx": (torch.int32, torch.int64),
+    "q_perm": (torch.int16, torch.int32), "q_groups": (torch.int16, torch.int32),
+    "qstatistic": (torch.uint8,), "qscales": (torch.uint8,),
+    **{k: _FLOAT_DTYPES for k in ("scales", "zeros", "bias", "channel_scale", "qscales_zeros", "qscales_scales",
+                                  "qzeros_zeros", "qzeros_scales")},
+}
+# Index tensors loaded in the checkpoint's own integer dtype (no wrap-around of an out-of-range value);
+# prepare_params() checks their values and converts them to the runtime's int32.
+_KEEP_INT_DTYPE = ("g_idx", "q_perm", "q_groups")
+
+
+def _dtype_names(dtypes) -> str:
+    names = [str(d) for d in dtypes]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
 
 
 def _check_common(cls: str, in_channels: int, out_channels: int, a_bit: int, dtype, requires_grad: bool) -> None:
@@ -100,22 +119,54 @@ class _WqLinearBase(LowbitLayer):
                               "construct the layer with disable_bias=False to keep it", stacklevel=3)
             self._drop("bias")
 
-    def _adapt_state_dict(self, state_dict, prefix: str, keys) -> None:
-        """Subclass hook: bring a checkpoint's keys into this layer's layout before loading."""
+    def _apply(self, fn, *args, **kwargs):
+        # .half() / .bfloat16() / .float() / .to(dtype) convert the float buffers: the layer's dtype follows them
+        # (set_scales / set_zeros, dequantized_weight() and constructor_args() use it).
+        out = super()._apply(fn, *args, **kwargs)
+        s = self._buffers.get("scales")
+        if s is not None and s.is_floating_point():
+            self.dtype = s.dtype
+        return out
+
+    def _accepted_dtypes(self, key: str):
+        """The dtypes a checkpoint tensor ``key`` may have (None: not checked, e.g. a key this layer drops)."""
+        return _KEY_DTYPES.get(key)
+
+    def _adapt_state_dict(self, state_dict, prefix: str, keys):
+        """Subclass hook: bring a checkpoint's keys into this layer's layout before loading. Returns the keys
+        that are derived at prepare_params() and so are not required in the checkpoint."""
+        return ()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         state_dict.pop(prefix + "wf", None)  # BIE's shift table: not needed
-        keys = {k[len(prefix):] for k in state_dict if k.startswith(prefix)}
-        self._adapt_state_dict(state_dict, prefix, keys)
+        keys = {k[len(prefix):] for k in state_dict if k.startswith(prefix) and "." not in k[len(prefix):]}
+        bad = []
+        for k in sorted(keys):
+            t, ok = state_dict[prefix + k], self._accepted_dtypes(k)
+            if ok is not None and isinstance(t, Tensor) and t.dtype not in ok:
+                bad.append(f"{type(self).__name__}: checkpoint tensor '{prefix}{k}' must be {_dtype_names(ok)}, "
+                           f"got {t.dtype} (a cast would silently change its values)")
+        if bad:  # nothing is loaded: the layer keeps its tensors
+            error_msgs.extend(bad)
+            return
+        derived = self._adapt_state_dict(state_dict, prefix, keys) or ()
         if "bias" not in keys and self.disable_bias:
             self._drop("bias")
         if "bias" in keys and "bias" not in self._buffers:
-            self.register_buffer("bias", torch.zeros(self.out_channels, dtype=self.dtype))
+            self.register_buffer("bias", torch.zeros(self.out_channels, dtype=self.dtype,
+                                                     device=self.qweight.device))
+        for k in _KEEP_INT_DTYPE:
+            t, old = state_dict.get(prefix + k), self._buffers.get(k)
+            if t is not None and old is not None and t.dtype != old.dtype:
+                self.register_buffer(k, torch.empty(old.shape, dtype=t.dtype, device=old.device))
         was_prepared = self._prepared
         self._prepared = False
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        for k in derived:
+            if prefix + k in missing_keys:
+                missing_keys.remove(prefix + k)
         if was_prepared and not error_msgs:
             self.prepare_params()
 
@@ -225,26 +276,30 @@ class MPQLinear(_WqLinearBase):
         self.requires_grad = requires_grad
         self.maxq = 2 ** w_bit - 1
         self._init_runtime()
-        G, NB = math.ceil(K / gs), math.ceil(N / D)
-        f = dict(device=device, dtype=dtype)
         i32 = dict(device=device, dtype=torch.int32)
-        u8 = dict(device=device, dtype=torch.uint8)
         self.register_buffer("qweight", torch.zeros(math.ceil(K / 32) * w_bit, N, **i32))
         self.register_buffer("g_idx", torch.div(torch.arange(K, **i32), gs, rounding_mode="floor"))
-        self.register_buffer("bias", torch.zeros(N, **f))
-        zwords = math.ceil(N * w_bit / 32)
+        self.register_buffer("bias", torch.zeros(N, device=device, dtype=dtype))
         if not use_gba_quant:  # GPTQ
-            self.register_buffer("qzeros", torch.zeros(G, zwords, **i32))
-            self.register_buffer("scales", torch.ones(G, N, **f))
+            self.register_buffer("qzeros", torch.zeros(math.ceil(K / gs), math.ceil(N * w_bit / 32), **i32))
+            self.register_buffer("scales", torch.ones(math.ceil(K / gs), N, device=device, dtype=dtype))
             return
+        self._register_gba(device, dtype)
+
+    def _register_gba(self, device, dtype) -> None:
+        """The GBA layout's tensors (double quantization, BIE's init_gba), as constructed."""
+        K, N, D, b = self.in_channels, self.out_channels, self.dq_group_size, self.w_bit
+        G, NB = math.ceil(K / self.group_size), math.ceil(N / D)
+        f = dict(device=device, dtype=dtype)
+        u8 = dict(device=device, dtype=torch.uint8)
         if self.asym:
-            self.register_buffer("qzeros", torch.zeros(G, zwords, **i32))
-            self.register_buffer("qscales", torch.ones(*((G, NB, D) if w_bit == 4 else (G, N)), **u8))
+            self.register_buffer("qzeros", torch.zeros(G, math.ceil(N * b / 32), device=device, dtype=torch.int32))
+            self.register_buffer("qscales", torch.ones(*((G, NB, D) if b == 4 else (G, N)), **u8))
         else:
             self.register_buffer("qstatistic", torch.ones(G, NB, D, **u8))
             self.register_buffer("qzeros_zeros", torch.zeros(G, NB, 1, **f))
             self.register_buffer("qzeros_scales", torch.ones(G, NB, 1, **f))
-        dq_shape = (1, N, 1) if dq_mode == 1 else (G, NB, 1)
+        dq_shape = (1, N, 1) if self.dq_mode == 1 else (G, NB, 1)
         self.register_buffer("qscales_zeros", torch.zeros(*dq_shape, **f))
         self.register_buffer("qscales_scales", torch.ones(*dq_shape, **f))
         self.register_buffer("scales", torch.ones(G, N, **f))
@@ -305,23 +360,40 @@ class MPQLinear(_WqLinearBase):
             destination[prefix + "qweight"] = _ops.wq_permute_rows(self.qweight, self.w_bit, inv)
             destination[prefix + "g_idx"] = self.g_idx.index_select(0, inv)
 
-    def _adapt_state_dict(self, state_dict, prefix: str, keys) -> None:
+    def _accepted_dtypes(self, key: str):
+        if key == "zeros" and self.asym:  # float (GBA layout) or BIE's prepared asym layout (packed int32)
+            return _FLOAT_DTYPES + (torch.int32,)
+        return super()._accepted_dtypes(key)
+
+    def _adapt_state_dict(self, state_dict, prefix: str, keys):
+        has_dq = any(k in keys for k in _DQ_KEYS)
+        if self.use_gba_quant and has_dq and "qscales_zeros" not in self._buffers:
+            # A raw GBA checkpoint into a prepared layer (its double-quantization tensors were dropped): bring
+            # them back, prepare_params() decodes them again.
+            self._register_gba(self.qweight.device, self.dtype)
         # A prepared checkpoint (no double-quantization tensors): load into the prepared layout.
-        if "qscales_zeros" in self._buffers and "qscales_zeros" not in keys and "scales" in keys:
+        if "qscales_zeros" in self._buffers and not has_dq and "scales" in keys:
             self._drop(*_DQ_KEYS)
         if self.asym and "zeros" in self._buffers and "zeros" not in keys:
             self._drop("zeros")
         if self.asym and "qzeros" not in keys and prefix + "zeros" in state_dict and \
                 state_dict[prefix + "zeros"].dtype == torch.int32:
             state_dict[prefix + "qzeros"] = state_dict.pop(prefix + "zeros")  # BIE's prepared asym layout
+        if "qscales_zeros" in self._buffers and has_dq and self.group_size < 256:
+            # Double quantization (BIE decodes it for group_size < 256): scales (and the sym format's zeros)
+            # are derived by prepare_params(), so a checkpoint need not carry them (spec 10.3's tensor sets).
+            return ("scales",) if self.asym else ("scales", "zeros")
+        return ()
 
     # --- construction from float weights and MLX --------------------------------------------------
     @classmethod
     def from_float(cls, linear: torch.nn.Linear, w_bit: int = 4, group_size: int = 128, asym: bool = True,
                    dtype: Optional[torch.dtype] = None) -> "MPQLinear":
         """Round-to-nearest quantization of ``linear`` per group of ``group_size`` input channels.
-        ``asym=True``: GPTQ format (integer zero points, ``qzeros``); ``asym=False``: GBA sym form with
-        float zeros (prepared, without double quantization). The layer comes back prepared."""
+        ``asym=True``: GPTQ format (integer zero points, ``qzeros``; a group whose zero point would be 0, which
+        GPTQ's z - 1 storage cannot hold, gets the mirrored grid: scale -s, zero 2^b - 1, so every weight is
+        within half a step, also in all-positive groups); ``asym=False``: GBA sym form with float zeros
+        (prepared, without double quantization). The layer comes back prepared."""
         W = linear.weight.detach()
         dt = dtype or (W.dtype if W.dtype in _FLOAT_DTYPES else torch.float32)
         N, K = W.shape
@@ -365,10 +437,28 @@ class MPQLinear(_WqLinearBase):
     def from_mlx(cls, weight: Tensor, scales: Tensor, biases: Tensor, group_size: int, bits: int,
                  bias: Optional[Tensor] = None) -> "MPQLinear":
         """Inverse of :meth:`to_mlx` (MLX arrays converted to torch tensors, e.g. via numpy)."""
+        name = f"{cls.__name__}.from_mlx"
         if weight.dim() != 2 or weight.dtype not in (torch.uint32, torch.int32):
-            raise ValueError(f"MPQLinear.from_mlx: weight must be 2-D uint32, got {weight.dtype} {tuple(weight.shape)}")
+            raise ValueError(f"{name}: weight must be 2-D uint32, got {weight.dtype} {tuple(weight.shape)}")
+        if bits not in (1, 2, 4, 8):
+            raise ValueError(f"{name}: bits must be 1, 2, 4 or 8 (32 / bits codes per word), got {bits}")
+        if group_size < 1:
+            raise ValueError(f"{name}: group_size must be >= 1, got {group_size}")
         N, words = weight.shape
         K = words * 32 // bits
+        G = math.ceil(K / group_size)
+        for what, t in (("scales", scales), ("biases", biases)):
+            if not isinstance(t, Tensor) or t.dtype not in _FLOAT_DTYPES or tuple(t.shape) != (N, G):
+                got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
+                raise ValueError(f"{name}: {what} must be float32, float16 or bfloat16 of shape ({N}, {G}) "
+                                 f"(out_features, K / group_size for K={K}), got {got}")
+        if biases.dtype != scales.dtype:
+            raise ValueError(f"{name}: scales and biases must have one dtype (the layer's), got {scales.dtype} "
+                             f"and {biases.dtype}")
+        if bias is not None and (not isinstance(bias, Tensor) or not bias.is_floating_point()
+                                 or tuple(bias.shape) != (N,)):
+            got = f"{bias.dtype} {tuple(bias.shape)}" if isinstance(bias, Tensor) else type(bias).__name__
+            raise ValueError(f"{name}: bias must be a float tensor of shape ({N},), got {got}")
         layer = cls(K, N, w_bit=bits, dtype=scales.dtype, group_size=group_size, use_gba_quant=True, asym=False,
                     disable_bias=bias is None, device=weight.device)
         layer._drop(*_DQ_KEYS)
@@ -444,11 +534,20 @@ class MBWQLinear(_WqLinearBase):
             if self.group_size < 1:
                 raise ValueError(f"{name}: group_size must be >= 1 or -1, got {self.group_size}")
 
+    def _set_group_tensor(self, name: str, value: Tensor) -> None:
+        old = self._buffers[name]
+        if not isinstance(value, Tensor) or not value.is_floating_point() or tuple(value.shape) != tuple(old.shape):
+            got = f"{value.dtype} {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
+            raise ValueError(f"{type(self).__name__}.set_{name}: {name} must be a float tensor of shape "
+                             f"{tuple(old.shape)} (groups, out_channels), got {got}")
+        # In the layer's dtype (that of its buffers, also after .half() / .bfloat16()) and on its device.
+        self.register_buffer(name, value.to(device=old.device, dtype=old.dtype))
+
     def set_scales(self, scales: Tensor) -> None:
-        self.scales = scales.to(self.dtype)
+        self._set_group_tensor("scales", scales)
 
     def set_zeros(self, zeros: Tensor) -> None:
-        self.zeros = zeros.to(self.dtype)
+        self._set_group_tensor("zeros", zeros)
 
     def _runtime_zeros(self) -> Tensor:
         return self.zeros
@@ -490,14 +589,20 @@ class MBWQLinear(_WqLinearBase):
         self._warn_dropped_bias()
         self._prepared = True
 
-    def _adapt_state_dict(self, state_dict, prefix: str, keys) -> None:
-        for k in _DQ_KEYS + ("g_idx", "qzeros", "q_group_map"):
+    _DROPPED_KEYS = _DQ_KEYS + ("g_idx", "qzeros", "q_group_map")  # BIE's base-class tensors, unused here
+
+    def _accepted_dtypes(self, key: str):
+        return None if key in self._DROPPED_KEYS else super()._accepted_dtypes(key)
+
+    def _adapt_state_dict(self, state_dict, prefix: str, keys):
+        for k in self._DROPPED_KEYS:
             if state_dict.pop(prefix + k, None) is not None:
                 keys.discard(k)
         if "q_perm" not in keys:  # absent = identity
             state_dict[prefix + "q_perm"] = torch.zeros_like(self.q_perm)
         if "channel_scale" not in keys:
             state_dict[prefix + "channel_scale"] = torch.ones_like(self.channel_scale)
+        return ()
 
     # --- dense reconstructions (BIE's static helpers) ---------------------------------------------
     @staticmethod
@@ -537,7 +642,9 @@ class MBWQLinear(_WqLinearBase):
         """Round-to-nearest quantization of ``linear``. Layer-mix (``bits`` None): ``w_bit`` bits, groups of
         ``group_size``. Channel-mix: widths ``bits`` (e.g. [4, 2]) over proportions ``bits_prop`` of the
         input channels (green-bit-llm's rule: each width but the last gets max(1, floor(K*p) // gs) * gs
-        channels), group size per width from ``group_sizes`` (default ``group_size``; multiples of 32).
+        channels), group size per width from ``group_sizes`` (keys int or str as in green-bit-llm's strategy;
+        default ``group_size``): multiples of 32, except the last width's when its channels form one group
+        (``q_groups`` hold whole 32-row chunks per group but the last; anything else is a ValueError).
         ``perm`` (optional): stored row r holds input channel perm[r] (e.g. most important first).
         The layer comes back prepared."""
         W = linear.weight.detach()
@@ -551,20 +658,44 @@ class MBWQLinear(_WqLinearBase):
             codes, s, z = _ops.wq_quantize_rtn(Wst.to(dt), w_bit, gs, "float_zero")
             layer.qweight.copy_(_ops.wq_pack(codes, [w_bit], [K]))
         else:
+            name = "MBWQLinear.from_float"
+            bits = [int(b) for b in bits]
+            if not bits or len(set(bits)) != len(bits) or any(b not in _MBW_WIDTHS for b in bits):
+                raise ValueError(f"{name}: bits must be distinct widths from {list(_MBW_WIDTHS)}, got {bits}")
+            if bits_prop is not None and len(bits_prop) != len(bits):
+                raise ValueError(f"{name}: bits_prop must have one proportion per width ({len(bits)}), got "
+                                 f"{list(bits_prop)}")
             order = sorted(range(len(bits)), key=lambda i: -bits[i])
-            bits = [int(bits[i]) for i in order]
             props = [float(bits_prop[i]) for i in order] if bits_prop is not None else [1.0 / len(bits)] * len(bits)
-            gsz = {b: int((group_sizes or {}).get(b, group_size)) for b in bits}
+            bits = [bits[i] for i in order]
+            given = {int(k): v for k, v in (group_sizes or {}).items()}  # green-bit-llm's keys are strings
+            gsz = {b: int(given.get(b, group_size)) for b in bits}
+            for b in bits:
+                if gsz[b] < 1:
+                    raise ValueError(f"{name}: the group size of the {b}-bit channels must be >= 1, got {gsz[b]} "
+                                     f"(group_sizes={group_sizes}, group_size={group_size})")
             counts, used = [], 0
             for b, p in zip(bits[:-1], props[:-1]):
                 n = max(1, math.floor(K * p) // gsz[b]) * gsz[b]
                 counts.append(n)
                 used += n
             counts.append(K - used)
-            if counts[-1] < 1 or any(gsz[b] % 32 for b in bits[:-1]):
-                raise ValueError(f"MBWQLinear.from_float: cannot split K={K} as bits={bits}, bits_prop={props} "
-                                 f"with group sizes {gsz} (non-final widths need group sizes that are multiples "
-                                 "of 32, and every width some channels)")
+            if counts[-1] < 1:
+                raise ValueError(f"{name}: cannot split K={K} as bits={bits}, bits_prop={props} with group sizes "
+                                 f"{gsz}: the widths before {bits[-1]} bits take {used} channels, none is left")
+            # q_groups give each group its width and first word row, so a group spans whole 32-row chunks:
+            # every group but the layer's last must have a multiple of 32 rows. That is every group of every
+            # width but the last, and the last width's groups when its segment holds more than one group.
+            for i, (b, n) in enumerate(zip(bits, counts)):
+                last = i == len(bits) - 1
+                if gsz[b] % 32 and (not last or n > gsz[b]):
+                    raise ValueError(
+                        f"{name}: the {b}-bit group size ({'group_sizes[%d]' % b if b in given else 'group_size'}"
+                        f"={gsz[b]}) is not a multiple of 32, but the {b}-bit segment "
+                        f"({n} of K={K} channels) " + ("is followed by other widths" if not last else
+                                                       f"has {math.ceil(n / gsz[b])} groups") +
+                        ": q_groups store each group as whole 32-row chunks (bits, first word row), so every group "
+                        "but the layer's last must have a multiple of 32 rows")
             codes_l, s_l, z_l, q_groups, start, r0 = [], [], [], [], 0, 0
             for b, n in zip(bits, counts):
                 c, s, z = _ops.wq_quantize_rtn(Wst[:, r0:r0 + n].to(dt), b, gsz[b], "float_zero")
