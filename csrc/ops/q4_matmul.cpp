@@ -32,6 +32,12 @@ void check_matmul(const at::Tensor& x, const at::Tensor& y, const at::Tensor& x_
               " and ", y.scalar_type());
   TORCH_CHECK(x.sym_size(-1) == y.sym_size(-1), kOp, ": x (..., m, k) and y (..., n, k) must agree on k, got ",
               x.sym_sizes(), " and ", y.sym_sizes());
+  // Batch dims broadcast as torch.matmul's: aligned from the right, equal or one of them 1.
+  for (int64_t i = 1; i <= std::min<int64_t>(x.dim(), y.dim()) - 2; ++i) {
+    const auto dx = x.sym_size(x.dim() - 2 - i), dy = y.sym_size(y.dim() - 2 - i);
+    TORCH_CHECK(dx == dy || dx == 1 || dy == 1, kOp, ": the batch dims of x ", x.sym_sizes(), " and y ",
+                y.sym_sizes(), " do not broadcast (", dx, " vs ", dy, " at dim ", -2 - i, ")");
+  }
   TORCH_CHECK(x.sym_numel() > 0 && y.sym_numel() > 0, kOp, ": empty operands (", x.sym_sizes(), ", ", y.sym_sizes(),
               "); the clip scales and their LSQ gradients are undefined for no data");
   check_same_device(x, "x", y, kOp, "y");

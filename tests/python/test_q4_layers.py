@@ -262,3 +262,17 @@ def test_q4_matmul_bad_input(device):
         mm(torch.randn(2, 3, 4, device=device), torch.randn(2, 5, 4, device=device, dtype=torch.float16))
     with pytest.raises(RuntimeError, match="2 or more dims"):
         mm(torch.randn(4, device=device), torch.randn(5, 4, device=device))
+
+
+def test_bad_input_messages_name_the_input(device):
+    """A wrong input is reported as the input's fault (in_channels, the shape given), in training and in
+    eval with the packed qweight, not as a qweight / weight shape mismatch."""
+    lin = Q4Linear(37, 23, device=device)
+    conv = Q4Conv2d(4, 6, 3, device=device)
+    for layer, bad in ((lin, torch.randn(4, 36, device=device)), (conv, torch.randn(2, 5, 8, 8, device=device))):
+        for mode in (True, False):
+            layer.train(mode)
+            with pytest.raises(RuntimeError, match=r"x must .*in_channels=(37|4).*got shape \((4, 36|2, 5, 8, 8)\)"):
+                layer(bad)
+    with pytest.raises(RuntimeError, match=r"q4_matmul: the batch dims of x .* do not broadcast \(2 vs 3 at dim -3\)"):
+        Q4MatMul(device=device)(torch.randn(2, 5, 7, device=device), torch.randn(3, 6, 7, device=device))

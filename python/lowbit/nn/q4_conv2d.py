@@ -54,6 +54,11 @@ class Q4Conv2d(Q4Base):
         return (super().extra_repr() + f", kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}")
 
+    def _check_input(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise RuntimeError(f"{type(self).__name__}: x must be 4-D (N, C, H, W) with C = in_channels="
+                               f"{self.in_channels}, got shape {tuple(getattr(x, 'shape', ()))}")
+
     def _qweight_shape(self) -> tuple:
         cg = self.in_channels // self.groups
         return (self.out_channels, *self.kernel_size, (cg + 1) // 2)

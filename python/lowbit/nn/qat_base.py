@@ -142,6 +142,7 @@ class QATBase(LowbitLayer):
 
     # ---------------------------------------------------------------- forward
     def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
         if self.training:
             if self.weight is None:
                 raise RuntimeError(f"{type(self).__name__}: the float weight was released by "
@@ -155,6 +156,9 @@ class QATBase(LowbitLayer):
         return self._forward_op(x, self._eval_qweight(), self.scale_w)
 
     # ---------------------------------------------------------------- subclass hooks
+    def _check_input(self, x: Tensor) -> None:
+        """Raise if x cannot be this layer's input (the ops check too, but in terms of the weight)."""
+
     def _adapt_loaded_qweight(self, state_dict, prefix, local_metadata) -> None:
         """Called first when a state dict is loaded: may rewrite or drop its ``qweight`` in place."""
 
@@ -238,6 +242,11 @@ class LinearShape:
     in_channels: int
     out_channels: int
     int8_backward: bool = False
+
+    def _check_input(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[-1] != self.in_channels:
+            raise RuntimeError(f"{type(self).__name__}: x must have in_channels={self.in_channels} features in "
+                               f"its last dim, got shape {tuple(getattr(x, 'shape', ()))}")
 
     def _set_int8_backward(self, value) -> None:
         if not isinstance(value, bool):
