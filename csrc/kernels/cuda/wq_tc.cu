@@ -277,6 +277,14 @@ struct TcArgs {
   int vec;                  // N % 4 == 0 and 16-byte aligned words: 16-byte word loads, 8-byte scale loads
   uint32_t magic;           // Tc<T>::kMagic, from a parameter so that ptxas keeps it in a register
   int nseg;                 // segments, in grid.y order (all of them run in one launch)
+  // Programmatic-dependent-launch role (sm_90+; no-ops otherwise): 0 the only launch: trigger at the
+  // start, wait before the first read of x' / g_idx / scales; 1 the first of several segment launches:
+  // wait, then trigger (so that a dependent may start only once the kernels before this one are done);
+  // 2 a later segment launch: no wait before its work (everything it reads was complete when launch 1
+  // triggered), a wait before it exits (so that its completion implies its predecessor's, which the
+  // reduce kernel behind it relies on). The segments' launches then overlap instead of each waiting
+  // for the previous one's tail.
+  int pdl_mode;
   TcSegArgs seg[kWqMaxSegments];
 };
 
@@ -578,7 +586,8 @@ __device__ __forceinline__ void tc_body(const TcArgs& a, const TcSegArgs& sg, in
     if (kb0 + st < kb1 && kb0 + st != tail)
 #pragma unroll
       for (int h = 0; h < 2; ++h) prefetch_l2(qw + (woff + uint32_t(st) * wstep + wcol[h]));
-  pdl_wait();
+  if (a.pdl_mode != 2) pdl_wait();
+  if (a.pdl_mode == 1) pdl_trigger();
   // Prologue: S - 1 k-blocks in flight; each step issues one more and consumes the oldest.
 #pragma unroll
   for (int st = 0; st < S - 1; ++st) issue(kb0 + st);
@@ -748,7 +757,7 @@ constexpr int tc_smem_bytes() {
 template <int kMask, int NT, typename T, bool kVec>
 __global__ void __launch_bounds__(kTcThreads, NT == 1 && kVec ? 3 : 1) wq_tc_kernel(const TcArgs a) {
   extern __shared__ __align__(16) unsigned char smem[];
-  pdl_trigger();
+  if (a.pdl_mode != 1) pdl_trigger();
   if constexpr (kMask == 3) {
     int split = int(blockIdx.y), s = 0;
     while (s + 1 < a.nseg && split >= a.seg[s].splits) {
@@ -763,6 +772,7 @@ __global__ void __launch_bounds__(kTcThreads, NT == 1 && kVec ? 3 : 1) wq_tc_ker
   } else {
     tc_body<kMask == 2 ? 4 : 2, NT, T, kVec>(a, a.seg[0], int(blockIdx.y), smem);
   }
+  if (a.pdl_mode == 2) pdl_wait();
 }
 
 // x' = x * channel_scale in stored-row order, rounded once to T, rows [K, Kp) zero: xs (M, Kp). order 0:
@@ -774,8 +784,10 @@ __global__ void __launch_bounds__(kPrepThreads) wq_tc_prep_kernel(const T* __res
                                                                   const T* cs, T* __restrict__ xs, int order,
                                                                   int64_t k_in) {
   // The main kernel behind this one is a programmatic dependent: let it launch and prefetch its words now
-  // (it waits for this kernel's completion before it reads x').
+  // (it waits for this kernel's completion before it reads x'). This kernel is itself launched as a
+  // programmatic dependent of whatever produced x (sm_90+), so it waits for that before reading x.
   pdl_trigger();
+  pdl_wait();
   const int64_t pieces = Kp / 8, total = M * pieces;
   for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += int64_t(gridDim.x) * blockDim.x) {
     const int64_t m = e / pieces, r0 = (e - m * pieces) * 8;
@@ -1011,14 +1023,36 @@ Status tc_prep_x(const char* fn, const WqWeight& w, const void* x, int64_t M, in
                  int64_t k_in, void* out, const DeviceInfo& dev, cudaStream_t stream) {
   const int64_t total = M * (kp / 8);
   const int64_t blocks = std::min<int64_t>((total + kPrepThreads - 1) / kPrepThreads, int64_t(dev.sms) * 8);
-  if (w.sdtype == DType::kFloat16)
-    wq_tc_prep_kernel<__half><<<unsigned(blocks), kPrepThreads, 0, stream>>>(
-        static_cast<const __half*>(x), ldx, M, w.K, kp, w.perm, static_cast<const __half*>(w.channel_scale),
-        static_cast<__half*>(out), order, k_in);
-  else
-    wq_tc_prep_kernel<__nv_bfloat16><<<unsigned(blocks), kPrepThreads, 0, stream>>>(
-        static_cast<const __nv_bfloat16*>(x), ldx, M, w.K, kp, w.perm,
-        static_cast<const __nv_bfloat16*>(w.channel_scale), static_cast<__nv_bfloat16*>(out), order, k_in);
+  // A programmatic dependent launch on sm_90+ (its launch overlaps the tail of the kernel that made x; the
+  // kernel waits for it before reading x), a plain one elsewhere or if the driver refuses the attribute.
+  auto launch = [&](auto kernel, auto xp, auto csp, auto outp) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(unsigned(blocks));
+    cfg.blockDim = dim3(kPrepThreads);
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = dev.major >= 9 ? 1 : 0;
+    cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, xp, ldx, M, w.K, kp, w.perm, csp, outp, order, k_in);
+    if (err != cudaSuccess && cfg.numAttrs != 0) {
+      cudaGetLastError();
+      cfg.numAttrs = 0;
+      err = cudaLaunchKernelEx(&cfg, kernel, xp, ldx, M, w.K, kp, w.perm, csp, outp, order, k_in);
+    }
+    return err;
+  };
+  const cudaError_t err =
+      w.sdtype == DType::kFloat16
+          ? launch(wq_tc_prep_kernel<__half>, static_cast<const __half*>(x),
+                   static_cast<const __half*>(w.channel_scale), static_cast<__half*>(out))
+          : launch(wq_tc_prep_kernel<__nv_bfloat16>, static_cast<const __nv_bfloat16*>(x),
+                   static_cast<const __nv_bfloat16*>(w.channel_scale), static_cast<__nv_bfloat16*>(out));
+  if (err != cudaSuccess) {
+    cudaGetLastError();
+    return Status::device(validate::err(fn, std::string("x' prep kernel launch failed: ") + cudaGetErrorString(err)));
+  }
   return launch_error(fn, "x' prep kernel launch failed");
 }
 
@@ -1101,6 +1135,7 @@ Status tc_matmul(const char* fn, const WqWeight& w, const void* x, int64_t M, in
     return launch_error(fn, "tensor-core kernel launch failed");
   };
   if (plan.one_launch) {
+    a.pdl_mode = 0;
     a.nseg = plan.nseg;
     int64_t grid_y = 0;
     for (int s = 0; s < plan.nseg; ++s) {
@@ -1112,6 +1147,7 @@ Status tc_matmul(const char* fn, const WqWeight& w, const void* x, int64_t M, in
   } else {
     a.nseg = 1;
     for (int s = 0; s < plan.nseg; ++s) {
+      a.pdl_mode = plan.nseg == 1 ? 0 : s == 0 ? 1 : 2;
       a.seg[0] = seg_args(s);
       st = launch(width_mask(plan.seg[s].bits), plan.seg[s].splits);
       if (!st.is_ok()) return st;
