@@ -129,7 +129,7 @@ TORCH_LIBRARY(lowbit, m) {
   m.def("wq_unpack_zeros(Tensor qzeros, int bits, int N, ScalarType dtype) -> Tensor");
   // Round-to-nearest quantization of a float weight (N, K) (nn.Linear layout) per group of group_size
   // input channels (-1: one group). mode "float_zero": min-max, w = s*q - z; "int_zero": min-max with an
-  // integer zero point, w = s*(q - z); "int_zero_sym": s = max|w| / (2^(bits-1) - 1/2)... see docs/formats.md.
+  // integer zero point, w = s*(q - z) (a group with z = 0 stored mirrored: -s, z = maxq); "int_zero_sym": s = max|w| / (2^(bits-1) - 1/2)... see docs/formats.md.
   // Returns codes (K, N) int32, scales (G, N), zeros (G, N) in the weight's dtype.
   m.def("wq_quantize_rtn(Tensor weight, int bits, int group_size, str mode) -> (Tensor, Tensor, Tensor)");
   // GBA double-quantization decode (BIE's prepare_params), in the dtype of the dq scales:
