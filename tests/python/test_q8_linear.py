@@ -403,3 +403,22 @@ def test_cuda_graph_capture_of_the_first_forward(training):
         assert torch.equal(y, y_ref), type(layer).__name__
         for p, q in zip(_steps(layer), _steps(twin)):
             assert torch.equal(p, q) and p.item() != 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_no_device_sync_in_first_forwards():
+    """torch.cuda.set_sync_debug_mode("error") turns every host read of device data into an error: a fresh
+    layer's first training forward (the scale_a initialisation) and backward, and the first eval forward
+    after training (qweight regenerated from the trained weight), read nothing back."""
+    for layer, inputs in _fresh_qat_layers("cuda"):
+        inputs = [t.requires_grad_() for t in inputs]
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            layer.train()
+            layer(*inputs).sum().backward()
+            layer.eval()
+            with torch.no_grad():
+                layer(*inputs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")

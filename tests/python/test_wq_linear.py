@@ -821,3 +821,24 @@ def test_from_mlx_refuses_bad_scales_and_biases():
     with pytest.raises(ValueError, match=r"from_mlx: bias must be a float tensor of shape \(8,\), got"):
         MPQLinear.from_mlx(w, s, s, 32, 4, bias=torch.zeros(7, dtype=torch.float16))
     assert MPQLinear.from_mlx(w, s, s, 32, 4).dtype == torch.float16
+
+
+@pytest.mark.parametrize("cls,key", [("MPQLinear", "scales"), ("MBWQLinear", "scales"), ("MBWQLinear", "zeros"),
+                                     ("MBWQLinear", "channel_scale")])
+def test_prepare_refuses_non_finite_params(cls, key):
+    """A NaN or inf in the scales, zeros or channel scale of a checkpoint is refused at prepare_params
+    (it would silently turn output columns into NaN)."""
+    lin = torch.nn.Linear(72, 40, bias=False)
+    layer_cls = getattr(lowbit.nn, cls)
+    src = layer_cls.from_float(lin, w_bit=4, group_size=32, dtype=torch.float32)
+    state = src.state_dict()
+    if key not in state:
+        pytest.skip(f"{cls} has no {key}")
+    bad = state[key].clone().float()
+    bad.view(-1)[bad.numel() // 2] = float("nan") if key != "channel_scale" else float("inf")
+    state[key] = bad.to(state[key].dtype)
+    layer = layer_cls(72, 40, w_bit=4, group_size=32, dtype=torch.float32,
+                      **({"use_gba_quant": False, "asym": True} if cls == "MPQLinear" else {"use_mbw": False}))
+    layer.load_state_dict(state, strict=False)
+    with pytest.raises(ValueError, match=f"{key} holds 1 non-finite"):
+        layer.prepare_params()

@@ -35,8 +35,9 @@ class Q4Base(QATBase):
         return self.scale_w
 
     def _quantize_weight(self, weight: Tensor, scale_w: Tensor) -> Tensor:
+        # No host check of the step (as Q8Linear's): it comes from prepare_params or a checked load.
         return ops.pack_s4(ops.quantize_s8(self._weight_codes_layout(weight), None, scale_w, self.eps,
-                                           self._qmin, self._qmax))
+                                           self._qmin, self._qmax, check_step=False))
 
     def _weight_codes_layout(self, weight: Tensor) -> Tensor:
         """The weight in the element order its codes are packed in."""

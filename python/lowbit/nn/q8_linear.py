@@ -43,7 +43,9 @@ class Q8Linear(LinearShape, QATBase):
         return ops.lsq_scale(self.weight, float(self._qmax), self.eps)
 
     def _quantize_weight(self, weight: Tensor, scale_w: Tensor) -> Tensor:
-        return ops.quantize_s8(weight, None, scale_w, self.eps, self._qmin, self._qmax)
+        # No host check of the step (a device sync inside the first eval forward): it comes from the weight
+        # (>= eps) or a checked load, and an invalid one makes the output NaN through qat_alpha anyway.
+        return ops.quantize_s8(weight, None, scale_w, self.eps, self._qmin, self._qmax, check_step=False)
 
     def _forward_op(self, x: Tensor, weight: Tensor, scale_w: Tensor) -> Tensor:
         return ops.q8_linear(x, self.bias_a, weight, self.scale_a, scale_w, self.eps, self.bias, self.int8_backward)

@@ -63,6 +63,16 @@ def _check_common(cls: str, in_channels: int, out_channels: int, a_bit: int, dty
 class _WqLinearBase(LowbitLayer):
     """Shared runtime: the prepared form and the forward."""
 
+    def _check_finite_params(self) -> None:
+        """prepare_params' last check: the scales, zeros and channel scale the kernels will read are finite
+        (a NaN or inf would turn whole output columns into NaN without a word). One host read, at prepare."""
+        cs = self._buffers.get("channel_scale")
+        for key, t in (("scales", self.scales), ("zeros", self._runtime_zeros()), ("channel_scale", cs)):
+            if t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                bad = int((~torch.isfinite(t)).sum())
+                raise ValueError(f"{type(self).__name__}: {key} holds {bad} non-finite value(s) (NaN or inf); "
+                                 "the checkpoint is corrupt")
+
     def _init_runtime(self) -> None:
         self._prepared = False
         self._seg_bits: List[int] = []
@@ -350,6 +360,7 @@ class MPQLinear(_WqLinearBase):
         self._set_rt("_rt_perm", perm if perm.numel() else None)
         self._warn_dropped_bias()
         self._seg_bits, self._seg_rows, self._asym_rt = [b], [K], self.asym
+        self._check_finite_params()
         self._prepared = True
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -587,6 +598,7 @@ class MBWQLinear(_WqLinearBase):
                 ends.append(prev)
             self.rows = ends + [sum(1 << (b - 1) for b in self._seg_bits)]
         self._warn_dropped_bias()
+        self._check_finite_params()
         self._prepared = True
 
     _DROPPED_KEYS = _DQ_KEYS + ("g_idx", "qzeros", "q_group_map")  # BIE's base-class tensors, unused here
