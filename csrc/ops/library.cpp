@@ -92,11 +92,12 @@ TORCH_LIBRARY(lowbit, m) {
   //   R = qmin where v < qmin, qmax where v > qmax, rne(v) - v elsewhere (Esser et al. 2020, clip
   //   terms kept). output_mask selects (x, bias_a, weight, scale_a); unselected outputs are undefined.
   //   int8_grad: gA = s_w * row_scale * (qG . qw) with (qG, row_scale) = quantize_rows_s8(G, 127), on the
-  //   int8 GEMM (SwitchBack); grad_weight stays the float GEMM.
+  //   int8 GEMM (SwitchBack); grad_weight stays the float GEMM. grad_weight_dtype (default float32): the
+  //   dtype of grad_weight; the GEMM writes it directly when it is the compute dtype (docs/ops.md).
   m.def(
       "lsq_linear_backward(Tensor grad, Tensor x, Tensor bias_a, Tensor qx, Tensor qw, Tensor scale_a, "
-      "Tensor scale_w, Tensor eps, int qmin, int qmax, bool[4] output_mask, bool int8_grad=False) "
-      "-> (Tensor, Tensor, Tensor, Tensor)");
+      "Tensor scale_w, Tensor eps, int qmin, int qmax, bool[4] output_mask, bool int8_grad=False, "
+      "ScalarType? grad_weight_dtype=None) -> (Tensor, Tensor, Tensor, Tensor)");
 
   // ---- Weight-only quantized linear layers (MPQLinear, MBWQLinear; include/lowbit/kernels/wq.h) ----
   // The weight arguments (the runtime form every checkpoint format is prepared into):

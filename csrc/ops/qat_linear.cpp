@@ -90,9 +90,13 @@ class QatLinearFunction : public torch::autograd::Function<QatLinearFunction<Spe
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const auto s = ctx->get_saved_variables();
+    // grad_weight in the weight's own dtype: a 16-bit weight's gradient leaves the 16-bit GEMM directly
+    // (no fp32 temporary of the weight's size; peak memory), an fp32 master weight's stays fp32.
+    const auto wdt = static_cast<at::ScalarType>(ctx->saved_data["weight_dtype"].toInt());
     auto [gx, gb, gw, gs] = lsq_linear_backward(grads[0], s[0], s[1], s[2], s[3], s[4], s[5], s[6], Spec.qmin,
                                                 Spec.qmax, qat_grad_mask(ctx),
-                                                ctx->saved_data["int8_backward"].toBool());
+                                                ctx->saved_data["int8_backward"].toBool(),
+                                                is_float_dtype(wdt) ? std::optional<at::ScalarType>(wdt) : std::nullopt);
     const auto gbias = qat_bias_grad(ctx, grads[0].reshape({-1, grads[0].size(-1)}), {0});  // summed over rows
     return {gx, gb, qat_weight_grad(ctx, gw), gs, at::Tensor(), at::Tensor(), gbias, at::Tensor()};
   }
@@ -115,8 +119,10 @@ at::Tensor qat_linear_autograd(const at::Tensor& x, const at::Tensor& bias_a, co
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsq_linear_backward_impl(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& bias_a, const at::Tensor& qx, const at::Tensor& qw,
     const at::Tensor& scale_a, const at::Tensor& scale_w, const at::Tensor& eps, int64_t qmin, int64_t qmax,
-    std::array<bool, 4> mask, bool int8_grad) {
+    std::array<bool, 4> mask, bool int8_grad, std::optional<at::ScalarType> grad_w_dtype) {
   constexpr const char* op = "lowbit.lsq_linear_backward";
+  const auto gw_dt = grad_w_dtype.value_or(at::kFloat);
+  TORCH_CHECK(is_float_dtype(gw_dt), op, ": grad_weight_dtype must be float32, float16 or bfloat16, got ", gw_dt);
   TORCH_CHECK(qmin < 0 && qmax > 0 && qmin >= -128 && qmax <= 127, op, ": need -128 <= qmin < 0 < qmax <= 127, got ",
               qmin, ", ", qmax);
   TORCH_CHECK(qw.dim() == 2 && qw.scalar_type() == at::kChar, op, ": qw must be 2-D int8 codes (N, K)");
@@ -139,9 +145,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsq_linear_backward_i
   const auto G = as_dtype(grad.reshape({-1, N}), cdt);
   // Weight gradient first: its operand X_hat is freed before gA exists, so the backward's peak holds one
   // activation-sized temporary, not two.
-  if (mask[2]) {  // STE, no mask; fp32 out (aten::mm's out_dtype form exists on CUDA only: 16-bit inputs)
+  if (mask[2]) {  // STE, no mask. fp32 accumulation; out in grad_weight_dtype: written by the GEMM itself
+    // when that is the compute dtype (fp32, or the 16-bit dtype of a 16-bit layer: one rounding, as
+    // nn.Linear's weight gradient), else fp32 out (aten::mm's out_dtype form: CUDA, 16-bit inputs) and
+    // one conversion.
     const auto xh = scaled_codes(qx.reshape({-1, K}), cdt, s_a, op);
-    grad_w = cdt == at::kFloat ? at::mm(G.t(), xh) : at::mm(G.t(), xh, at::kFloat);
+    grad_w = cdt == at::kFloat || gw_dt == cdt ? at::mm(G.t(), xh) : at::mm(G.t(), xh, at::kFloat);
+    if (grad_w.scalar_type() != gw_dt) grad_w = grad_w.to(gw_dt);
   }
   if (mask[0] || mask[1] || mask[3]) {
     at::Tensor gA;  // dL/dx_hat (M, K), or dL/dx_hat / s_w (then gscale = s_w)
@@ -168,11 +178,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsq_linear_backward_i
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsq_linear_backward_meta(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& bias_a, const at::Tensor& qx, const at::Tensor& qw,
     const at::Tensor& scale_a, const at::Tensor& scale_w, const at::Tensor& eps, int64_t qmin, int64_t qmax,
-    std::array<bool, 4> mask, bool) {
+    std::array<bool, 4> mask, bool, std::optional<at::ScalarType> grad_w_dtype) {
   at::Tensor grad_x, grad_b, grad_w, grad_s;
   if (mask[0]) grad_x = at::empty_symint(x.sym_sizes(), x.options());
   if (mask[1]) grad_b = at::empty_symint(bias_a.sym_sizes(), bias_a.options());
-  if (mask[2]) grad_w = at::empty_symint(qw.sym_sizes(), qw.options().dtype(at::kFloat));
+  if (mask[2]) grad_w = at::empty_symint(qw.sym_sizes(), qw.options().dtype(grad_w_dtype.value_or(at::kFloat)));
   if (mask[3]) grad_s = at::empty_symint(scale_a.sym_sizes(), scale_a.options());
   return {grad_x, grad_b, grad_w, grad_s};
 }
@@ -196,11 +206,11 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& bias_a, const at::Te
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsq_linear_backward(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& bias_a, const at::Tensor& qx, const at::Tensor& qw,
     const at::Tensor& scale_a, const at::Tensor& scale_w, const at::Tensor& eps, int64_t qmin, int64_t qmax,
-    std::array<bool, 4> output_mask, bool int8_grad) {
+    std::array<bool, 4> output_mask, bool int8_grad, std::optional<at::ScalarType> grad_w_dtype) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("lowbit::lsq_linear_backward", "")
                        .typed<decltype(lsq_linear_backward)>();
-  return op.call(grad, x, bias_a, qx, qw, scale_a, scale_w, eps, qmin, qmax, output_mask, int8_grad);
+  return op.call(grad, x, bias_a, qx, qw, scale_a, scale_w, eps, qmin, qmax, output_mask, int8_grad, grad_w_dtype);
 }
 
 TORCH_LIBRARY_IMPL(lowbit, CompositeExplicitAutograd, m) {

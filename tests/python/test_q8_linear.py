@@ -422,3 +422,25 @@ def test_no_device_sync_in_first_forwards():
                 layer(*inputs)
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("cls", ["Q8Linear", "Q4Linear"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16bit_layer_weight_gradient(device, cls, dtype):
+    """A layer cast to a 16-bit dtype (weight included) gets its weight gradient in that dtype, written by
+    the 16-bit GEMM on CUDA (fp32 accumulation, one rounding, as nn.Linear's; no fp32 temporary of the
+    weight's size), against the float64 straight-through gradient (Gᵀ · X̂, X̂ = s_a · Qx)."""
+    K, N = 67, 29
+    layer = getattr(lowbit.nn, cls)(K, N, device=device).to(dtype)
+    assert layer.weight.dtype == dtype
+    x = (torch.randn(3, 11, K) * 1.3).to(dtype).to(device).requires_grad_()
+    y = layer(x)
+    G = torch.randn(y.shape).to(dtype)
+    (y * G.to(device)).sum().backward()
+    qmax = 127 if cls == "Q8Linear" else 7
+    s_a = max(ref.f32(layer.scale_a.float().item()), ref.f32(layer.eps.float().item()))
+    t = x.detach().cpu().float() + layer.bias_a.detach().cpu().float()
+    qx = ref.codes(t, s_a, -qmax - 1, qmax)
+    gw_ref = G.double().reshape(-1, N).t() @ (qx.reshape(-1, K) * s_a)
+    assert layer.weight.grad.dtype == dtype and layer.weight.grad.shape == (N, K)
+    assert ref.rel_err(layer.weight.grad, gw_ref) < TOL[dtype]
