@@ -66,6 +66,10 @@ torch::Tensor Q4Conv2dImpl::conv(const torch::Tensor& x, const torch::Tensor& w,
 }
 
 torch::Tensor Q4Conv2dImpl::forward(const torch::Tensor& x) {
+  // The input's fault in the input's terms (the op would report a weight or bias_a mismatch).
+  TORCH_CHECK(x.defined() && x.dim() == 4 && x.size(1) == options.in_channels(), "lowbit::nn::Q4Conv2d: x must be 4-D "
+              "(N, C, H, W) with C = in_channels=", options.in_channels(), ", got shape ",
+              x.defined() ? x.sizes() : torch::IntArrayRef{});
   if (is_training()) {
     state_.begin_training_forward(weight, qweight, scale_a, x);
     return conv(x, weight, prepared_scale_w());
@@ -76,6 +80,10 @@ torch::Tensor Q4Conv2dImpl::forward(const torch::Tensor& x) {
 
 void Q4Conv2dImpl::load(torch::serialize::InputArchive& archive) {
   const bool was_released = weight_released();
+  const auto& o = options;
+  const int64_t cg = o.in_channels() / o.groups(), kh = o.kernel_size()->at(0), kw = o.kernel_size()->at(1);
+  detail::check_archive(archive, "lowbit::nn::Q4Conv2d", {o.out_channels(), cg, kh, kw},
+                        {o.out_channels(), kh, kw, (cg + 1) / 2}, o.in_channels());
   torch::nn::Module::load(archive);
   state_.after_load(weight, qweight, was_released);
 }

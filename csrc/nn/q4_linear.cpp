@@ -56,6 +56,7 @@ torch::Tensor Q4LinearImpl::forward(const torch::Tensor& x) {
 
 void Q4LinearImpl::load(torch::serialize::InputArchive& archive) {
   const bool was_released = weight_released();
+  detail::check_archive(archive, "lowbit::nn::Q4Linear", {options.out_channels(), options.in_channels()}, {options.out_channels(), (options.in_channels() + 1) / 2}, options.in_channels());
   torch::nn::Module::load(archive);
   state_.after_load(weight, qweight, was_released);
 }

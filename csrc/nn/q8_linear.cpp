@@ -52,6 +52,7 @@ torch::Tensor Q8LinearImpl::forward(const torch::Tensor& x) {
 
 void Q8LinearImpl::load(torch::serialize::InputArchive& archive) {
   const bool was_released = weight_released();
+  detail::check_archive(archive, "lowbit::nn::Q8Linear", {options.out_channels(), options.in_channels()}, {options.out_channels(), options.in_channels()}, options.in_channels());
   torch::nn::Module::load(archive);
   state_.after_load(weight, qweight, was_released);
 }

@@ -6,6 +6,8 @@
 #include "lowbit/ops.h"
 
 #include <cmath>
+#include <string>
+#include <utility>
 
 namespace lowbit::nn::detail {
 
@@ -23,6 +25,39 @@ void register_qat_state(torch::nn::Module& m, torch::IntArrayRef weight_shape, i
   torch::nn::init::kaiming_uniform_(out.weight, std::sqrt(5.0));  // as nn::Linear / nn::Conv2d
 }
 
+
+void check_archive(torch::serialize::InputArchive& archive, const char* layer, torch::IntArrayRef weight_shape,
+                   torch::IntArrayRef qweight_shape, int64_t in_channels) {
+  auto read = [&](const char* key, bool buffer) {
+    torch::Tensor t;  // undefined: try_read hands over the archived tensor itself (no copy)
+    TORCH_CHECK(archive.try_read(key, t, buffer), layer, ": the checkpoint has no '", key, "'");
+    return t;
+  };
+  const auto weight = read("weight", false), bias_a = read("bias_a", false), scale_a = read("scale_a", false);
+  const auto scale_w = read("scale_w", true), eps = read("eps", true), qweight = read("qweight", true);
+  for (const auto& [key, t] : {std::pair<const char*, const torch::Tensor&>{"weight", weight}, {"bias_a", bias_a},
+                               {"scale_a", scale_a}, {"scale_w", scale_w}, {"eps", eps}}) {
+    TORCH_CHECK(t.is_floating_point(), layer, ": checkpoint '", key, "' must be a floating tensor, got ", t.dtype());
+  }
+  TORCH_CHECK(weight.numel() == 0 || weight.sizes() == weight_shape, layer, ": checkpoint 'weight' has shape ",
+              weight.sizes(), ", this layer's is ", weight_shape);
+  TORCH_CHECK(bias_a.dim() == 1 && bias_a.size(0) == in_channels, layer, ": checkpoint 'bias_a' has shape ",
+              bias_a.sizes(), ", expected (", in_channels, ")");
+  for (const auto& [key, t] : {std::pair<const char*, const torch::Tensor&>{"scale_a", scale_a}, {"scale_w", scale_w},
+                               {"eps", eps}}) {
+    TORCH_CHECK(t.numel() == 1, layer, ": checkpoint '", key, "' must hold one element, got shape ", t.sizes());
+    const double v = t.item<double>();
+    TORCH_CHECK(std::isfinite(v), layer, ": checkpoint '", key, "' must be finite, got ", v);
+    TORCH_CHECK(std::string(key) == "scale_a" || v > 0, layer, ": checkpoint '", key, "' must be > 0, got ", v);
+  }
+  if (qweight.numel() == 0) {
+    TORCH_CHECK(weight.numel() > 0, layer, ": the checkpoint holds neither a weight nor a qweight");
+  } else {
+    TORCH_CHECK(qweight.scalar_type() == torch::kInt8 && qweight.sizes() == qweight_shape, layer,
+                ": checkpoint 'qweight' must be int8 of shape ", qweight_shape, ", got ", qweight.scalar_type(), " ",
+                qweight.sizes());
+  }
+}
 
 void check_qat_options(const char* layer, int64_t in_channels, int64_t out_channels, int64_t a_bit, int64_t w_bit,
                        int64_t bits, c10::ScalarType dtype) {

@@ -7,6 +7,8 @@
 //   sum(R * dL/dx_hat) / sqrt(numel(x) * 7), R = -8 / 7 where clipped, rne(v) - v elsewhere.
 // Tolerance 1e-5 relative (DESIGN.md, fp32).
 #include <gtest/gtest.h>
+
+#include <string>
 #include <torch/torch.h>
 
 #include <cmath>
@@ -187,6 +189,46 @@ TEST(Q4LinearCpp, BadInputsThrow) {
   EXPECT_THROW(lowbit::nn::Q4Linear(lowbit::nn::Q4LinearOptions(8, 4).dtype(torch::kFloat64)), c10::Error);
 }
 
+// The message of the c10::Error that fn throws ("" if it throws none).
+template <class F>
+std::string error_of(F&& fn) {
+  try {
+    fn();
+  } catch (const c10::Error& e) {
+    return e.what_without_backtrace();
+  }
+  return "";
+}
+
+TEST(Q4LinearCpp, LoadRefusesAnotherLayersCheckpoint) {
+  // torch::load would take any shape (InputArchive replaces the tensors): the module checks the archive
+  // against its own options first and stays untouched when it refuses.
+  torch::manual_seed(3);
+  lowbit::nn::Q4Linear src(64, 10);
+  src->forward(torch::randn({4, 64}));
+  src->generate_quantized_weight(false);
+  std::stringstream ckpt;
+  torch::save(src, ckpt);
+
+  lowbit::nn::Q4Linear wider(100, 10);
+  auto msg = error_of([&] { torch::load(wider, ckpt); });
+  EXPECT_NE(msg.find("checkpoint 'weight' has shape [10, 64], this layer's is [10, 100]"), std::string::npos) << msg;
+  EXPECT_EQ(wider->weight.sizes(), (torch::IntArrayRef{10, 100}));
+  EXPECT_EQ(wider->forward(torch::randn({2, 100})).sizes(), (torch::IntArrayRef{2, 10}));
+
+  ckpt.clear();
+  ckpt.seekg(0);
+  lowbit::nn::Q8Linear q8(64, 10);  // same weight shape; the int4-pair qweight is (10, 32), not (10, 64)
+  msg = error_of([&] { torch::load(q8, ckpt); });
+  EXPECT_NE(msg.find("checkpoint 'qweight' must be int8 of shape [10, 64], got Char [10, 32]"), std::string::npos)
+      << msg;
+
+  ckpt.clear();
+  ckpt.seekg(0);
+  lowbit::nn::Q4Linear same(64, 10);
+  EXPECT_EQ(error_of([&] { torch::load(same, ckpt); }), "");
+}
+
 // ---------------------------------------------------------------------------------------------- Q4Conv2d
 
 lowbit::nn::Q4Conv2dOptions odd_conv() {  // 6 -> 8 channels, 2 groups of 3 (odd: half a pair of padding)
@@ -257,6 +299,13 @@ TEST(Q4Conv2dCpp, BadInputsThrow) {
   Q4Conv2d layer(odd_conv());
   EXPECT_THROW(layer->forward(torch::randn({6, 11, 9})), c10::Error);         // not 4-D
   EXPECT_THROW(layer->forward(torch::randn({1, 5, 11, 9})), c10::Error);      // wrong channel count
+  for (bool train : {true, false}) {  // reported as the input's fault in both modes
+    layer->train(train);
+    const auto msg = error_of([&] { layer->forward(torch::randn({1, 5, 11, 9})); });
+    EXPECT_NE(msg.find("x must be 4-D (N, C, H, W) with C = in_channels=6, got shape [1, 5, 11, 9]"),
+              std::string::npos) << msg;
+  }
+  layer->train(true);
   EXPECT_THROW(layer->forward(torch::randn({1, 6, 2, 9})), c10::Error);       // smaller than the dilated kernel
   EXPECT_THROW(layer->forward(torch::randn({0, 6, 11, 9})), c10::Error);      // empty batch
   EXPECT_THROW(layer->forward(torch::ones({1, 6, 11, 9}, torch::kInt32)), c10::Error);

@@ -35,6 +35,14 @@ struct QatTensors {
 void register_qat_state(torch::nn::Module& m, torch::IntArrayRef weight_shape, int64_t in_channels,
                         c10::ScalarType dtype, c10::Device device, QatTensors out);
 
+// Checks a checkpoint before Module::load copies it in (InputArchive would take any shape): weight of
+// weight_shape (or 0 elements: released by a qweight-only export), bias_a (in_channels,), one-element
+// scale_a / scale_w / eps (finite; scale_w and eps > 0), floating dtypes, and qweight int8 of
+// qweight_shape (or 0 elements: absent; then the weight must be there). A c10::Error names the key, the
+// expected and the archived shape or dtype; the module is left untouched.
+void check_archive(torch::serialize::InputArchive& archive, const char* layer, torch::IntArrayRef weight_shape,
+                   torch::IntArrayRef qweight_shape, int64_t in_channels);
+
 // Present = not a 0-element placeholder.
 inline bool present(const torch::Tensor& t) { return t.defined() && t.numel() > 0; }
 
