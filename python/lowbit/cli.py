@@ -38,7 +38,7 @@ def _human(n: int) -> str:
 
 def cmd_inspect(args) -> int:
     from . import io
-    from .checkpoint import CONFIG, TENSORS
+    from .checkpoint import CONFIG, TENSORS, read_config
 
     path = Path(args.path)
     st_path = path / TENSORS if path.is_dir() else path
@@ -46,7 +46,11 @@ def cmd_inspect(args) -> int:
     if path.is_dir():
         cfg_path = path / CONFIG
         if cfg_path.is_file():
-            layers = json.loads(cfg_path.read_text()).get("layers", {})
+            try:
+                layers = read_config(cfg_path)
+            except ValueError as exc:
+                print(f"lowbit inspect: {exc}", file=sys.stderr)
+                return 2
     try:
         tensors = io.load_file(st_path)
         meta = io.load_metadata(st_path)
@@ -60,11 +64,11 @@ def cmd_inspect(args) -> int:
         for name, spec in layers.items():
             prefix = f"{name}." if name else ""
             nbytes = sum(t.numel() * t.element_size() for k, t in tensors.items() if k.startswith(prefix))
-            a = spec.get("args", {})
-            bits = _BITS.get(spec.get("class")) or ("mix" if a.get("use_mbw") else a.get("w_bit"))
+            a = spec["args"]
+            bits = _BITS.get(spec["class"]) or ("mix" if a.get("use_mbw") else a.get("w_bit"))
             frozen = "qweight" if f"{prefix}qweight" in tensors else "float weight"
-            print(f"{name or '<root>':<30} {spec.get('class', '?'):<10} {bits if bits else '-':>4} "
-                  f"{nbytes:>14}  {frozen}, {json.dumps(spec.get('args', {}))}")
+            print(f"{name or '<root>':<30} {spec['class']:<10} {bits if bits else '-':>4} "
+                  f"{nbytes:>14}  {frozen}, {json.dumps(a)}")
     if args.tensors or not layers:
         print(f"\n{'tensor':<40} {'dtype':<10} shape")
         for k, t in tensors.items():
@@ -105,7 +109,7 @@ _DEFAULT_EXCLUDE = ["*lm_head*", "*embed*"]
 
 def cmd_quantize(args) -> int:
     from . import __version__, io
-    from .checkpoint import CONFIG, FORMAT, TENSORS, VERSION
+    from .checkpoint import CONFIG, FORMAT, TENSORS, VERSION, read_config
     from .convert import _kind_for
     from .quantize import quantize_weights
 
@@ -121,9 +125,9 @@ def cmd_quantize(args) -> int:
     existing = {}
     if src.is_dir() and (src / CONFIG).is_file():
         try:
-            existing = json.loads((src / CONFIG).read_text()).get("layers", {}) or {}
-        except (OSError, ValueError, AttributeError) as exc:
-            return fail(f"{src / CONFIG}: {exc}")
+            existing = read_config(src / CONFIG)
+        except ValueError as exc:
+            return fail(str(exc))
     try:
         tensors = io.load_file(st_path)
     except (RuntimeError, OSError) as exc:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-from typing import Iterable, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -16,6 +16,7 @@ KINDS = {
 }
 
 Rule = Tuple[str, Optional[str]]
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _kind_for(name: str, kind: Optional[str], include: Sequence[str], exclude: Sequence[str],
@@ -56,8 +57,37 @@ def _swap(module: torch.nn.Module, kind: str, dtype: torch.dtype, name: str) -> 
     return new
 
 
-def convert(model: torch.nn.Module, kind: Optional[str] = "q8", *, include: Iterable[str] = ("*",),
-            exclude: Iterable[str] = (), rules: Sequence[Rule] = (), inplace: bool = False,
+def _patterns(who: str, arg: str, value, default: Tuple[str, ...]) -> Tuple[str, ...]:
+    """``include`` / ``exclude`` as a tuple of fnmatch patterns (None: ``default``). A single string is refused
+    (a TypeError): ``tuple("head")`` would be the patterns h, e, a, d."""
+    if value is None:
+        return default
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"{who}: {arg} takes a list of fnmatch patterns, not a string: got {value!r} "
+                        f"(write [{value!r}])")
+    try:
+        patterns = tuple(value)
+    except TypeError:
+        raise TypeError(f"{who}: {arg} must be a list of fnmatch patterns (str), got {type(value).__name__}") from None
+    for p in patterns:
+        if not isinstance(p, str):
+            raise TypeError(f"{who}: {arg} must hold str patterns, got {p!r} ({type(p).__name__})")
+    return patterns
+
+
+def _module_sites(model: torch.nn.Module) -> Dict[int, Tuple[torch.nn.Module, List[Tuple[torch.nn.Module, str, str]]]]:
+    """Every child module of ``model`` with all the places it occupies: {id: (module, [(parent, attribute,
+    qualified name), ...])}. A module used at several names (tied) has several places."""
+    sites: Dict[int, Tuple[torch.nn.Module, list]] = {}
+    for pname, parent in model.named_modules(remove_duplicate=False):
+        for child, m in parent._modules.items():
+            if m is not None:
+                sites.setdefault(id(m), (m, []))[1].append((parent, child, f"{pname}.{child}" if pname else child))
+    return sites
+
+
+def convert(model: torch.nn.Module, kind: Optional[str] = "q8", *, include: Optional[Iterable[str]] = ("*",),
+            exclude: Optional[Iterable[str]] = (), rules: Sequence[Rule] = (), inplace: bool = False,
             dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """Replace ``nn.Linear`` / ``nn.Conv2d`` modules by lowbit quantization-aware layers.
 
@@ -65,36 +95,61 @@ def convert(model: torch.nn.Module, kind: Optional[str] = "q8", *, include: Iter
         model: the float model (a module that is itself a Linear/Conv2d is converted too).
         kind: ``"q8"`` (Linear -> Q8Linear; convolutions stay float: there is no 8-bit conv yet) or ``"q4"``
             (Linear -> Q4Linear, Conv2d -> Q4Conv2d); None converts only what ``rules`` name.
-        include / exclude: ``fnmatch`` patterns on qualified module names (``"encoder.*"``, ``"fc2"``); a
-            module is converted if it matches an include pattern and no exclude pattern (keep the head
-            float with ``exclude=["head"]``). The root module's name is ``""``.
+        include / exclude: lists of ``fnmatch`` patterns on qualified module names (``"encoder.*"``, ``"fc2"``);
+            a module is converted if it matches an include pattern and no exclude pattern (keep the head
+            float with ``exclude=["head"]``). The root module's name is ``""``. None: the default (include
+            everything, exclude nothing). A single string is a TypeError, as in :func:`lowbit.quantize`.
         rules: ``(pattern, kind)`` pairs tried first, in order; the first match decides (kind None: leave
             float), e.g. ``[("features.0", None), ("classifier.*", "q8")]``.
         inplace: modify ``model`` instead of a deep copy.
         dtype: dtype of the new layers' ``bias_a``, ``scale_a`` and ``eps`` (their weights stay float32).
 
     Weights and biases are copied; a new layer's ``scale_a`` is 0 and is set from the first training
-    batch. Returns the converted model (the same object when ``inplace``)."""
+    batch. A module used at several names (tied weights) becomes one new layer at all of them; its names
+    must then all get the same kind (else ValueError). Returns the converted model (the same object when
+    ``inplace``)."""
+    who = "lowbit.convert"
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"{who}: model must be a torch.nn.Module, got {type(model).__name__}")
     if kind is not None and kind not in KINDS:
-        raise ValueError(f"lowbit.convert: kind must be one of {sorted(KINDS)} or None, got {kind!r}")
-    for _, k in rules:
-        if k is not None and k not in KINDS:
-            raise ValueError(f"lowbit.convert: rule kind must be one of {sorted(KINDS)} or None, got {k!r}")
-    include, exclude = tuple(include), tuple(exclude)
+        raise ValueError(f"{who}: kind must be one of {sorted(KINDS)} or None, got {kind!r}")
+    include = _patterns(who, "include", include, ("*",))
+    exclude = _patterns(who, "exclude", exclude, ())
+    if isinstance(rules, (str, bytes)):
+        raise TypeError(f"{who}: rules must be a list of (pattern, kind) pairs, got the string {rules!r}")
+    try:
+        rules = tuple(rules)
+    except TypeError:
+        raise TypeError(f"{who}: rules must be a list of (pattern, kind) pairs, got {type(rules).__name__}") from None
+    for rule in rules:
+        if not isinstance(rule, (tuple, list)) or len(rule) != 2 or not isinstance(rule[0], str):
+            raise TypeError(f"{who}: each rule must be a (pattern, kind) pair with a str pattern, got {rule!r}")
+        if rule[1] is not None and rule[1] not in KINDS:
+            raise ValueError(f"{who}: rule kind must be one of {sorted(KINDS)} or None, got {rule[1]!r} "
+                             f"(rule {tuple(rule)!r})")
+    if dtype not in _DTYPES:
+        raise ValueError(f"{who}: dtype must be one of {_DTYPES}, got {dtype!r}")
+    if not isinstance(inplace, bool):
+        raise TypeError(f"{who}: inplace must be a bool, got {inplace!r}")
     if not inplace:
-        model = copy.deepcopy(model)
+        model = copy.deepcopy(model)  # keeps modules tied: one copy per module, at all its names
     root_kind = _kind_for("", kind, include, exclude, rules)
     if root_kind is not None:
         swapped = _swap(model, root_kind, dtype, "<root>")
         if swapped is not None:
             return swapped
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            full = f"{name}.{child_name}" if name else child_name
-            k = _kind_for(full, kind, include, exclude, rules)
-            if k is None:
-                continue
-            swapped = _swap(child, k, dtype, full)
-            if swapped is not None:
-                setattr(module, child_name, swapped)
+    for module, places in _module_sites(model).values():
+        kinds = {full: _kind_for(full, kind, include, exclude, rules) for _, _, full in places}
+        targets = {full: KINDS[k].get(type(module)) if k is not None else None for full, k in kinds.items()}
+        if len(set(targets.values())) > 1:
+            detail = ", ".join(f"{full!r} -> {t.__name__ if t else 'float'}" for full, t in targets.items())
+            raise ValueError(f"{who}: one {type(module).__name__} module is used at {len(places)} names (tied), and "
+                             f"the patterns convert them differently ({detail}); give all its names the same kind "
+                             "or untie the module")
+        k = kinds[places[0][2]]
+        if targets[places[0][2]] is None:
+            continue
+        new = _swap(module, k, dtype, places[0][2])
+        for parent, child, _ in places:
+            setattr(parent, child, new)
     return model

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 import sys
 import time
 import types
@@ -31,7 +32,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .convert import _kind_for
+from .convert import _kind_for, _module_sites, _patterns
 from .nn import MBWQLinear, MPQLinear
 
 _ops = torch.ops.lowbit
@@ -320,24 +321,62 @@ def plan_bits(candidates: Sequence[Dict[int, Tuple[float, float]]], numels: Sequ
         used += dbits
 
 
-def _check_args(bits: int, group_size: int, method: str, layer: str, budget_bits, candidate_bits) -> List[int]:
-    if method not in METHODS:
-        raise ValueError(f"lowbit.quantize: method must be one of {METHODS}, got {method!r}")
-    if layer not in LAYERS:
-        raise ValueError(f"lowbit.quantize: layer must be one of {tuple(LAYERS)}, got {layer!r}")
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _check_args(bits: int, group_size: int, method: str, layer: str, budget_bits, candidate_bits,
+                act_order=False, damp=0.01, block_size=128) -> Tuple[List[int], int]:
+    """Checks the arguments shared by :func:`quantize` and :func:`quantize_weights`; returns the widths to
+    build (one, or the usable candidates of a budget plan) and the group size, as ints."""
+    who = "lowbit.quantize"
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(f"{who}: method must be one of {METHODS}, got {method!r}")
+    if not isinstance(layer, str) or layer not in LAYERS:
+        raise ValueError(f"{who}: layer must be one of {tuple(LAYERS)}, got {layer!r}")
+    if not _is_int(bits):
+        raise TypeError(f"{who}: bits must be an int, got {bits!r} ({type(bits).__name__})")
+    if not _is_int(group_size):
+        raise TypeError(f"{who}: group_size must be an int, got {group_size!r} ({type(group_size).__name__})")
     if group_size != -1 and group_size < 1:
-        raise ValueError(f"lowbit.quantize: group_size must be >= 1 or -1 (one group), got {group_size}")
+        raise ValueError(f"{who}: group_size must be >= 1 or -1 (one group), got {group_size!r}")
+    if isinstance(candidate_bits, (str, bytes)):
+        raise TypeError(f"{who}: candidate_bits must be a sequence of ints, got the string {candidate_bits!r}")
+    try:
+        cand_in = tuple(candidate_bits)
+    except TypeError:
+        raise TypeError(f"{who}: candidate_bits must be a sequence of ints, got "
+                        f"{type(candidate_bits).__name__}") from None
+    for b in cand_in:
+        if not _is_int(b):
+            raise TypeError(f"{who}: candidate_bits must hold ints, got {b!r} ({type(b).__name__}) in {cand_in!r}")
+    if not isinstance(act_order, bool):
+        raise TypeError(f"{who}: act_order must be a bool, got {act_order!r}")
+    if not _is_real(damp) or not math.isfinite(damp) or damp < 0:
+        raise ValueError(f"{who}: damp must be a finite number >= 0, got {damp!r}")
+    if not _is_int(block_size) or block_size < 1:
+        raise ValueError(f"{who}: block_size must be an int >= 1, got {block_size!r}")
     if budget_bits is None:
         if bits not in WIDTHS[layer]:
-            raise ValueError(f"lowbit.quantize: {layer} layers take bits in {WIDTHS[layer]}, got {bits}")
-        return [bits]
+            raise ValueError(f"{who}: {layer} layers take bits in {WIDTHS[layer]}, got {bits!r}")
+        return [int(bits)], int(group_size)
+    if not _is_real(budget_bits):
+        raise TypeError(f"{who}: budget_bits must be a number or None, got {budget_bits!r} "
+                        f"({type(budget_bits).__name__})")
     if not budget_bits > 0:
-        raise ValueError(f"lowbit.quantize: budget_bits must be > 0, got {budget_bits}")
-    cands = sorted({int(b) for b in candidate_bits if int(b) in WIDTHS[layer]})
+        raise ValueError(f"{who}: budget_bits must be > 0, got {budget_bits!r}")
+    known = sorted(set().union(*WIDTHS.values()))
+    unknown = [b for b in cand_in if b not in known]
+    if unknown:
+        raise ValueError(f"{who}: candidate_bits {unknown} are no width of any layer type (widths: {known})")
+    cands = sorted({int(b) for b in cand_in if b in WIDTHS[layer]})  # mpq has no 3-bit: skipped
     if not cands:
-        raise ValueError(f"lowbit.quantize: none of candidate_bits={tuple(candidate_bits)} is a width of {layer} "
-                         f"layers {WIDTHS[layer]}")
-    return cands
+        raise ValueError(f"{who}: none of candidate_bits={cand_in} is a width of {layer} layers {WIDTHS[layer]}")
+    return cands, int(group_size)
 
 
 def quantize_weights(items: Sequence[Tuple[str, Tensor, Optional[Tensor], Optional[Tensor]]], bits: int = 4,
@@ -349,7 +388,8 @@ def quantize_weights(items: Sequence[Tuple[str, Tensor, Optional[Tensor], Option
     None, Hessian or None). Returns ({name: prepared layer}, report). With ``budget_bits`` every candidate
     width of every layer is built before the plan picks one (about Σ candidate bits of quantized weights
     held at once)."""
-    widths = _check_args(bits, group_size, method, layer, budget_bits, candidate_bits)
+    widths, group_size = _check_args(bits, group_size, method, layer, budget_bits, candidate_bits, act_order, damp,
+                                     block_size)
     if act_order and method != "gptq":
         raise ValueError("lowbit.quantize: act_order=True needs method='gptq'")
     if not items:
@@ -440,16 +480,19 @@ def quantize(model: torch.nn.Module, bits: int = 4, group_size: int = 128, metho
 
     Args:
         model: the float model (fp32, fp16 or bf16 weights; each new layer keeps its Linear's dtype).
-        bits: width of every layer (mbwq: 1, 2, 3, 4, 5, 6, 8; mpq: 1, 2, 4, 8) when there is no budget.
-        group_size: input channels per scale/zero group (-1: one group per output channel).
+        bits: width of every layer (an int; mbwq: 1, 2, 3, 4, 5, 6, 8; mpq: 1, 2, 4, 8) when there is no budget.
+        group_size: input channels per scale/zero group (an int; -1: one group per output channel).
         method: ``"rtn"`` (round to nearest) or ``"gptq"`` (needs ``calibration``).
         layer: ``"mbwq"`` (``MBWQLinear`` layer-mix, float zeros: w = s·q − z) or ``"mpq"`` (``MPQLinear`` in
             GPTQ format, integer zero points: w = s·(q − z)).
-        include / exclude: ``fnmatch`` patterns on qualified module names, as in :func:`lowbit.convert`
-            (default include everything, exclude nothing; keep a head float with ``exclude=["lm_head"]``).
-            Only modules of exact type ``nn.Linear`` are replaced.
+        include / exclude: lists of ``fnmatch`` patterns on qualified module names, as in :func:`lowbit.convert`
+            (default include everything, exclude nothing; keep a head float with ``exclude=["lm_head"]``; a
+            single string is a TypeError). Only modules of exact type ``nn.Linear`` are replaced. A module
+            used at several names (tied) is quantized once (reported under its first name) and the one new
+            layer replaces it at all of them; include / exclude must select all its names or none.
         budget_bits: average bits per weight (scales and zeros counted) for a mixed-bit plan over
-            ``candidate_bits`` (widths a layer type does not take are skipped: mpq has no 3-bit).
+            ``candidate_bits``, a sequence of ints (widths a layer type does not take are skipped: mpq has no
+            3-bit; a width no layer type takes is a ValueError).
         calibration: iterable of model inputs (Tensor, tuple of args or dict of kwargs). The float model runs
             on all of them once, with hooks on the matched layers recording H = 2XᵀX/n (K² floats per layer,
             all held at once). Needed by GPTQ; with RTN it only adds the output error to the report.
@@ -462,17 +505,36 @@ def quantize(model: torch.nn.Module, bits: int = 4, group_size: int = 128, metho
 
     Returns ``(model, report)``: the quantized model (layers prepared, ready for inference) and a
     :class:`QuantizationReport` (``print(report)`` shows the table)."""
-    _check_args(bits, group_size, method, layer, budget_bits, candidate_bits)
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"lowbit.quantize: model must be a torch.nn.Module, got {type(model).__name__}")
+    _check_args(bits, group_size, method, layer, budget_bits, candidate_bits, act_order, damp, block_size)
     if method == "gptq" and calibration is None:
         raise ValueError("lowbit.quantize: method='gptq' needs calibration batches (calibration=[x1, x2, ...])")
-    if isinstance(include, str) or isinstance(exclude, str):
-        raise TypeError("lowbit.quantize: include / exclude take a list of patterns, not a string")
-    include = ("*",) if include is None else tuple(include)
-    exclude = () if exclude is None else tuple(exclude)
+    include = _patterns("lowbit.quantize", "include", include, ("*",))
+    exclude = _patterns("lowbit.quantize", "exclude", exclude, ())
+    for arg, value in (("inplace", inplace), ("progress", progress)):
+        if not isinstance(value, bool):
+            raise TypeError(f"lowbit.quantize: {arg} must be a bool, got {value!r}")
     if not inplace:
-        model = copy.deepcopy(model)
-    matched = {name: m for name, m in model.named_modules()
-               if type(m) is torch.nn.Linear and _kind_for(name, "wq", include, exclude, ()) is not None}
+        model = copy.deepcopy(model)  # keeps modules tied: one copy per module, at all its names
+    # Every nn.Linear with all its places: a module used at several names (tied) is quantized once and the
+    # one new layer goes to all of them, so its names must agree on include / exclude.
+    sites = _module_sites(model)
+    if type(model) is torch.nn.Linear:
+        sites[id(model)] = (model, [(None, "", "")])
+    matched: Dict[str, torch.nn.Linear] = {}
+    places_of: Dict[str, list] = {}
+    for m, places in sites.values():
+        if type(m) is not torch.nn.Linear:
+            continue
+        picked = [full for _, _, full in places if _kind_for(full, "wq", include, exclude, ()) is not None]
+        if picked and len(picked) != len(places):
+            others = [full for _, _, full in places if full not in picked]
+            raise ValueError(f"lowbit.quantize: one nn.Linear is used at {len(places)} names (tied), and include / "
+                             f"exclude select {picked} but not {others}; select all its names or none, or untie it")
+        if picked:
+            matched[places[0][2]] = m
+            places_of[places[0][2]] = places
     if not matched:
         raise ValueError(f"lowbit.quantize: no nn.Linear module matches include={list(include)}, "
                          f"exclude={list(exclude)}")
@@ -483,6 +545,6 @@ def quantize(model: torch.nn.Module, bits: int = 4, group_size: int = 128, metho
     for name, new in layers.items():
         if name == "":
             return new, report
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, new)
+        for parent, child, _ in places_of[name]:
+            setattr(parent, child, new)
     return model, report

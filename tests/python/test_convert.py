@@ -70,3 +70,62 @@ def test_convert_root_rules_and_errors():
         lowbit.convert(_mlp(), "q3")
     with pytest.raises(ValueError, match="padding_mode"):
         lowbit.convert(torch.nn.Sequential(torch.nn.Conv2d(2, 2, 3, padding_mode="reflect")), "q4")
+
+
+def test_convert_pattern_arguments():
+    m = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    # a single string would be read as one pattern per character: refused, as lowbit.quantize does
+    with pytest.raises(TypeError, match=r"exclude takes a list of fnmatch patterns, not a string: got 'head'"):
+        lowbit.convert(m, "q8", exclude="head")
+    with pytest.raises(TypeError, match="include takes a list"):
+        lowbit.convert(m, "q8", include="0")
+    with pytest.raises(TypeError, match="exclude must hold str patterns, got 2"):
+        lowbit.convert(m, "q8", exclude=[2])
+    with pytest.raises(TypeError, match="include must be a list"):
+        lowbit.convert(m, "q8", include=3)
+    q = lowbit.convert(m, "q8", include=None, exclude=None)  # None: the defaults
+    assert isinstance(q[0], Q8Linear) and isinstance(q[2], Q8Linear)
+    q = lowbit.convert(m, "q8", exclude=("2",))
+    assert isinstance(q[0], Q8Linear) and type(q[2]) is torch.nn.Linear
+    with pytest.raises(TypeError, match=r"each rule must be a \(pattern, kind\) pair"):
+        lowbit.convert(m, "q4", rules=["0"])
+    with pytest.raises(TypeError, match="rules must be a list"):
+        lowbit.convert(m, "q4", rules="0")
+    with pytest.raises(ValueError, match="rule kind"):
+        lowbit.convert(m, "q4", rules=[("0", "q2")])
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got str"):
+        lowbit.convert("model", "q8")
+    with pytest.raises(ValueError, match="dtype"):
+        lowbit.convert(m, "q8", dtype=torch.int32)
+    with pytest.raises(TypeError, match="inplace must be a bool"):
+        lowbit.convert(m, "q8", inplace="yes")
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_convert_keeps_a_shared_module_shared(inplace):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(8, 8)
+    model = torch.nn.Sequential(lin, torch.nn.ReLU(), lin)
+    x = torch.randn(16, 8)
+    y_float = model(x).detach()
+    q = lowbit.convert(model, "q8", inplace=inplace)
+    assert isinstance(q[0], Q8Linear) and q[0] is q[2]  # one layer at both names: the weight stays tied
+    assert (type(model[0]) is torch.nn.Linear) != inplace
+    assert torch.equal(q[0].weight, lin.weight) and len(list(q.parameters())) == 4  # weight, bias_a, scale_a, bias
+    y = q(x)
+    assert ref.rel_err(y, y_float) < 0.1
+    y.square().mean().backward()  # both uses feed the one weight's gradient
+    assert q[0].weight.grad is not None and q[0].weight.grad.abs().sum() > 0
+    # a shared block: its Linear is converted once, seen at 'a.0' and 'b.0'
+    block = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU())
+    q = lowbit.convert(torch.nn.ModuleDict({"a": block, "b": block}), "q4", inplace=inplace)
+    assert isinstance(q["a"][0], Q4Linear) and q["a"][0] is q["b"][0]
+    # names of one module that the patterns convert differently: refused
+    with pytest.raises(ValueError, match=r"used at 2 names \(tied\).*'0' -> Q8Linear, '2' -> float"):
+        lowbit.convert(torch.nn.Sequential(lin, torch.nn.ReLU(), lin), "q8", exclude=["2"])
+    with pytest.raises(ValueError, match="tied"):
+        lowbit.convert(torch.nn.Sequential(lin, torch.nn.ReLU(), lin), "q8", rules=[("2", "q4")])
+    # a shared module that is not converted (a ReLU, or a Conv2d under q8) is no conflict
+    conv = torch.nn.Conv2d(2, 2, 1)
+    q = lowbit.convert(torch.nn.Sequential(conv, conv), "q8", exclude=["1"])
+    assert type(q[0]) is torch.nn.Conv2d and q[0] is q[1]

@@ -12,7 +12,7 @@ from torch import nn
 import lowbit
 from lowbit import cli
 from lowbit.nn import MBWQLinear, MPQLinear
-from lowbit.quantize import plan_bits
+from lowbit.quantize import LAYERS, plan_bits
 
 PYTHON_DIR = str(Path(lowbit.__file__).resolve().parent.parent)
 
@@ -220,6 +220,84 @@ def test_bad_arguments():
         lowbit.quantize(model, method="gptq", progress=False)
     with pytest.raises(ValueError, match="act_order"):
         lowbit.quantize(model, act_order=True, progress=False)
+
+
+def test_argument_types():
+    model = small_model()
+    cases = [(dict(bits=4.0), TypeError, r"bits must be an int, got 4\.0 \(float\)"),
+             (dict(bits="4"), TypeError, r"bits must be an int, got '4' \(str\)"),
+             (dict(bits=True), TypeError, r"bits must be an int, got True \(bool\)"),
+             (dict(bits=7), ValueError, r"mbwq layers take bits in .*, got 7"),
+             (dict(group_size=32.0), TypeError, r"group_size must be an int, got 32\.0"),
+             (dict(group_size=0), ValueError, "group_size must be >= 1 or -1"),
+             (dict(budget_bits=4, candidate_bits="24"), TypeError,
+              "candidate_bits must be a sequence of ints, got the string '24'"),
+             (dict(budget_bits=4, candidate_bits=(2, 4.0)), TypeError, r"candidate_bits must hold ints, got 4\.0"),
+             (dict(budget_bits=4, candidate_bits=4), TypeError, "candidate_bits must be a sequence of ints, got int"),
+             (dict(budget_bits=4, candidate_bits=(7, 4)), ValueError, r"candidate_bits \[7\] are no width"),
+             (dict(budget_bits=4, layer="mpq", candidate_bits=(3,)), ValueError, "none of candidate_bits"),
+             (dict(budget_bits="4"), TypeError, "budget_bits must be a number or None, got '4'"),
+             (dict(budget_bits=float("nan")), ValueError, "budget_bits must be > 0"),
+             (dict(method="gptq", calibration=[torch.randn(4, 96)], damp=-0.1), ValueError, "damp"),
+             (dict(method="gptq", calibration=[torch.randn(4, 96)], block_size=0), ValueError, "block_size"),
+             (dict(method="gptq", calibration=[torch.randn(4, 96)], act_order=1), TypeError,
+              "act_order must be a bool"),
+             (dict(include="0"), TypeError, "include takes a list of fnmatch patterns, not a string"),
+             (dict(exclude="2"), TypeError, "exclude takes a list"),
+             (dict(exclude=[2]), TypeError, "exclude must hold str patterns"),
+             (dict(inplace=1), TypeError, "inplace must be a bool")]
+    for kw, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            lowbit.quantize(model, progress=False, **kw)
+    assert type(model[0]) is nn.Linear  # nothing happened to the model
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        lowbit.quantize([model], progress=False)
+    # mpq skips a width it does not take (documented), the rest of a budget plan goes on
+    _, report = lowbit.quantize(model, group_size=32, layer="mpq", budget_bits=5.2, candidate_bits=[3, 4],
+                                progress=False)
+    assert [r["bits"] for r in report] == [4, 4]
+
+
+@pytest.mark.parametrize("layer", ["mbwq", "mpq"])
+def test_shared_linear_is_quantized_once_and_stays_shared(layer, tmp_path):
+    torch.manual_seed(0)
+    lin = nn.Linear(32, 32)
+    model = nn.Sequential(lin, nn.ReLU(), lin)
+    x = torch.randn(8, 32)
+    q, report = lowbit.quantize(model, bits=4, group_size=16, layer=layer, progress=False)
+    assert type(q[0]) is LAYERS[layer] and q[0] is q[2]
+    assert [r["name"] for r in report] == ["0"]  # one layer, reported under its first name
+    assert type(model[0]) is nn.Linear and model[0] is model[2]  # the original is untouched
+    with torch.no_grad():
+        assert rel(q(x), model(x)) < 0.1
+        assert torch.equal(q(x), q[0](torch.relu(q[0](x))))
+    # GPTQ: one Hessian from both uses (the layer's inputs at '0' and at '2')
+    cal = [torch.randn(16, 32) for _ in range(2)]
+    qg, rep = lowbit.quantize(model, bits=4, group_size=16, layer=layer, method="gptq", calibration=cal,
+                              progress=False)
+    assert qg[0] is qg[2] and len(rep) == 1
+    X = torch.cat([torch.cat([c, torch.relu(model[0](c))]) for c in cal]).detach().double()
+    W = model[0].weight.detach().double()
+    D = W - qg[0].dequantized_weight(torch.float32).double()
+    assert rep[0]["output_error"] == pytest.approx(((X @ D.t()).norm() / (X @ W.t()).norm()).item(), rel=1e-6)
+    # in place, and saved / loaded into a tied skeleton: still one layer
+    q2, _ = lowbit.quantize(model, bits=4, group_size=16, layer=layer, inplace=True, progress=False)
+    assert q2 is model and model[0] is model[2] and type(model[0]) is LAYERS[layer]
+    lowbit.save(model, tmp_path)
+    tied = nn.Linear(32, 32)
+    back = lowbit.prepare_layers(lowbit.load(tmp_path, nn.Sequential(tied, nn.ReLU(), tied)))
+    assert back[0] is back[2]
+    with torch.no_grad():
+        assert torch.equal(back(x), model(x))
+
+
+def test_shared_linear_selected_at_one_name_only_is_refused():
+    lin = nn.Linear(32, 32)
+    model = nn.Sequential(lin, nn.ReLU(), lin, nn.Linear(32, 8))
+    with pytest.raises(ValueError, match=r"used at 2 names \(tied\).*select \['0'\] but not \['2'\]"):
+        lowbit.quantize(model, group_size=16, exclude=["2"], progress=False)
+    q, report = lowbit.quantize(model, group_size=16, exclude=["0", "2"], progress=False)  # all its names: fine
+    assert q[0] is q[2] and type(q[0]) is nn.Linear and [r["name"] for r in report] == ["3"]
 
 
 # ------------------------------------------------------------------------------------------- CLI
