@@ -35,7 +35,9 @@ __all__ = ["io", "nn", "ops", "compat", "convert", "quantize", "save", "load", "
 
 def __getattr__(name):
     if name == "compat":  # imported lazily: it only adds BIE names
-        from . import compat
+        # import_module, not `from . import compat`: that form looks the attribute up first, which would
+        # call this function again, without end.
+        import importlib
 
-        return compat
+        return importlib.import_module(f"{__name__}.compat")
     raise AttributeError(f"module 'lowbit' has no attribute {name!r}")

@@ -328,3 +328,14 @@ def test_tied_layer_round_trip(tmp_path):
     with pytest.raises(ValueError, match="tied"):
         lowbit.load(tmp_path, sk)
     _assert_untouched(sk, snap)
+
+
+def test_lowbit_compat_attribute_before_import():
+    """`lowbit.compat` is imported on first attribute access (a fresh interpreter: nothing imported it yet)."""
+    import subprocess
+    import sys
+
+    code = "import lowbit; print(lowbit.compat.Q8LinearCutlass.__name__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "Q8Linear"  # the BIE name is an alias of lowbit.nn.Q8Linear
