@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import warnings
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
@@ -86,6 +87,26 @@ def _module_sites(model: torch.nn.Module) -> Dict[int, Tuple[torch.nn.Module, Li
     return sites
 
 
+def _warn_untied_parameters(who: str, model: torch.nn.Module, replaced: Dict[int, str]) -> None:
+    """Warn for every parameter of a module about to be replaced (``replaced``: {id(module): name}) that
+    another module, not replaced, also holds (parameter-level tying, e.g. an LLM's lm_head weight shared
+    with its embedding): the new layer keeps its own (quantized) copy, so the two are no longer tied."""
+    owners: Dict[int, List[Tuple[int, str]]] = {}
+    for mname, mod in model.named_modules(remove_duplicate=False):
+        for pname, p in mod._parameters.items():
+            if p is not None:
+                owners.setdefault(id(p), []).append((id(mod), f"{mname}.{pname}" if mname else pname))
+    modules = {id(m): m for m in model.modules()}
+    for mid, name in replaced.items():
+        mod = modules.get(mid)
+        for pname, p in (mod._parameters.items() if mod is not None else ()):
+            others = sorted({full for oid, full in owners.get(id(p), []) if oid not in replaced})
+            if p is not None and others:
+                warnings.warn(f"{who}: {name}.{pname} is also {', '.join(others)} (tied parameters); the new layer "
+                              f"holds its own copy, so {name} and {others[0].rsplit('.', 1)[0] or 'the model'} are no "
+                              "longer tied", stacklevel=3)
+
+
 def convert(model: torch.nn.Module, kind: Optional[str] = "q8", *, include: Optional[Iterable[str]] = ("*",),
             exclude: Optional[Iterable[str]] = (), rules: Sequence[Rule] = (), inplace: bool = False,
             dtype: torch.dtype = torch.float32) -> torch.nn.Module:
@@ -138,6 +159,7 @@ def convert(model: torch.nn.Module, kind: Optional[str] = "q8", *, include: Opti
         swapped = _swap(model, root_kind, dtype, "<root>")
         if swapped is not None:
             return swapped
+    plan = []
     for module, places in _module_sites(model).values():
         kinds = {full: _kind_for(full, kind, include, exclude, rules) for _, _, full in places}
         targets = {full: KINDS[k].get(type(module)) if k is not None else None for full, k in kinds.items()}
@@ -146,9 +168,10 @@ def convert(model: torch.nn.Module, kind: Optional[str] = "q8", *, include: Opti
             raise ValueError(f"{who}: one {type(module).__name__} module is used at {len(places)} names (tied), and "
                              f"the patterns convert them differently ({detail}); give all its names the same kind "
                              "or untie the module")
-        k = kinds[places[0][2]]
-        if targets[places[0][2]] is None:
-            continue
+        if targets[places[0][2]] is not None:
+            plan.append((module, kinds[places[0][2]], places))
+    _warn_untied_parameters(who, model, {id(m): places[0][2] for m, _, places in plan})
+    for module, k, places in plan:
         new = _swap(module, k, dtype, places[0][2])
         for parent, child, _ in places:
             setattr(parent, child, new)

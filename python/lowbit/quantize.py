@@ -32,7 +32,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .convert import _kind_for, _module_sites, _patterns
+from .convert import _kind_for, _module_sites, _patterns, _warn_untied_parameters
 from .nn import MBWQLinear, MPQLinear
 
 _ops = torch.ops.lowbit
@@ -538,6 +538,7 @@ def quantize(model: torch.nn.Module, bits: int = 4, group_size: int = 128, metho
     if not matched:
         raise ValueError(f"lowbit.quantize: no nn.Linear module matches include={list(include)}, "
                          f"exclude={list(exclude)}")
+    _warn_untied_parameters("lowbit.quantize", model, {id(m): n for n, m in matched.items()})
     Hs = _capture_hessians(model, matched, calibration) if calibration is not None else {}
     items = [(n, m.weight.detach(), None if m.bias is None else m.bias.detach(), Hs.get(n)) for n, m in matched.items()]
     layers, report = quantize_weights(items, bits, group_size, method, layer, budget_bits, candidate_bits,

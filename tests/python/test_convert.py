@@ -129,3 +129,30 @@ def test_convert_keeps_a_shared_module_shared(inplace):
     conv = torch.nn.Conv2d(2, 2, 1)
     q = lowbit.convert(torch.nn.Sequential(conv, conv), "q8", exclude=["1"])
     assert type(q[0]) is torch.nn.Conv2d and q[0] is q[1]
+
+
+def test_tied_parameters_are_reported():
+    """A Linear whose weight Parameter is also another module's (an LLM's lm_head tied to its embedding)
+    is converted / quantized to a layer with its own copy: both tools warn that the tie is broken, and
+    modules without shared parameters convert silently."""
+    import warnings
+
+    class LM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(50, 64)
+            self.body = torch.nn.Linear(64, 64)
+            self.head = torch.nn.Linear(64, 50, bias=False)
+            self.head.weight = self.emb.weight
+
+    for tool in (lambda m: lowbit.convert(m, "q8"),
+                 lambda m: lowbit.quantize(m, bits=4, group_size=32, progress=False)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            tool(LM())
+        tied = [str(w.message) for w in caught if "tied parameters" in str(w.message)]
+        assert len(tied) == 1 and "head.weight is also emb.weight" in tied[0], tied
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            tool(torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)))
+        assert not [w for w in caught if "tied parameters" in str(w.message)]
