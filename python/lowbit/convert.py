@@ -125,8 +125,8 @@ def convert(model: torch.nn.Module, kind: Optional[str] = "q8", *, include: Opti
         inplace: modify ``model`` instead of a deep copy.
         dtype: dtype of the new layers' ``bias_a``, ``scale_a`` and ``eps`` (their weights stay float32).
 
-    Weights and biases are copied; a new layer's ``scale_a`` is 0 and is set from the first training
-    batch. A module used at several names (tied weights) becomes one new layer at all of them; its names
+    Weights and biases are copied; a new layer's ``scale_a`` is 0 and is set from the first batch it
+    sees (training or eval). A module used at several names (tied weights) becomes one new layer at all of them; its names
     must then all get the same kind (else ValueError). Returns the converted model (the same object when
     ``inplace``)."""
     who = "lowbit.convert"
