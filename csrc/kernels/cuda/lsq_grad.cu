@@ -604,23 +604,9 @@ Status launch_reduce(const char* fn, const LsqGradParams& p, const Plan& pl, con
   const int blocks = shift_blocks + (p.grad_scale != nullptr ? 1 : 0);
   if (blocks == 0) return Status::ok();
   const double factor = p.grad_scale != nullptr ? 1.0 / std::sqrt(double(p.numel) * double(p.qmax)) : 0.0;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(unsigned(blocks));
-  cfg.blockDim = dim3(kReduceThreads);
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = major >= 9 ? 1 : 0;
-  cudaError_t err = cudaLaunchKernelEx(&cfg, lsq_reduce_kernel, ws_shift, J, p.channels, cx, shift_blocks, ws_scale,
-                                       n_scale, factor, p.grad_shift, p.grad_scale);
-  if (err != cudaSuccess && cfg.numAttrs != 0) {
-    cudaGetLastError();  // PDL refused: a plain launch is just as correct
-    cfg.numAttrs = 0;
-    err = cudaLaunchKernelEx(&cfg, lsq_reduce_kernel, ws_shift, J, p.channels, cx, shift_blocks, ws_scale, n_scale,
-                             factor, p.grad_shift, p.grad_scale);
-  }
+  const cudaError_t err = launch_pdl(lsq_reduce_kernel, dim3(unsigned(blocks)), dim3(kReduceThreads), 0, stream,
+                                     major >= 9, ws_shift, J, p.channels, cx, shift_blocks, ws_scale, n_scale, factor,
+                                     p.grad_shift, p.grad_scale);
   if (err != cudaSuccess) {
     cudaGetLastError();
     return Status::device(validate::err(fn, std::string("reduce kernel launch failed: ") + cudaGetErrorString(err)));

@@ -882,22 +882,8 @@ Status launch_reduce(const char* fn, const DeviceInfo& dev, cudaStream_t stream,
                      int64_t M, int64_t N, const void* bias, int sdt, void* out, int odt, int64_t ldo) {
   const int64_t total = M * N;
   const int64_t blocks = std::min<int64_t>((total + kReduceThreads - 1) / kReduceThreads, int64_t(dev.sms) * 16);
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(static_cast<unsigned>(blocks));
-  cfg.blockDim = dim3(kReduceThreads);
-  cfg.dynamicSmemBytes = 0;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = dev.major >= 9 ? 1 : 0;
-  cudaError_t err = cudaLaunchKernelEx(&cfg, wq_reduce_kernel, ws, slots, M, N, bias, sdt, out, odt, ldo);
-  if (err != cudaSuccess && cfg.numAttrs != 0) {
-    cudaGetLastError();  // PDL refused (old driver): a plain launch is just as correct
-    cfg.numAttrs = 0;
-    err = cudaLaunchKernelEx(&cfg, wq_reduce_kernel, ws, slots, M, N, bias, sdt, out, odt, ldo);
-  }
+  const cudaError_t err = launch_pdl(wq_reduce_kernel, dim3(static_cast<unsigned>(blocks)), dim3(kReduceThreads), 0,
+                                     stream, dev.major >= 9, ws, slots, M, N, bias, sdt, out, odt, ldo);
   if (err != cudaSuccess) {
     cudaGetLastError();
     return Status::device(validate::err(fn, std::string("reduce kernel launch failed: ") + cudaGetErrorString(err)));

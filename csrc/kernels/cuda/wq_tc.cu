@@ -837,23 +837,7 @@ struct TcKernel {
   // A programmatic dependent launch on sm_90+ (the kernel waits for its predecessors itself, see the
   // prefetch in wq_tc_kernel); a plain launch elsewhere or if the driver refuses the attribute.
   static cudaError_t launch(dim3 grid, cudaStream_t stream, const TcArgs& a, bool pdl) {
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = grid;
-    cfg.blockDim = dim3(kTcThreads);
-    cfg.dynamicSmemBytes = kSmem;
-    cfg.stream = stream;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = pdl ? 1 : 0;
-    cudaError_t err = cudaLaunchKernelEx(&cfg, wq_tc_kernel<kMask, NT, T, kVec>, a);
-    if (err != cudaSuccess && pdl) {
-      cudaGetLastError();
-      cfg.numAttrs = 0;
-      err = cudaLaunchKernelEx(&cfg, wq_tc_kernel<kMask, NT, T, kVec>, a);
-    }
-    return err;
+    return launch_pdl(wq_tc_kernel<kMask, NT, T, kVec>, grid, dim3(kTcThreads), kSmem, stream, pdl, a);
   }
   static int blocks_per_sm() {
     static const int v = [] {
@@ -1026,22 +1010,8 @@ Status tc_prep_x(const char* fn, const WqWeight& w, const void* x, int64_t M, in
   // A programmatic dependent launch on sm_90+ (its launch overlaps the tail of the kernel that made x; the
   // kernel waits for it before reading x), a plain one elsewhere or if the driver refuses the attribute.
   auto launch = [&](auto kernel, auto xp, auto csp, auto outp) {
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(unsigned(blocks));
-    cfg.blockDim = dim3(kPrepThreads);
-    cfg.stream = stream;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = dev.major >= 9 ? 1 : 0;
-    cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, xp, ldx, M, w.K, kp, w.perm, csp, outp, order, k_in);
-    if (err != cudaSuccess && cfg.numAttrs != 0) {
-      cudaGetLastError();
-      cfg.numAttrs = 0;
-      err = cudaLaunchKernelEx(&cfg, kernel, xp, ldx, M, w.K, kp, w.perm, csp, outp, order, k_in);
-    }
-    return err;
+    return launch_pdl(kernel, dim3(unsigned(blocks)), dim3(kPrepThreads), 0, stream, dev.major >= 9, xp, ldx, M, w.K,
+                      kp, w.perm, csp, outp, order, k_in);
   };
   const cudaError_t err =
       w.sdtype == DType::kFloat16

@@ -754,23 +754,8 @@ Status wg_matmul(const char* fn, const WqWeight& w, const void* x, int64_t M, in
     // A programmatic dependent of the prep kernel: its launch and prologue overlap the prep pass (the
     // kernel waits for it before its first copy).
     const cudaError_t err = with_wg_kernel(fp16, v.bits[0], plan.mt, plan.wt, w.asym, [&](auto kernel, int smem) {
-      cudaLaunchConfig_t cfg = {};
-      cfg.gridDim = dim3(static_cast<unsigned>(plan.mtiles * plan.ntiles), static_cast<unsigned>(plan.splits));
-      cfg.blockDim = dim3(kWgThreads);
-      cfg.dynamicSmemBytes = static_cast<size_t>(smem);
-      cfg.stream = stream;
-      cudaLaunchAttribute attr[1];
-      attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-      attr[0].val.programmaticStreamSerializationAllowed = 1;
-      cfg.attrs = attr;
-      cfg.numAttrs = 1;
-      cudaError_t e = cudaLaunchKernelEx(&cfg, kernel, a);
-      if (e != cudaSuccess) {
-        cudaGetLastError();  // PDL refused: a plain launch is just as correct
-        cfg.numAttrs = 0;
-        e = cudaLaunchKernelEx(&cfg, kernel, a);
-      }
-      return e;
+      return launch_pdl(kernel, dim3(static_cast<unsigned>(plan.mtiles * plan.ntiles), static_cast<unsigned>(plan.splits)),
+                        dim3(kWgThreads), static_cast<size_t>(smem), stream, /*pdl=*/true, a);
     });
     if (err != cudaSuccess)
       return Status::device(validate::err(fn, std::string("warpgroup kernel launch failed: ") + cudaGetErrorString(err)));
