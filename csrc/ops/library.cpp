@@ -79,7 +79,9 @@ TORCH_LIBRARY(lowbit, m) {
   // x (..., m, k), y (..., n, k), same float dtype; s = max(clip, eps); codes in [-8, 7].
   m.def("q4_matmul(Tensor x, Tensor y, Tensor x_clip, Tensor y_clip, Tensor eps) -> Tensor");
   // The forward's kernels, also returning the codes of the broadcast operands for the backward.
-  m.def("q4_matmul_forward(Tensor x, Tensor y, Tensor x_clip, Tensor y_clip, Tensor eps) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "q4_matmul_forward(Tensor x, Tensor y, Tensor x_clip, Tensor y_clip, Tensor eps, bool save_codes=True) -> "
+      "(Tensor, Tensor, Tensor)");
   // Its backward: STE grads of x and y with 4-bit clip masks, LSQ grads of both clips.
   m.def(
       "lsq_matmul_backward(Tensor grad, Tensor x, Tensor y, Tensor qx, Tensor qy, Tensor x_clip, Tensor y_clip, "

@@ -1,12 +1,15 @@
 // Op family "q4_matmul": the Q4MatMul layer, out = s_x*s_y * (Q(x) . Q(y)^T) over the last two dims with
-// broadcast batch dims (attention scores). Forward = quantize both operands + one batched s8 GEMM;
-// backward = float batched matmuls of the dequantized operands + the shared LSQ input gradients.
+// broadcast batch dims (attention scores). Forward on CUDA for k <= kQMatmulMaxK: one quantize-on-load
+// kernel (cuda::qmatmul_s8); otherwise quantize both operands + one batched s8 GEMM (the same bits either
+// way). The codes are written out only when a backward will need them (save_codes). Backward = float
+// batched matmuls of the dequantized operands + the shared LSQ input gradients.
 #include <ATen/ExpandUtils.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
 #include "common.h"
 #include "gemm_dispatch.h"
+#include "lowbit/kernels/qmatmul.h"
 #include "lowbit/ops.h"
 #include "lsq.h"
 
@@ -54,13 +57,15 @@ std::vector<T> cat(std::vector<T> v, std::initializer_list<T> tail) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> matmul_forward_meta(const at::Tensor& x, const at::Tensor& y,
                                                                    const at::Tensor& x_clip, const at::Tensor& y_clip,
-                                                                   const at::Tensor& eps) {
+                                                                   const at::Tensor& eps, bool save_codes) {
   check_matmul(x, y, x_clip, y_clip, eps);
   const auto batch = at::infer_size_symint(x.sym_sizes().slice(0, x.dim() - 2), y.sym_sizes().slice(0, y.dim() - 2));
   const auto m = x.sym_size(-2), n = y.sym_size(-2), k = x.sym_size(-1);
-  return {at::empty_symint(cat<c10::SymInt>(batch, {m, n}), x.options()),
-          at::empty_symint(cat<c10::SymInt>(batch, {m, k}), x.options().dtype(at::kChar)),
-          at::empty_symint(cat<c10::SymInt>(batch, {n, k}), x.options().dtype(at::kChar))};
+  const auto codes = x.options().dtype(at::kChar);
+  auto out = at::empty_symint(cat<c10::SymInt>(batch, {m, n}), x.options());
+  if (!save_codes) return {out, at::empty({0}, codes), at::empty({0}, codes)};
+  return {out, at::empty_symint(cat<c10::SymInt>(batch, {m, k}), codes),
+          at::empty_symint(cat<c10::SymInt>(batch, {n, k}), codes)};
 }
 
 MatmulArgs matmul_args(const at::Tensor& x, const at::Tensor& y) {
@@ -74,29 +79,80 @@ MatmulArgs matmul_args(const at::Tensor& x, const at::Tensor& y) {
   return a;
 }
 
+#ifdef LOWBIT_WITH_CUDA
+// t (..., rows, k) broadcast to (batch..., rows, k) as one operand of a batched kernel: a base, a row
+// stride and ONE batch stride (0 broadcasts it to every batch). A view of t when its batch dims collapse
+// to one stride (same batch dims as the output, or none, or broadcast along all of them), otherwise a
+// contiguous copy of the broadcast operand.
+struct BatchedOperand {
+  at::Tensor t;
+  int64_t ld, stride;
+};
+BatchedOperand batched_operand(const at::Tensor& t, const MatmulArgs& a, int64_t rows) {
+  auto e = t.expand(cat<int64_t>(a.batch, {rows, a.k}));
+  if (e.stride(-1) != 1 || e.stride(-2) < a.k) e = e.contiguous();
+  int64_t stride = -1, inner = 1;  // stride of the flat batch index, elements per step of the inner dims
+  bool one_stride = true;
+  for (int64_t d = e.dim() - 3; d >= 0 && one_stride; --d) {
+    if (e.size(d) == 1) continue;
+    if (stride < 0) stride = e.stride(d);
+    one_stride = e.stride(d) == stride * inner;
+    inner *= e.size(d);
+  }
+  if (!one_stride) {
+    e = e.contiguous();
+    stride = rows * a.k;
+  }
+  return {e, e.stride(-2), stride < 0 ? 0 : stride};
+}
+#endif
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> matmul_forward_impl(const at::Tensor& x, const at::Tensor& y,
                                                                    const at::Tensor& x_clip, const at::Tensor& y_clip,
-                                                                   const at::Tensor& eps) {
+                                                                   const at::Tensor& eps, bool save_codes) {
   check_matmul(x, y, x_clip, y_clip, eps);
   const auto a = matmul_args(x, y);
   c10::OptionalDeviceGuard guard(x.device());
+  auto out = at::empty(cat<int64_t>(a.batch, {a.m, a.n}), x.options());
+  const auto codes = x.options().dtype(at::kChar);
+#ifdef LOWBIT_WITH_CUDA
+  if (x.is_cuda() && a.k <= kQMatmulMaxK) {
+    // One kernel: both operands quantized on load, alpha formed inside; the scalars are read in their own
+    // dtype when they share one of the kernel's (no conversion ops), else as fp32.
+    const auto xo = batched_operand(x, a, a.m), yo = batched_operand(y, a, a.n);
+    const bool same = x_clip.scalar_type() == y_clip.scalar_type() && y_clip.scalar_type() == eps.scalar_type() &&
+                      is_float_dtype(eps.scalar_type());
+    const auto sx = same ? x_clip : as_float(x_clip), sy = same ? y_clip : as_float(y_clip),
+               se = same ? eps : as_float(eps);
+    auto qx = save_codes ? at::empty(cat<int64_t>(a.batch, {a.m, a.k}), codes) : at::empty({0}, codes);
+    auto qy = save_codes ? at::empty(cat<int64_t>(a.batch, {a.n, a.k}), codes) : at::empty({0}, codes);
+    check_status(cuda::qmatmul_s8(kernel_dtype(x.scalar_type(), kOp, "x"), xo.t.data_ptr(), xo.ld, xo.stride,
+                                  yo.t.data_ptr(), yo.ld, yo.stride, a.m, a.n, a.k, a.B,
+                                  kernel_dtype(se.scalar_type(), kOp, "eps"), sx.data_ptr(), sy.data_ptr(),
+                                  se.data_ptr(), kQmin, kQmax, out.data_ptr(), a.n, a.m * a.n,
+                                  save_codes ? qx.data_ptr<int8_t>() : nullptr,
+                                  save_codes ? qy.data_ptr<int8_t>() : nullptr, current_stream(x)),
+                 kOp);
+    return {out, qx, qy};
+  }
+#endif
   const auto qx = quantize_s8(x.expand(cat<int64_t>(a.batch, {a.m, a.k})).contiguous(), std::nullopt, x_clip, eps, kQmin, kQmax, false);
   const auto qy = quantize_s8(y.expand(cat<int64_t>(a.batch, {a.n, a.k})).contiguous(), std::nullopt, y_clip, eps, kQmin, kQmax, false);
   const auto alpha = qat_alpha(x_clip, y_clip, eps);  // NaN for an invalid step: no host read
-  auto out = at::empty(cat<int64_t>(a.batch, {a.m, a.n}), x.options());
   // qx, qy and out are contiguous (batch..., rows, k|n): one batched GEMM, one kernel launch on CUDA.
   gemm_s8_batched_on(x.device(), qx.data_ptr<int8_t>(), a.k, a.m * a.k, qy.data_ptr<int8_t>(), a.k, a.n * a.k, a.m,
                      a.n, a.k, a.B, alpha.data_ptr<float>(), x.scalar_type(), out.data_ptr(), a.n, a.m * a.n, kOp);
+  if (!save_codes) return {out, at::empty({0}, codes), at::empty({0}, codes)};
   return {out, qx, qy};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> q4_matmul_forward(const at::Tensor& x, const at::Tensor& y,
                                                                  const at::Tensor& x_clip, const at::Tensor& y_clip,
-                                                                 const at::Tensor& eps) {
+                                                                 const at::Tensor& eps, bool save_codes) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("lowbit::q4_matmul_forward", "")
                        .typed<decltype(q4_matmul_forward)>();
-  return op.call(x, y, x_clip, y_clip, eps);
+  return op.call(x, y, x_clip, y_clip, eps, save_codes);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsq_matmul_backward(
@@ -147,7 +203,7 @@ class Q4MatMulFunction : public torch::autograd::Function<Q4MatMulFunction> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& y,
                             const at::Tensor& x_clip, const at::Tensor& y_clip, const at::Tensor& eps) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [out, qx, qy] = q4_matmul_forward(x, y, x_clip, y_clip, eps);
+    auto [out, qx, qy] = q4_matmul_forward(x, y, x_clip, y_clip, eps, /*save_codes=*/true);
     ctx->save_for_backward({x, y, qx, qy, x_clip, y_clip, eps});
     return out;
   }
@@ -164,11 +220,18 @@ class Q4MatMulFunction : public torch::autograd::Function<Q4MatMulFunction> {
 
 at::Tensor q4_matmul_composite(const at::Tensor& x, const at::Tensor& y, const at::Tensor& x_clip,
                                const at::Tensor& y_clip, const at::Tensor& eps) {
-  return std::get<0>(q4_matmul_forward(x, y, x_clip, y_clip, eps));
+  return std::get<0>(q4_matmul_forward(x, y, x_clip, y_clip, eps, /*save_codes=*/false));
 }
 
 at::Tensor q4_matmul_autograd(const at::Tensor& x, const at::Tensor& y, const at::Tensor& x_clip,
                               const at::Tensor& y_clip, const at::Tensor& eps) {
+  // Nothing to differentiate (inference, no_grad): the forward alone, without writing the codes out.
+  const bool grad = at::GradMode::is_enabled() &&
+                    (x.requires_grad() || y.requires_grad() || x_clip.requires_grad() || y_clip.requires_grad());
+  if (!grad) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return q4_matmul_composite(x, y, x_clip, y_clip, eps);
+  }
   return Q4MatMulFunction::apply(x, y, x_clip, y_clip, eps);
 }
 

@@ -254,6 +254,34 @@ def test_q4_matmul_forward_and_gradients(device, xs, ys):
     assert ref.rel_err(mm.x_clip.grad, gsx) < 1e-5 and ref.rel_err(mm.y_clip.grad, gsy) < 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("xs,ys", [((130, 40), (257, 40)), ((2, 1, 5, 8), (1, 3, 4, 8)), ((3, 33, 13), (3, 70, 13)),
+                                   ((2, 9, 300), (9, 300)), ((1, 1), (1, 1)), ((4, 6, 64), (6, 64))])
+def test_q4_matmul_inference_matches_training_cpu_and_reference(device, dtype, xs, ys):
+    """The forward without autograd (no codes written for a backward; on CUDA the quantize-on-load kernel
+    for k <= 256, incl. tile tails, broadcast operands and the partial broadcast that is copied) gives the
+    training forward's bits, the CPU's bits, and the float64 reference of the quantized product."""
+    gen = torch.Generator().manual_seed(sum(xs) + 7 * sum(ys))
+    x = torch.randn(xs, generator=gen).to(dtype)
+    y = (torch.randn(ys, generator=gen) * 3).to(dtype)
+    mm = Q4MatMul(dtype=dtype, device=device)
+    xd = x.to(device).requires_grad_()
+    out_train = mm(xd, y.to(device))
+    assert out_train.requires_grad and out_train.dtype == dtype
+    with torch.no_grad():
+        out_eval = mm(xd, y.to(device))
+    assert torch.equal(out_eval, out_train.detach())
+    cpu = Q4MatMul(dtype=dtype)
+    cpu.load_state_dict(mm.state_dict())
+    with torch.no_grad():
+        assert torch.equal(cpu(x, y), out_eval.cpu())
+    eps = float(mm.eps)
+    sx, sy = max(float(mm.x_clip.detach()), eps), max(float(mm.y_clip.detach()), eps)
+    out_ref = (ref.codes(x, sx, -8, 7) * sx) @ (ref.codes(y, sy, -8, 7) * sy).transpose(-1, -2)
+    # fp32: the int32 sum is exact, one fp32 multiply by alpha (1e-6); 16-bit outputs: one rounding (2^-8).
+    assert ref.rel_err(out_eval, out_ref) < (1e-6 if dtype == torch.float32 else 1e-2)
+
+
 def test_q4_matmul_bad_input(device):
     mm = Q4MatMul(device=device)
     with pytest.raises(RuntimeError, match="agree on k"):

@@ -86,6 +86,8 @@ namespace cuda {
 namespace {
 
 using gemm_s8_detail::dequant;
+using gemm_s8_detail::ldmatrix_x4;
+using gemm_s8_detail::mma_s8;
 using gemm_s8_detail::row_alpha;
 using gemm_s8_detail::store1;
 using gemm_s8_detail::store2;
@@ -138,19 +140,6 @@ template <int kPending>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
 }
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr)
-               : "memory");
-}
-__device__ __forceinline__ void mma_s8(int32_t (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-  asm("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-
 // ---------------------------------------------------------------------------------------------------
 // The GEMM kernel. One CTA computes one kBM x kBN tile of out, of batch blockIdx.z (batch b of the launch
 // reads A + b*strideA, B + b*strideB and writes out + b*strideO; the unbatched call is gridDim.z == 1).

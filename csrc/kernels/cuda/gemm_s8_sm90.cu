@@ -48,19 +48,25 @@
 #include <string>
 
 #include "gemm_s8_internal.cuh"
+#include "wgmma_internal.cuh"
 
 #ifdef __USE_FAST_MATH__
 #error "gemm_s8_sm90.cu must not be built with --use_fast_math: the epilogue must round exactly as the CPU does"
 #endif
 
-#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define LOWBIT_SM90A_DEVICE 1
-#endif
+// wgmma_internal.cuh defines LOWBIT_SM90A_DEVICE in the sm_90a device pass.
 
 namespace lowbit {
 namespace cuda {
 namespace gemm_s8_detail {
 namespace {
+
+#ifdef LOWBIT_SM90A_DEVICE
+using wgmma_detail::smem_desc;
+using wgmma_detail::wgmma_commit;
+using wgmma_detail::wgmma_fence;
+using wgmma_detail::wgmma_wait;
+#endif
 
 constexpr int kBM = 128;                     // CTA tile rows
 constexpr int kBN = 256;                     // CTA tile columns (= wgmma N)
@@ -107,22 +113,10 @@ __device__ __forceinline__ void tma_load(uint32_t dst, const CUtensorMap* map, u
       "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(k), "r"(row), "r"(batch)
       : "memory");
 }
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-template <int kPending>
-__device__ __forceinline__ void wgmma_wait() {
-  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
-}
 // Keeps the compiler from moving accumulator reads or writes across a wgmma fence / wait.
 __device__ __forceinline__ void pin(int32_t (&d)[kAcc]) {
 #pragma unroll
   for (int i = 0; i < kAcc; ++i) asm volatile("" : "+r"(d[i])::"memory");
-}
-// Shared-memory matrix descriptor: K-major, 128-byte swizzle. Start address >> 4 in bits 0-13, leading
-// byte offset (unused by this mode; 1 by convention) in bits 16-29, stride byte offset 1024 B (8 rows of
-// 128 B) >> 4 in bits 32-45, layout "128B swizzle" (1) in bits 62-63.
-__device__ __forceinline__ uint64_t smem_desc(uint32_t addr) {
-  return uint64_t((addr & 0x3FFFFu) >> 4) | (uint64_t(1) << 16) | (uint64_t(1024 >> 4) << 32) | (uint64_t(1) << 62);
 }
 // d += A (64 x 32, from descriptor da) * B^T (256 x 32, from db); scale-d = 1 (accumulate).
 __device__ __forceinline__ void wgmma_s8_n256(int32_t (&d)[kAcc], uint64_t da, uint64_t db) {
@@ -158,26 +152,6 @@ __device__ __forceinline__ void wgmma_s8_n256(int32_t (&d)[kAcc], uint64_t da, u
       : "l"(da), "l"(db));
 }
 #endif  // LOWBIT_SM90A_DEVICE
-
-// x[r] of quad lane t (t = lane % 4) -> x[r] = (the old x[t] of lane r): a 4 x 4 transpose across the
-// 4 lanes of a quad, as two butterfly stages (lane bit 0 <-> register bit 0, then lane bit 1 <-> register
-// bit 1), each one exchange of two words with the partner lane and selects on the lane's own bit (no
-// dynamic register indexing). All 32 lanes must call it.
-__device__ __forceinline__ void quad_transpose(uint32_t (&x)[4], int t) {
-  const bool t0 = (t & 1) != 0, t1 = (t & 2) != 0;
-#pragma unroll
-  for (int r1 = 0; r1 < 2; ++r1) {  // partner t ^ 1 needs my register (r1, 1 - t0), I need its (r1, t0)
-    const uint32_t recv = __shfl_xor_sync(0xffffffffu, t0 ? x[2 * r1] : x[2 * r1 + 1], 1);
-    if (t0) x[2 * r1] = recv;
-    else x[2 * r1 + 1] = recv;
-  }
-#pragma unroll
-  for (int r0 = 0; r0 < 2; ++r0) {  // partner t ^ 2: my register (1 - t1, r0) for its (t1, r0)
-    const uint32_t recv = __shfl_xor_sync(0xffffffffu, t1 ? x[r0] : x[2 + r0], 2);
-    if (t1) x[r0] = recv;
-    else x[2 + r0] = recv;
-  }
-}
 
 template <typename OutT>
 __global__ void __launch_bounds__(kThreads, 1) gemm_s8_sm90_kernel(
@@ -313,14 +287,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_s8_sm90_kernel(
           }
           quad_transpose(x, qt);
           if (!row_ok) continue;
-          const int64_t col = int64_t(n0) + 32 * q + 8 * qt;
-          if (vec_ok && col + 7 < N) {
-            *reinterpret_cast<uint4*>(out_row + col) = make_uint4(x[0], x[1], x[2], x[3]);
-          } else {
-#pragma unroll
-            for (int e = 0; e < 8; ++e)
-              if (col + e < N) out_row[col + e] = static_cast<uint16_t>(x[e / 2] >> (16 * (e % 2)));
-          }
+          store8_16(out_row, int64_t(n0) + 32 * q + 8 * qt, N, vec_ok, x);
         }
       }
     } else {

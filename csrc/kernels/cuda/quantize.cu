@@ -37,90 +37,19 @@
 #include <type_traits>
 
 #include "../validate.h"
+#include "quantize_internal.cuh"
 
 namespace lowbit {
 namespace cuda {
 namespace {
 
 constexpr int kThreads = 256;  // 8 warps: enough memory parallelism per block, many blocks per SM
-constexpr int kVec = 8;        // elements per thread-step on the vector path (16 bytes of fp16/bf16)
-
-// Raw storage unit of each input dtype, and its exact widening to fp32.
-__device__ __forceinline__ float widen(float v) { return v; }
-__device__ __forceinline__ float widen(__half v) { return __half2float(v); }
-__device__ __forceinline__ float widen(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-// t / s rounded as IEEE division (__fdiv_rn) rounds it, for one step s shared by every element. __fdiv_rn
-// compiles (sm_80 .. sm_90a) to a fast path -- y = MUFU.RCP(s) refined once, q0 = t * y, q1 = q0 + (t - s
-// q0) y, all FFMA -- and FCHK, which sends inputs near the exponent limits to an exact slow routine. With
-// s in [2^-30, 2^30] (checked once; otherwise every element takes __fdiv_rn) this computes the same fast
-// path with y hoisted out of the loop: the same instructions on the same operands, hence the same bits,
-// wherever FCHK cannot fire -- every t whose code can be nonzero (|t / s| >= 1/2, so |t| >= 2^-31 and
-// all intermediates are normal and far from overflow). Where |q0| >= 2^40 (huge t, +-inf, NaN: the code
-// saturates or is 0 either way) q0 is returned; tiny t give tiny quotients (code 0) on both paths. The
-// MUFU and FCHK per element were what kept this kernel below memory speed.
-struct StepDiv {
-  float s, y;
-  bool fast;
-  __device__ explicit StepDiv(float step) : s(step) {
-    fast = fabsf(step) >= 0x1p-30f && fabsf(step) <= 0x1p30f;  // false for NaN
-    float y0;
-    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y0) : "f"(step));
-    y = __fmaf_rn(y0, __fmaf_rn(-step, y0, 1.0f), y0);
-  }
-  // kFast: the caller has branched on `fast` once (outside its loop).
-  template <bool kFast>
-  __device__ __forceinline__ float apply(float t) const {
-    if (!kFast) return __fdiv_rn(t, s);
-    const float q0 = __fmaf_rn(t, y, 0.0f);
-    const float q1 = __fmaf_rn(y, __fmaf_rn(-s, q0, t), q0);
-    return fabsf(q0) < 0x1p40f ? q1 : q0;
-  }
-  __device__ __forceinline__ float operator()(float t) const { return fast ? apply<true>(t) : apply<false>(t); }
-};
-
-// The step of a launch: *scale, or qat_step(*scale, *eps) (quantize.h).
-__device__ __forceinline__ float step_of(const float* scale, const float* eps) {
-  return eps != nullptr ? lowbit::qat_step(__ldg(scale), __ldg(eps)) : __ldg(scale);
-}
-
-// One code from one fp32 input. Division, not a reciprocal multiply: the contract fixes the rounding
-// (StepDiv gives the bits of __fdiv_rn, the IEEE round-to-nearest quotient).
-__device__ __forceinline__ int8_t code_of(float v, int qmin, int qmax) {
-  if (v != v) return 0;          // NaN (from a NaN input or shift): code 0 by contract
-  int r = __float2int_rn(v);     // round half to even; +-inf and huge values saturate to INT_MIN/MAX
-  r = min(max(r, qmin), qmax);
-  return static_cast<int8_t>(r);
-}
-
-// Eight consecutive elements of row i starting at column k (k % 8 == 0), widened to fp32.
-template <typename T>
-__device__ __forceinline__ void load8(const T* p, float (&f)[kVec]) {
-  if constexpr (sizeof(T) == 4) {
-    const float4 lo = __ldg(reinterpret_cast<const float4*>(p));
-    const float4 hi = __ldg(reinterpret_cast<const float4*>(p) + 1);
-    f[0] = lo.x; f[1] = lo.y; f[2] = lo.z; f[3] = lo.w;
-    f[4] = hi.x; f[5] = hi.y; f[6] = hi.z; f[7] = hi.w;
-  } else {
-    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
-    const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      T lo, hi;
-      const unsigned short lo_bits = static_cast<unsigned short>(w[j] & 0xffffu);
-      const unsigned short hi_bits = static_cast<unsigned short>(w[j] >> 16);
-      if constexpr (std::is_same_v<T, __half>) {
-        lo = __ushort_as_half(lo_bits);
-        hi = __ushort_as_half(hi_bits);
-      } else {
-        lo = __ushort_as_bfloat16(lo_bits);
-        hi = __ushort_as_bfloat16(hi_bits);
-      }
-      f[2 * j] = widen(lo);
-      f[2 * j + 1] = widen(hi);
-    }
-  }
-}
+using quantize_detail::code_of;
+using quantize_detail::kVec;
+using quantize_detail::load8;
+using quantize_detail::step_of;
+using quantize_detail::StepDiv;
+using quantize_detail::widen;
 
 template <typename T, bool kFast>
 __device__ __forceinline__ void quantize_vec_loop(const T* __restrict__ x, int64_t M, int64_t K, int64_t ldx,
