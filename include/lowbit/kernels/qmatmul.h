@@ -20,6 +20,9 @@
 // * qx, qy: optional outputs of the codes, contiguous (batch, M, K) and (batch, N, K) int8, for a backward
 //   pass; nullptr skips them.
 // * Deterministic (one thread per output, fixed k order, no atomics); runs on `stream`, allocates nothing.
+// * Two kernels, bitwise alike: wgmma on a compute capability 9.0 device with an sm_90a build, mma.sync
+//   elsewhere; LOWBIT_GEMM_S8_KERNEL=mma | wgmma | auto forces the choice as for gemm_s8 (wgmma where it
+//   cannot run: an error).
 #pragma once
 #include "lowbit/kernels/common.h"
 
