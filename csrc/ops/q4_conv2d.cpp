@@ -1,5 +1,6 @@
 // Op family "q4_conv2d": the Q4Conv2d layer. Forward = quantize (NHWC, per-channel shift) + per-group
-// im2col of int8 codes + the s8 GEMM against OHWI weight codes; backward = float convolution gradients
+// im2col of int8 codes + the s8 GEMM against OHWI weight codes (on CUDA, where conv_s8.h prefers it, one
+// implicit-GEMM kernel instead of the last two: the same bits); backward = float convolution gradients
 // of the dequantized operands + the shared LSQ input gradients (lsq.h). Checks, Meta, autograd, dispatch.
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -7,6 +8,7 @@
 #include "codes.h"
 #include "common.h"
 #include "gemm_dispatch.h"
+#include "lowbit/kernels/conv_s8.h"
 #include "lowbit/kernels/im2col.h"
 #include "lowbit/kernels/pack_int4.h"
 #include "lowbit/ops.h"
@@ -131,9 +133,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_forward_impl(const at::Tenso
   const int64_t Ho = s.out_h(), Wo = s.out_w(), rows = s.N * Ho * Wo, kdim = s.kh * s.kw * a.Cg;
   auto out = at::empty({s.N, Ho, Wo, a.O}, x.options());
   const bool pointwise = s.kh == 1 && s.kw == 1 && s.sh == 1 && s.sw == 1 && s.ph == 0 && s.pw == 0;
+  const int64_t esize = out.element_size();
+#ifdef LOWBIT_WITH_CUDA
+  // CUDA: an implicit GEMM (the im2col matrix gathered inside the GEMM) where it can run and is the
+  // faster choice (conv_s8.h); the same bits as im2col + GEMM.
+  if (x.is_cuda() && !pointwise) {
+    bool implicit = true;
+    for (int64_t g = 0; g < a.groups && implicit; ++g)
+      implicit = cuda::conv2d_s8_nhwc_preferred(qx.data_ptr<int8_t>(), s, g * a.Cg, a.Cg,
+                                                qw.data_ptr<int8_t>() + g * a.Og * kdim, a.Og);
+    if (implicit) {
+      const DType dt = kernel_dtype(x.scalar_type(), kOp, "output");
+      for (int64_t g = 0; g < a.groups; ++g)
+        check_status(cuda::conv2d_s8_nhwc(qx.data_ptr<int8_t>(), s, g * a.Cg, a.Cg,
+                                          qw.data_ptr<int8_t>() + g * a.Og * kdim, a.Og, alpha.data_ptr<float>(), dt,
+                                          static_cast<char*>(out.data_ptr()) + g * a.Og * esize, a.O,
+                                          current_stream(qx)),
+                     kOp);
+      return {out.permute({0, 3, 1, 2}), qx, qw};
+    }
+  }
+#endif
   at::Tensor cols;
   if (!pointwise) cols = at::empty({rows, kdim}, qx.options());
-  const int64_t esize = out.element_size();
   for (int64_t g = 0; g < a.groups; ++g) {
     const int8_t* A;
     int64_t lda;

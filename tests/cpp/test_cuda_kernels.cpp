@@ -388,6 +388,23 @@ TEST_F(CudaKernels, GemmMatchesReference) {
   }
 }
 
+TEST_F(CudaKernels, GemmNarrowTileMatchesReference) {
+  // N <= 64 takes the mma.sync kernel's 128 x 64 tile (forced: on Hopper aligned calls go to wgmma), on
+  // both loaders; N = 64 / 65 are the two sides of the switch.
+  ScopedKernel force("mma");
+  std::mt19937 rng(7);
+  const std::vector<std::array<int64_t, 3>> shapes = {{200, 64, 96}, {70, 65, 33}, {129, 1, 1031}, {300, 40, 128},
+                                                      {5, 63, 64}};
+  for (const auto& s : shapes)
+    for (int aligned = 0; aligned < 2; ++aligned)
+      for (DType t : {DType::kFloat32, DType::kBFloat16}) {
+        const int64_t M = s[0], N = s[1], K = s[2];
+        const int64_t ld = aligned ? round_up16(K) : K + 1;
+        run_gemm_case({M, N, K, ld, ld, aligned ? N : N + 3, 0, 0, 0, 0.021f, t}, rng, stream());
+        if (HasFatalFailure()) return;
+      }
+}
+
 TEST_F(CudaKernels, GemmLongK) {
   // Many pipeline iterations, up to the largest K the contract allows (random data: no overflow).
   std::mt19937 rng(5);

@@ -200,6 +200,11 @@ TEST_F(CudaQMatmul, MatchesReference) {
     c.qmin = -128, c.qmax = 127;                             // |acc| up to K * 2^14
     cases.push_back(c);
   }
+  // Several x blocks per CTA on the vector path: x tails, one y chunk or many, two y groups, K of 32 to 128.
+  cases.push_back(plain(DType::kBFloat16, 700, 300, 128, 2));
+  cases.push_back(plain(DType::kFloat16, 513, 1000, 64, 1));
+  cases.push_back(plain(DType::kFloat32, 600, 129, 96, 2));
+  cases.push_back(plain(DType::kBFloat16, 520, 2500, 32, 1));
   // 8-bit codes, no codes out, padded rows, odd output stride (no 16-byte stores), broadcast operands.
   {
     QmCase c = plain(DType::kBFloat16, 200, 150, 96, 3);

@@ -9,6 +9,9 @@
 // ------------------------
 //   * CTA tile 128 (M) x 128 (N), K consumed 64 bytes at a time. 8 warps in a 2 (M) x 4 (N) grid, each
 //     owning a 64 x 32 block of out = 4 x 4 mma tiles of m16n8 -> 64 int32 accumulators per thread.
+//     For N <= 64 a narrow 128 x 64 tile (kTileN = kNarrowBN): the 8 warps as 4 x 2 of 32 x 32, 48 KB
+//     of shared memory, 90-96 registers; a 128-wide tile would spend half its mma work on zero columns
+//     (a ResNet stage-1 convolution has 64 output channels).
 //     Per 32-wide k-step a warp issues 4 + 2 ldmatrix.x4 for 16 mma, and the CTA reads 2 x 128 x 64 bytes
 //     of global memory per 2 x 128 x 128 x 64 ops (128 ops per byte; the L2 and the grouped raster below
 //     keep DRAM traffic far lower still), which is enough for mma.sync to be the limiter.
@@ -34,6 +37,12 @@
 //   * Epilogue: acc -> fp32 (round to nearest even), one fp32 multiply by alpha (__fmul_rn: never fused),
 //     -> fp16/bf16 round to nearest even; pairs of adjacent columns are stored together when ldo and out
 //     allow it. Each output is reduced by exactly one thread in a fixed k order: deterministic.
+//   * Implicit-GEMM convolution (conv2d_s8_nhwc, lowbit/kernels/conv_s8.h; kConv): the same kernel with
+//     A gathered from an NHWC image of int8 codes. Row m of A is output pixel (n, p, q), column k is tap
+//     (a, b) and channel c (k = (a * kw + b) * Cg + c, the OHWI weight order). With Cg % 16 == 0 a 16-byte
+//     chunk lies in one tap: each thread keeps its rows' image base and window corner and its chunk's
+//     (a, b, c), moved on by 64 bytes per k-tile (k-tiles are loaded in order), and a chunk outside the
+//     image is a zero-fill cp.async. B is the weight codes as they are; epilogue and outputs unchanged.
 //   * Grid: one CTA per output tile, in a grouped raster (8 tile-rows per group) so that CTAs resident at
 //     the same time share A and B tiles in L2.
 //   * Batched (gemm_s8_scaled_batched): blockIdx.z is the batch; a CTA offsets its A, B and out bases by
@@ -62,6 +71,7 @@
 // wgmma | auto (default) overrides the choice (benchmarks and tests; wgmma on an ineligible call is an
 // error, not a silent fallback).
 #include "lowbit/kernels/gemm_s8.h"
+#include "lowbit/kernels/conv_s8.h"
 
 #ifdef __USE_FAST_MATH__
 #error "gemm_s8.cu must not be built with --use_fast_math: the epilogue must round exactly as the CPU does"
@@ -71,6 +81,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <cstdint>
@@ -95,32 +106,24 @@ using gemm_s8_detail::store2;
 // ---------------------------------------------------------------------------------------------------
 // Tile geometry.
 constexpr int kBM = 128;                          // CTA tile rows (M)
-constexpr int kBN = 128;                          // CTA tile columns (N)
+constexpr int kBN = 128;                          // CTA tile columns (N); kNarrowBN for N <= 64
+constexpr int kNarrowBN = 64;                     // (half the 128-wide tile's mma work would hit zeros)
 constexpr int kBK = 64;                           // K bytes per pipeline stage (2 mma k-steps)
 constexpr int kStages = 4;                        // shared-memory pipeline depth
-constexpr int kWarpsM = 2;                        // warp grid rows
-constexpr int kWarpsN = 4;                        // warp grid columns
-constexpr int kThreads = 32 * kWarpsM * kWarpsN;  // 256
-constexpr int kWM = kBM / kWarpsM;                // 64 rows of out per warp
-constexpr int kWN = kBN / kWarpsN;                // 32 columns of out per warp
+constexpr int kThreads = 256;                     // 8 warps: 2 (M) x 4 (N) of 64 x 32, or 4 x 2 of 32 x 32
 constexpr int kMmaM = 16, kMmaN = 8, kMmaK = 32;  // mma.sync m16n8k32 (s8)
-constexpr int kFragsM = kWM / kMmaM;              // 4 mma tiles down a warp's block
-constexpr int kFragsN = kWN / kMmaN;              // 4 mma tiles across it
 constexpr int kKSteps = kBK / kMmaK;              // 2 mma k-steps per stage
 constexpr int kChunk = 16;                        // bytes per cp.async / ldmatrix row
 constexpr int kChunksPerRow = kBK / kChunk;       // 4
 constexpr int kTileBytesA = kBM * kBK;            // 8 KB
-constexpr int kTileBytesB = kBN * kBK;            // 8 KB
-constexpr int kStageBytes = kTileBytesA + kTileBytesB;
-constexpr int kSmemBytes = kStages * kStageBytes;  // 64 KB
 constexpr int kRowsPerPass = kThreads / kChunksPerRow;  // 64 rows of a tile loaded per thread pass
 constexpr int kLoadsA = kBM / kRowsPerPass;             // 2 chunks of A per thread per stage
-constexpr int kLoadsB = kBN / kRowsPerPass;             // 2 chunks of B per thread per stage
 constexpr int kGroupM = 8;                        // tile-rows per raster group (L2 reuse)
 
-static_assert(kThreads % kChunksPerRow == 0 && kBM % kRowsPerPass == 0 && kBN % kRowsPerPass == 0, "");
+static_assert(kThreads % kChunksPerRow == 0 && kBM % kRowsPerPass == 0, "");
 static_assert(kChunksPerRow == 4, "the swizzle below is written for 64-byte rows");
-static_assert(kWM % 16 == 0 && kWN % 16 == 0, "ldmatrix.x4 covers 16 rows of A / 16 columns of B");
+// Shared memory per CTA for a tile of `bn` columns: 64 KB (128) / 48 KB (64).
+constexpr int smem_bytes(int bn) { return kStages * (kTileBytesA + bn * kBK); }
 
 // Byte offset of 16-byte chunk c of row r inside a [rows][kBK] tile (see the header: conflict-free).
 __host__ __device__ constexpr uint32_t swizzle(int r, int c) {
@@ -140,12 +143,27 @@ template <int kPending>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
 }
+// The A operand of an implicit-GEMM convolution (conv2d_s8_nhwc, lowbit/kernels/conv_s8.h): row m of A
+// is output pixel (n, p, q) = m's position in (N, Ho, Wo), column k = (a * kw + b) * Cg + c is tap (a, b),
+// channel c; A[m, k] = x[n, p*sh - ph + a*dh, q*sw - pw + b*dw, c] (x already offset to the group's first
+// channel), 0 outside the image. Cg % 16 == 0, so a 16-byte chunk never straddles two taps.
+struct ConvGather {
+  int64_t HWC;         // bytes per image
+  int H, W, C;         // input (C: bytes per pixel)
+  int64_t HoWo;        // output pixels per image
+  int Wo, kw, Cg;
+  int sh, sw, ph, pw, dh, dw;
+};
+
 // ---------------------------------------------------------------------------------------------------
 // The GEMM kernel. One CTA computes one kBM x kBN tile of out, of batch blockIdx.z (batch b of the launch
 // reads A + b*strideA, B + b*strideB and writes out + b*strideO; the unbatched call is gridDim.z == 1).
+// kConv: A is gathered from an NHWC image as ConvGather says (A = x, lda and strideA unused; one batch).
+// kTileN: the tile's columns, kBN or kNarrowBN.
 template <typename OutT,   // float, __half or __nv_bfloat16
           bool kAsyncA,    // A 16-byte aligned, lda % 16 == 0 (and strideA, if batched): cp.async, else bytes
-          bool kAsyncB>    // same for B
+          bool kAsyncB,    // same for B
+          bool kConv = false, int kTileN = kBN>
 __global__ void __launch_bounds__(kThreads, 2) gemm_s8_kernel(
     const int8_t* __restrict__ A,     // (M, K) row-major, batch 0 of this launch
     int64_t lda,                      // row stride of A in bytes (>= K)
@@ -160,8 +178,20 @@ __global__ void __launch_bounds__(kThreads, 2) gemm_s8_kernel(
     int64_t ldo,                      // row stride of out (>= N)
     int64_t strideO,                  // elements from one batch's out to the next
     int64_t tiles_m, int64_t tiles_n,  // ceil(M / kBM), ceil(N / kBN)
-    const float* __restrict__ row_scale  // M per-row multipliers or nullptr
+    const float* __restrict__ row_scale,  // M per-row multipliers or nullptr
+    ConvGather cv                         // kConv only
 ) {
+  static_assert(!kConv || kAsyncA, "the gathered A operand is loaded with cp.async");
+  // This instantiation's tile geometry (kBN hides the namespace-scope 128).
+  static_assert(kTileN == kBN || kTileN == kNarrowBN, "128- or 64-column tiles");
+  constexpr int kBN = kTileN;
+  constexpr int kWarpsN = kTileN == kNarrowBN ? 2 : 4;
+  constexpr int kWarpsM = (kThreads / 32) / kWarpsN;
+  constexpr int kWM = kBM / kWarpsM, kWN = kBN / kWarpsN;
+  constexpr int kFragsM = kWM / kMmaM, kFragsN = kWN / kMmaN;
+  constexpr int kStageBytes = kTileBytesA + kBN * kBK;
+  constexpr int kLoadsB = kBN / kRowsPerPass;
+  static_assert(kWM % 16 == 0 && kWN % 16 == 0 && kBN % kRowsPerPass == 0, "tile geometry");
   extern __shared__ __align__(128) uint8_t smem[];
   const uint32_t smem_base = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   const int tid = threadIdx.x;
@@ -193,15 +223,37 @@ __global__ void __launch_bounds__(kThreads, 2) gemm_s8_kernel(
   // and the swizzled shared offsets are the same for every stage.
   const int ld_chunk = tid % kChunksPerRow;
   const int ld_row = tid / kChunksPerRow;
-  const int8_t* a_src[kLoadsA];  // this thread's A rows at k = chunk start (row clamped into range)
+  // Dense A: a_src = the row at k = chunk start (row clamped into range). kConv: a_src = the row's image,
+  // a_ih0 / a_iw0 = its window's corner (p*sh - ph, q*sw - pw).
+  const int8_t* a_src[kLoadsA];
   bool a_row_ok[kLoadsA];
   uint32_t a_dst[kLoadsA];
+  int a_ih0[kLoadsA], a_iw0[kLoadsA];
 #pragma unroll
   for (int i = 0; i < kLoadsA; ++i) {
     const int r = ld_row + i * kRowsPerPass;
     a_row_ok[i] = m0 + r < M;
-    a_src[i] = A_b + (a_row_ok[i] ? m0 + r : M - 1) * lda + ld_chunk * kChunk;
     a_dst[i] = swizzle(r, ld_chunk);
+    const int64_t m = a_row_ok[i] ? m0 + r : M - 1;
+    if constexpr (kConv) {
+      const int64_t n = m / cv.HoWo, pq = m - n * cv.HoWo;
+      const int p = static_cast<int>(pq / cv.Wo), q = static_cast<int>(pq - int64_t(p) * cv.Wo);
+      a_src[i] = A_b + n * cv.HWC;
+      a_ih0[i] = p * cv.sh - cv.ph;
+      a_iw0[i] = q * cv.sw - cv.pw;
+    } else {
+      a_src[i] = A_b + m * lda + ld_chunk * kChunk;
+      a_ih0[i] = a_iw0[i] = 0;
+    }
+  }
+  // kConv: tap (tap_a, tap_b) and channel tap_c of this thread's chunk in the next k-tile load_tile reads
+  // (k-tiles are loaded in order 0, 1, 2, ...: each call moves the position on by kBK bytes).
+  int tap_a = 0, tap_b = 0, tap_c = 0;
+  if constexpr (kConv) {
+    const int tap = (ld_chunk * kChunk) / cv.Cg;
+    tap_c = ld_chunk * kChunk - tap * cv.Cg;
+    tap_a = tap / cv.kw;
+    tap_b = tap - tap_a * cv.kw;
   }
   const int8_t* b_src[kLoadsB];
   bool b_row_ok[kLoadsB];
@@ -236,10 +288,26 @@ __global__ void __launch_bounds__(kThreads, 2) gemm_s8_kernel(
     const int left = K - k;
     const int in_k = left <= 0 ? 0 : (left < kChunk ? left : kChunk);
     const uint32_t slot = uint32_t(stage) * kStageBytes;
+    if constexpr (kConv) {
+      const int dy = tap_a * cv.dh, dx = tap_b * cv.dw;
 #pragma unroll
-    for (int i = 0; i < kLoadsA; ++i)
-      copy_chunk(std::integral_constant<bool, kAsyncA>{}, slot + a_dst[i], a_src[i] + kt * kBK,
-                 a_row_ok[i] ? in_k : 0, A);
+      for (int i = 0; i < kLoadsA; ++i) {
+        const int ih = a_ih0[i] + dy, iw = a_iw0[i] + dx;
+        const bool in = a_row_ok[i] && in_k > 0 && unsigned(ih) < unsigned(cv.H) && unsigned(iw) < unsigned(cv.W);
+        cp_async_16(smem_base + slot + a_dst[i], in ? a_src[i] + (int64_t(ih) * cv.W + iw) * cv.C + tap_c : A,
+                    in ? kChunk : 0);
+      }
+      tap_c += kBK;
+      while (tap_c >= cv.Cg) {
+        tap_c -= cv.Cg;
+        if (++tap_b == cv.kw) tap_b = 0, ++tap_a;
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < kLoadsA; ++i)
+        copy_chunk(std::integral_constant<bool, kAsyncA>{}, slot + a_dst[i], a_src[i] + kt * kBK,
+                   a_row_ok[i] ? in_k : 0, A);
+    }
 #pragma unroll
     for (int i = 0; i < kLoadsB; ++i)
       copy_chunk(std::integral_constant<bool, kAsyncB>{}, slot + b_dst[i], b_src[i] + kt * kBK,
@@ -386,43 +454,50 @@ Status launch_error(const char* fn, const char* what) {
 
 // Raise the kernel's dynamic shared-memory limit to kSmemBytes, once per (kernel, device). The flag
 // array is per template instantiation; a race only repeats an idempotent call.
-template <typename OutT, bool kAsyncA, bool kAsyncB>
+template <typename OutT, bool kAsyncA, bool kAsyncB, bool kConv = false, int kTileN = kBN>
 Status allow_smem(const char* fn, int device) {
   static std::atomic<bool> done[64];
   if (device >= 0 && device < 64 && done[device].load(std::memory_order_acquire)) return Status::ok();
-  const cudaError_t err = cudaFuncSetAttribute(gemm_s8_kernel<OutT, kAsyncA, kAsyncB>,
-                                               cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+  const cudaError_t err = cudaFuncSetAttribute(gemm_s8_kernel<OutT, kAsyncA, kAsyncB, kConv, kTileN>,
+                                               cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes(kTileN));
   if (err != cudaSuccess) {
     cudaGetLastError();  // clear it: the error is returned, not left for the next caller
     return Status::device(std::string(fn) + ": cudaFuncSetAttribute(MaxDynamicSharedMemorySize=" +
-                          std::to_string(kSmemBytes) + ") failed: " + cudaGetErrorString(err));
+                          std::to_string(smem_bytes(kTileN)) + ") failed: " + cudaGetErrorString(err));
   }
   if (device >= 0 && device < 64) done[device].store(true, std::memory_order_release);
   return Status::ok();
 }
 
-template <typename OutT, bool kAsyncA, bool kAsyncB>
-Status launch_gemm(const GemmArgs& g) {
+template <typename OutT, bool kAsyncA, bool kAsyncB, int kTileN>
+Status launch_gemm_tiles(const GemmArgs& g) {
   int device = 0;
   const cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return Status::device(std::string(g.fn) + ": cudaGetDevice failed: " + cudaGetErrorString(err));
-  Status st = allow_smem<OutT, kAsyncA, kAsyncB>(g.fn, device);
+  Status st = allow_smem<OutT, kAsyncA, kAsyncB, false, kTileN>(g.fn, device);
   if (!st.is_ok()) return st;
   const int64_t tiles_m = (g.M + kBM - 1) / kBM;
-  const int64_t tiles_n = (g.N + kBN - 1) / kBN;
+  const int64_t tiles_n = (g.N + kTileN - 1) / kTileN;
   // Batch on z, tiles on x: blocks are dispatched x-fastest, so the CTAs resident together belong to
   // one or two batches and the grouped raster's L2 reuse holds within each batch.
   for (int64_t b0 = 0; b0 < g.batch; b0 += kMaxBatchPerLaunch) {
     const int64_t nb = g.batch - b0 < kMaxBatchPerLaunch ? g.batch - b0 : kMaxBatchPerLaunch;
     const dim3 grid(static_cast<unsigned>(tiles_m * tiles_n), 1, static_cast<unsigned>(nb));
-    gemm_s8_kernel<OutT, kAsyncA, kAsyncB><<<grid, kThreads, kSmemBytes, g.stream>>>(
+    gemm_s8_kernel<OutT, kAsyncA, kAsyncB, false, kTileN><<<grid, kThreads, smem_bytes(kTileN), g.stream>>>(
         g.A + b0 * g.strideA, g.lda, g.strideA, g.B + b0 * g.strideB, g.ldb, g.strideB, g.M, g.N,
         static_cast<int>(g.K), g.alpha, static_cast<OutT*>(g.out) + b0 * g.strideO, g.ldo, g.strideO, tiles_m,
-        tiles_n, g.row_scale);
+        tiles_n, g.row_scale, ConvGather{});
     st = launch_error(g.fn, "gemm kernel launch failed");
     if (!st.is_ok()) return st;
   }
   return Status::ok();
+}
+
+// N <= 64: the narrow tile (no mma work on the zero columns of a 128-wide tile).
+template <typename OutT, bool kAsyncA, bool kAsyncB>
+Status launch_gemm(const GemmArgs& g) {
+  return g.N <= kNarrowBN ? launch_gemm_tiles<OutT, kAsyncA, kAsyncB, kNarrowBN>(g)
+                          : launch_gemm_tiles<OutT, kAsyncA, kAsyncB, kBN>(g);
 }
 
 // cp.async needs every 16-byte chunk source aligned in every batch: base, row stride and (when there
@@ -518,7 +593,98 @@ Status run(GemmArgs g) {
   return Status::invalid(fn + "unreachable otype");
 }
 
+template <typename OutT, int kTileN>
+Status launch_conv_tiles(const char* fn, const int8_t* x, const int8_t* w, int64_t M, int64_t N, int64_t K,
+                         const float* alpha, void* out, int64_t ldo, const ConvGather& cv, cudaStream_t stream) {
+  int device = 0;
+  const cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return Status::device(validate::err(fn, std::string("cudaGetDevice failed: ") + cudaGetErrorString(err)));
+  const Status st = allow_smem<OutT, true, true, true, kTileN>(fn, device);
+  if (!st.is_ok()) return st;
+  const int64_t tiles_m = (M + kBM - 1) / kBM, tiles_n = (N + kTileN - 1) / kTileN;
+  gemm_s8_kernel<OutT, true, true, true, kTileN>
+      <<<static_cast<unsigned>(tiles_m * tiles_n), kThreads, smem_bytes(kTileN), stream>>>(
+          x, 0, 0, w, K, 0, M, N, static_cast<int>(K), alpha, static_cast<OutT*>(out), ldo, 0, tiles_m, tiles_n,
+          nullptr, cv);
+  return launch_error(fn, "conv kernel launch failed");
+}
+template <typename OutT>
+Status launch_conv(const char* fn, const int8_t* x, const int8_t* w, int64_t M, int64_t N, int64_t K,
+                   const float* alpha, void* out, int64_t ldo, const ConvGather& cv, cudaStream_t stream) {
+  return N <= kNarrowBN ? launch_conv_tiles<OutT, kNarrowBN>(fn, x, w, M, N, K, alpha, out, ldo, cv, stream)
+                        : launch_conv_tiles<OutT, kBN>(fn, x, w, M, N, K, alpha, out, ldo, cv, stream);
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// What the gathering loader needs beyond the shape rules: 16-byte chunks of one tap, aligned, and every
+// index it forms in int32 (tap coordinates within the padded extent, which stays below 2^30).
+const char* conv_unsupported(const int8_t* x, const Conv2dShape& s, int64_t c0, int64_t Cg, const int8_t* w) {
+  constexpr int64_t kNarrow = int64_t(1) << 30;
+  if (s.C % 16 != 0 || c0 % 16 != 0 || Cg % 16 != 0) return "C, c0 and Cg must be multiples of 16";
+  if (!aligned16(x) || !aligned16(w)) return "x and w must be 16-byte aligned";
+  if (s.kh > kMaxGemmS8K || s.kw > kMaxGemmS8K || Cg > kMaxGemmS8K || s.kh * s.kw * Cg > kMaxGemmS8K)
+    return "kh * kw * Cg must be <= kMaxGemmS8K";
+  if (s.H + 2 * s.ph >= kNarrow || s.W + 2 * s.pw >= kNarrow || s.C >= kNarrow ||
+      std::max({s.sh, s.sw, s.dh, s.dw}) >= kNarrow)
+    return "the padded input extents, C, strides and dilations must be below 2^30";
+  return nullptr;
+}
+
 }  // namespace
+
+bool conv2d_s8_nhwc_supported(const int8_t* x, const Conv2dShape& s, int64_t c0, int64_t Cg, const int8_t* w) {
+  return s.ph >= 0 && s.pw >= 0 && s.ph < (int64_t(1) << 30) && s.pw < (int64_t(1) << 30) &&
+         conv_unsupported(x, s, c0, Cg, w) == nullptr;
+}
+
+bool conv2d_s8_nhwc_preferred(const int8_t* x, const Conv2dShape& s, int64_t c0, int64_t Cg, const int8_t* w,
+                              int64_t Og) {
+  if (Og < 1 || !conv2d_s8_nhwc_supported(x, s, c0, Cg, w)) return false;
+  if (Og <= kBN || kernel_choice() == KernelChoice::kMma) return true;
+  // The GEMM over the im2col matrix as run() would launch it (cols: a fresh allocation, 16-byte aligned;
+  // w stands in for its address): does it take the sm_90a kernel?
+  const int64_t Ho = s.out_h(), Wo = s.out_w(), K = s.kh * s.kw * Cg;
+  const GemmArgs probe{"lowbit::cuda::conv2d_s8_nhwc_preferred", w, K, 0, w, K, 0, s.N * Ho * Wo, Og, K, 1,
+                       nullptr, nullptr, Og, 0, DType::kFloat32, nullptr, nullptr};
+  return !gemm_s8_detail::sm90_eligible(probe);
+}
+
+Status conv2d_s8_nhwc(const int8_t* x, const Conv2dShape& s, int64_t c0, int64_t Cg, const int8_t* w, int64_t Og,
+                      const float* alpha, DType otype, void* out, int64_t ldo, CUstream_st* stream) {
+  const char* fn = "lowbit::cuda::conv2d_s8_nhwc";
+  using validate::invalid_got;
+  if (w == nullptr) return Status::invalid(validate::err(fn, "w is null"));
+  validate::Im2colDims dims;  // the shape rules of im2col_s8_nhwc (w stands in for its non-null cols)
+  Status st = validate::im2col_s8_nhwc(fn, x, s, c0, Cg, w, &dims);
+  if (!st.is_ok()) return st;
+  st = validate::gemm_otype(fn, otype);
+  if (!st.is_ok()) return st;
+  if (Og < 1) return invalid_got(fn, "Og must be >= 1", Og);
+  if (ldo < Og) return invalid_got(fn, "ldo must be >= Og (" + std::to_string(Og) + ")", ldo);
+  if (const char* why = conv_unsupported(x, s, c0, Cg, w)) return Status::invalid(validate::err(fn, why));
+  if (alpha == nullptr) return Status::invalid(validate::err(fn, "alpha is null"));
+  if (out == nullptr) return Status::invalid(validate::err(fn, "out is null"));
+  const int64_t rows = s.N * dims.Ho * dims.Wo;  // <= cols_len, which the shape rules bound
+  if (rows > std::numeric_limits<int64_t>::max() / ldo)
+    return Status::invalid(validate::err(fn, "N*Ho*Wo * ldo overflows int64"));
+  const int64_t tiles = ((rows + kBM - 1) / kBM) * ((Og + kBN - 1) / kBN);
+  if (tiles > int64_t(0x7fffffff))
+    return Status::invalid(validate::err(fn, "N*Ho*Wo x Og needs " + std::to_string(tiles) +
+                                                 " tiles of 128 x 128, more than a grid holds (2^31 - 1)"));
+  const int64_t K = s.kh * s.kw * Cg;
+  const ConvGather cv{s.H * s.W * s.C, static_cast<int>(s.H), static_cast<int>(s.W), static_cast<int>(s.C),
+                      dims.Ho * dims.Wo, static_cast<int>(dims.Wo), static_cast<int>(s.kw), static_cast<int>(Cg),
+                      static_cast<int>(s.sh), static_cast<int>(s.sw), static_cast<int>(s.ph), static_cast<int>(s.pw),
+                      static_cast<int>(s.dh), static_cast<int>(s.dw)};
+  const cudaStream_t cs = reinterpret_cast<cudaStream_t>(stream);
+  switch (otype) {
+    case DType::kFloat32: return launch_conv<float>(fn, x + c0, w, rows, Og, K, alpha, out, ldo, cv, cs);
+    case DType::kFloat16: return launch_conv<__half>(fn, x + c0, w, rows, Og, K, alpha, out, ldo, cv, cs);
+    case DType::kBFloat16: return launch_conv<__nv_bfloat16>(fn, x + c0, w, rows, Og, K, alpha, out, ldo, cv, cs);
+  }
+  return Status::invalid(validate::err(fn, "unreachable otype"));
+}
 
 Status gemm_s8_scaled(const int8_t* A, int64_t lda, const int8_t* B, int64_t ldb, int64_t M, int64_t N,
                       int64_t K, const float* alpha, DType otype, void* out, int64_t ldo, CUstream_st* stream) {
