@@ -18,6 +18,7 @@
 #include "lowbit/kernels/common.h"
 #include "lowbit/kernels/im2col.h"
 #include "lowbit/kernels/lsq_grad.h"
+#include "lowbit/kernels/quantize.h"
 
 namespace lowbit {
 namespace validate {
@@ -33,6 +34,24 @@ inline Status invalid_got(const char* fn, const std::string& what, int64_t got) 
 inline bool mul(int64_t a, int64_t b, int64_t* out) { return !__builtin_mul_overflow(a, b, out); }
 
 // ---------------------------------------------------------------------------------------------------
+// qat_prepare (lowbit/kernels/quantize.h): dtypes, non-null operands, 0 <= n < 2^62.
+inline Status qat_prepare(const char* fn, ScalarArg shift, int64_t n, ScalarArg scale1, ScalarArg scale2,
+                          ScalarArg eps, const float* out) {
+  const std::pair<const char*, ScalarArg> args[] = {{"shift", shift}, {"scale1", scale1}, {"scale2", scale2},
+                                                    {"eps", eps}};
+  for (const auto& a : args) {
+    const int32_t t = static_cast<int32_t>(a.second.dtype);
+    if ((a.first != std::string("shift") || n > 0) && (t < 0 || t > 2))
+      return invalid_got(fn, std::string(a.first) + " dtype must be float32, float16 or bfloat16", t);
+  }
+  if (n < 0 || n > (int64_t(1) << 62)) return invalid_got(fn, "n must be in [0, 2^62]", n);
+  if (n > 0 && shift.p == nullptr) return Status::invalid(err(fn, "shift is null but n > 0"));
+  if (scale1.p == nullptr || scale2.p == nullptr || eps.p == nullptr)
+    return Status::invalid(err(fn, "scale1, scale2 and eps must not be null"));
+  if (out == nullptr) return Status::invalid(err(fn, "out is null"));
+  return Status::ok();
+}
+
 // quantize_s8 (lowbit/kernels/quantize.h). All but the value of *scale, which only the CPU can read
 // (the caller checks it after an ok here, when M*K > 0).
 inline Status quantize_s8(const char* fn, DType xtype, const void* x, int64_t M, int64_t K, int64_t ldx,

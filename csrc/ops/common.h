@@ -54,7 +54,7 @@ inline void check_same_device(const at::Tensor& ref, const char* ref_name, const
 inline void check_scalar(const at::Tensor& s, const at::Tensor& ref, const char* ref_name, const char* op,
                          const char* arg) {
   TORCH_CHECK(s.defined(), op, ": ", arg, " is undefined (None)");
-  TORCH_CHECK(s.numel() == 1, op, ": ", arg, " must hold exactly one element, got shape ", s.sizes());
+  TORCH_CHECK(s.sym_numel() == 1, op, ": ", arg, " must hold exactly one element, got shape ", s.sym_sizes());
   TORCH_CHECK(at::isFloatingType(s.scalar_type()), op, ": ", arg, " must be a floating-point tensor, got ",
               s.scalar_type());
   check_same_device(ref, ref_name, s, op, arg);

@@ -16,6 +16,12 @@ TORCH_LIBRARY(lowbit, m) {
   // > 0, NaN otherwise (no host read). scale1, scale2, eps: one float element each. 0-dim fp32 out.
   m.def("qat_alpha(Tensor scale1, Tensor scale2, Tensor eps) -> Tensor");
 
+  // A QAT forward's fp32 operands in one launch: a 1-D fp32 tensor [shift (n values) | scale1, scale2, eps,
+  // qat_alpha(scale1, scale2, eps)], n = shift.numel() (0 for None). Each operand may be fp32 / fp16 / bf16
+  // (converted exactly, as .float()). What quantize_s8 and linear_s8 then read, without a conversion kernel
+  // per 16-bit operand. CPU, CUDA, Meta; no autograd history.
+  m.def("qat_prepare(Tensor? shift, Tensor scale1, Tensor scale2, Tensor eps) -> Tensor");
+
   // LSQ-style step size of a tensor: max(2 * mean(|x|) / sqrt(qmax), eps), the mean accumulated in
   // float64, the result rounded once to float32 (0-dim, on x's device). eps may be None (no clamp).
   m.def("lsq_scale(Tensor x, float qmax, Tensor? eps) -> Tensor");

@@ -10,8 +10,30 @@
 
 #include "common.h"
 #include "lowbit/kernels/lsq_grad.h"
+#include "lowbit/ops.h"
 
 namespace lowbit::ops {
+
+// A QAT forward's fp32 operands from one qat_prepare launch (views into its output): the shift (none when
+// bias_a is undefined), the two steps' scales, eps and the GEMM scale alpha. The same values as
+// as_float(...) of each and qat_alpha, without a conversion kernel per 16-bit operand.
+struct QatOperands {
+  std::optional<at::Tensor> shift;
+  at::Tensor scale_a, scale_w, eps, alpha;  // 0-dim fp32
+};
+inline QatOperands prepare_qat_operands(const at::Tensor& bias_a, const at::Tensor& scale_a, const at::Tensor& scale_w,
+                                        const at::Tensor& eps) {
+  const bool has_shift = bias_a.defined();
+  const at::Tensor p = qat_prepare(has_shift ? std::optional<at::Tensor>(bias_a) : std::nullopt, scale_a, scale_w, eps);
+  const c10::SymInt n = p.sym_size(0) - 4;
+  QatOperands o;
+  if (has_shift) o.shift = p.narrow_symint(0, 0, n).view_symint(bias_a.sym_sizes());
+  o.scale_a = p.select_symint(0, n);
+  o.scale_w = p.select_symint(0, n + 1);
+  o.eps = p.select_symint(0, n + 2);
+  o.alpha = p.select_symint(0, n + 3);
+  return o;
+}
 
 struct LsqInputGrads {
   at::Tensor grad_x;      // gA * [qmin <= v <= qmax], in x's dtype and shape (gA's memory layout when dense)

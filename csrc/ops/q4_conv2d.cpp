@@ -125,11 +125,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_forward_impl(const at::Tenso
   const auto& s = a.s;
   // Channels last, so the per-channel shift runs along the quantizer's last dim and im2col copies
   // contiguous channel runs.
-  const auto qx = quantize_s8(x.permute({0, 2, 3, 1}).contiguous(), bias_a, scale_a, eps, kQmin, kQmax, false);
+  const auto p = prepare_qat_operands(bias_a, scale_a, scale_w, eps);  // alpha NaN for an invalid step: no host read
+  const auto qx = quantize_s8(x.permute({0, 2, 3, 1}).contiguous(), p.shift, p.scale_a, p.eps, kQmin, kQmax, false);
   const auto qw = weight.scalar_type() == at::kChar
                       ? unpack_s4(weight, a.Cg)
-                      : quantize_s8(weight.permute({0, 2, 3, 1}).contiguous(), std::nullopt, scale_w, eps, kQmin, kQmax, false);
-  const auto alpha = qat_alpha(scale_a, scale_w, eps);  // NaN for an invalid step: no host read
+                      : quantize_s8(weight.permute({0, 2, 3, 1}).contiguous(), std::nullopt, p.scale_w, p.eps, kQmin,
+                                    kQmax, false);
+  const auto& alpha = p.alpha;
   const int64_t Ho = s.out_h(), Wo = s.out_w(), rows = s.N * Ho * Wo, kdim = s.kh * s.kw * a.Cg;
   auto out = at::empty({s.N, Ho, Wo, a.O}, x.options());
   const bool pointwise = s.kh == 1 && s.kw == 1 && s.sh == 1 && s.sw == 1 && s.ph == 0 && s.pw == 0;

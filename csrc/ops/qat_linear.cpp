@@ -59,14 +59,14 @@ QatForward qat_forward(const LinearSpec& sp, const at::Tensor& x, const at::Tens
   check_output_bias(bias, x, weight.sym_size(0), sp.op);
   QatForward f;
   // No host read of the steps (a device sync on CUDA): an invalid step makes alpha, hence y, NaN.
-  f.qx = quantize_s8(x, bias_a, scale_a, eps, sp.qmin, sp.qmax, /*check_step=*/false);
+  const auto p = prepare_qat_operands(bias_a, scale_a, scale_w, eps);
+  f.qx = quantize_s8(x, p.shift, p.scale_a, p.eps, sp.qmin, sp.qmax, /*check_step=*/false);
   if (weight.scalar_type() != at::kChar) {
-    f.qw = quantize_s8(weight, std::nullopt, scale_w, eps, sp.qmin, sp.qmax, /*check_step=*/false);
+    f.qw = quantize_s8(weight, std::nullopt, p.scale_w, p.eps, sp.qmin, sp.qmax, /*check_step=*/false);
   } else {
     f.qw = sp.packed_s4 ? unpack_s4(weight, x.size(-1)) : weight;
   }
-  const auto alpha = qat_alpha(scale_a, scale_w, eps);  // one fp32 multiply, NaN for an invalid step
-  f.y = linear_s8(f.qx, f.qw, alpha, x.scalar_type());
+  f.y = linear_s8(f.qx, f.qw, p.alpha, x.scalar_type());
   if (bias.has_value() && bias->defined()) f.y.add_(as_dtype(*bias, f.y.scalar_type()));
   return f;
 }

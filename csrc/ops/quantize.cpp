@@ -140,6 +140,68 @@ at::Tensor qat_alpha_cuda(const at::Tensor& s1, const at::Tensor& s2, const at::
 }
 #endif
 
+// qat_prepare: a QAT forward's fp32 operands (shift, the three scalars, alpha) in one launch instead of a
+// conversion kernel per 16-bit operand and qat_alpha.
+constexpr const char* kPrepareOp = "lowbit.qat_prepare";
+struct PrepareOperands {
+  at::Tensor shift, s1, s2, eps;  // contiguous; dtypes the kernels read (fp32 / fp16 / bf16)
+  int64_t n = 0;
+};
+PrepareOperands prepare_operands(const std::optional<at::Tensor>& shift, const at::Tensor& s1, const at::Tensor& s2,
+                                 const at::Tensor& eps) {
+  check_scalar(s1, s1, "scale1", kPrepareOp, "scale1");
+  check_scalar(s2, s1, "scale1", kPrepareOp, "scale2");
+  check_scalar(eps, s1, "scale1", kPrepareOp, "eps");
+  // Other float dtypes (float64) are converted first; the kernels read the three 16/32-bit ones as they are.
+  auto readable = [](const at::Tensor& t) {
+    const auto d = t.scalar_type();
+    const auto u = t.detach();
+    return (d == at::kFloat || d == at::kHalf || d == at::kBFloat16 ? u : u.to(at::kFloat)).contiguous();
+  };
+  PrepareOperands o{at::Tensor(), readable(s1), readable(s2), readable(eps), 0};
+  if (shift.has_value() && shift->defined()) {
+    TORCH_CHECK(at::isFloatingType(shift->scalar_type()), kPrepareOp, ": shift must be a floating-point tensor, got ",
+                shift->scalar_type());
+    check_same_device(s1, "scale1", *shift, kPrepareOp, "shift");
+    o.shift = readable(*shift);
+    o.n = o.shift.numel();
+  }
+  return o;
+}
+ScalarArg scalar_arg(const at::Tensor& t) {
+  return {t.defined() ? t.data_ptr() : nullptr,
+          t.defined() ? kernel_dtype(t.scalar_type(), kPrepareOp, "operand") : DType::kFloat32};
+}
+at::Tensor qat_prepare_meta(const std::optional<at::Tensor>& shift, const at::Tensor& s1, const at::Tensor& s2,
+                            const at::Tensor& eps) {
+  check_scalar(s1, s1, "scale1", kPrepareOp, "scale1");
+  check_scalar(s2, s1, "scale1", kPrepareOp, "scale2");
+  check_scalar(eps, s1, "scale1", kPrepareOp, "eps");
+  const c10::SymInt n = shift.has_value() && shift->defined() ? shift->sym_numel() : c10::SymInt(0);
+  return at::empty_symint({n + 4}, s1.options().dtype(at::kFloat));
+}
+at::Tensor qat_prepare_cpu(const std::optional<at::Tensor>& shift, const at::Tensor& s1, const at::Tensor& s2,
+                           const at::Tensor& eps) {
+  const auto o = prepare_operands(shift, s1, s2, eps);
+  auto out = at::empty({o.n + 4}, s1.options().dtype(at::kFloat));
+  check_status(cpu::qat_prepare(scalar_arg(o.shift), o.n, scalar_arg(o.s1), scalar_arg(o.s2), scalar_arg(o.eps),
+                                out.data_ptr<float>()),
+               kPrepareOp);
+  return out;
+}
+#ifdef LOWBIT_WITH_CUDA
+at::Tensor qat_prepare_cuda(const std::optional<at::Tensor>& shift, const at::Tensor& s1, const at::Tensor& s2,
+                            const at::Tensor& eps) {
+  c10::cuda::CUDAGuard guard(s1.device());
+  const auto o = prepare_operands(shift, s1, s2, eps);
+  auto out = at::empty({o.n + 4}, s1.options().dtype(at::kFloat));
+  check_status(cuda::qat_prepare(scalar_arg(o.shift), o.n, scalar_arg(o.s1), scalar_arg(o.s2), scalar_arg(o.eps),
+                                 out.data_ptr<float>(), current_stream(s1)),
+               kPrepareOp);
+  return out;
+}
+#endif
+
 // sum |x| in float64 as a 0-dim tensor on x's device: the fused kernel of reduce.h for fp32/fp16/bf16 (reads
 // x once, no float64 copy), ATen's norm for float64 input (already float64: no copy either).
 at::Tensor sum_abs(const at::Tensor& x) {
@@ -194,6 +256,12 @@ at::Tensor qat_alpha(const at::Tensor& scale1, const at::Tensor& scale2, const a
   return op.call(scale1, scale2, eps);
 }
 
+at::Tensor qat_prepare(const std::optional<at::Tensor>& shift, const at::Tensor& scale1, const at::Tensor& scale2,
+                       const at::Tensor& eps) {
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("lowbit::qat_prepare", "").typed<decltype(qat_prepare)>();
+  return op.call(shift, scale1, scale2, eps);
+}
+
 at::Tensor lsq_scale(const at::Tensor& x, double qmax, const std::optional<at::Tensor>& eps) {
   static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("lowbit::lsq_scale", "").typed<decltype(lsq_scale)>();
   return op.call(x, qmax, eps);
@@ -202,19 +270,25 @@ at::Tensor lsq_scale(const at::Tensor& x, double qmax, const std::optional<at::T
 TORCH_LIBRARY_IMPL(lowbit, CPU, m) {
   m.impl("quantize_s8", &quantize_s8_cpu);
   m.impl("qat_alpha", &qat_alpha_cpu);
+  m.impl("qat_prepare", &qat_prepare_cpu);
 }
 TORCH_LIBRARY_IMPL(lowbit, Meta, m) {
   m.impl("quantize_s8", &quantize_s8_meta);
   m.impl("qat_alpha", &qat_alpha_meta);
+  m.impl("qat_prepare", &qat_prepare_meta);
 }
 #ifdef LOWBIT_WITH_CUDA
 TORCH_LIBRARY_IMPL(lowbit, CUDA, m) {
   m.impl("quantize_s8", &quantize_s8_cuda);
   m.impl("qat_alpha", &qat_alpha_cuda);
+  m.impl("qat_prepare", &qat_prepare_cuda);
 }
 #endif
 // Steps are statistics / learned by their own LSQ gradient; the GEMM scale carries no autograd history.
-TORCH_LIBRARY_IMPL(lowbit, Autograd, m) { m.impl("qat_alpha", torch::CppFunction::makeFallthrough()); }
+TORCH_LIBRARY_IMPL(lowbit, Autograd, m) {
+  m.impl("qat_alpha", torch::CppFunction::makeFallthrough());
+  m.impl("qat_prepare", torch::CppFunction::makeFallthrough());
+}
 // lsq_scale's body is device-generic ATen; registered per backend (not as a composite) so that fake
 // tensors under torch.compile take the Meta kernel instead of tracing a reduction by numel.
 at::Tensor lsq_scale_meta(const at::Tensor& x, double qmax, const std::optional<at::Tensor>& eps) {

@@ -18,6 +18,11 @@ at::Tensor quantize_s8(const at::Tensor& x, const std::optional<at::Tensor>& shi
 // fp32 max(scale1, eps) * max(scale2, eps) if both steps are finite and > 0, else NaN; 0-dim, no host read.
 at::Tensor qat_alpha(const at::Tensor& scale1, const at::Tensor& scale2, const at::Tensor& eps);
 
+// [shift as fp32 (n = shift.numel(), 0 for none) | scale1, scale2, eps as fp32, qat_alpha(scale1, scale2, eps)]:
+// a 1-D fp32 tensor of n + 4 values, one launch, no host read.
+at::Tensor qat_prepare(const std::optional<at::Tensor>& shift, const at::Tensor& scale1, const at::Tensor& scale2,
+                       const at::Tensor& eps);
+
 // max(2 * mean|x| / sqrt(qmax), eps) as a 0-dim fp32 tensor (mean in float64).
 at::Tensor lsq_scale(const at::Tensor& x, double qmax, const std::optional<at::Tensor>& eps);
 

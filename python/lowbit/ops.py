@@ -26,6 +26,13 @@ def qat_alpha(scale1: Tensor, scale2: Tensor, eps: Tensor) -> Tensor:
     return _ops.qat_alpha(scale1, scale2, eps)
 
 
+def qat_prepare(shift: Optional[Tensor], scale1: Tensor, scale2: Tensor, eps: Tensor) -> Tensor:
+    """A QAT forward's fp32 operands in one launch: ``[shift.float() | scale1, scale2, eps as float32,
+    qat_alpha(scale1, scale2, eps)]``, a 1-D float32 tensor of ``shift.numel() + 4`` values (shift may be
+    None). Each operand may be float32, float16 or bfloat16."""
+    return _ops.qat_prepare(shift, scale1, scale2, eps)
+
+
 def lsq_scale(x: Tensor, qmax: float, eps: Optional[Tensor] = None) -> Tensor:
     """LSQ step size ``max(2 * mean(|x|) / sqrt(qmax), eps)`` as a 0-dim float32 tensor on x's device
     (mean accumulated in float64, rounded once)."""

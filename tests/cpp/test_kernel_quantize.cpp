@@ -387,3 +387,41 @@ TEST(FloatConvert, HalfMatchesF16C) {
 #endif
 
 }  // namespace
+
+// qat_prepare: every operand converted exactly from its own dtype, alpha as qat_alpha_value; bad arguments.
+TEST(QatPrepare, ConvertsAndFormsAlpha) {
+  using lowbit::DType;
+  using lowbit::ScalarArg;
+  std::mt19937 rng(5);
+  std::normal_distribution<float> nd(0.f, 3.f);
+  for (int64_t n : {0, 1, 33}) {
+    std::vector<uint16_t> shift(n);
+    std::vector<float> want(n + 4);
+    for (int64_t i = 0; i < n; ++i) {
+      shift[i] = lowbit::float_to_bf16(nd(rng));
+      want[i] = lowbit::bf16_to_float(shift[i]);
+    }
+    const uint16_t s1 = lowbit::float_to_half(0.0213f);
+    const float s2 = 0.0071f;
+    const uint16_t e = lowbit::float_to_bf16(1e-5f);
+    want[n] = lowbit::half_to_float(s1);
+    want[n + 1] = s2;
+    want[n + 2] = lowbit::bf16_to_float(e);
+    want[n + 3] = lowbit::qat_alpha_value(want[n], want[n + 1], want[n + 2]);
+    std::vector<float> out(n + 4, -1.f);
+    ASSERT_TRUE(lowbit::cpu::qat_prepare({n ? shift.data() : nullptr, DType::kBFloat16}, n, {&s1, DType::kFloat16},
+                                         {&s2, DType::kFloat32}, {&e, DType::kBFloat16}, out.data())
+                    .is_ok());
+    for (int64_t i = 0; i < n + 4; ++i) EXPECT_EQ(std::memcmp(&out[i], &want[i], 4), 0) << "n=" << n << " i=" << i;
+  }
+  const float one = 1.f;
+  float out[8];
+  const ScalarArg f{&one, DType::kFloat32};
+  expect_invalid(lowbit::cpu::qat_prepare({nullptr, DType::kFloat32}, 3, f, f, f, out), "null shift", "shift is null");
+  expect_invalid(lowbit::cpu::qat_prepare({&one, DType::kFloat32}, -1, f, f, f, out), "n < 0", "n must be");
+  expect_invalid(lowbit::cpu::qat_prepare({nullptr, DType::kFloat32}, 0, {&one, static_cast<DType>(9)}, f, f, out),
+                 "bad dtype", "scale1 dtype");
+  expect_invalid(lowbit::cpu::qat_prepare({nullptr, DType::kFloat32}, 0, f, {nullptr, DType::kFloat32}, f, out),
+                 "null scale2", "must not be null");
+  expect_invalid(lowbit::cpu::qat_prepare({nullptr, DType::kFloat32}, 0, f, f, f, nullptr), "null out", "out is null");
+}

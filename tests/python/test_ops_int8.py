@@ -91,6 +91,28 @@ def test_qat_alpha(device, dtype):
         ops.qat_alpha(torch.ones(2, device=device), t(0.1), t(1e-5))
 
 
+@pytest.mark.parametrize("dtypes", [(torch.bfloat16, torch.float32, torch.float16), (torch.float16,) * 3,
+                                    (torch.float32, torch.bfloat16, torch.float64)])
+@pytest.mark.parametrize("n", [0, 1, 37, 1000])
+def test_qat_prepare(device, dtypes, n):
+    # [shift | scale1, scale2, eps, alpha] in fp32: each operand as .float() gives it, alpha as qat_alpha.
+    sd, s1d, ed = dtypes
+    g = torch.Generator().manual_seed(n)
+    shift = (torch.randn(n, generator=g) * 3).to(sd).to(device) if n else None
+    for a, b, e in [(0.02, 0.003, 1e-5), (0.0, 0.5, 1e-3), (0.1, float("nan"), 1e-5), (-1.0, 0.1, -2.0)]:
+        t1, t2, te = (torch.tensor(v, dtype=d, device=device) for v, d in ((a, s1d), (b, torch.float32), (e, ed)))
+        got = ops.qat_prepare(shift, t1, t2, te)
+        assert got.dtype == torch.float32 and got.shape == (n + 4,) and got.device.type == torch.device(device).type
+        want = torch.cat([shift.float() if n else torch.empty(0, device=device),
+                          torch.stack([t1.float(), t2.float(), te.float()]).reshape(3),
+                          ops.qat_alpha(t1, t2, te).reshape(1)])
+        torch.testing.assert_close(got.cpu(), want.cpu(), rtol=0, atol=0, equal_nan=True)  # exact, NaN where NaN
+    with pytest.raises(RuntimeError, match="exactly one element"):
+        ops.qat_prepare(shift, torch.ones(2, device=device), t2, te)
+    with pytest.raises(RuntimeError, match="floating-point"):
+        ops.qat_prepare(torch.ones(3, dtype=torch.int32, device=device), t1, t2, te)
+
+
 def test_lsq_scale(device):
     x = torch.randn(37, 19, device=device)
     s = ops.lsq_scale(x, 127.0)

@@ -151,5 +151,19 @@ Status qat_alpha(const float* scale1, const float* scale2, const float* eps, flo
   return Status::ok();
 }
 
+Status qat_prepare(ScalarArg shift, int64_t n, ScalarArg scale1, ScalarArg scale2, ScalarArg eps, float* out) {
+  const char* fn = "lowbit::cpu::qat_prepare";
+  const Status st = validate::qat_prepare(fn, shift, n, scale1, scale2, eps, out);
+  if (!st.is_ok()) return st;
+  for (int64_t i = 0; i < n; ++i) out[i] = detail::load_x(shift.dtype, shift.p, i);
+  const float s1 = detail::load_x(scale1.dtype, scale1.p, 0), s2 = detail::load_x(scale2.dtype, scale2.p, 0),
+              e = detail::load_x(eps.dtype, eps.p, 0);
+  out[n] = s1;
+  out[n + 1] = s2;
+  out[n + 2] = e;
+  out[n + 3] = qat_alpha_value(s1, s2, e);
+  return Status::ok();
+}
+
 }  // namespace cpu
 }  // namespace lowbit

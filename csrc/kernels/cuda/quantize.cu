@@ -32,6 +32,8 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
+
 #include <cstdint>
 #include <string>
 #include <type_traits>
@@ -167,6 +169,28 @@ __global__ void qat_alpha_kernel(const float* scale1, const float* scale2, const
   alpha[0] = qat_alpha_value(scale1[0], scale2[0], eps[0]);
 }
 
+__device__ __forceinline__ float load_as_float(ScalarArg a, int64_t i) {
+  switch (a.dtype) {
+    case DType::kFloat16: return __half2float(static_cast<const __half*>(a.p)[i]);
+    case DType::kBFloat16: return __bfloat162float(static_cast<const __nv_bfloat16*>(a.p)[i]);
+    default: return static_cast<const float*>(a.p)[i];
+  }
+}
+
+// The shift's n values by a grid-stride loop; thread 0 of block 0 the three scalars and alpha.
+__global__ void qat_prepare_kernel(ScalarArg shift, int64_t n, ScalarArg scale1, ScalarArg scale2, ScalarArg eps,
+                                   float* out) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    out[i] = load_as_float(shift, i);
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    const float s1 = load_as_float(scale1, 0), s2 = load_as_float(scale2, 0), e = load_as_float(eps, 0);
+    out[n] = s1;
+    out[n + 1] = s2;
+    out[n + 2] = e;
+    out[n + 3] = qat_alpha_value(s1, s2, e);
+  }
+}
+
 }  // namespace
 
 Status qat_alpha(const float* scale1, const float* scale2, const float* eps, float* alpha, CUstream_st* stream) {
@@ -175,6 +199,19 @@ Status qat_alpha(const float* scale1, const float* scale2, const float* eps, flo
   qat_alpha_kernel<<<1, 1, 0, reinterpret_cast<cudaStream_t>(stream)>>>(scale1, scale2, eps, alpha);
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return Status::device(std::string("qat_alpha: kernel launch failed: ") + cudaGetErrorString(err));
+  return Status::ok();
+}
+
+Status qat_prepare(ScalarArg shift, int64_t n, ScalarArg scale1, ScalarArg scale2, ScalarArg eps, float* out,
+                   CUstream_st* stream) {
+  const char* fn = "lowbit::cuda::qat_prepare";
+  const Status st = validate::qat_prepare(fn, shift, n, scale1, scale2, eps, out);
+  if (!st.is_ok()) return st;
+  const int64_t blocks = std::min<int64_t>((n + 255) / 256, 1024);
+  qat_prepare_kernel<<<static_cast<unsigned>(blocks < 1 ? 1 : blocks), 256, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
+      shift, n, scale1, scale2, eps, out);
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return Status::device(validate::err(fn, std::string("kernel launch failed: ") + cudaGetErrorString(err)));
   return Status::ok();
 }
 

@@ -45,10 +45,23 @@ inline float qat_alpha_value(float scale1, float scale2, float eps) {
   return ok ? s1 * s2 : nan;
 }
 
+// One scalar (or vector) operand of qat_prepare: its address and its own dtype.
+struct ScalarArg {
+  const void* p;
+  DType dtype;
+};
+
 namespace cpu {
 
 // alpha[0] = qat_alpha_value(scale1[0], scale2[0], eps[0]); host pointers.
 Status qat_alpha(const float* scale1, const float* scale2, const float* eps, float* alpha);
+
+// A QAT forward's fp32 operands in one step (instead of a conversion per operand and qat_alpha):
+//   out[0 .. n)  = shift[0 .. n) converted to fp32 (n = 0: no shift; shift.p may then be null),
+//   out[n], out[n + 1], out[n + 2] = scale1, scale2, eps converted to fp32,
+//   out[n + 3]   = qat_alpha_value(out[n], out[n + 1], out[n + 2]).
+// Each operand in its own dtype (fp32 / fp16 / bf16; the conversions are exact). Host pointers.
+Status qat_prepare(ScalarArg shift, int64_t n, ScalarArg scale1, ScalarArg scale2, ScalarArg eps, float* out);
 
 // x: (M, K), element (i, k) at x[i * ldx + k], dtype `xtype`. shift: (K,) fp32, or nullptr for none.
 // q: (M, K) int8, contiguous (row stride K). OpenMP-parallel, AVX-512 where the CPU has it.
@@ -65,6 +78,10 @@ namespace cuda {
 
 // alpha[0] = qat_alpha_value(scale1[0], scale2[0], eps[0]); device pointers, one thread, on `stream`.
 Status qat_alpha(const float* scale1, const float* scale2, const float* eps, float* alpha, CUstream_st* stream);
+
+// cpu::qat_prepare's contract; device pointers, one launch on `stream`, the same bits as the CPU.
+Status qat_prepare(ScalarArg shift, int64_t n, ScalarArg scale1, ScalarArg scale2, ScalarArg eps, float* out,
+                   CUstream_st* stream);
 
 // Same contract; x, shift, scale and q are device pointers; runs on `stream`, allocates nothing.
 Status quantize_s8(DType xtype, const void* x, int64_t M, int64_t K, int64_t ldx, const float* shift,
