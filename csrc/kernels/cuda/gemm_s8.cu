@@ -97,8 +97,7 @@ namespace cuda {
 namespace {
 
 using gemm_s8_detail::dequant;
-using gemm_s8_detail::ldmatrix_x4;
-using gemm_s8_detail::mma_s8;
+using gemm_s8_detail::mma_block_s8;
 using gemm_s8_detail::row_alpha;
 using gemm_s8_detail::store1;
 using gemm_s8_detail::store2;
@@ -345,25 +344,8 @@ __global__ void __launch_bounds__(kThreads, 2) gemm_s8_kernel(
   auto mma_tile = [&](int stage) {
     const uint32_t slot = smem_base + uint32_t(stage) * kStageBytes;
 #pragma unroll
-    for (int ks = 0; ks < kKSteps; ++ks) {
-      uint32_t af[kFragsM][4];
-      uint32_t bf[kFragsN][2];
-#pragma unroll
-      for (int i = 0; i < kFragsM; ++i) ldmatrix_x4(af[i], slot + a_frag_off[ks] + i * kMmaM * kBK);
-#pragma unroll
-      for (int p = 0; p < kFragsN / 2; ++p) {
-        uint32_t r[4];
-        ldmatrix_x4(r, slot + b_frag_off[ks] + p * 2 * kMmaN * kBK);
-        bf[2 * p][0] = r[0];
-        bf[2 * p][1] = r[1];
-        bf[2 * p + 1][0] = r[2];
-        bf[2 * p + 1][1] = r[3];
-      }
-#pragma unroll
-      for (int i = 0; i < kFragsM; ++i)
-#pragma unroll
-        for (int j = 0; j < kFragsN; ++j) mma_s8(acc[i][j], af[i], bf[j]);
-    }
+    for (int ks = 0; ks < kKSteps; ++ks)
+      mma_block_s8<kFragsM, kFragsN>(acc, slot + a_frag_off[ks], kMmaM * kBK, slot + b_frag_off[ks], 2 * kMmaN * kBK);
   };
 
   // --- Main loop. Slot s holds k-tile kt with kt % kStages == s. One commit group per k-tile (empty

@@ -65,6 +65,31 @@ __device__ __forceinline__ void mma_s8(int32_t (&d)[4], const uint32_t (&a)[4], 
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
+// One 32-wide k-step of a warp's kFM x kFN block of m16n8k32 tiles: the A fragment of tile row i by one
+// ldmatrix.x4 at a_addr + i * a_step, the B fragments of tile columns 2p, 2p + 1 by one at
+// b_addr + p * b_step (its 4 matrices: {b0, b1} of column 2p, then of 2p + 1), then the kFM * kFN mma.
+template <int kFM, int kFN>
+__device__ __forceinline__ void mma_block_s8(int32_t (&acc)[kFM][kFN][4], uint32_t a_addr, uint32_t a_step,
+                                             uint32_t b_addr, uint32_t b_step) {
+  static_assert(kFN % 2 == 0, "B fragments come in pairs of 8-column tiles");
+  uint32_t af[kFM][4], bf[kFN][2];
+#pragma unroll
+  for (int i = 0; i < kFM; ++i) ldmatrix_x4(af[i], a_addr + uint32_t(i) * a_step);
+#pragma unroll
+  for (int p = 0; p < kFN / 2; ++p) {
+    uint32_t r[4];
+    ldmatrix_x4(r, b_addr + uint32_t(p) * b_step);
+    bf[2 * p][0] = r[0];
+    bf[2 * p][1] = r[1];
+    bf[2 * p + 1][0] = r[2];
+    bf[2 * p + 1][1] = r[3];
+  }
+#pragma unroll
+  for (int i = 0; i < kFM; ++i)
+#pragma unroll
+    for (int j = 0; j < kFN; ++j) mma_s8(acc[i][j], af[i], bf[j]);
+}
+
 // x[r] of quad lane t (t = lane % 4) -> x[r] = (the old x[t] of lane r): a 4 x 4 transpose across the
 // 4 lanes of a quad, as two butterfly stages (lane bit 0 <-> register bit 0, then lane bit 1 <-> register
 // bit 1), each one exchange of two words with the partner lane and selects on the lane's own bit (no

@@ -59,8 +59,7 @@ namespace cuda {
 namespace {
 
 using gemm_s8_detail::dequant_small;
-using gemm_s8_detail::ldmatrix_x4;
-using gemm_s8_detail::mma_s8;
+using gemm_s8_detail::mma_block_s8;
 using gemm_s8_detail::pack2;
 using gemm_s8_detail::quad_transpose;
 using gemm_s8_detail::store1;
@@ -110,6 +109,19 @@ __device__ __forceinline__ float load_scalar(const void* p, DType t) {
     case DType::kBFloat16: return __bfloat162float(*static_cast<const __nv_bfloat16*>(p));
     default: return *static_cast<const float*>(p);
   }
+}
+
+// The quantizer steps, GEMM scale and clamp bounds of a launch, from its three scalars (read in their own
+// dtype: no conversion kernels): quantize_s8's qat_step and qat_alpha's value.
+struct CtaScalars {
+  StepDiv div_x, div_y;
+  float alpha, fqmin, fqmax;
+};
+__device__ __forceinline__ CtaScalars cta_scalars(DType sdt, const void* x_scale, const void* y_scale,
+                                                  const void* eps, int qmin, int qmax) {
+  const float e = load_scalar(eps, sdt), sx = load_scalar(x_scale, sdt), sy = load_scalar(y_scale, sdt);
+  return {StepDiv(lowbit::qat_step(sx, e)), StepDiv(lowbit::qat_step(sy, e)), lowbit::qat_alpha_value(sx, sy, e),
+          static_cast<float>(qmin), static_cast<float>(qmax)};
 }
 
 // Where code (r, c) of a shared tile lives, as a byte offset from the tile's base.
@@ -241,10 +253,9 @@ __global__ void __launch_bounds__(kThreads, 1) qmatmul_kernel(
 
   const int64_t b = blockIdx.x / groups;
   const int64_t n_first = (blockIdx.x - b * groups) * ng;
-  const float e = load_scalar(eps, sdt), sx = load_scalar(x_scale, sdt), sy = load_scalar(y_scale, sdt);
-  const StepDiv div_x(lowbit::qat_step(sx, e)), div_y(lowbit::qat_step(sy, e));
-  const float alpha = lowbit::qat_alpha_value(sx, sy, e);
-  const float fqmin = static_cast<float>(qmin), fqmax = static_cast<float>(qmax);
+  const CtaScalars sc = cta_scalars(sdt, x_scale, y_scale, eps, qmin, qmax);
+  const StepDiv &div_x = sc.div_x, &div_y = sc.div_y;
+  const float alpha = sc.alpha, fqmin = sc.fqmin, fqmax = sc.fqmax;
 
   // The CTA's rows of y, quantized once; each (batch, group) is one CTA's, so its codes are written once.
   const int rows_y = static_cast<int>(N - n_first < ng ? N - n_first : ng);
@@ -281,24 +292,9 @@ __global__ void __launch_bounds__(kThreads, 1) qmatmul_kernel(
 #pragma unroll
           for (int r = 0; r < 4; ++r) acc[i][j][r] = 0;
       const uint32_t b_chunk = b_addr + uint32_t(c0 * rs);
-      for (int k = 0; k < Kp; k += 32) {
-        uint32_t af[kFragsM][4], bf[kFragsN][2];
-#pragma unroll
-        for (int i = 0; i < kFragsM; ++i) ldmatrix_x4(af[i], a_addr + uint32_t(i * 16 * rs + k));
-#pragma unroll
-        for (int p = 0; p < kFragsN / 2; ++p) {
-          uint32_t r[4];
-          ldmatrix_x4(r, b_chunk + uint32_t(p * 16 * rs + k));
-          bf[2 * p][0] = r[0];
-          bf[2 * p][1] = r[1];
-          bf[2 * p + 1][0] = r[2];
-          bf[2 * p + 1][1] = r[3];
-        }
-#pragma unroll
-        for (int i = 0; i < kFragsM; ++i)
-#pragma unroll
-          for (int j = 0; j < kFragsN; ++j) mma_s8(acc[i][j], af[i], bf[j]);
-      }
+      for (int k = 0; k < Kp; k += 32)
+        mma_block_s8<kFragsM, kFragsN>(acc, a_addr + uint32_t(k), uint32_t(16 * rs), b_chunk + uint32_t(k),
+                                       uint32_t(16 * rs));
 
       const int64_t col0 = n_first + c0 + warp_n * kWN;
 #pragma unroll
@@ -404,10 +400,9 @@ __global__ void __launch_bounds__(kWgThreads, 1) qmatmul_wg_kernel(
 
   const int64_t b = blockIdx.x / groups;
   const int64_t n_first = (blockIdx.x - b * groups) * ng;
-  const float e = load_scalar(eps, sdt), sx = load_scalar(x_scale, sdt), sy = load_scalar(y_scale, sdt);
-  const StepDiv div_x(lowbit::qat_step(sx, e)), div_y(lowbit::qat_step(sy, e));
-  const float alpha = lowbit::qat_alpha_value(sx, sy, e);
-  const float fqmin = static_cast<float>(qmin), fqmax = static_cast<float>(qmax);
+  const CtaScalars sc = cta_scalars(sdt, x_scale, y_scale, eps, qmin, qmax);
+  const StepDiv &div_x = sc.div_x, &div_y = sc.div_y;
+  const float alpha = sc.alpha, fqmin = sc.fqmin, fqmax = sc.fqmax;
 
   const int rows_y = static_cast<int>(N - n_first < ng ? N - n_first : ng);
   fill<T, kVecPath>(y + b * strideY + n_first * ldy, ldy, rows_y, ng, K, Kp, Swizzled128{ng}, div_y, fqmin, fqmax,
