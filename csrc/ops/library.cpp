@@ -22,6 +22,12 @@ TORCH_LIBRARY(lowbit, m) {
   // per 16-bit operand. CPU, CUDA, Meta; no autograd history.
   m.def("qat_prepare(Tensor? shift, Tensor scale1, Tensor scale2, Tensor eps) -> Tensor");
 
+  // A QAT forward's input codes and its qat_prepare in one op (one launch on CUDA): returns
+  // (quantize_s8(x, shift, scale1, eps, qmin, qmax, check_step=False), qat_prepare(shift, scale1, scale2, eps))
+  // with the same bits as those two calls. x (..., K) float; shift (K,) or None. CPU, CUDA, Meta.
+  m.def("qat_quantize(Tensor x, Tensor? shift, Tensor scale1, Tensor scale2, Tensor eps, int qmin, int qmax) "
+        "-> (Tensor, Tensor)");
+
   // LSQ-style step size of a tensor: max(2 * mean(|x|) / sqrt(qmax), eps), the mean accumulated in
   // float64, the result rounded once to float32 (0-dim, on x's device). eps may be None (no clamp).
   m.def("lsq_scale(Tensor x, float qmax, Tensor? eps) -> Tensor");

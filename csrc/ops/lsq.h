@@ -14,25 +14,29 @@
 
 namespace lowbit::ops {
 
-// A QAT forward's fp32 operands from one qat_prepare launch (views into its output): the shift (none when
+// A QAT forward's fp32 operands as views of qat_prepare's output p (made for bias_a): the shift (none when
 // bias_a is undefined), the two steps' scales, eps and the GEMM scale alpha. The same values as
 // as_float(...) of each and qat_alpha, without a conversion kernel per 16-bit operand.
 struct QatOperands {
   std::optional<at::Tensor> shift;
   at::Tensor scale_a, scale_w, eps, alpha;  // 0-dim fp32
 };
-inline QatOperands prepare_qat_operands(const at::Tensor& bias_a, const at::Tensor& scale_a, const at::Tensor& scale_w,
-                                        const at::Tensor& eps) {
-  const bool has_shift = bias_a.defined();
-  const at::Tensor p = qat_prepare(has_shift ? std::optional<at::Tensor>(bias_a) : std::nullopt, scale_a, scale_w, eps);
+inline QatOperands qat_operands(const at::Tensor& p, const at::Tensor& bias_a) {
   const c10::SymInt n = p.sym_size(0) - 4;
   QatOperands o;
-  if (has_shift) o.shift = p.narrow_symint(0, 0, n).view_symint(bias_a.sym_sizes());
+  if (bias_a.defined()) o.shift = p.narrow_symint(0, 0, n).view_symint(bias_a.sym_sizes());
   o.scale_a = p.select_symint(0, n);
   o.scale_w = p.select_symint(0, n + 1);
   o.eps = p.select_symint(0, n + 2);
   o.alpha = p.select_symint(0, n + 3);
   return o;
+}
+// The same from one qat_prepare launch.
+inline QatOperands prepare_qat_operands(const at::Tensor& bias_a, const at::Tensor& scale_a, const at::Tensor& scale_w,
+                                        const at::Tensor& eps) {
+  const bool has_shift = bias_a.defined();
+  return qat_operands(qat_prepare(has_shift ? std::optional<at::Tensor>(bias_a) : std::nullopt, scale_a, scale_w, eps),
+                      bias_a);
 }
 
 struct LsqInputGrads {

@@ -59,8 +59,11 @@ QatForward qat_forward(const LinearSpec& sp, const at::Tensor& x, const at::Tens
   check_output_bias(bias, x, weight.sym_size(0), sp.op);
   QatForward f;
   // No host read of the steps (a device sync on CUDA): an invalid step makes alpha, hence y, NaN.
-  const auto p = prepare_qat_operands(bias_a, scale_a, scale_w, eps);
-  f.qx = quantize_s8(x, p.shift, p.scale_a, p.eps, sp.qmin, sp.qmax, /*check_step=*/false);
+  // x's codes and the fp32 operands (shift, steps, eps, alpha) in one op: one launch on CUDA.
+  auto [qx, prepared] = qat_quantize(x, bias_a.defined() ? std::optional<at::Tensor>(bias_a) : std::nullopt, scale_a,
+                                     scale_w, eps, sp.qmin, sp.qmax);
+  f.qx = qx;
+  const auto p = qat_operands(prepared, bias_a);
   if (weight.scalar_type() != at::kChar) {
     f.qw = quantize_s8(weight, std::nullopt, p.scale_w, p.eps, sp.qmin, sp.qmax, /*check_step=*/false);
   } else {

@@ -202,6 +202,51 @@ at::Tensor qat_prepare_cuda(const std::optional<at::Tensor>& shift, const at::Te
 }
 #endif
 
+// qat_quantize: quantize_s8(x, shift, scale1, eps) and qat_prepare(shift, scale1, scale2, eps) in one op
+// (one launch on CUDA): a QAT forward's input codes and the fp32 operands its GEMM and weight quantizer read.
+constexpr const char* kQatQuantOp = "lowbit.qat_quantize";
+std::tuple<at::Tensor, at::Tensor> qat_quantize_meta(const at::Tensor& x, const std::optional<at::Tensor>& shift,
+                                                     const at::Tensor& s1, const at::Tensor& s2, const at::Tensor& eps,
+                                                     int64_t qmin, int64_t qmax) {
+  check_quantize(x, shift, s1, eps, qmin, qmax);
+  check_scalar(s2, x, "x", kQatQuantOp, "scale2");
+  const c10::SymInt n = shift.has_value() && shift->defined() ? shift->sym_numel() : c10::SymInt(0);
+  return {at::empty_symint(x.sym_sizes(), x.options().dtype(at::kChar)),
+          at::empty_symint({n + 4}, x.options().dtype(at::kFloat))};
+}
+template <typename Kernel>
+std::tuple<at::Tensor, at::Tensor> qat_quantize_run(const at::Tensor& x, const std::optional<at::Tensor>& shift,
+                                                    const at::Tensor& s1, const at::Tensor& s2, const at::Tensor& eps,
+                                                    int64_t qmin, int64_t qmax, Kernel kernel) {
+  check_quantize(x, shift, s1, eps, qmin, qmax);
+  check_scalar(s2, x, "x", kQatQuantOp, "scale2");
+  const auto o = prepare_operands(shift, s1, s2, eps);
+  const auto xc = x.contiguous();
+  const auto a = rows_and_cols(xc);
+  auto q = at::empty(x.sizes(), x.options().dtype(at::kChar));
+  auto prepared = at::empty({o.n + 4}, x.options().dtype(at::kFloat));
+  check_status(kernel(kernel_dtype(x.scalar_type(), kQatQuantOp, "x"), xc.data_ptr(), a.M, a.K, a.K, scalar_arg(o.shift),
+                      scalar_arg(o.s1), scalar_arg(o.s2), scalar_arg(o.eps), int32_t(qmin), int32_t(qmax),
+                      q.data_ptr<int8_t>(), prepared.data_ptr<float>()),
+               kQatQuantOp);
+  return {q, prepared};
+}
+std::tuple<at::Tensor, at::Tensor> qat_quantize_cpu(const at::Tensor& x, const std::optional<at::Tensor>& shift,
+                                                    const at::Tensor& s1, const at::Tensor& s2, const at::Tensor& eps,
+                                                    int64_t qmin, int64_t qmax) {
+  return qat_quantize_run(x, shift, s1, s2, eps, qmin, qmax, [](auto... args) { return cpu::qat_quantize(args...); });
+}
+#ifdef LOWBIT_WITH_CUDA
+std::tuple<at::Tensor, at::Tensor> qat_quantize_cuda(const at::Tensor& x, const std::optional<at::Tensor>& shift,
+                                                     const at::Tensor& s1, const at::Tensor& s2, const at::Tensor& eps,
+                                                     int64_t qmin, int64_t qmax) {
+  c10::cuda::CUDAGuard guard(x.device());
+  CUstream_st* stream = current_stream(x);
+  return qat_quantize_run(x, shift, s1, s2, eps, qmin, qmax,
+                          [stream](auto... args) { return cuda::qat_quantize(args..., stream); });
+}
+#endif
+
 // sum |x| in float64 as a 0-dim tensor on x's device: the fused kernel of reduce.h for fp32/fp16/bf16 (reads
 // x once, no float64 copy), ATen's norm for float64 input (already float64: no copy either).
 at::Tensor sum_abs(const at::Tensor& x) {
@@ -262,6 +307,14 @@ at::Tensor qat_prepare(const std::optional<at::Tensor>& shift, const at::Tensor&
   return op.call(shift, scale1, scale2, eps);
 }
 
+std::tuple<at::Tensor, at::Tensor> qat_quantize(const at::Tensor& x, const std::optional<at::Tensor>& shift,
+                                                const at::Tensor& scale1, const at::Tensor& scale2,
+                                                const at::Tensor& eps, int64_t qmin, int64_t qmax) {
+  static auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("lowbit::qat_quantize", "").typed<decltype(qat_quantize)>();
+  return op.call(x, shift, scale1, scale2, eps, qmin, qmax);
+}
+
 at::Tensor lsq_scale(const at::Tensor& x, double qmax, const std::optional<at::Tensor>& eps) {
   static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("lowbit::lsq_scale", "").typed<decltype(lsq_scale)>();
   return op.call(x, qmax, eps);
@@ -271,23 +324,27 @@ TORCH_LIBRARY_IMPL(lowbit, CPU, m) {
   m.impl("quantize_s8", &quantize_s8_cpu);
   m.impl("qat_alpha", &qat_alpha_cpu);
   m.impl("qat_prepare", &qat_prepare_cpu);
+  m.impl("qat_quantize", &qat_quantize_cpu);
 }
 TORCH_LIBRARY_IMPL(lowbit, Meta, m) {
   m.impl("quantize_s8", &quantize_s8_meta);
   m.impl("qat_alpha", &qat_alpha_meta);
   m.impl("qat_prepare", &qat_prepare_meta);
+  m.impl("qat_quantize", &qat_quantize_meta);
 }
 #ifdef LOWBIT_WITH_CUDA
 TORCH_LIBRARY_IMPL(lowbit, CUDA, m) {
   m.impl("quantize_s8", &quantize_s8_cuda);
   m.impl("qat_alpha", &qat_alpha_cuda);
   m.impl("qat_prepare", &qat_prepare_cuda);
+  m.impl("qat_quantize", &qat_quantize_cuda);
 }
 #endif
 // Steps are statistics / learned by their own LSQ gradient; the GEMM scale carries no autograd history.
 TORCH_LIBRARY_IMPL(lowbit, Autograd, m) {
   m.impl("qat_alpha", torch::CppFunction::makeFallthrough());
   m.impl("qat_prepare", torch::CppFunction::makeFallthrough());
+  m.impl("qat_quantize", torch::CppFunction::makeFallthrough());
 }
 // lsq_scale's body is device-generic ATen; registered per backend (not as a composite) so that fake
 // tensors under torch.compile take the Meta kernel instead of tracing a reduction by numel.

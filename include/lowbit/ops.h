@@ -23,6 +23,12 @@ at::Tensor qat_alpha(const at::Tensor& scale1, const at::Tensor& scale2, const a
 at::Tensor qat_prepare(const std::optional<at::Tensor>& shift, const at::Tensor& scale1, const at::Tensor& scale2,
                        const at::Tensor& eps);
 
+// (quantize_s8(x, shift, scale1, eps, qmin, qmax, false), qat_prepare(shift, scale1, scale2, eps)): the same
+// bits as those two calls, in one launch on CUDA (a QAT forward's input codes and fp32 operands).
+std::tuple<at::Tensor, at::Tensor> qat_quantize(const at::Tensor& x, const std::optional<at::Tensor>& shift,
+                                                const at::Tensor& scale1, const at::Tensor& scale2,
+                                                const at::Tensor& eps, int64_t qmin, int64_t qmax);
+
 // max(2 * mean|x| / sqrt(qmax), eps) as a 0-dim fp32 tensor (mean in float64).
 at::Tensor lsq_scale(const at::Tensor& x, double qmax, const std::optional<at::Tensor>& eps);
 

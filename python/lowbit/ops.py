@@ -2,7 +2,7 @@
 rounding are in the native library (schemas: ``csrc/ops/library.cpp``, formulas: ``docs/ops.md``)."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -31,6 +31,14 @@ def qat_prepare(shift: Optional[Tensor], scale1: Tensor, scale2: Tensor, eps: Te
     qat_alpha(scale1, scale2, eps)]``, a 1-D float32 tensor of ``shift.numel() + 4`` values (shift may be
     None). Each operand may be float32, float16 or bfloat16."""
     return _ops.qat_prepare(shift, scale1, scale2, eps)
+
+
+def qat_quantize(x: Tensor, shift: Optional[Tensor], scale1: Tensor, scale2: Tensor, eps: Tensor, qmin: int,
+                 qmax: int) -> Tuple[Tensor, Tensor]:
+    """``(quantize_s8(x, shift, scale1, eps, qmin, qmax, check_step=False), qat_prepare(shift, scale1, scale2,
+    eps))`` with the same bits as those two calls, in one launch on CUDA: a QAT forward's input codes and
+    the fp32 operands its GEMM reads."""
+    return _ops.qat_quantize(x, shift, scale1, scale2, eps, int(qmin), int(qmax))
 
 
 def lsq_scale(x: Tensor, qmax: float, eps: Optional[Tensor] = None) -> Tensor:

@@ -20,6 +20,7 @@
 #include <random>
 #include <sstream>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "lowbit/kernels/common.h"
@@ -164,6 +165,76 @@ TEST_F(CudaKernels, QuantizeLarge) {
     run_quant_case({t, 2048, 4096, 4096, 0, 1, 0, -128, 127, 0.0213f}, rng, stream());
     if (HasFatalFailure()) return;
   }
+}
+
+// qat_quantize: the codes and qat_prepare's vector of one launch equal, bit for bit, the CPU's (itself
+// qat_prepare + quantize_s8, checked against the reference above), for every x dtype and shift dtype,
+// aligned (vector path) and misaligned (scalar path) shifts, odd K, 16-bit steps; nothing written past
+// either output.
+TEST_F(CudaKernels, QatQuantizeMatchesCpu) {
+  using lowbit::ScalarArg;
+  std::mt19937 rng(77);
+  const auto cs = reinterpret_cast<cudaStream_t>(stream());
+  for (DType xt : {DType::kFloat32, DType::kFloat16, DType::kBFloat16})
+    for (int st : {-1, 0, 1, 2})  // shift dtype: none, fp32, fp16, bf16
+      for (const auto& mk : std::vector<std::pair<int64_t, int64_t>>{{1, 1}, {5, 24}, {33, 131}, {64, 1032}})
+        for (size_t shift_off : {size_t(0), size_t(1)}) {
+          if (st < 0 && shift_off) continue;
+          const int64_t M = mk.first, K = mk.second;
+          const DType sdt = st < 0 ? DType::kFloat32 : static_cast<DType>(st);
+          SCOPED_TRACE(std::string(lowbit::dtype_name(xt)) + " shift=" + std::to_string(st) + " M=" +
+                       std::to_string(M) + " K=" + std::to_string(K) + " off=" + std::to_string(shift_off));
+          const size_t xs = dtype_size(xt), ss = dtype_size(sdt);
+          std::vector<uint8_t> hx(size_t(M * K) * xs), hs((size_t(K) + shift_off) * ss), hsc(3 * 4);
+          for (int64_t e = 0; e < M * K; ++e) put_value(hx, size_t(e) * xs, xt, draw_input(rng, 0.03f));
+          for (size_t k = 0; k < size_t(K) + shift_off; ++k)
+            put_value(hs, k * ss, sdt, float(std::uniform_int_distribution<int>(-64, 64)(rng)) * 0.03f / 16.f);
+          put_value(hsc, 0, DType::kBFloat16, 0.03f);  // scale1 (bf16)
+          put_value(hsc, 4, DType::kFloat32, 0.002f);  // scale2 (fp32)
+          put_value(hsc, 8, DType::kFloat16, 1e-5f);   // eps (fp16)
+          const int64_t n = st < 0 ? 0 : K;
+          std::vector<int8_t> want_q(size_t(M * K));
+          std::vector<float> want_p(size_t(n) + 4);
+          auto args = [&](const uint8_t* x, const uint8_t* sh, const uint8_t* sc) {
+            return std::make_tuple(ScalarArg{st < 0 ? nullptr : sh + shift_off * ss, sdt},
+                                   ScalarArg{sc, DType::kBFloat16}, ScalarArg{sc + 4, DType::kFloat32},
+                                   ScalarArg{sc + 8, DType::kFloat16});
+          };
+          const auto [hsh, hs1, hs2, he] = args(hx.data(), hs.data(), hsc.data());
+          ASSERT_TRUE(lowbit::cpu::qat_quantize(xt, hx.data(), M, K, K, hsh, hs1, hs2, he, -128, 127, want_q.data(),
+                                                want_p.data())
+                          .is_ok());
+          DeviceBuffer dx(hx.size()), dsh(hs.size()), dsc(hsc.size()), dq(want_q.size() + 16),
+              dp(want_p.size() * 4 + 16);
+          ASSERT_TRUE(dx.ok() && dsh.ok() && dsc.ok() && dq.ok() && dp.ok());
+          CUDA_ASSERT(cudaMemcpy(dx.bytes(), hx.data(), hx.size(), cudaMemcpyHostToDevice));
+          CUDA_ASSERT(cudaMemcpy(dsh.bytes(), hs.data(), hs.size(), cudaMemcpyHostToDevice));
+          CUDA_ASSERT(cudaMemcpy(dsc.bytes(), hsc.data(), hsc.size(), cudaMemcpyHostToDevice));
+          CUDA_ASSERT(cudaMemset(dq.bytes(), 0xA5, dq.size()));
+          CUDA_ASSERT(cudaMemset(dp.bytes(), 0xA5, dp.size()));
+          const auto [dsh_a, ds1, ds2, de] = args(dx.bytes(), dsh.bytes(), dsc.bytes());
+          const Status rs = lowbit::cuda::qat_quantize(xt, dx.bytes(), M, K, K, dsh_a, ds1, ds2, de, -128, 127,
+                                                       reinterpret_cast<int8_t*>(dq.bytes()),
+                                                       reinterpret_cast<float*>(dp.bytes()), stream());
+          ASSERT_TRUE(rs.is_ok()) << rs.message;
+          CUDA_ASSERT(cudaStreamSynchronize(cs));
+          std::vector<uint8_t> got_q(dq.size()), got_p(dp.size());
+          CUDA_ASSERT(cudaMemcpy(got_q.data(), dq.bytes(), got_q.size(), cudaMemcpyDeviceToHost));
+          CUDA_ASSERT(cudaMemcpy(got_p.data(), dp.bytes(), got_p.size(), cudaMemcpyDeviceToHost));
+          ASSERT_EQ(std::memcmp(got_q.data(), want_q.data(), want_q.size()), 0) << "codes differ";
+          ASSERT_EQ(std::memcmp(got_p.data(), want_p.data(), want_p.size() * 4), 0) << "prepared differs";
+          for (size_t b = want_q.size(); b < got_q.size(); ++b) ASSERT_EQ(got_q[b], 0xA5) << "q overrun";
+          for (size_t b = want_p.size() * 4; b < got_p.size(); ++b) ASSERT_EQ(got_p[b], 0xA5) << "prepared overrun";
+        }
+  float out[8];
+  const float one = 1.f;
+  const ScalarArg f{&one, DType::kFloat32};
+  EXPECT_FALSE(lowbit::cuda::qat_quantize(DType::kFloat32, &one, 1, 1, 1, f, f, {nullptr, DType::kFloat32}, f, -128,
+                                          127, reinterpret_cast<int8_t*>(out), out, stream())
+                   .is_ok());
+  EXPECT_FALSE(lowbit::cuda::qat_quantize(DType::kFloat32, &one, 1, 1, 1, f, f, f, f, 5, 2,
+                                          reinterpret_cast<int8_t*>(out), out, stream())
+                   .is_ok());
 }
 
 // CPU and CUDA must round t / s identically (IEEE division), then round half to even. The hard inputs are

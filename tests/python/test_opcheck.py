@@ -15,6 +15,8 @@ def _cases(device):
     yield "lsq_scale", (x, 127.0, e)
     yield "qat_prepare", (torch.randn(7, device=device).bfloat16(), torch.tensor(0.05, device=device).half(),
                           torch.tensor(0.01, device=device), e)
+    yield "qat_quantize", (x.bfloat16(), torch.randn(7, device=device).half(), torch.tensor(0.05, device=device),
+                           torch.tensor(0.01, device=device).bfloat16(), e, -8, 7)
     yield "linear_s8", (q(5, 7), q(3, 7), torch.tensor(0.01, device=device), torch.float32)
     yield "linear_s8_row_scale", (q(5, 7), q(3, 7), torch.tensor(0.01, device=device), torch.bfloat16,
                                   torch.rand(5, device=device))
@@ -64,7 +66,7 @@ def _cases(device):
 _VARIANTS = ("_large_m", "_row_scale", "_int8_backward", "_int8")
 
 
-@pytest.mark.parametrize("name", ["quantize_s8", "lsq_scale", "qat_prepare", "linear_s8", "linear_s8_row_scale", "quantize_rows_s8",
+@pytest.mark.parametrize("name", ["quantize_s8", "lsq_scale", "qat_prepare", "qat_quantize", "linear_s8", "linear_s8_row_scale", "quantize_rows_s8",
                                   "q8_linear", "q8_linear_int8_backward", "q4_linear", "pack_s4", "unpack_s4",
                                   "q4_conv2d", "q4_matmul", "lsq_linear_backward", "lsq_linear_backward_int8",
                                   "wq_linear", "wq_linear_large_m", "wq_dequantize"])

@@ -113,6 +113,39 @@ def test_qat_prepare(device, dtypes, n):
         ops.qat_prepare(torch.ones(3, dtype=torch.int32, device=device), t1, t2, te)
 
 
+@pytest.mark.parametrize("xd", FLOATS)
+@pytest.mark.parametrize("sd", [None, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 17), (2, 5, 40), (67, 264)])
+def test_qat_quantize(device, xd, sd, shape):
+    # (codes, prepared) = the float64 definition of the codes with step max(scale1, eps), and qat_prepare's
+    # vector; the same bits as quantize_s8 + qat_prepare (one launch on CUDA).
+    K = shape[-1]
+    g = torch.Generator().manual_seed(K)
+    x = (torch.randn(shape, generator=g) * 3).to(xd).to(device)
+    # A shift that starts one element into its storage takes the unaligned (scalar) CUDA path.
+    big = (torch.randn(K + 1, generator=g)).to(sd) if sd else None
+    for shift in ([big[:K], big[1:]] if sd else [None]):
+        shift = shift.to(device) if shift is not None else None
+        s1 = torch.tensor(0.037, dtype=torch.bfloat16, device=device)
+        s2, eps = torch.tensor(0.002, device=device), torch.tensor(1e-5, dtype=torch.float16, device=device)
+        for qmin, qmax in [(-128, 127), (-8, 7)]:
+            q, prepared = ops.qat_quantize(x, shift, s1, s2, eps, qmin, qmax)
+            assert q.dtype == torch.int8 and q.shape == x.shape and prepared.dtype == torch.float32
+            t = x.double().cpu() + (shift.double().cpu() if shift is not None else 0)
+            step = max(float(s1.float()), float(eps.float()))
+            expect = ref.codes(t.float(), step, qmin, qmax)  # fp32 sum, as the contract
+            assert torch.equal(q.cpu().double(), expect)
+            assert torch.equal(q.cpu(), ops.quantize_s8(x, shift, s1, eps, qmin, qmax, check_step=False).cpu())
+            torch.testing.assert_close(prepared.cpu(), ops.qat_prepare(shift, s1, s2, eps).cpu(), rtol=0, atol=0)
+    s = torch.tensor(0.1, device=device)
+    with pytest.raises(RuntimeError, match="shift must have shape"):
+        ops.qat_quantize(x, torch.ones(K + 2, device=device), s, s, s, -128, 127)
+    with pytest.raises(RuntimeError, match="exactly one element"):
+        ops.qat_quantize(x, None, s, torch.ones(2, device=device), s, -128, 127)
+    with pytest.raises(RuntimeError, match="qmin"):
+        ops.qat_quantize(x, None, s, s, s, 5, 2)
+
+
 def test_lsq_scale(device):
     x = torch.randn(37, 19, device=device)
     s = ops.lsq_scale(x, 127.0)

@@ -165,5 +165,17 @@ Status qat_prepare(ScalarArg shift, int64_t n, ScalarArg scale1, ScalarArg scale
   return Status::ok();
 }
 
+Status qat_quantize(DType xtype, const void* x, int64_t M, int64_t K, int64_t ldx, ScalarArg shift, ScalarArg scale1,
+                    ScalarArg scale2, ScalarArg eps, int32_t qmin, int32_t qmax, int8_t* q, float* prepared) {
+  const char* fn = "lowbit::cpu::qat_quantize";
+  const int64_t n = shift.p != nullptr ? K : 0;
+  Status st = validate::qat_prepare(fn, shift, n, scale1, scale2, eps, prepared);
+  if (st.is_ok()) st = validate::quantize_s8(fn, xtype, x, M, K, ldx, static_cast<const float*>(scale1.p), qmin, qmax, q);
+  if (!st.is_ok()) return st;
+  st = qat_prepare(shift, n, scale1, scale2, eps, prepared);
+  if (!st.is_ok() || M == 0 || K == 0) return st;
+  return quantize_s8(xtype, x, M, K, ldx, n > 0 ? prepared : nullptr, prepared + n, qmin, qmax, q, prepared + n + 2);
+}
+
 }  // namespace cpu
 }  // namespace lowbit

@@ -53,9 +53,47 @@ using quantize_detail::step_of;
 using quantize_detail::StepDiv;
 using quantize_detail::widen;
 
-template <typename T, bool kFast>
+__device__ __forceinline__ float load_as_float(ScalarArg a, int64_t i) {
+  switch (a.dtype) {
+    case DType::kFloat16: return __half2float(static_cast<const __half*>(a.p)[i]);
+    case DType::kBFloat16: return __bfloat162float(static_cast<const __nv_bfloat16*>(a.p)[i]);
+    default: return static_cast<const float*>(a.p)[i];
+  }
+}
+
+// The scalars of one quantizer launch, and what it writes of qat_prepare's output (qat_quantize).
+struct LaunchScalars {
+  ScalarArg scale, eps;  // the step: qat_step(scale, eps), or scale itself when eps.p is null
+  ScalarArg shift;       // the shift (for `prepared`; the loops read it through a typed pointer)
+  ScalarArg scale2;      // the other step, for alpha
+  float* prepared;       // null: none; else qat_prepare's [shift (n) | scale, scale2, eps, alpha]
+  int64_t n;             // shift values in `prepared`
+};
+
+__device__ __forceinline__ float step_value(const LaunchScalars& sc) {
+  const float s = load_as_float(sc.scale, 0);
+  return sc.eps.p != nullptr ? lowbit::qat_step(s, load_as_float(sc.eps, 0)) : s;
+}
+
+// qat_prepare's output, by every thread of the grid (a grid-stride loop over the shift; the first thread
+// of the grid the three scalars and alpha). Shared by qat_prepare_kernel and the fused quantizers.
+__device__ __forceinline__ void write_prepared(const LaunchScalars& sc) {
+  if (sc.prepared == nullptr) return;
+  const int64_t t0 = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  for (int64_t i = t0; i < sc.n; i += int64_t(gridDim.x) * blockDim.x) sc.prepared[i] = load_as_float(sc.shift, i);
+  if (t0 == 0) {
+    const float s1 = load_as_float(sc.scale, 0), s2 = load_as_float(sc.scale2, 0), e = load_as_float(sc.eps, 0);
+    sc.prepared[sc.n] = s1;
+    sc.prepared[sc.n + 1] = s2;
+    sc.prepared[sc.n + 2] = e;
+    sc.prepared[sc.n + 3] = qat_alpha_value(s1, s2, e);
+  }
+}
+
+// S: the shift's dtype (fp32, fp16 or bf16; read as it is, widened exactly).
+template <typename T, typename S, bool kFast>
 __device__ __forceinline__ void quantize_vec_loop(const T* __restrict__ x, int64_t M, int64_t K, int64_t ldx,
-                                                  const float* __restrict__ shift, const StepDiv& div, int qmin,
+                                                  const S* __restrict__ shift, const StepDiv& div, int qmin,
                                                   int qmax, int8_t* __restrict__ q) {
   const int64_t vecs_per_row = K / kVec;
   const int64_t total = M * vecs_per_row;
@@ -74,9 +112,8 @@ __device__ __forceinline__ void quantize_vec_loop(const T* __restrict__ x, int64
     float f[kVec];
     load8(x + i * ldx + k, f);
     if (shift != nullptr) {
-      const float4 s0 = __ldg(reinterpret_cast<const float4*>(shift + k));
-      const float4 s1 = __ldg(reinterpret_cast<const float4*>(shift + k) + 1);
-      const float sv[kVec] = {s0.x, s0.y, s0.z, s0.w, s1.x, s1.y, s1.z, s1.w};
+      float sv[kVec];
+      load8(shift + k, sv);
 #pragma unroll
       for (int j = 0; j < kVec; ++j) f[j] = __fadd_rn(f[j], sv[j]);
     }
@@ -90,43 +127,43 @@ __device__ __forceinline__ void quantize_vec_loop(const T* __restrict__ x, int64
   }
 }
 
-template <typename T>
+template <typename T, typename S>
 __global__ void __launch_bounds__(kThreads) quantize_vec_kernel(
-    const T* __restrict__ x,          // (M, K), row stride ldx elements; 16-byte aligned rows
-    int64_t M,                        // rows
-    int64_t K,                        // columns, a multiple of kVec
-    int64_t ldx,                      // row stride of x in elements
-    const float* __restrict__ shift,  // (K,) 16-byte aligned, or nullptr
-    const float* __restrict__ scale,  // one fp32 on the device
-    const float* __restrict__ eps,    // one fp32 on the device, or nullptr (step = *scale)
-    int qmin, int qmax,               // clamp range of the codes
-    int8_t* __restrict__ q) {         // (M, K) contiguous, 8-byte aligned
-  const StepDiv div(step_of(scale, eps));
+    const T* __restrict__ x,      // (M, K), row stride ldx elements; 16-byte aligned rows
+    int64_t M,                    // rows
+    int64_t K,                    // columns, a multiple of kVec
+    int64_t ldx,                  // row stride of x in elements
+    const S* __restrict__ shift,  // (K,) 16-byte aligned, or nullptr
+    LaunchScalars sc,             // the step; qat_prepare's output when sc.prepared is set
+    int qmin, int qmax,           // clamp range of the codes
+    int8_t* __restrict__ q) {     // (M, K) contiguous, 8-byte aligned
+  write_prepared(sc);
+  const StepDiv div(step_value(sc));
   if (div.fast)
-    quantize_vec_loop<T, true>(x, M, K, ldx, shift, div, qmin, qmax, q);
+    quantize_vec_loop<T, S, true>(x, M, K, ldx, shift, div, qmin, qmax, q);
   else
-    quantize_vec_loop<T, false>(x, M, K, ldx, shift, div, qmin, qmax, q);
+    quantize_vec_loop<T, S, false>(x, M, K, ldx, shift, div, qmin, qmax, q);
 }
 
-template <typename T>
+template <typename T, typename S>
 __global__ void __launch_bounds__(kThreads) quantize_scalar_kernel(
-    const T* __restrict__ x,          // (M, K), row stride ldx elements; any alignment of T
-    int64_t M,                        // rows
-    int64_t K,                        // columns
-    int64_t ldx,                      // row stride of x in elements
-    const float* __restrict__ shift,  // (K,) or nullptr
-    const float* __restrict__ scale,  // one fp32 on the device
-    const float* __restrict__ eps,    // one fp32 on the device, or nullptr (step = *scale)
-    int qmin, int qmax,               // clamp range of the codes
-    int8_t* __restrict__ q) {         // (M, K) contiguous
-  const StepDiv div(step_of(scale, eps));
+    const T* __restrict__ x,      // (M, K), row stride ldx elements; any alignment of T
+    int64_t M,                    // rows
+    int64_t K,                    // columns
+    int64_t ldx,                  // row stride of x in elements
+    const S* __restrict__ shift,  // (K,) or nullptr
+    LaunchScalars sc,             // the step; qat_prepare's output when sc.prepared is set
+    int qmin, int qmax,           // clamp range of the codes
+    int8_t* __restrict__ q) {     // (M, K) contiguous
+  write_prepared(sc);
+  const StepDiv div(step_value(sc));
   const int64_t total = M * K;
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += stride) {
     const int64_t i = e / K;
     const int64_t k = e - i * K;
     float t = widen(x[i * ldx + k]);
-    if (shift != nullptr) t = __fadd_rn(t, __ldg(shift + k));
+    if (shift != nullptr) t = __fadd_rn(t, widen(shift[k]));
     q[e] = code_of(div(t), qmin, qmax);
   }
 }
@@ -145,10 +182,11 @@ Status grid_for(int64_t work, int* blocks) {
   return Status::ok();
 }
 
-template <typename T>
-Status launch(const void* x_raw, int64_t M, int64_t K, int64_t ldx, const float* shift, const float* scale,
-              const float* eps, int32_t qmin, int32_t qmax, int8_t* q, cudaStream_t stream) {
+template <typename T, typename S>
+Status launch(const void* x_raw, int64_t M, int64_t K, int64_t ldx, const LaunchScalars& sc, int32_t qmin,
+              int32_t qmax, int8_t* q, cudaStream_t stream) {
   const T* x = static_cast<const T*>(x_raw);
+  const S* shift = static_cast<const S*>(sc.shift.p);
   const bool vec = K % kVec == 0 && (ldx * int64_t(sizeof(T))) % 16 == 0 && aligned(x, 16) && aligned(q, 8) &&
                    (shift == nullptr || aligned(shift, 16));
   const int64_t work = vec ? M * (K / kVec) : M * K;
@@ -156,40 +194,40 @@ Status launch(const void* x_raw, int64_t M, int64_t K, int64_t ldx, const float*
   Status st = grid_for(work, &blocks);
   if (!st.is_ok()) return st;
   if (vec) {
-    quantize_vec_kernel<T><<<blocks, kThreads, 0, stream>>>(x, M, K, ldx, shift, scale, eps, qmin, qmax, q);
+    quantize_vec_kernel<T, S><<<blocks, kThreads, 0, stream>>>(x, M, K, ldx, shift, sc, qmin, qmax, q);
   } else {
-    quantize_scalar_kernel<T><<<blocks, kThreads, 0, stream>>>(x, M, K, ldx, shift, scale, eps, qmin, qmax, q);
+    quantize_scalar_kernel<T, S><<<blocks, kThreads, 0, stream>>>(x, M, K, ldx, shift, sc, qmin, qmax, q);
   }
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return Status::device(std::string("quantize_s8: kernel launch failed: ") + cudaGetErrorString(err));
   return Status::ok();
 }
 
+// x's dtype T, then the shift's (fp32 when there is none).
+template <typename T>
+Status launch_shift(const void* x, int64_t M, int64_t K, int64_t ldx, const LaunchScalars& sc, int32_t qmin,
+                    int32_t qmax, int8_t* q, cudaStream_t stream) {
+  switch (sc.shift.p != nullptr ? sc.shift.dtype : DType::kFloat32) {
+    case DType::kFloat16: return launch<T, __half>(x, M, K, ldx, sc, qmin, qmax, q, stream);
+    case DType::kBFloat16: return launch<T, __nv_bfloat16>(x, M, K, ldx, sc, qmin, qmax, q, stream);
+    default: return launch<T, float>(x, M, K, ldx, sc, qmin, qmax, q, stream);
+  }
+}
+Status launch_any(DType xtype, const void* x, int64_t M, int64_t K, int64_t ldx, const LaunchScalars& sc,
+                  int32_t qmin, int32_t qmax, int8_t* q, cudaStream_t stream) {
+  switch (xtype) {
+    case DType::kFloat16: return launch_shift<__half>(x, M, K, ldx, sc, qmin, qmax, q, stream);
+    case DType::kBFloat16: return launch_shift<__nv_bfloat16>(x, M, K, ldx, sc, qmin, qmax, q, stream);
+    default: return launch_shift<float>(x, M, K, ldx, sc, qmin, qmax, q, stream);
+  }
+}
+
 __global__ void qat_alpha_kernel(const float* scale1, const float* scale2, const float* eps, float* alpha) {
   alpha[0] = qat_alpha_value(scale1[0], scale2[0], eps[0]);
 }
 
-__device__ __forceinline__ float load_as_float(ScalarArg a, int64_t i) {
-  switch (a.dtype) {
-    case DType::kFloat16: return __half2float(static_cast<const __half*>(a.p)[i]);
-    case DType::kBFloat16: return __bfloat162float(static_cast<const __nv_bfloat16*>(a.p)[i]);
-    default: return static_cast<const float*>(a.p)[i];
-  }
-}
-
-// The shift's n values by a grid-stride loop; thread 0 of block 0 the three scalars and alpha.
-__global__ void qat_prepare_kernel(ScalarArg shift, int64_t n, ScalarArg scale1, ScalarArg scale2, ScalarArg eps,
-                                   float* out) {
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
-    out[i] = load_as_float(shift, i);
-  if (blockIdx.x == 0 && threadIdx.x == 0) {
-    const float s1 = load_as_float(scale1, 0), s2 = load_as_float(scale2, 0), e = load_as_float(eps, 0);
-    out[n] = s1;
-    out[n + 1] = s2;
-    out[n + 2] = e;
-    out[n + 3] = qat_alpha_value(s1, s2, e);
-  }
-}
+// qat_prepare alone: the quantizers' write_prepared over a grid sized for the shift.
+__global__ void qat_prepare_kernel(LaunchScalars sc) { write_prepared(sc); }
 
 }  // namespace
 
@@ -209,7 +247,7 @@ Status qat_prepare(ScalarArg shift, int64_t n, ScalarArg scale1, ScalarArg scale
   if (!st.is_ok()) return st;
   const int64_t blocks = std::min<int64_t>((n + 255) / 256, 1024);
   qat_prepare_kernel<<<static_cast<unsigned>(blocks < 1 ? 1 : blocks), 256, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
-      shift, n, scale1, scale2, eps, out);
+      LaunchScalars{scale1, eps, shift, scale2, out, n});
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return Status::device(validate::err(fn, std::string("kernel launch failed: ") + cudaGetErrorString(err)));
   return Status::ok();
@@ -221,13 +259,28 @@ Status quantize_s8(DType xtype, const void* x, int64_t M, int64_t K, int64_t ldx
   const char* fn = "lowbit::cuda::quantize_s8";
   const Status st = validate::quantize_s8(fn, xtype, x, M, K, ldx, scale, qmin, qmax, q);
   if (!st.is_ok() || M == 0 || K == 0) return st;  // invalid, or nothing to read or write
+  const LaunchScalars sc{{scale, DType::kFloat32}, {eps, DType::kFloat32}, {shift, DType::kFloat32},
+                         {nullptr, DType::kFloat32}, nullptr, 0};
+  return launch_any(xtype, x, M, K, ldx, sc, qmin, qmax, q, reinterpret_cast<cudaStream_t>(stream));
+}
+
+Status qat_quantize(DType xtype, const void* x, int64_t M, int64_t K, int64_t ldx, ScalarArg shift, ScalarArg scale1,
+                    ScalarArg scale2, ScalarArg eps, int32_t qmin, int32_t qmax, int8_t* q, float* prepared,
+                    CUstream_st* stream) {
+  const char* fn = "lowbit::cuda::qat_quantize";
+  const int64_t n = shift.p != nullptr ? K : 0;
+  Status st = validate::qat_prepare(fn, shift, n, scale1, scale2, eps, prepared);
+  if (st.is_ok()) st = validate::quantize_s8(fn, xtype, x, M, K, ldx, static_cast<const float*>(scale1.p), qmin, qmax, q);
+  if (!st.is_ok()) return st;
+  const LaunchScalars sc{scale1, eps, shift, scale2, prepared, n};
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  switch (xtype) {
-    case DType::kFloat32: return launch<float>(x, M, K, ldx, shift, scale, eps, qmin, qmax, q, s);
-    case DType::kFloat16: return launch<__half>(x, M, K, ldx, shift, scale, eps, qmin, qmax, q, s);
-    case DType::kBFloat16: return launch<__nv_bfloat16>(x, M, K, ldx, shift, scale, eps, qmin, qmax, q, s);
+  if (M == 0 || K == 0) {  // no codes to make: qat_prepare's output alone
+    qat_prepare_kernel<<<1, 256, 0, s>>>(sc);
+    const cudaError_t err = cudaGetLastError();
+    return err == cudaSuccess ? Status::ok()
+                              : Status::device(validate::err(fn, std::string("kernel launch failed: ") + cudaGetErrorString(err)));
   }
-  return Status::invalid(validate::err(fn, "unreachable dtype"));
+  return launch_any(xtype, x, M, K, ldx, sc, qmin, qmax, q, s);
 }
 
 }  // namespace cuda

@@ -72,6 +72,14 @@ Status quantize_s8(DType xtype, const void* x, int64_t M, int64_t K, int64_t ldx
 Status quantize_s8_ref(DType xtype, const void* x, int64_t M, int64_t K, int64_t ldx, const float* shift,
                        const float* scale, int32_t qmin, int32_t qmax, int8_t* q);
 
+// A QAT forward's input quantizer and its qat_prepare in one step (CUDA: one launch):
+//   prepared = qat_prepare(shift, n, scale1, scale2, eps) with n = K when shift.p is set, else 0;
+//   q = quantize_s8(x, prepared shift, &prepared[n], ..., eps = &prepared[n + 2]),
+// i.e. the codes with step qat_step(scale1, eps), each operand read in its own dtype (fp32 / fp16 / bf16)
+// rather than from `prepared`: the same bits as the two calls. prepared holds n + 4 floats.
+Status qat_quantize(DType xtype, const void* x, int64_t M, int64_t K, int64_t ldx, ScalarArg shift, ScalarArg scale1,
+                    ScalarArg scale2, ScalarArg eps, int32_t qmin, int32_t qmax, int8_t* q, float* prepared);
+
 }  // namespace cpu
 
 namespace cuda {
@@ -83,6 +91,10 @@ Status qat_alpha(const float* scale1, const float* scale2, const float* eps, flo
 Status qat_prepare(ScalarArg shift, int64_t n, ScalarArg scale1, ScalarArg scale2, ScalarArg eps, float* out,
                    CUstream_st* stream);
 
+// cpu::qat_quantize's contract in one launch (device pointers, on `stream`).
+Status qat_quantize(DType xtype, const void* x, int64_t M, int64_t K, int64_t ldx, ScalarArg shift, ScalarArg scale1,
+                    ScalarArg scale2, ScalarArg eps, int32_t qmin, int32_t qmax, int8_t* q, float* prepared,
+                    CUstream_st* stream);
 // Same contract; x, shift, scale and q are device pointers; runs on `stream`, allocates nothing.
 Status quantize_s8(DType xtype, const void* x, int64_t M, int64_t K, int64_t ldx, const float* shift,
                    const float* scale, int32_t qmin, int32_t qmax, int8_t* q, CUstream_st* stream,
