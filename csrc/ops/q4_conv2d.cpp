@@ -125,8 +125,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_forward_impl(const at::Tenso
   const auto& s = a.s;
   // Channels last, so the per-channel shift runs along the quantizer's last dim and im2col copies
   // contiguous channel runs.
-  const auto p = prepare_qat_operands(bias_a, scale_a, scale_w, eps);  // alpha NaN for an invalid step: no host read
-  const auto qx = quantize_s8(x.permute({0, 2, 3, 1}).contiguous(), p.shift, p.scale_a, p.eps, kQmin, kQmax, false);
+  // x's codes and the fp32 operands (shift, steps, eps, alpha: NaN for an invalid step, no host read) in
+  // one op, one launch on CUDA.
+  const auto [qx, prepared] = qat_quantize(x.permute({0, 2, 3, 1}).contiguous(), bias_a, scale_a, scale_w, eps, kQmin,
+                                           kQmax);
+  const auto p = qat_operands(prepared, bias_a);
   const auto qw = weight.scalar_type() == at::kChar
                       ? unpack_s4(weight, a.Cg)
                       : quantize_s8(weight.permute({0, 2, 3, 1}).contiguous(), std::nullopt, p.scale_w, p.eps, kQmin,
