@@ -38,6 +38,11 @@ TORCH_LIBRARY(lowbit, m) {
   // alpha_i = alpha * row_scale[i] (one fp32 multiply): the GEMM of a per-row quantized qx.
   m.def("linear_s8(Tensor qx, Tensor qw, Tensor alpha, ScalarType out_dtype, Tensor? row_scale=None) -> Tensor");
 
+  // linear_s8 with the weights as int4 pairs (pack_s4's format): qw4 (N, ceil(K/2)) int8, K = qx.size(-1).
+  // Bitwise linear_s8(qx, unpack_s4(qw4, K), alpha, out_dtype). On Hopper the pairs are unpacked in the
+  // GEMM's registers (no int8 copy of the weights); elsewhere it unpacks first. CPU, CUDA, Meta.
+  m.def("linear_s8s4(Tensor qx, Tensor qw4, Tensor alpha, ScalarType out_dtype) -> Tensor");
+
   // Per-row symmetric int8 quantizer (SwitchBack): for each row of x (..., N) float,
   //   row_scale = fp32(max|x_row|) / qmax (one fp32 division), q = clamp(rne(x / row_scale), -qmax, qmax);
   //   an all-zero row: scale 0, codes 0; a row holding inf / NaN: scale NaN, codes 0 (poisons the GEMM

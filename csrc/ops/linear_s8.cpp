@@ -1,9 +1,10 @@
-// Op family "linear_s8": int8 x int8 GEMM with the fused dequantizing epilogue. Checks, Meta kernel,
-// CPU/CUDA dispatch; the math is in csrc/kernels/{cpu,cuda}/gemm_s8.*.
+// Op family "linear_s8": int8 x int8 GEMM with the fused dequantizing epilogue, and linear_s8s4, the same
+// with int4-pair weights. Checks, Meta kernels, CPU/CUDA dispatch; the math is in csrc/kernels/{cpu,cuda}/gemm_s8.*.
 #include <torch/library.h>
 
 #include "common.h"
 #include "lowbit/kernels/gemm_s8.h"
+#include "lowbit/kernels/pack_int4.h"
 #include "lowbit/ops.h"
 
 namespace lowbit::ops {
@@ -119,7 +120,86 @@ at::Tensor linear_s8_cuda(const at::Tensor& qx, const at::Tensor& qw, const at::
 }
 #endif
 
+// ---- linear_s8s4: the same GEMM with the weights as int4 pairs (pack_s4's format), K from qx.
+constexpr const char* kOpS4 = "lowbit.linear_s8s4";
+
+GemmArgs check_linear_s8s4(const at::Tensor& qx, const at::Tensor& qw4, const at::Tensor& alpha,
+                           at::ScalarType out_dtype) {
+  TORCH_CHECK(qx.defined() && qx.scalar_type() == at::kChar, kOpS4, ": qx must be an int8 tensor, got ",
+              qx.defined() ? c10::toString(qx.scalar_type()) : "None");
+  TORCH_CHECK(qw4.defined() && qw4.scalar_type() == at::kChar, kOpS4,
+              ": qw4 must be an int8 tensor of int4 pairs, got ",
+              qw4.defined() ? c10::toString(qw4.scalar_type()) : "None");
+  TORCH_CHECK(qx.dim() >= 1, kOpS4, ": qx must have at least one dimension");
+  TORCH_CHECK(qw4.dim() == 2, kOpS4, ": qw4 must be 2-D (N, ceil(K/2)), got shape ", qw4.sizes());
+  const int64_t K = qx.size(-1), N = qw4.size(0);
+  TORCH_CHECK(qw4.size(1) == packed_s4_cols(K), kOpS4, ": qx has K=", K, " features in its last dim, so qw4 needs ",
+              packed_s4_cols(K), " bytes per row (two codes per byte), got shape ", qw4.sizes());
+  TORCH_CHECK(K <= kMaxGemmS8K, kOpS4, ": K=", K, " exceeds ", kMaxGemmS8K,
+              ", beyond which the int32 accumulator could overflow");
+  check_same_device(qx, "qx", qw4, kOpS4, "qw4");
+  check_scalar(alpha, qx, "qx", kOpS4, "alpha");
+  kernel_dtype(out_dtype, kOpS4, "out_dtype");
+  GemmArgs a;
+  a.K = K;
+  a.N = N;
+  a.M = 1;
+  for (int64_t d = 0; d + 1 < qx.dim(); ++d) a.M *= qx.size(d);
+  a.out_shape = qx.sizes().vec();
+  a.out_shape.back() = N;
+  return a;
+}
+
+at::Tensor linear_s8s4_meta(const at::Tensor& qx, const at::Tensor& qw4, const at::Tensor& alpha,
+                            at::ScalarType out_dtype) {
+  const auto a = check_linear_s8s4(qx, qw4, alpha, out_dtype);
+  return at::empty(a.out_shape, qx.options().dtype(out_dtype));
+}
+
+at::Tensor linear_s8s4_cpu(const at::Tensor& qx, const at::Tensor& qw4, const at::Tensor& alpha,
+                           at::ScalarType out_dtype) {
+  const auto a = check_linear_s8s4(qx, qw4, alpha, out_dtype);
+  auto out = at::empty(a.out_shape, qx.options().dtype(out_dtype));
+  if (out.numel() == 0) return out;
+  auto x = qx.contiguous(), w = qw4.contiguous();
+  auto al = as_float(alpha.detach()).contiguous();
+  check_status(cpu::gemm_s8s4_scaled(x.data_ptr<int8_t>(), a.K, w.data_ptr<int8_t>(), w.size(1), a.M, a.N, a.K,
+                                     al.data_ptr<float>(), kernel_dtype(out_dtype, kOpS4, "out_dtype"),
+                                     out.data_ptr(), a.N),
+               kOpS4);
+  return out;
+}
+
+#ifdef LOWBIT_WITH_CUDA
+// The sm_90a kernel that unpacks the pairs in registers where it can run (Hopper, TMA-friendly strides)
+// and is the faster way (M <= kGemmS8S4FusedMaxRows), else unpack_s4 and linear_s8: the same bits either way.
+at::Tensor linear_s8s4_cuda(const at::Tensor& qx, const at::Tensor& qw4, const at::Tensor& alpha,
+                            at::ScalarType out_dtype) {
+  const auto a = check_linear_s8s4(qx, qw4, alpha, out_dtype);
+  c10::cuda::CUDAGuard guard(qx.device());
+  auto x = qx.contiguous(), w = qw4.contiguous();
+  if (a.M > 0 && a.N > 0 && a.M <= kGemmS8S4FusedMaxRows &&
+      cuda::gemm_s8s4_fused_supported(x.data_ptr<int8_t>(), a.K, w.data_ptr<int8_t>(), w.size(1), a.M, a.N, a.K)) {
+    auto out = at::empty(a.out_shape, qx.options().dtype(out_dtype));
+    auto al = as_float(alpha.detach()).contiguous();
+    check_status(cuda::gemm_s8s4_scaled(x.data_ptr<int8_t>(), a.K, w.data_ptr<int8_t>(), w.size(1), a.M, a.N, a.K,
+                                        al.data_ptr<float>(), kernel_dtype(out_dtype, kOpS4, "out_dtype"),
+                                        out.data_ptr(), a.N, current_stream(qx)),
+                 kOpS4);
+    return out;
+  }
+  return linear_s8_cuda(x, unpack_s4(w, a.K), alpha, out_dtype, std::nullopt);
+}
+#endif
+
 }  // namespace
+
+at::Tensor linear_s8s4(const at::Tensor& qx, const at::Tensor& qw4, const at::Tensor& alpha,
+                       at::ScalarType out_dtype) {
+  static auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("lowbit::linear_s8s4", "").typed<decltype(linear_s8s4)>();
+  return op.call(qx, qw4, alpha, out_dtype);
+}
 
 at::Tensor linear_s8(const at::Tensor& qx, const at::Tensor& qw, const at::Tensor& alpha, at::ScalarType out_dtype,
                      const std::optional<at::Tensor>& row_scale) {
@@ -127,10 +207,19 @@ at::Tensor linear_s8(const at::Tensor& qx, const at::Tensor& qw, const at::Tenso
   return op.call(qx, qw, alpha, out_dtype, row_scale);
 }
 
-TORCH_LIBRARY_IMPL(lowbit, CPU, m) { m.impl("linear_s8", &linear_s8_cpu); }
-TORCH_LIBRARY_IMPL(lowbit, Meta, m) { m.impl("linear_s8", &linear_s8_meta); }
+TORCH_LIBRARY_IMPL(lowbit, CPU, m) {
+  m.impl("linear_s8", &linear_s8_cpu);
+  m.impl("linear_s8s4", &linear_s8s4_cpu);
+}
+TORCH_LIBRARY_IMPL(lowbit, Meta, m) {
+  m.impl("linear_s8", &linear_s8_meta);
+  m.impl("linear_s8s4", &linear_s8s4_meta);
+}
 #ifdef LOWBIT_WITH_CUDA
-TORCH_LIBRARY_IMPL(lowbit, CUDA, m) { m.impl("linear_s8", &linear_s8_cuda); }
+TORCH_LIBRARY_IMPL(lowbit, CUDA, m) {
+  m.impl("linear_s8", &linear_s8_cuda);
+  m.impl("linear_s8s4", &linear_s8s4_cuda);
+}
 #endif
 
 }  // namespace lowbit::ops

@@ -48,7 +48,9 @@ void check_qat_linear(const LinearSpec& sp, const at::Tensor& x, const at::Tenso
 }
 
 struct QatForward {
-  at::Tensor y, qx, qw;  // output; int8 codes of x (x's shape) and of the weight (N, K)
+  // output; int8 codes of x (x's shape) and of the weight: (N, K) int8 codes, or for a frozen Q4 qweight
+  // the int4 pairs themselves (N, ceil(K/2)), which saved_weight_codes unpacks for the backward.
+  at::Tensor y, qx, qw;
 };
 
 // y = s_a * s_w * (Qx . Qw^T) through the dispatcher (every backend, Meta included).
@@ -64,12 +66,16 @@ QatForward qat_forward(const LinearSpec& sp, const at::Tensor& x, const at::Tens
                                      scale_w, eps, sp.qmin, sp.qmax);
   f.qx = qx;
   const auto p = qat_operands(prepared, bias_a);
-  if (weight.scalar_type() != at::kChar) {
-    f.qw = quantize_s8(weight, std::nullopt, p.scale_w, p.eps, sp.qmin, sp.qmax, /*check_step=*/false);
+  if (weight.scalar_type() == at::kChar && sp.packed_s4) {
+    // int4 pairs straight into the GEMM (unpacked in its registers on Hopper): no int8 copy of the weights.
+    f.qw = weight;
+    f.y = linear_s8s4(f.qx, weight, p.alpha, x.scalar_type());
   } else {
-    f.qw = sp.packed_s4 ? unpack_s4(weight, x.size(-1)) : weight;
+    f.qw = weight.scalar_type() == at::kChar
+               ? weight
+               : quantize_s8(weight, std::nullopt, p.scale_w, p.eps, sp.qmin, sp.qmax, /*check_step=*/false);
+    f.y = linear_s8(f.qx, f.qw, p.alpha, x.scalar_type());
   }
-  f.y = linear_s8(f.qx, f.qw, p.alpha, x.scalar_type());
   if (bias.has_value() && bias->defined()) f.y.add_(as_dtype(*bias, f.y.scalar_type()));
   return f;
 }
@@ -96,7 +102,9 @@ class QatLinearFunction : public torch::autograd::Function<QatLinearFunction<Spe
     // grad_weight in the weight's own dtype: a 16-bit weight's gradient leaves the 16-bit GEMM directly
     // (no fp32 temporary of the weight's size; peak memory), an fp32 master weight's stays fp32.
     const auto wdt = static_cast<at::ScalarType>(ctx->saved_data["weight_dtype"].toInt());
-    auto [gx, gb, gw, gs] = lsq_linear_backward(grads[0], s[0], s[1], s[2], s[3], s[4], s[5], s[6], Spec.qmin,
+    // A frozen Q4 qweight was saved as its int4 pairs (half the bytes of its codes): unpacked here.
+    const auto qw = Spec.packed_s4 && wdt == at::kChar ? unpack_s4(s[3], s[0].size(-1)) : s[3];
+    auto [gx, gb, gw, gs] = lsq_linear_backward(grads[0], s[0], s[1], s[2], qw, s[4], s[5], s[6], Spec.qmin,
                                                 Spec.qmax, qat_grad_mask(ctx),
                                                 ctx->saved_data["int8_backward"].toBool(),
                                                 is_float_dtype(wdt) ? std::optional<at::ScalarType>(wdt) : std::nullopt);

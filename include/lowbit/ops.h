@@ -37,6 +37,11 @@ at::Tensor lsq_scale(const at::Tensor& x, double qmax, const std::optional<at::T
 at::Tensor linear_s8(const at::Tensor& qx, const at::Tensor& qw, const at::Tensor& alpha, at::ScalarType out_dtype,
                      const std::optional<at::Tensor>& row_scale = std::nullopt);
 
+// linear_s8 with int4-pair weights: qw4 (N, ceil(K/2)) int8 (pack_s4's format), K = qx.size(-1). Bitwise
+// linear_s8(qx, unpack_s4(qw4, K), alpha, out_dtype); on Hopper without the unpacked copy.
+at::Tensor linear_s8s4(const at::Tensor& qx, const at::Tensor& qw4, const at::Tensor& alpha,
+                       at::ScalarType out_dtype);
+
 // Per-row symmetric int8 quantization of x (..., N): row_scale = max|x_row| / qmax (fp32, x's leading
 // shape), q = clamp(rne(x / row_scale), -qmax, qmax) int8 (x's shape); an all-zero row gives scale 0 and
 // codes 0, a row with inf / NaN gives scale NaN and codes 0. Returns (q, row_scale).

@@ -57,6 +57,13 @@ def linear_s8(qx: Tensor, qw: Tensor, alpha: Tensor, out_dtype: torch.dtype,
     return _ops.linear_s8(qx, qw, alpha, out_dtype, row_scale)
 
 
+def linear_s8s4(qx: Tensor, qw4: Tensor, alpha: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """:func:`linear_s8` with the weights as int4 pairs: qw4 (N, ceil(K/2)) int8 in :func:`pack_s4`'s
+    format, K = ``qx.shape[-1]``. Bitwise ``linear_s8(qx, unpack_s4(qw4, K), alpha, out_dtype)``; on Hopper
+    the pairs are unpacked inside the GEMM (no int8 copy of the weights)."""
+    return _ops.linear_s8s4(qx, qw4, alpha, out_dtype)
+
+
 def quantize_rows_s8(x: Tensor, qmax: int = 127) -> tuple:
     """Per-row symmetric int8 quantization (SwitchBack): ``row_scale = max|x_row| / qmax`` (fp32, x's
     leading shape) and ``q = clamp(rne(x / row_scale), -qmax, qmax)`` (int8, x's shape). An all-zero row

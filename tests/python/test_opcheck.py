@@ -20,6 +20,8 @@ def _cases(device):
     yield "linear_s8", (q(5, 7), q(3, 7), torch.tensor(0.01, device=device), torch.float32)
     yield "linear_s8_row_scale", (q(5, 7), q(3, 7), torch.tensor(0.01, device=device), torch.bfloat16,
                                   torch.rand(5, device=device))
+    yield "linear_s8s4", (q(5, 7), q(3, 4), torch.tensor(0.01, device=device), torch.float16)
+    yield "linear_s8s4_large", (q(2, 3, 64), q(5, 32), torch.tensor(0.01, device=device), torch.bfloat16)
     yield "quantize_rows_s8", (torch.randn(2, 5, 7, device=device), 127)
     yield "q8_linear", (x.clone().requires_grad_(), torch.zeros(7, device=device, requires_grad=True),
                         torch.randn(3, 7, device=device, requires_grad=True),
@@ -63,10 +65,11 @@ def _cases(device):
 
 
 # Variants of one op with other arguments: the op name is the case name less the suffix.
-_VARIANTS = ("_large_m", "_row_scale", "_int8_backward", "_int8")
+_VARIANTS = ("_large_m", "_row_scale", "_int8_backward", "_int8", "_large")
 
 
-@pytest.mark.parametrize("name", ["quantize_s8", "lsq_scale", "qat_prepare", "qat_quantize", "linear_s8", "linear_s8_row_scale", "quantize_rows_s8",
+@pytest.mark.parametrize("name", ["quantize_s8", "lsq_scale", "qat_prepare", "qat_quantize", "linear_s8", "linear_s8_row_scale", "linear_s8s4",
+                                  "linear_s8s4_large", "quantize_rows_s8",
                                   "q8_linear", "q8_linear_int8_backward", "q4_linear", "pack_s4", "unpack_s4",
                                   "q4_conv2d", "q4_matmul", "lsq_linear_backward", "lsq_linear_backward_int8",
                                   "wq_linear", "wq_linear_large_m", "wq_dequantize"])

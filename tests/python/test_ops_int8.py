@@ -1,4 +1,4 @@
-"""torch.ops.lowbit quantize_s8 / lsq_scale / linear_s8 against the float64 reference (reference.py).
+"""torch.ops.lowbit quantize_s8 / lsq_scale / linear_s8 / linear_s8s4 against the float64 reference (reference.py).
 
 Tolerances (‖out−ref‖/‖ref‖): codes and int32 products exact; fp32 outputs 1e-6 (one fp32 rounding
 of the exact product); fp16/bf16 outputs 1e-2 (DESIGN.md); the CPU and CUDA results bitwise equal."""
@@ -184,6 +184,48 @@ def test_linear_s8_leading_dims_and_bad_input(device):
         ops.linear_s8(qx, qw.float(), a, torch.float32)
     with pytest.raises(RuntimeError, match="out_dtype"):
         ops.linear_s8(qx, qw, a, torch.int32)
+
+
+# linear_s8s4: K multiples of 32 give 16-byte packed rows (the Hopper kernel that unpacks in registers);
+# the others take the unpack + int8 GEMM path. Both must give linear_s8's bits on the unpacked codes.
+@pytest.mark.parametrize("out_dtype", FLOATS)
+@pytest.mark.parametrize("mnk", [(1, 1, 1), (3, 5, 2), (17, 33, 65), (5, 9, 32), (257, 129, 1056), (300, 257, 2080),
+                                 (513, 130, 4096), (130, 70, 1001)])
+def test_linear_s8s4_matches_reference(device, out_dtype, mnk):
+    M, N, K = mnk
+    qx = torch.randint(-128, 128, (M, K), dtype=torch.int8)
+    codes = torch.randint(-8, 8, (N, K), dtype=torch.int8)
+    qw4 = ref.pack_s4(codes)
+    if K % 2:  # the padding nibble of each row's last byte holds junk: it must be ignored
+        qw4[:, -1] |= torch.randint(0, 16, (N,), dtype=torch.int8)
+    alpha = torch.tensor(-2.7e-3)
+    y = ops.linear_s8s4(qx.to(device), qw4.to(device), alpha.to(device), out_dtype)
+    assert y.dtype == out_dtype and y.shape == (M, N)
+    acc = qx.double() @ codes.double().t()
+    assert torch.equal(y.cpu(), (acc.float() * alpha).to(out_dtype))  # fp32(acc) * alpha, then the cast
+    assert torch.equal(y, ops.linear_s8(qx.to(device), codes.to(device), alpha.to(device), out_dtype))
+    tol = 1e-6 if out_dtype == torch.float32 else 1e-2
+    assert ref.rel_err(y, acc * alpha.item()) < tol
+
+
+def test_linear_s8s4_leading_dims_and_bad_input(device):
+    qx = torch.randint(-128, 128, (2, 3, 64), dtype=torch.int8, device=device)
+    qw4 = torch.randint(-128, 128, (4, 32), dtype=torch.int8, device=device)
+    a = torch.tensor(0.5, device=device)
+    y = ops.linear_s8s4(qx, qw4, a, torch.bfloat16)
+    assert y.shape == (2, 3, 4)
+    assert torch.equal(y, ops.linear_s8(qx, ops.unpack_s4(qw4, 64), a, torch.bfloat16))
+    assert ops.linear_s8s4(qx[:0], qw4, a, torch.float32).shape == (0, 3, 4)
+    with pytest.raises(RuntimeError, match="qw4 needs 16 bytes per row"):
+        ops.linear_s8s4(qx[..., :32], qw4, a, torch.float32)
+    with pytest.raises(RuntimeError, match="qw4 must be an int8"):
+        ops.linear_s8s4(qx, qw4.float(), a, torch.float32)
+    with pytest.raises(RuntimeError, match="qw4 must be 2-D"):
+        ops.linear_s8s4(qx, qw4[None], a, torch.float32)
+    with pytest.raises(RuntimeError, match="qx must be an int8"):
+        ops.linear_s8s4(qx.float(), qw4, a, torch.float32)
+    with pytest.raises(RuntimeError, match="out_dtype"):
+        ops.linear_s8s4(qx, qw4, a, torch.int32)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -6,6 +6,7 @@
 // mod 2^32 like the SIMD instructions, which keeps signed overflow out of the picture without a wider type.
 // Built without ISA flags: everything here runs on any x86-64.
 #include "lowbit/kernels/gemm_s8.h"
+#include "lowbit/kernels/pack_int4.h"
 
 #include <omp.h>
 
@@ -226,6 +227,22 @@ Status gemm_s8_scaled_batched_isa(GemmS8Isa isa, const int8_t* A, int64_t lda, i
 Status gemm_s8_scaled(const int8_t* A, int64_t lda, const int8_t* B, int64_t ldb, int64_t M, int64_t N, int64_t K,
                       const float* alpha, DType otype, void* out, int64_t ldo) {
   return detail::gemm_s8_scaled_isa(detail::gemm_s8_best_isa(), A, lda, B, ldb, M, N, K, alpha, otype, out, ldo);
+}
+
+Status gemm_s8s4_scaled(const int8_t* A, int64_t lda, const int8_t* Bp, int64_t ldbp, int64_t M, int64_t N,
+                        int64_t K, const float* alpha, DType otype, void* out, int64_t ldo) {
+  const char* fn = "lowbit::cpu::gemm_s8s4_scaled";
+  // The int8 GEMM's rules on everything but B (whose stand-in stride K passes them), then B's own.
+  Status s = detail::check_scaled(fn, A, lda, Bp, K, M, N, K, alpha, otype, out, ldo);
+  if (s.is_ok()) s = validate::gemm_ld(fn, "ldbp", ldbp, N, packed_s4_cols(K), "ceil(K/2)");
+  if (!s.is_ok()) return s;
+  if (M == 0 || N == 0) return Status::ok();
+  // One unpacked copy of B (N x K bytes), then the int8 GEMM: the same bits by construction.
+  std::unique_ptr<int8_t[]> codes(new (std::nothrow) int8_t[size_t(N) * size_t(K > 0 ? K : 1)]);
+  if (!codes) return Status::invalid(validate::err(fn, "out of memory for the unpacked weights"));
+  s = unpack_s4(Bp, N, K, ldbp, codes.get());
+  if (!s.is_ok()) return s;
+  return gemm_s8_scaled(A, lda, codes.get(), K, M, N, K, alpha, otype, out, ldo);
 }
 
 Status gemm_s8_scaled_ref(const int8_t* A, int64_t lda, const int8_t* B, int64_t ldb, int64_t M, int64_t N,

@@ -44,10 +44,13 @@
 
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <mutex>
 #include <string>
 
+#include "../validate.h"
 #include "gemm_s8_internal.cuh"
+#include "lowbit/kernels/gemm_s8.h"
 #include "wgmma_internal.cuh"
 
 #ifdef __USE_FAST_MATH__
@@ -320,6 +323,291 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_s8_sm90_kernel(
 }
 
 // ---------------------------------------------------------------------------------------------------
+// int8 activations x int4-pair weights (gemm_s8s4_scaled, gemm_s8.h): the weights are unpacked in
+// registers, never stored as int8.
+//
+//   * Orientation out^T = W . A^T, as in wq_wg.cu: the WEIGHTS are wgmma's A operand (64 weight rows x 32 k
+//     per instruction, from registers), the activations its B operand (256 rows x 32 k, from shared memory
+//     through the 128B-swizzle descriptor, exactly the tile the int8 kernel above uses for its B). CTA tile:
+//     128 weight rows (two consumer warpgroups of 64) x 256 activation rows, 128 k per stage.
+//   * Stage: the activation tile by TMA as above (32 KB, 128B swizzle) and the packed weight tile by TMA
+//     without swizzle (128 rows x 64 bytes = 8 KB: row r at byte 64 r); 5 stages (200 KB).
+//   * A fragment (mma.m16n8k32's 8-bit layout; warp w of the warpgroup takes weight rows 16w .. 16w + 15):
+//     lane (g, t) = (lane / 4, lane % 4) holds, for k-step s (32 k), a0 = row g, k 4t .. 4t + 3; a1 = row
+//     g + 8, same k; a2 = row g, k 16 + 4t .. 16 + 4t + 3; a3 = row g + 8, same k (lowest k in the lowest
+//     byte). Packed, k 4t .. 4t + 3 are bytes 2t, 2t + 1 of the row's 16-byte chunk s and k 16 + 4t .. are
+//     bytes 8 + 2t, 9 + 2t: one 16-byte load of chunk s per row, a select of the two words holding them,
+//     one PRMT to gather the four bytes, and the nibbles are sign-extended bytewise
+//     (((v ^ 0x08) + 0x78) ^ 0x80 on each byte of the masked nibbles: 0..7 -> 0..7, 8..15 -> -8..-1) and
+//     interleaved (high nibble first, PRMT 0x5140 / 0x7362).
+//   * K-step by k-step with two register sets: the fragment of step q + 1 is loaded and unpacked while
+//     the wgmma of step q runs; wgmma.wait_group 1 after each issue retires step q - 1, whose registers
+//     (and, at a stage's first step, the previous stage) are then free. A stage-wide variant (16 + 16
+//     registers, one wait per 4 wgmmas) ran at the same speed with spills in the 16-bit epilogue.
+//   * Speed (H100, bf16 out): 8192^3 809 us against 657 us for the int8 kernel on unpacked weights
+//     (+ 50 us for unpack_s4): the tensor pipe is 71 % busy (the int8 kernel is bound by the shared-memory
+//     pipe at 88 %); the register-sourced wgmma alone (no unpacking: 751 us) and the unpacking (+58 us)
+//     both cost. It wins where the unpack pass weighs more (fewer rows: M = 2048, N = K = 8192 213 us
+//     against 218-240 us), so callers take it up to kGemmS8S4FusedMaxRows rows (gemm_s8.h).
+//   * Tails: TMA zero-fills activation bytes past K and rows past M, and packed bytes past ceil(K/2) and
+//     rows past N: a weight nibble past K (odd K's padding nibble included) meets a zero activation, so
+//     it adds 0 whatever it holds. The epilogue stores in-bounds outputs only.
+//   * Epilogue: lane (g, t) holds out[m][n] for n = row 16w + g (+ 8) of the weight tile and m = 8j + 2t
+//     (+ 1) of the activation tile: 16-bit outputs swap one value with lane g ^ 1 so each lane stores two
+//     adjacent n as one word; fp32 outputs store singly (8 lanes cover 32 contiguous bytes). dequant of
+//     gemm_s8_internal.cuh: bitwise the int8 kernels' outputs.
+constexpr int kS4BM = 256;                        // activation rows per CTA tile (= wgmma N)
+constexpr int kS4BN = 128;                        // weight rows per CTA tile (two 64-row warpgroups)
+constexpr int kS4Stages = 5;
+constexpr int kS4TileX = kS4BM * kBK;             // 32 KB of activations
+constexpr int kS4TileW = kS4BN * (kBK / 2);       // 8 KB of int4 pairs
+constexpr int kS4StageBytes = kS4TileX + kS4TileW;  // 40 KB (a multiple of the swizzle's 1024 bytes)
+constexpr int kS4SmemBytes = kAlignSlack + kS4Stages * kS4StageBytes + 2 * kS4Stages * 8;
+static_assert(kS4StageBytes % 1024 == 0, "stage buffers must stay 1024-byte aligned");
+static_assert(kS4SmemBytes <= 227 * 1024, "sm_90 allows 227 KB of shared memory per block");
+
+#ifdef LOWBIT_SM90A_DEVICE
+// d = A (64 x 32 int8, registers a[0..3]) * B^T (256 x 32, descriptor db) + (accumulate ? d : 0).
+__device__ __forceinline__ void wgmma_s8_n256_rs(int32_t (&d)[kAcc], const uint32_t (&a)[4], uint64_t db,
+                                                 uint32_t accumulate) {
+  asm volatile(
+      "{\n .reg .pred p;\n setp.ne.b32 p, %133, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n256k32.s32.s8.s8 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "
+      "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "
+      "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "
+      "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "
+      "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
+      "}, {%128, %129, %130, %131}, %132, p;\n}\n"
+      :
+        "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]),
+        "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]),
+        "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]),
+        "+r"(d[24]), "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]), "+r"(d[30]), "+r"(d[31]),
+        "+r"(d[32]), "+r"(d[33]), "+r"(d[34]), "+r"(d[35]), "+r"(d[36]), "+r"(d[37]), "+r"(d[38]), "+r"(d[39]),
+        "+r"(d[40]), "+r"(d[41]), "+r"(d[42]), "+r"(d[43]), "+r"(d[44]), "+r"(d[45]), "+r"(d[46]), "+r"(d[47]),
+        "+r"(d[48]), "+r"(d[49]), "+r"(d[50]), "+r"(d[51]), "+r"(d[52]), "+r"(d[53]), "+r"(d[54]), "+r"(d[55]),
+        "+r"(d[56]), "+r"(d[57]), "+r"(d[58]), "+r"(d[59]), "+r"(d[60]), "+r"(d[61]), "+r"(d[62]), "+r"(d[63]),
+        "+r"(d[64]), "+r"(d[65]), "+r"(d[66]), "+r"(d[67]), "+r"(d[68]), "+r"(d[69]), "+r"(d[70]), "+r"(d[71]),
+        "+r"(d[72]), "+r"(d[73]), "+r"(d[74]), "+r"(d[75]), "+r"(d[76]), "+r"(d[77]), "+r"(d[78]), "+r"(d[79]),
+        "+r"(d[80]), "+r"(d[81]), "+r"(d[82]), "+r"(d[83]), "+r"(d[84]), "+r"(d[85]), "+r"(d[86]), "+r"(d[87]),
+        "+r"(d[88]), "+r"(d[89]), "+r"(d[90]), "+r"(d[91]), "+r"(d[92]), "+r"(d[93]), "+r"(d[94]), "+r"(d[95]),
+        "+r"(d[96]), "+r"(d[97]), "+r"(d[98]), "+r"(d[99]), "+r"(d[100]), "+r"(d[101]), "+r"(d[102]), "+r"(d[103]),
+        "+r"(d[104]), "+r"(d[105]), "+r"(d[106]), "+r"(d[107]), "+r"(d[108]), "+r"(d[109]), "+r"(d[110]), "+r"(d[111]),
+        "+r"(d[112]), "+r"(d[113]), "+r"(d[114]), "+r"(d[115]), "+r"(d[116]), "+r"(d[117]), "+r"(d[118]), "+r"(d[119]),
+        "+r"(d[120]), "+r"(d[121]), "+r"(d[122]), "+r"(d[123]), "+r"(d[124]), "+r"(d[125]), "+r"(d[126]), "+r"(d[127])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(accumulate));
+}
+// Four 4-bit two's-complement codes per byte pair -> two registers of four int8 codes each. p holds the
+// packed bytes [b0, b1, b2, b3] (b0 the lowest); lo4 gets the codes of b0, b1 (b0's high nibble first),
+// hi4 those of b2, b3.
+__device__ __forceinline__ void unpack_pairs(uint32_t p, uint32_t& lo4, uint32_t& hi4) {
+  const uint32_t hi = (((((p >> 4) & 0x0F0F0F0Fu) ^ 0x08080808u) + 0x78787878u) ^ 0x80808080u);
+  const uint32_t lo = ((((p & 0x0F0F0F0Fu) ^ 0x08080808u) + 0x78787878u) ^ 0x80808080u);
+  lo4 = __byte_perm(hi, lo, 0x5140);
+  hi4 = __byte_perm(hi, lo, 0x7362);
+}
+// The A fragment of k-step s (32 k) for weight rows `row` and `row + 8` (byte offsets of their 64-byte
+// packed lines in shared memory).
+__device__ __forceinline__ void load_a_step(uint32_t (&a)[4], uint32_t row_lo, uint32_t row_hi, int s,
+                                            bool t_hi_word, uint32_t gather) {
+  uint32_t c[2][4];
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(c[0][0]), "=r"(c[0][1]), "=r"(c[0][2]), "=r"(c[0][3])
+               : "r"(row_lo + 16u * s)
+               : "memory");
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(c[1][0]), "=r"(c[1][1]), "=r"(c[1][2]), "=r"(c[1][3])
+               : "r"(row_hi + 16u * s)
+               : "memory");
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const uint32_t x = t_hi_word ? c[r][1] : c[r][0];  // holds bytes 2t, 2t + 1
+    const uint32_t y = t_hi_word ? c[r][3] : c[r][2];  // holds bytes 8 + 2t, 9 + 2t
+    unpack_pairs(__byte_perm(x, y, gather), a[r], a[2 + r]);
+  }
+}
+#endif  // LOWBIT_SM90A_DEVICE
+
+template <typename OutT>
+__global__ void __launch_bounds__(kThreads, 1) gemm_s8s4_sm90_kernel(
+    const __grid_constant__ CUtensorMap tm_x,  // activations (M, K) int8, box 128 K x 256 rows, 128B swizzle
+    const __grid_constant__ CUtensorMap tm_w,  // weights (N, ceil(K/2)) int4 pairs, box 64 bytes x 128 rows
+    int64_t M, int64_t N, int K, const float* __restrict__ alpha, OutT* __restrict__ out, int64_t ldo,
+    int64_t tiles_m, int64_t tiles_n) {
+#ifdef LOWBIT_SM90A_DEVICE
+  extern __shared__ uint8_t smem_raw[];
+  const uint32_t raw = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
+  const uint32_t base = (raw + (kAlignSlack - 1)) & ~uint32_t(kAlignSlack - 1);
+  const uint32_t bars = base + kS4Stages * kS4StageBytes;
+  auto full = [&](int s) { return bars + 8u * s; };
+  auto empty = [&](int s) { return bars + 8u * (kS4Stages + s); };
+  const int64_t work = tiles_m * tiles_n;
+  // Tile w: grouped raster over (activation tile-rows, weight tiles), kGroupM activation tile-rows per group.
+  auto locate = [&](int64_t w, int* m0, int* n0) {
+    const int64_t group_tiles = int64_t(kGroupM) * tiles_n;
+    const int64_t first_m = (w / group_tiles) * kGroupM;
+    const int64_t rows_here = (tiles_m - first_m) < kGroupM ? (tiles_m - first_m) : kGroupM;
+    const int64_t in_group = w % group_tiles;
+    *m0 = static_cast<int>((first_m + in_group % rows_here) * kS4BM);
+    *n0 = static_cast<int>((in_group / rows_here) * kS4BN);
+  };
+  const int k_tiles = (K + kBK - 1) / kBK;
+  const int wg = threadIdx.x / 128;
+
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kS4Stages; ++s) {
+      mbar_init(full(s), 1);
+      mbar_init(empty(s), 4 * kConsumers);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+  }
+  __syncthreads();
+
+  if (wg == 0) {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
+    if (threadIdx.x == 0) {
+      asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&tm_x)) : "memory");
+      asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&tm_w)) : "memory");
+      // Ring position (stage s, phase parity ph) counted incrementally: a 64-bit `it % 5` per k-tile cost
+      // a dozen uniform instructions on the consumers' critical path. Round 0's empty waits (parity 1)
+      // pass at once.
+      int s = 0;
+      uint32_t ph = 0;
+      for (int64_t w = blockIdx.x; w < work; w += gridDim.x) {
+        int m0, n0;
+        locate(w, &m0, &n0);
+        for (int kt = 0; kt < k_tiles; ++kt) {
+          mbar_wait(empty(s), ph ^ 1u);
+          const uint32_t slot = base + uint32_t(s) * kS4StageBytes;
+          mbar_expect_tx(full(s), kS4StageBytes);
+          tma_load(slot, &tm_x, full(s), kt * kBK, m0, 0);
+          tma_load(slot + kS4TileX, &tm_w, full(s), kt * (kBK / 2), n0, 0);
+          if (++s == kS4Stages) {
+            s = 0;
+            ph ^= 1u;
+          }
+        }
+      }
+    }
+    return;
+  }
+
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
+  const int cw = wg - 1;  // weight rows 64*cw .. 64*cw+63 of the tile
+  const int t = threadIdx.x % 128;
+  const int warp = t / 32, lane = t % 32;
+  const int g = lane / 4, tq = lane % 4;
+  const bool t_hi_word = tq >= 2;
+  const uint32_t gather = (tq & 1) ? 0x7632u : 0x5410u;
+  const uint32_t row_off = uint32_t(64 * cw + 16 * warp + g) * (kBK / 2);
+  const float a_scale = __ldg(alpha);
+  int32_t acc[kAcc];  // the tile's first wgmma (scale-d 0) writes them; k_tiles >= 1
+  int s = 0, prev_s = 0;  // ring position as the producer's
+  uint32_t ph = 0;
+  auto advance = [&] {
+    prev_s = s;
+    if (++s == kS4Stages) {
+      s = 0;
+      ph ^= 1u;
+    }
+  };
+  for (int64_t w = blockIdx.x; w < work; w += gridDim.x) {
+    int m0, n0;
+    locate(w, &m0, &n0);
+    // k-step by k-step: the fragment of step q + 1 is loaded and unpacked into the other register set
+    // while the wgmma of step q runs (wgmma.wait_group 1 after each issue: step q - 1 has retired, its
+    // registers are free).
+    uint32_t ra[2][4];
+    {
+      mbar_wait(full(s), ph);
+      const uint32_t wrow = base + uint32_t(s) * kS4StageBytes + kS4TileX + row_off;
+      load_a_step(ra[0], wrow, wrow + 8 * (kBK / 2), 0, t_hi_word, gather);
+    }
+    for (int kt = 0; kt < k_tiles; ++kt, advance()) {
+      const uint32_t slot = base + uint32_t(s) * kS4StageBytes;
+      const uint32_t wrow = slot + kS4TileX + row_off;
+#pragma unroll
+      for (int ks = 0; ks < kBK / kMmaK; ++ks) {
+        const int P = ks & 1;
+        pin(acc);
+        wgmma_fence();
+        // The tile's first wgmma starts the sum (scale-d 0): zeroing the accumulators with moves would
+        // make ptxas serialize the wgmmas.
+        wgmma_s8_n256_rs(acc, ra[P], smem_desc(slot + ks * kMmaK), kt > 0 || ks > 0 ? 1u : 0u);
+        wgmma_commit();
+        pin(acc);
+        wgmma_wait<1>();  // the previous step has retired: its registers (and at ks == 0 its stage) are free
+        pin(acc);
+        if (ks == 0 && kt > 0 && lane == 0) mbar_arrive(empty(prev_s));
+        if (ks + 1 < kBK / kMmaK) {
+          load_a_step(ra[1 - P], wrow, wrow + 8 * (kBK / 2), ks + 1, t_hi_word, gather);
+        } else if (kt + 1 < k_tiles) {
+          const int sn = s + 1 == kS4Stages ? 0 : s + 1;
+          mbar_wait(full(sn), sn == 0 ? ph ^ 1u : ph);
+          const uint32_t nrow = base + uint32_t(sn) * kS4StageBytes + kS4TileX + row_off;
+          load_a_step(ra[1 - P], nrow, nrow + 8 * (kBK / 2), 0, t_hi_word, gather);
+        }
+      }
+    }
+    wgmma_wait<0>();
+    pin(acc);
+    if (lane == 0) mbar_arrive(empty(prev_s));
+
+    // Epilogue: acc[4j + 2h + e] is out[m0 + 8j + 2tq + e][n0 + 64cw + 16warp + g + 8h].
+    const int64_t n_lane = int64_t(n0) + 64 * cw + 16 * warp + g;
+    const int64_t m_lane = int64_t(m0) + 2 * tq;
+    if constexpr (sizeof(OutT) == 2) {
+      // Lanes g and g ^ 1 swap one value: the even lane keeps row m (columns n, n + 1), the odd one row
+      // m + 1 (columns n - 1, n). One 4-byte store per lane and pair of outputs.
+      const bool odd = (g & 1) != 0;
+      const bool pairs_ok = (ldo % 2 == 0) && (reinterpret_cast<uintptr_t>(out) % 4 == 0);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int64_t n_pair = n_lane + 8 * h - (odd ? 1 : 0);  // even
+#pragma unroll
+        for (int j = 0; j < kS4BM / 8; ++j) {
+          const float v0 = dequant(acc[4 * j + 2 * h], a_scale);
+          const float v1 = dequant(acc[4 * j + 2 * h + 1], a_scale);
+          const float recv = __shfl_xor_sync(0xffffffffu, odd ? v0 : v1, 4);
+          const int64_t m = m_lane + 8 * j + (odd ? 1 : 0);
+          if (m >= M) continue;
+          const float lo = odd ? recv : v0, hi = odd ? v1 : recv;  // columns n_pair, n_pair + 1
+          OutT* const p = out + m * ldo + n_pair;
+          if (pairs_ok && n_pair + 1 < N) {
+            store2(p, lo, hi);
+          } else {
+            if (n_pair < N) store1(p, lo);
+            if (n_pair + 1 < N) store1(p + 1, hi);
+          }
+        }
+      }
+    } else {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int64_t n = n_lane + 8 * h;
+        if (n >= N) continue;
+#pragma unroll
+        for (int j = 0; j < kS4BM / 8; ++j) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int64_t m = m_lane + 8 * j + e;
+            if (m < M) store1(out + m * ldo + n, dequant(acc[4 * j + 2 * h + e], a_scale));
+          }
+        }
+      }
+    }
+  }
+#else
+  __trap();  // never launched: the host checks that the sm_90a code was loaded
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------------
 // Host side.
 
 PFN_cuTensorMapEncodeTiled_v12000 encode_fn() {
@@ -358,21 +646,43 @@ bool device_ready(int device) {
   return ok;
 }
 
+// The int4-weight kernels: ready on this device (cc 9.0, sm_90a code, their shared memory granted) or not.
+bool s4_device_ready(int device) {
+  static std::atomic<int> state[64];  // 0 unknown, 1 ready, 2 not
+  if (device < 0 || device >= 64) return false;
+  const int st = state[device].load(std::memory_order_acquire);
+  if (st != 0) return st == 1;
+  bool ok = device_ready(device);  // cc 9.0, 227 KB of shared memory, the tensor-map encoder
+  auto prepare = [&](auto kernel) {
+    cudaFuncAttributes attr{};
+    return cudaFuncGetAttributes(&attr, kernel) == cudaSuccess && attr.ptxVersion >= 90 &&
+           attr.binaryVersion == 90 &&
+           cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kS4SmemBytes) == cudaSuccess;
+  };
+  ok = ok && prepare(gemm_s8s4_sm90_kernel<float>) && prepare(gemm_s8s4_sm90_kernel<__half>) &&
+       prepare(gemm_s8s4_sm90_kernel<__nv_bfloat16>);
+  cudaGetLastError();
+  state[device].store(ok ? 1 : 2, std::memory_order_release);
+  return ok;
+}
+
 bool tma_ok(const int8_t* p, int64_t ld, int64_t stride, int64_t batch) {
   return reinterpret_cast<uintptr_t>(p) % 16 == 0 && ld % 16 == 0 && (batch == 1 || stride % 16 == 0);
 }
 
-// 3-D tensor map (K, rows, batches) of an int8 operand; box 128 K-bytes x box_rows x 1, 128B swizzle,
+// 3-D tensor map (K, rows, batches) of an int8 operand; box box_k K-bytes x box_rows x 1 (128 and the
+// 128B swizzle unless told),
 // zero fill out of bounds. A broadcast operand (or a single batch) gets one batch.
 bool make_map(CUtensorMap* map, const int8_t* p, int64_t K, int64_t rows, int64_t ld, int64_t stride,
-              int64_t batch, int box_rows) {
+              int64_t batch, int box_rows, int box_k = kBK,
+              CUtensorMapSwizzle swizzle = CU_TENSOR_MAP_SWIZZLE_128B) {
   const bool batched = batch > 1 && stride != 0;
   const cuuint64_t dims[3] = {cuuint64_t(K), cuuint64_t(rows), cuuint64_t(batched ? batch : 1)};
   const cuuint64_t strides[2] = {cuuint64_t(ld), cuuint64_t(batched ? stride : ld * rows)};
-  const cuuint32_t box[3] = {cuuint32_t(kBK), cuuint32_t(box_rows), 1u};
+  const cuuint32_t box[3] = {cuuint32_t(box_k), cuuint32_t(box_rows), 1u};
   const cuuint32_t elem[3] = {1u, 1u, 1u};
   const CUresult r = encode_fn()(map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 3, const_cast<int8_t*>(p), dims, strides, box,
-                                 elem, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                                 elem, CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle,
                                  CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   return r == CUDA_SUCCESS;
 }
@@ -445,5 +755,81 @@ Status launch_sm90(const GemmCall& g) {
 }
 
 }  // namespace gemm_s8_detail
+
+// ---------------------------------------------------------------------------------------------------
+// int4-weight entry points (gemm_s8.h).
+
+bool gemm_s8s4_fused_supported(const int8_t* A, int64_t lda, const int8_t* Bp, int64_t ldbp, int64_t M, int64_t N,
+                               int64_t K) {
+  using namespace gemm_s8_detail;
+  const char* choice = std::getenv("LOWBIT_GEMM_S8_KERNEL");
+  if (choice != nullptr && std::string(choice) == "mma") return false;
+  if (K < 1 || K > kMaxGemmS8K || M < 1 || N < 1) return false;
+  if (M >= (int64_t(1) << 31) || N >= (int64_t(1) << 31)) return false;
+  if (lda < K || ldbp < (K + 1) / 2) return false;
+  if (!tma_ok(A, lda, 0, 1) || !tma_ok(Bp, ldbp, 0, 1)) return false;
+  if ((lda >> 40) != 0 || (ldbp >> 40) != 0) return false;
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  return s4_device_ready(device);
+}
+
+Status gemm_s8s4_scaled(const int8_t* A, int64_t lda, const int8_t* Bp, int64_t ldbp, int64_t M, int64_t N,
+                        int64_t K, const float* alpha, DType otype, void* out, int64_t ldo, CUstream_st* stream) {
+  using namespace gemm_s8_detail;
+  const char* fn = "lowbit::cuda::gemm_s8s4_scaled";
+  Status st = validate::gemm_otype(fn, otype);
+  // gemm_shape's rules on M, N, K and lda (its ldb rule is for int8 rows: ldb stands in as K here).
+  if (st.is_ok()) st = validate::gemm_shape(fn, lda, K, M, N, K);
+  if (st.is_ok()) st = validate::gemm_ld(fn, "ldbp", ldbp, N, (K + 1) / 2, "ceil(K/2)");
+  if (st.is_ok()) st = validate::gemm_ld(fn, "ldo", ldo, M, N, "N");
+  if (!st.is_ok()) return st;
+  if (M == 0 || N == 0) return Status::ok();
+  if (A == nullptr || Bp == nullptr || alpha == nullptr || out == nullptr)
+    return Status::invalid(validate::err(fn, "A, Bp, alpha and out must not be null"));
+  if (!gemm_s8s4_fused_supported(A, lda, Bp, ldbp, M, N, K))
+    return Status::invalid(validate::err(
+        fn, "this call cannot run on the int4-weight kernel (needs a compute capability 9.0 device with the sm_90a "
+            "build, 1 <= K, 16-byte aligned A and Bp with lda and ldbp multiples of 16); unpack_s4 + "
+            "gemm_s8_scaled gives the same result"));
+  CUtensorMap mx, mw;
+  if (!make_map(&mx, A, K, M, lda, 0, 1, kS4BM) ||
+      !make_map(&mw, Bp, (K + 1) / 2, N, ldbp, 0, 1, kS4BN, kBK / 2, CU_TENSOR_MAP_SWIZZLE_NONE))
+    return Status::device(validate::err(fn, "cuTensorMapEncodeTiled rejected the operands (lda=" +
+                                                std::to_string(lda) + ", ldbp=" + std::to_string(ldbp) + ")"));
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) {
+    cudaGetLastError();
+    device = -1;
+  }
+  const int64_t tiles_m = (M + kS4BM - 1) / kS4BM, tiles_n = (N + kS4BN - 1) / kS4BN;
+  const int64_t work = tiles_m * tiles_n;
+  const int sms = device_sms(device);
+  const unsigned grid = static_cast<unsigned>(work < sms ? work : sms);
+  const cudaStream_t cs = reinterpret_cast<cudaStream_t>(stream);
+  const int k = static_cast<int>(K);
+  switch (otype) {
+    case DType::kFloat32:
+      gemm_s8s4_sm90_kernel<float><<<grid, kThreads, kS4SmemBytes, cs>>>(mx, mw, M, N, k, alpha,
+                                                                          static_cast<float*>(out), ldo, tiles_m, tiles_n);
+      break;
+    case DType::kFloat16:
+      gemm_s8s4_sm90_kernel<__half><<<grid, kThreads, kS4SmemBytes, cs>>>(mx, mw, M, N, k, alpha,
+                                                                           static_cast<__half*>(out), ldo, tiles_m, tiles_n);
+      break;
+    case DType::kBFloat16:
+      gemm_s8s4_sm90_kernel<__nv_bfloat16><<<grid, kThreads, kS4SmemBytes, cs>>>(
+          mx, mw, M, N, k, alpha, static_cast<__nv_bfloat16*>(out), ldo, tiles_m, tiles_n);
+      break;
+  }
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess)
+    return Status::device(validate::err(fn, std::string("kernel launch failed: ") + cudaGetErrorString(err)));
+  return Status::ok();
+}
+
 }  // namespace cuda
 }  // namespace lowbit

@@ -26,6 +26,11 @@
 // * Outputs of different batches must not overlap (only the trivial strideO == 0 case is diagnosed;
 //   interleaved layouts such as out (M, batch, N) with ldo = batch*N, strideO = N are fine).
 // * (batch - 1) * stride must fit in int64 for each operand.
+//
+// int4-weight form (gemm_s8s4_scaled): B's codes arrive as int4 pairs (pack_int4.h: Bp is (N, ceil(K/2))
+// bytes, row stride ldbp >= ceil(K/2), the first code of each byte in the high nibble; with odd K the low
+// nibble of a row's last byte is padding and is ignored, whatever it holds). Exactly gemm_s8_scaled on
+// unpack_s4(Bp): bitwise the same outputs, CPU and CUDA alike.
 #pragma once
 #include "lowbit/kernels/common.h"
 
@@ -66,6 +71,10 @@ Status gemm_s8_scaled_batched_ref(const int8_t* A, int64_t lda, int64_t strideA,
 Status gemm_s8s8s32_ref(const int8_t* A, int64_t lda, const int8_t* B, int64_t ldb, int64_t M, int64_t N,
                         int64_t K, int32_t* C, int64_t ldc);
 
+// int4-weight form (see the top of this file): unpacks Bp into a temporary and runs gemm_s8_scaled.
+Status gemm_s8s4_scaled(const int8_t* A, int64_t lda, const int8_t* Bp, int64_t ldbp, int64_t M, int64_t N,
+                        int64_t K, const float* alpha, DType otype, void* out, int64_t ldo);
+
 // Name of the instruction set the fast path uses on this CPU ("avx512_vnni", "avx512bw", "avx2", "scalar").
 const char* gemm_s8_isa();
 
@@ -90,6 +99,24 @@ Status gemm_s8_scaled_rows(const int8_t* A, int64_t lda, const int8_t* B, int64_
 Status gemm_s8_scaled_batched(const int8_t* A, int64_t lda, int64_t strideA, const int8_t* B, int64_t ldb,
                               int64_t strideB, int64_t M, int64_t N, int64_t K, int64_t batch, const float* alpha,
                               DType otype, void* out, int64_t ldo, int64_t strideO, CUstream_st* stream);
+
+// int4-weight form (see the top of this file) on the sm_90a kernel that unpacks the int4 pairs in
+// registers: the weights are wgmma's register operand (no int8 copy of B in memory). Runs only where
+// gemm_s8s4_fused_supported holds (else kInvalidArgument, nothing launched); callers then unpack
+// (unpack_s4) and call gemm_s8_scaled, which gives the same bits. Allocates nothing.
+Status gemm_s8s4_scaled(const int8_t* A, int64_t lda, const int8_t* Bp, int64_t ldbp, int64_t M, int64_t N,
+                        int64_t K, const float* alpha, DType otype, void* out, int64_t ldo, CUstream_st* stream);
+
+// Up to this many rows (M) the int4-weight kernel is the faster way; beyond, unpack_s4 + gemm_s8_scaled
+// (H100, N = K = 8192: M = 2048 213 vs 218-240 us, M = 8192 809 vs 709 us; the register-sourced wgmma
+// runs below the int8 kernel's rate, which the unpack pass's bytes outweigh only at fewer rows).
+constexpr int64_t kGemmS8S4FusedMaxRows = 2048;
+
+// The current device can run gemm_s8s4_scaled on these operands: compute capability 9.0 with the sm_90a
+// kernel loaded, 1 <= K <= kMaxGemmS8K, M and N below 2^31, A and Bp 16-byte aligned with lda and ldbp
+// multiples of 16 (TMA's rules). Cheap (device facts cached). LOWBIT_GEMM_S8_KERNEL=mma makes it false.
+bool gemm_s8s4_fused_supported(const int8_t* A, int64_t lda, const int8_t* Bp, int64_t ldbp, int64_t M, int64_t N,
+                               int64_t K);
 
 }  // namespace cuda
 }  // namespace lowbit
