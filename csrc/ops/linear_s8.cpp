@@ -178,7 +178,7 @@ at::Tensor linear_s8s4_cuda(const at::Tensor& qx, const at::Tensor& qw4, const a
   const auto a = check_linear_s8s4(qx, qw4, alpha, out_dtype);
   c10::cuda::CUDAGuard guard(qx.device());
   auto x = qx.contiguous(), w = qw4.contiguous();
-  if (a.M > 0 && a.N > 0 && a.M <= kGemmS8S4FusedMaxRows &&
+  if (a.M > 0 && a.N > 0 && a.M <= cuda::kGemmS8S4FusedMaxRows &&
       cuda::gemm_s8s4_fused_supported(x.data_ptr<int8_t>(), a.K, w.data_ptr<int8_t>(), w.size(1), a.M, a.N, a.K)) {
     auto out = at::empty(a.out_shape, qx.options().dtype(out_dtype));
     auto al = as_float(alpha.detach()).contiguous();
