@@ -127,11 +127,19 @@ TEST_F(CudaGemmS8S4, MatchesReferenceOddShapes) {
     }
 }
 
+// Every tile shape the host picks: 16 and 64 activation rows (M <= 16, <= 64), 256 rows with one consumer
+// warpgroup (fewer tiles than SMs) and with two (2000 x 2900: 8 x 23 tiles of 256 x 128).
 TEST_F(CudaGemmS8S4, LargeDeterministic) {
   std::mt19937 rng(95);
   run_case(plain(1031, 2049, 3001, 2e-4f, DType::kBFloat16), rng, stream(), 3);
   if (HasFatalFailure()) return;
+  run_case(plain(2000, 2900, 777, 1e-4f, DType::kFloat32), rng, stream(), 2);
+  if (HasFatalFailure()) return;
   run_case(plain(2048, 1024, 8192, 1e-5f, DType::kFloat16), rng, stream(), 2);
+  if (HasFatalFailure()) return;
+  run_case(plain(16, 3000, 2049, 3e-3f, DType::kBFloat16, 1), rng, stream(), 2);
+  if (HasFatalFailure()) return;
+  run_case(plain(40, 1031, 4096, 3e-3f, DType::kFloat16), rng, stream(), 2);
 }
 
 // Bad arguments are errors that name the argument; calls the kernel cannot take are refused (the
@@ -172,13 +180,19 @@ TEST_F(CudaGemmS8S4, BadArgumentsAndUnsupportedCalls) {
   CUDA_ASSERT(cudaStreamSynchronize(stream_));
 }
 
-// Cheap enough for compute-sanitizer (memcheck / racecheck / synccheck): 2 x 9 tiles with tails, several
-// k-tiles past the 5-stage ring, padded strides.
+// Cheap enough for compute-sanitizer (memcheck / racecheck / synccheck): every tile shape, tails, more
+// k-tiles than ring stages, padded strides.
 TEST_F(CudaGemmS8S4, SanitizerSmoke) {
   std::mt19937 rng(96);
   run_case(plain(300, 1031, 1031, 1e-3f, DType::kFloat16, 1), rng, stream());
   if (HasFatalFailure()) return;
   run_case(plain(513, 257, 700, 2e-3f, DType::kFloat32, 0, 16), rng, stream());
+  if (HasFatalFailure()) return;
+  run_case(plain(9, 200, 1100, 2e-3f, DType::kBFloat16), rng, stream());  // 16-row tiles, 9 k-tiles > 8 stages
+  if (HasFatalFailure()) return;
+  run_case(plain(33, 130, 1300, 2e-3f, DType::kFloat16, 1), rng, stream());  // 64-row tiles
+  if (HasFatalFailure()) return;
+  run_case(plain(2000, 2900, 300, 2e-4f, DType::kBFloat16), rng, stream());  // two consumer warpgroups
 }
 
 // Not a correctness test: the fused kernel against unpack_s4 + gemm_s8_scaled (median of 10 runs after

@@ -356,20 +356,62 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_s8_sm90_kernel(
 //     (+ 1) of the activation tile: 16-bit outputs swap one value with lane g ^ 1 so each lane stores two
 //     adjacent n as one word; fp32 outputs store singly (8 lanes cover 32 contiguous bytes). dequant of
 //     gemm_s8_internal.cuh: bitwise the int8 kernels' outputs.
-constexpr int kS4BM = 256;                        // activation rows per CTA tile (= wgmma N)
-constexpr int kS4BN = 128;                        // weight rows per CTA tile (two 64-row warpgroups)
-constexpr int kS4Stages = 5;
-constexpr int kS4TileX = kS4BM * kBK;             // 32 KB of activations
-constexpr int kS4TileW = kS4BN * (kBK / 2);       // 8 KB of int4 pairs
-constexpr int kS4StageBytes = kS4TileX + kS4TileW;  // 40 KB (a multiple of the swizzle's 1024 bytes)
-constexpr int kS4SmemBytes = kAlignSlack + kS4Stages * kS4StageBytes + 2 * kS4Stages * 8;
-static_assert(kS4StageBytes % 1024 == 0, "stage buffers must stay 1024-byte aligned");
-static_assert(kS4SmemBytes <= 227 * 1024, "sm_90 allows 227 KB of shared memory per block");
+// Tile shapes: BM activation rows (the wgmma N: 256, or 64 / 16 for few rows, where a 256-wide
+// instruction would spend its work on zero rows) x 64 CW weight rows (CW consumer warpgroups: 2, or 1 when
+// the layer has too few tiles to fill the GPU otherwise). Few-row tiles take more stages: they stream
+// the weights, and more bytes in flight per SM is what keeps the copy engine busy.
+template <int BM, int CW>
+struct S4Cfg {
+  static constexpr int kBM = BM;                    // activation rows per tile (= wgmma N)
+  static constexpr int kRowsW = 64 * CW;            // weight rows per tile
+  static constexpr int kThreads = 128 * (1 + CW);   // producer warpgroup + CW consumers
+  static constexpr int kTileX = BM * kBK;           // activation bytes per stage
+  static constexpr int kTileW = kRowsW * (kBK / 2);  // int4-pair bytes per stage
+  static constexpr int kStageBytes = kTileX + kTileW;
+  static constexpr int kStages = BM >= 256 ? 5 : 8;
+  static constexpr int kSmemBytes = kAlignSlack + kStages * kStageBytes + 2 * kStages * 8;
+  static constexpr int kAcc = BM / 2;               // int32 accumulators per consumer thread
+  static_assert(kStageBytes % 1024 == 0, "stage buffers must stay 1024-byte aligned");
+  static_assert(kSmemBytes <= 227 * 1024, "sm_90 allows 227 KB of shared memory per block");
+};
 
 #ifdef LOWBIT_SM90A_DEVICE
-// d = A (64 x 32 int8, registers a[0..3]) * B^T (256 x 32, descriptor db) + (accumulate ? d : 0).
-__device__ __forceinline__ void wgmma_s8_n256_rs(int32_t (&d)[kAcc], const uint32_t (&a)[4], uint64_t db,
-                                                 uint32_t accumulate) {
+// d = A (64 x 32 int8, registers a[0..3]) * B^T (N x 32, descriptor db) + (accumulate ? d : 0), N = 16,
+// 64 or 256 (N / 2 int32 accumulators per thread).
+template <int N>
+__device__ __forceinline__ void wgmma_s8_rs(int32_t (&d)[N / 2], const uint32_t (&a)[4], uint64_t db,
+                                            uint32_t accumulate);
+template <>
+__device__ __forceinline__ void wgmma_s8_rs<16>(int32_t (&d)[8], const uint32_t (&a)[4], uint64_t db,
+                                                uint32_t accumulate) {
+  asm volatile(
+      "{\n .reg .pred p;\n setp.ne.b32 p, %13, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n16k32.s32.s8.s8 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7"
+      "}, {%8, %9, %10, %11}, %12, p;\n}\n"
+      :
+        "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(accumulate));
+}
+template <>
+__device__ __forceinline__ void wgmma_s8_rs<64>(int32_t (&d)[32], const uint32_t (&a)[4], uint64_t db,
+                                                uint32_t accumulate) {
+  asm volatile(
+      "{\n .reg .pred p;\n setp.ne.b32 p, %37, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k32.s32.s8.s8 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+      "}, {%32, %33, %34, %35}, %36, p;\n}\n"
+      :
+        "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]),
+        "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]),
+        "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]),
+        "+r"(d[24]), "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]), "+r"(d[30]), "+r"(d[31])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(accumulate));
+}
+template <>
+__device__ __forceinline__ void wgmma_s8_rs<256>(int32_t (&d)[128], const uint32_t (&a)[4], uint64_t db,
+                                                uint32_t accumulate) {
   asm volatile(
       "{\n .reg .pred p;\n setp.ne.b32 p, %133, 0;\n"
       "wgmma.mma_async.sync.aligned.m64n256k32.s32.s8.s8 {"
@@ -400,6 +442,11 @@ __device__ __forceinline__ void wgmma_s8_n256_rs(int32_t (&d)[kAcc], const uint3
         "+r"(d[112]), "+r"(d[113]), "+r"(d[114]), "+r"(d[115]), "+r"(d[116]), "+r"(d[117]), "+r"(d[118]), "+r"(d[119]),
         "+r"(d[120]), "+r"(d[121]), "+r"(d[122]), "+r"(d[123]), "+r"(d[124]), "+r"(d[125]), "+r"(d[126]), "+r"(d[127])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(accumulate));
+}
+template <int N>
+__device__ __forceinline__ void pin_acc(int32_t (&d)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+r"(d[i])::"memory");
 }
 // Four 4-bit two's-complement codes per byte pair -> two registers of four int8 codes each. p holds the
 // packed bytes [b0, b1, b2, b3] (b0 the lowest); lo4 gets the codes of b0, b1 (b0's high nibble first),
@@ -432,13 +479,15 @@ __device__ __forceinline__ void load_a_step(uint32_t (&a)[4], uint32_t row_lo, u
 }
 #endif  // LOWBIT_SM90A_DEVICE
 
-template <typename OutT>
-__global__ void __launch_bounds__(kThreads, 1) gemm_s8s4_sm90_kernel(
-    const __grid_constant__ CUtensorMap tm_x,  // activations (M, K) int8, box 128 K x 256 rows, 128B swizzle
-    const __grid_constant__ CUtensorMap tm_w,  // weights (N, ceil(K/2)) int4 pairs, box 64 bytes x 128 rows
+template <typename OutT, int BM, int CW>
+__global__ void __launch_bounds__(S4Cfg<BM, CW>::kThreads, 1) gemm_s8s4_sm90_kernel(
+    const __grid_constant__ CUtensorMap tm_x,  // activations (M, K) int8, box 128 K x BM rows, 128B swizzle
+    const __grid_constant__ CUtensorMap tm_w,  // weights (N, ceil(K/2)) int4 pairs, box 64 bytes x 64 CW rows
     int64_t M, int64_t N, int K, const float* __restrict__ alpha, OutT* __restrict__ out, int64_t ldo,
     int64_t tiles_m, int64_t tiles_n) {
 #ifdef LOWBIT_SM90A_DEVICE
+  using C = S4Cfg<BM, CW>;
+  constexpr int kS4Stages = C::kStages, kS4StageBytes = C::kStageBytes, kS4TileX = C::kTileX;
   extern __shared__ uint8_t smem_raw[];
   const uint32_t raw = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
   const uint32_t base = (raw + (kAlignSlack - 1)) & ~uint32_t(kAlignSlack - 1);
@@ -452,8 +501,8 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_s8s4_sm90_kernel(
     const int64_t first_m = (w / group_tiles) * kGroupM;
     const int64_t rows_here = (tiles_m - first_m) < kGroupM ? (tiles_m - first_m) : kGroupM;
     const int64_t in_group = w % group_tiles;
-    *m0 = static_cast<int>((first_m + in_group % rows_here) * kS4BM);
-    *n0 = static_cast<int>((in_group / rows_here) * kS4BN);
+    *m0 = static_cast<int>((first_m + in_group % rows_here) * BM);
+    *n0 = static_cast<int>((in_group / rows_here) * C::kRowsW);
   };
   const int k_tiles = (K + kBK - 1) / kBK;
   const int wg = threadIdx.x / 128;
@@ -461,15 +510,17 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_s8s4_sm90_kernel(
   if (threadIdx.x == 0) {
     for (int s = 0; s < kS4Stages; ++s) {
       mbar_init(full(s), 1);
-      mbar_init(empty(s), 4 * kConsumers);
+      mbar_init(empty(s), 4 * CW);
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
   }
   __syncthreads();
 
+  // Two consumers: registers move from the producer (40) to them (232), as in the int8 kernel. One
+  // consumer: the launch's 232 per thread already suffice (256 threads), no move.
   if (wg == 0) {
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
+    if constexpr (CW == 2) asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
     if (threadIdx.x == 0) {
       asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&tm_x)) : "memory");
       asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&tm_w)) : "memory");
@@ -497,7 +548,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_s8s4_sm90_kernel(
     return;
   }
 
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
+  if constexpr (CW == 2) asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
   const int cw = wg - 1;  // weight rows 64*cw .. 64*cw+63 of the tile
   const int t = threadIdx.x % 128;
   const int warp = t / 32, lane = t % 32;
@@ -506,7 +557,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_s8s4_sm90_kernel(
   const uint32_t gather = (tq & 1) ? 0x7632u : 0x5410u;
   const uint32_t row_off = uint32_t(64 * cw + 16 * warp + g) * (kBK / 2);
   const float a_scale = __ldg(alpha);
-  int32_t acc[kAcc];  // the tile's first wgmma (scale-d 0) writes them; k_tiles >= 1
+  int32_t acc[C::kAcc];  // the tile's first wgmma (scale-d 0) writes them; k_tiles >= 1
   int s = 0, prev_s = 0;  // ring position as the producer's
   uint32_t ph = 0;
   auto advance = [&] {
@@ -534,15 +585,15 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_s8s4_sm90_kernel(
 #pragma unroll
       for (int ks = 0; ks < kBK / kMmaK; ++ks) {
         const int P = ks & 1;
-        pin(acc);
+        pin_acc(acc);
         wgmma_fence();
         // The tile's first wgmma starts the sum (scale-d 0): zeroing the accumulators with moves would
         // make ptxas serialize the wgmmas.
-        wgmma_s8_n256_rs(acc, ra[P], smem_desc(slot + ks * kMmaK), kt > 0 || ks > 0 ? 1u : 0u);
+        wgmma_s8_rs<BM>(acc, ra[P], smem_desc(slot + ks * kMmaK), kt > 0 || ks > 0 ? 1u : 0u);
         wgmma_commit();
-        pin(acc);
+        pin_acc(acc);
         wgmma_wait<1>();  // the previous step has retired: its registers (and at ks == 0 its stage) are free
-        pin(acc);
+        pin_acc(acc);
         if (ks == 0 && kt > 0 && lane == 0) mbar_arrive(empty(prev_s));
         if (ks + 1 < kBK / kMmaK) {
           load_a_step(ra[1 - P], wrow, wrow + 8 * (kBK / 2), ks + 1, t_hi_word, gather);
@@ -555,7 +606,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_s8s4_sm90_kernel(
       }
     }
     wgmma_wait<0>();
-    pin(acc);
+    pin_acc(acc);
     if (lane == 0) mbar_arrive(empty(prev_s));
 
     // Epilogue: acc[4j + 2h + e] is out[m0 + 8j + 2tq + e][n0 + 64cw + 16warp + g + 8h].
@@ -570,7 +621,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_s8s4_sm90_kernel(
       for (int h = 0; h < 2; ++h) {
         const int64_t n_pair = n_lane + 8 * h - (odd ? 1 : 0);  // even
 #pragma unroll
-        for (int j = 0; j < kS4BM / 8; ++j) {
+        for (int j = 0; j < BM / 8; ++j) {
           const float v0 = dequant(acc[4 * j + 2 * h], a_scale);
           const float v1 = dequant(acc[4 * j + 2 * h + 1], a_scale);
           const float recv = __shfl_xor_sync(0xffffffffu, odd ? v0 : v1, 4);
@@ -592,7 +643,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_s8s4_sm90_kernel(
         const int64_t n = n_lane + 8 * h;
         if (n >= N) continue;
 #pragma unroll
-        for (int j = 0; j < kS4BM / 8; ++j) {
+        for (int j = 0; j < BM / 8; ++j) {
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             const int64_t m = m_lane + 8 * j + e;
@@ -653,18 +704,29 @@ bool s4_device_ready(int device) {
   const int st = state[device].load(std::memory_order_acquire);
   if (st != 0) return st == 1;
   bool ok = device_ready(device);  // cc 9.0, 227 KB of shared memory, the tensor-map encoder
-  auto prepare = [&](auto kernel) {
+  auto prepare = [&](auto kernel, int smem) {
     cudaFuncAttributes attr{};
     return cudaFuncGetAttributes(&attr, kernel) == cudaSuccess && attr.ptxVersion >= 90 &&
            attr.binaryVersion == 90 &&
-           cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kS4SmemBytes) == cudaSuccess;
+           cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) == cudaSuccess;
   };
-  ok = ok && prepare(gemm_s8s4_sm90_kernel<float>) && prepare(gemm_s8s4_sm90_kernel<__half>) &&
-       prepare(gemm_s8s4_sm90_kernel<__nv_bfloat16>);
+  auto prepare_types = [&](auto cfg) {
+    using C = decltype(cfg);
+    return prepare(gemm_s8s4_sm90_kernel<float, C::kBM, C::kRowsW / 64>, C::kSmemBytes) &&
+           prepare(gemm_s8s4_sm90_kernel<__half, C::kBM, C::kRowsW / 64>, C::kSmemBytes) &&
+           prepare(gemm_s8s4_sm90_kernel<__nv_bfloat16, C::kBM, C::kRowsW / 64>, C::kSmemBytes);
+  };
+  ok = ok && prepare_types(S4Cfg<256, 2>{}) && prepare_types(S4Cfg<256, 1>{}) && prepare_types(S4Cfg<64, 1>{}) &&
+       prepare_types(S4Cfg<16, 1>{});
   cudaGetLastError();
   state[device].store(ok ? 1 : 2, std::memory_order_release);
   return ok;
 }
+
+// One int4-weight call on tile shape (BM, CW): tensor maps, persistent grid, launch.
+template <int BM, int CW>
+Status launch_s4(const char* fn, const int8_t* A, int64_t lda, const int8_t* Bp, int64_t ldbp, int64_t M, int64_t N,
+                 int64_t K, const float* alpha, DType otype, void* out, int64_t ldo, cudaStream_t stream, int sms);
 
 bool tma_ok(const int8_t* p, int64_t ld, int64_t stride, int64_t batch) {
   return reinterpret_cast<uintptr_t>(p) % 16 == 0 && ld % 16 == 0 && (batch == 1 || stride % 16 == 0);
@@ -685,6 +747,39 @@ bool make_map(CUtensorMap* map, const int8_t* p, int64_t K, int64_t rows, int64_
                                  elem, CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle,
                                  CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   return r == CUDA_SUCCESS;
+}
+
+template <int BM, int CW>
+Status launch_s4(const char* fn, const int8_t* A, int64_t lda, const int8_t* Bp, int64_t ldbp, int64_t M, int64_t N,
+                 int64_t K, const float* alpha, DType otype, void* out, int64_t ldo, cudaStream_t stream, int sms) {
+  using C = S4Cfg<BM, CW>;
+  CUtensorMap mx, mw;
+  if (!make_map(&mx, A, K, M, lda, 0, 1, BM) ||
+      !make_map(&mw, Bp, (K + 1) / 2, N, ldbp, 0, 1, C::kRowsW, kBK / 2, CU_TENSOR_MAP_SWIZZLE_NONE))
+    return Status::device(validate::err(fn, "cuTensorMapEncodeTiled rejected the operands (lda=" +
+                                                std::to_string(lda) + ", ldbp=" + std::to_string(ldbp) + ")"));
+  const int64_t tiles_m = (M + BM - 1) / BM, tiles_n = (N + C::kRowsW - 1) / C::kRowsW;
+  const int64_t work = tiles_m * tiles_n;
+  const unsigned grid = static_cast<unsigned>(work < sms ? work : sms);
+  const int k = static_cast<int>(K);
+  switch (otype) {
+    case DType::kFloat32:
+      gemm_s8s4_sm90_kernel<float, BM, CW><<<grid, C::kThreads, C::kSmemBytes, stream>>>(
+          mx, mw, M, N, k, alpha, static_cast<float*>(out), ldo, tiles_m, tiles_n);
+      break;
+    case DType::kFloat16:
+      gemm_s8s4_sm90_kernel<__half, BM, CW><<<grid, C::kThreads, C::kSmemBytes, stream>>>(
+          mx, mw, M, N, k, alpha, static_cast<__half*>(out), ldo, tiles_m, tiles_n);
+      break;
+    case DType::kBFloat16:
+      gemm_s8s4_sm90_kernel<__nv_bfloat16, BM, CW><<<grid, C::kThreads, C::kSmemBytes, stream>>>(
+          mx, mw, M, N, k, alpha, static_cast<__nv_bfloat16*>(out), ldo, tiles_m, tiles_n);
+      break;
+  }
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess)
+    return Status::device(validate::err(fn, std::string("kernel launch failed: ") + cudaGetErrorString(err)));
+  return Status::ok();
 }
 
 template <typename OutT>
@@ -795,40 +890,20 @@ Status gemm_s8s4_scaled(const int8_t* A, int64_t lda, const int8_t* Bp, int64_t 
         fn, "this call cannot run on the int4-weight kernel (needs a compute capability 9.0 device with the sm_90a "
             "build, 1 <= K, 16-byte aligned A and Bp with lda and ldbp multiples of 16); unpack_s4 + "
             "gemm_s8_scaled gives the same result"));
-  CUtensorMap mx, mw;
-  if (!make_map(&mx, A, K, M, lda, 0, 1, kS4BM) ||
-      !make_map(&mw, Bp, (K + 1) / 2, N, ldbp, 0, 1, kS4BN, kBK / 2, CU_TENSOR_MAP_SWIZZLE_NONE))
-    return Status::device(validate::err(fn, "cuTensorMapEncodeTiled rejected the operands (lda=" +
-                                                std::to_string(lda) + ", ldbp=" + std::to_string(ldbp) + ")"));
   int device = 0;
   if (cudaGetDevice(&device) != cudaSuccess) {
     cudaGetLastError();
     device = -1;
   }
-  const int64_t tiles_m = (M + kS4BM - 1) / kS4BM, tiles_n = (N + kS4BN - 1) / kS4BN;
-  const int64_t work = tiles_m * tiles_n;
   const int sms = device_sms(device);
-  const unsigned grid = static_cast<unsigned>(work < sms ? work : sms);
   const cudaStream_t cs = reinterpret_cast<cudaStream_t>(stream);
-  const int k = static_cast<int>(K);
-  switch (otype) {
-    case DType::kFloat32:
-      gemm_s8s4_sm90_kernel<float><<<grid, kThreads, kS4SmemBytes, cs>>>(mx, mw, M, N, k, alpha,
-                                                                          static_cast<float*>(out), ldo, tiles_m, tiles_n);
-      break;
-    case DType::kFloat16:
-      gemm_s8s4_sm90_kernel<__half><<<grid, kThreads, kS4SmemBytes, cs>>>(mx, mw, M, N, k, alpha,
-                                                                           static_cast<__half*>(out), ldo, tiles_m, tiles_n);
-      break;
-    case DType::kBFloat16:
-      gemm_s8s4_sm90_kernel<__nv_bfloat16><<<grid, kThreads, kS4SmemBytes, cs>>>(
-          mx, mw, M, N, k, alpha, static_cast<__nv_bfloat16*>(out), ldo, tiles_m, tiles_n);
-      break;
-  }
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess)
-    return Status::device(validate::err(fn, std::string("kernel launch failed: ") + cudaGetErrorString(err)));
-  return Status::ok();
+  // The tile: as narrow in activation rows as M allows (the wgmma's N), and one consumer warpgroup (64
+  // weight rows per tile, twice the tiles) when two would leave SMs idle.
+  if (M <= 16) return launch_s4<16, 1>(fn, A, lda, Bp, ldbp, M, N, K, alpha, otype, out, ldo, cs, sms);
+  if (M <= 64) return launch_s4<64, 1>(fn, A, lda, Bp, ldbp, M, N, K, alpha, otype, out, ldo, cs, sms);
+  if (((M + 255) / 256) * ((N + 127) / 128) < sms)
+    return launch_s4<256, 1>(fn, A, lda, Bp, ldbp, M, N, K, alpha, otype, out, ldo, cs, sms);
+  return launch_s4<256, 2>(fn, A, lda, Bp, ldbp, M, N, K, alpha, otype, out, ldo, cs, sms);
 }
 
 }  // namespace cuda
