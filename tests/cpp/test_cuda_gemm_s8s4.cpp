@@ -200,7 +200,8 @@ TEST_F(CudaGemmS8S4, SanitizerSmoke) {
 TEST_F(CudaGemmS8S4, PerfReport) {
   struct Shape { int64_t M, N, K; };
   const Shape shapes[] = {{8192, 8192, 8192}, {8192, 4096, 4096}, {4096, 4096, 4096}, {2048, 8192, 8192},
-                          {2048, 4096, 4096}, {256, 8192, 8192},  {16, 8192, 8192}};
+                          {2048, 4096, 4096}, {256, 8192, 8192},  {64, 8192, 8192}, {16, 8192, 8192},
+                          {16, 4096, 4096}};
   const size_t max_ab = size_t(8192) * 8192, max_out = size_t(8192) * 8192 * 2;
   DeviceBuffer da(max_ab), db(max_ab / 2), dcodes(max_ab), dout(max_out), dalpha(4);
   ASSERT_TRUE(da.ok() && db.ok() && dcodes.ok() && dout.ok() && dalpha.ok());

@@ -327,11 +327,19 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_s8_sm90_kernel(
 // registers, never stored as int8.
 //
 //   * Orientation out^T = W . A^T, as in wq_wg.cu: the WEIGHTS are wgmma's A operand (64 weight rows x 32 k
-//     per instruction, from registers), the activations its B operand (256 rows x 32 k, from shared memory
-//     through the 128B-swizzle descriptor, exactly the tile the int8 kernel above uses for its B). CTA tile:
-//     128 weight rows (two consumer warpgroups of 64) x 256 activation rows, 128 k per stage.
-//   * Stage: the activation tile by TMA as above (32 KB, 128B swizzle) and the packed weight tile by TMA
-//     without swizzle (128 rows x 64 bytes = 8 KB: row r at byte 64 r); 5 stages (200 KB).
+//     per instruction, from registers), the activations its B operand (BM rows x 32 k, from shared memory
+//     through the 128B-swizzle descriptor, the tile the int8 kernel above uses for its B). 128 k per stage.
+//   * Tile shapes (S4Cfg below; the host picks by M): BM activation rows = the wgmma N (256; 64 or 16 for
+//     few rows, where a 256-wide instruction would spend its work on zero rows) x 64 CW weight rows (CW
+//     consumer warpgroups: 2, or 1 when two would leave SMs idle), and KS consumer warpgroups per
+//     weight-row block splitting the k-tiles (k-tile kt goes to consumer kt % KS; their int32 partial sums
+//     are added exactly, in consumer order, through shared memory, so the result is the same integer
+//     sum): with few rows the work per k-step is small and each consumer's chain of load -> unpack ->
+//     wgmma -> wait is the limit, so several run side by side. M <= 16: (16, 1, 6); M <= 64: (64, 1, 3);
+//     else (256, 2, 1) or (256, 1, 1).
+//   * Stage: the activation tile by TMA (BM x 128 bytes, 128B swizzle) and the packed weight tile by TMA
+//     without swizzle (64 CW rows x 64 bytes: row r at byte 64 r); 5 stages for BM = 256, else 8 or more
+//     (>= 2 KS: every k-split consumer's next k-tile must fit while the others hold theirs).
 //   * A fragment (mma.m16n8k32's 8-bit layout; warp w of the warpgroup takes weight rows 16w .. 16w + 15):
 //     lane (g, t) = (lane / 4, lane % 4) holds, for k-step s (32 k), a0 = row g, k 4t .. 4t + 3; a1 = row
 //     g + 8, same k; a2 = row g, k 16 + 4t .. 16 + 4t + 3; a3 = row g + 8, same k (lowest k in the lowest
@@ -344,11 +352,12 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_s8_sm90_kernel(
 //     the wgmma of step q runs; wgmma.wait_group 1 after each issue retires step q - 1, whose registers
 //     (and, at a stage's first step, the previous stage) are then free. A stage-wide variant (16 + 16
 //     registers, one wait per 4 wgmmas) ran at the same speed with spills in the 16-bit epilogue.
-//   * Speed (H100, bf16 out): 8192^3 809 us against 657 us for the int8 kernel on unpacked weights
-//     (+ 50 us for unpack_s4): the tensor pipe is 71 % busy (the int8 kernel is bound by the shared-memory
-//     pipe at 88 %); the register-sourced wgmma alone (no unpacking: 751 us) and the unpacking (+58 us)
-//     both cost. It wins where the unpack pass weighs more (fewer rows: M = 2048, N = K = 8192 213 us
-//     against 218-240 us), so callers take it up to kGemmS8S4FusedMaxRows rows (gemm_s8.h).
+//   * Speed (H100, bf16 out, N = K = 8192; int8 kernel on unpacked weights / unpack_s4 + it): M = 16
+//     24 us (50 / 93 us), M = 64 27.5 us (50 / 93), M = 256 50-52 us (51 / 94), M = 2048 210-216 us
+//     (176 / 216-228), M = 8192 800-820 us (657 / 700-714). At large M the tensor pipe is 71 % busy (the
+//     int8 kernel is bound by the shared-memory pipe at 88 %): the register-sourced wgmma alone (no
+//     unpacking: 751 us) and the unpacking (+58 us) both cost, so callers take this kernel up to
+//     kGemmS8S4FusedMaxRows rows (gemm_s8.h) and unpack first beyond.
 //   * Tails: TMA zero-fills activation bytes past K and rows past M, and packed bytes past ceil(K/2) and
 //     rows past N: a weight nibble past K (odd K's padding nibble included) meets a zero activation, so
 //     it adds 0 whatever it holds. The epilogue stores in-bounds outputs only.
@@ -356,22 +365,25 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_s8_sm90_kernel(
 //     (+ 1) of the activation tile: 16-bit outputs swap one value with lane g ^ 1 so each lane stores two
 //     adjacent n as one word; fp32 outputs store singly (8 lanes cover 32 contiguous bytes). dequant of
 //     gemm_s8_internal.cuh: bitwise the int8 kernels' outputs.
-// Tile shapes: BM activation rows (the wgmma N: 256, or 64 / 16 for few rows, where a 256-wide
-// instruction would spend its work on zero rows) x 64 CW weight rows (CW consumer warpgroups: 2, or 1 when
-// the layer has too few tiles to fill the GPU otherwise). Few-row tiles take more stages: they stream
-// the weights, and more bytes in flight per SM is what keeps the copy engine busy.
-template <int BM, int CW>
+template <int BM, int CW, int KS>
 struct S4Cfg {
   static constexpr int kBM = BM;                    // activation rows per tile (= wgmma N)
+  static constexpr int kCW = CW, kKS = KS;
   static constexpr int kRowsW = 64 * CW;            // weight rows per tile
-  static constexpr int kThreads = 128 * (1 + CW);   // producer warpgroup + CW consumers
+  static constexpr int kConsumerThreads = 128 * CW * KS;
+  static constexpr int kThreads = 128 + kConsumerThreads;  // producer warpgroup + consumers
   static constexpr int kTileX = BM * kBK;           // activation bytes per stage
   static constexpr int kTileW = kRowsW * (kBK / 2);  // int4-pair bytes per stage
   static constexpr int kStageBytes = kTileX + kTileW;
-  static constexpr int kStages = BM >= 256 ? 5 : 8;
-  static constexpr int kSmemBytes = kAlignSlack + kStages * kStageBytes + 2 * kStages * 8;
+  // 5 for the wide tiles (4 ran 9 % slower at 8192^3), 8 for the streaming few-row tiles (>= 2 KS, so
+  // that every consumer's next k-tile fits in the ring while the other consumers hold theirs).
+  static constexpr int kStages = BM >= 256 ? 5 : (2 * KS > 8 ? 2 * KS : 8);
   static constexpr int kAcc = BM / 2;               // int32 accumulators per consumer thread
+  // The k-split consumers' partial sums for the reduction: [KS - 1][kAcc][128 CW] int32.
+  static constexpr int kScratchBytes = (KS - 1) * kAcc * 128 * CW * 4;
+  static constexpr int kSmemBytes = kAlignSlack + kStages * kStageBytes + 2 * kStages * 8 + kScratchBytes;
   static_assert(kStageBytes % 1024 == 0, "stage buffers must stay 1024-byte aligned");
+  static_assert(kStages >= 2 * KS, "each k-split consumer needs its current and next k-tile in the ring");
   static_assert(kSmemBytes <= 227 * 1024, "sm_90 allows 227 KB of shared memory per block");
 };
 
@@ -479,14 +491,14 @@ __device__ __forceinline__ void load_a_step(uint32_t (&a)[4], uint32_t row_lo, u
 }
 #endif  // LOWBIT_SM90A_DEVICE
 
-template <typename OutT, int BM, int CW>
-__global__ void __launch_bounds__(S4Cfg<BM, CW>::kThreads, 1) gemm_s8s4_sm90_kernel(
+template <typename OutT, int BM, int CW, int KS>
+__global__ void __launch_bounds__(S4Cfg<BM, CW, KS>::kThreads, 1) gemm_s8s4_sm90_kernel(
     const __grid_constant__ CUtensorMap tm_x,  // activations (M, K) int8, box 128 K x BM rows, 128B swizzle
     const __grid_constant__ CUtensorMap tm_w,  // weights (N, ceil(K/2)) int4 pairs, box 64 bytes x 64 CW rows
     int64_t M, int64_t N, int K, const float* __restrict__ alpha, OutT* __restrict__ out, int64_t ldo,
     int64_t tiles_m, int64_t tiles_n) {
 #ifdef LOWBIT_SM90A_DEVICE
-  using C = S4Cfg<BM, CW>;
+  using C = S4Cfg<BM, CW, KS>;
   constexpr int kS4Stages = C::kStages, kS4StageBytes = C::kStageBytes, kS4TileX = C::kTileX;
   extern __shared__ uint8_t smem_raw[];
   const uint32_t raw = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
@@ -524,9 +536,8 @@ __global__ void __launch_bounds__(S4Cfg<BM, CW>::kThreads, 1) gemm_s8s4_sm90_ker
     if (threadIdx.x == 0) {
       asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&tm_x)) : "memory");
       asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&tm_w)) : "memory");
-      // Ring position (stage s, phase parity ph) counted incrementally: a 64-bit `it % 5` per k-tile cost
-      // a dozen uniform instructions on the consumers' critical path. Round 0's empty waits (parity 1)
-      // pass at once.
+      // Ring position: stage s, phase parity ph (the consumers' it_tile counts the same positions). Round
+      // 0's empty waits (parity 1) pass at once.
       int s = 0;
       uint32_t ph = 0;
       for (int64_t w = blockIdx.x; w < work; w += gridDim.x) {
@@ -549,7 +560,9 @@ __global__ void __launch_bounds__(S4Cfg<BM, CW>::kThreads, 1) gemm_s8s4_sm90_ker
   }
 
   if constexpr (CW == 2) asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
-  const int cw = wg - 1;  // weight rows 64*cw .. 64*cw+63 of the tile
+  const int cidx = wg - 1;
+  const int cw = cidx % CW;  // weight rows 64*cw .. 64*cw+63 of the tile
+  const int kc = cidx / CW;  // k-split lane: k-tiles kc, kc + KS, ...
   const int t = threadIdx.x % 128;
   const int warp = t / 32, lane = t % 32;
   const int g = lane / 4, tq = lane % 4;
@@ -557,57 +570,100 @@ __global__ void __launch_bounds__(S4Cfg<BM, CW>::kThreads, 1) gemm_s8s4_sm90_ker
   const uint32_t gather = (tq & 1) ? 0x7632u : 0x5410u;
   const uint32_t row_off = uint32_t(64 * cw + 16 * warp + g) * (kBK / 2);
   const float a_scale = __ldg(alpha);
-  int32_t acc[C::kAcc];  // the tile's first wgmma (scale-d 0) writes them; k_tiles >= 1
-  int s = 0, prev_s = 0;  // ring position as the producer's
+  const uint32_t scratch = bars + 2 * kS4Stages * 8;  // 16-byte aligned (bars is 1024-aligned)
+  int32_t acc[C::kAcc];  // the tile's first wgmma (scale-d 0) writes them
+  // Ring position of this consumer's current k-tile: stage s, phase parity ph, counted incrementally (a
+  // division per k-tile on the consumers' critical path cost 10-14 % at 8192^3); its next k-tile is KS
+  // positions on (KS <= kStages). Without k-split it runs on across tiles as the producer's does; with
+  // it, each tile's start is recomputed from it_tile.
+  int s = 0, prev_s = 0;
   uint32_t ph = 0;
   auto advance = [&] {
     prev_s = s;
-    if (++s == kS4Stages) {
-      s = 0;
+    s += KS;
+    if (s >= kS4Stages) {
+      s -= kS4Stages;
       ph ^= 1u;
     }
   };
-  for (int64_t w = blockIdx.x; w < work; w += gridDim.x) {
+  uint32_t it_tile = 0;  // ring position of this tile's k-tile 0 (k-tiles the CTA streamed before it; 32 bits:
+                         // tiles per CTA x k-tiles stays far below 2^32)
+  for (int64_t w = blockIdx.x; w < work; w += gridDim.x, it_tile += uint32_t(k_tiles)) {
     int m0, n0;
     locate(w, &m0, &n0);
-    // k-step by k-step: the fragment of step q + 1 is loaded and unpacked into the other register set
-    // while the wgmma of step q runs (wgmma.wait_group 1 after each issue: step q - 1 has retired, its
-    // registers are free).
-    uint32_t ra[2][4];
-    {
+    const int my_tiles = KS == 1 ? k_tiles : (k_tiles > kc ? (k_tiles - kc + KS - 1) / KS : 0);
+    // (Without k-split the branch is compiled out: around the wgmma pipeline it cost 7 % at 8192^3.)
+    if (KS == 1 || my_tiles > 0) {
+      if constexpr (KS > 1) {  // this consumer's first k-tile of the tile (one division per tile)
+        const uint32_t p0 = it_tile + uint32_t(kc);
+        s = static_cast<int>(p0 % kS4Stages);
+        ph = (p0 / kS4Stages) & 1u;
+      }
+      auto wrow_of = [&](int st) { return base + uint32_t(st) * kS4StageBytes + kS4TileX + row_off; };
+      // k-step by k-step: the fragment of step q + 1 is loaded and unpacked into the other register set
+      // while the wgmma of step q runs (wgmma.wait_group 1 after each issue: step q - 1 has retired, its
+      // registers are free, and at a k-tile's first step so is the previous k-tile's stage).
+      uint32_t ra[2][4];
       mbar_wait(full(s), ph);
-      const uint32_t wrow = base + uint32_t(s) * kS4StageBytes + kS4TileX + row_off;
-      load_a_step(ra[0], wrow, wrow + 8 * (kBK / 2), 0, t_hi_word, gather);
-    }
-    for (int kt = 0; kt < k_tiles; ++kt, advance()) {
-      const uint32_t slot = base + uint32_t(s) * kS4StageBytes;
-      const uint32_t wrow = slot + kS4TileX + row_off;
+      load_a_step(ra[0], wrow_of(s), wrow_of(s) + 8 * (kBK / 2), 0, t_hi_word, gather);
+      for (int i = 0; i < my_tiles; ++i, advance()) {
+        const uint32_t slot = base + uint32_t(s) * kS4StageBytes;
+        const uint32_t wrow = slot + kS4TileX + row_off;
 #pragma unroll
-      for (int ks = 0; ks < kBK / kMmaK; ++ks) {
-        const int P = ks & 1;
-        pin_acc(acc);
-        wgmma_fence();
-        // The tile's first wgmma starts the sum (scale-d 0): zeroing the accumulators with moves would
-        // make ptxas serialize the wgmmas.
-        wgmma_s8_rs<BM>(acc, ra[P], smem_desc(slot + ks * kMmaK), kt > 0 || ks > 0 ? 1u : 0u);
-        wgmma_commit();
-        pin_acc(acc);
-        wgmma_wait<1>();  // the previous step has retired: its registers (and at ks == 0 its stage) are free
-        pin_acc(acc);
-        if (ks == 0 && kt > 0 && lane == 0) mbar_arrive(empty(prev_s));
-        if (ks + 1 < kBK / kMmaK) {
-          load_a_step(ra[1 - P], wrow, wrow + 8 * (kBK / 2), ks + 1, t_hi_word, gather);
-        } else if (kt + 1 < k_tiles) {
-          const int sn = s + 1 == kS4Stages ? 0 : s + 1;
-          mbar_wait(full(sn), sn == 0 ? ph ^ 1u : ph);
-          const uint32_t nrow = base + uint32_t(sn) * kS4StageBytes + kS4TileX + row_off;
-          load_a_step(ra[1 - P], nrow, nrow + 8 * (kBK / 2), 0, t_hi_word, gather);
+        for (int ks = 0; ks < kBK / kMmaK; ++ks) {
+          const int P = ks & 1;
+          pin_acc(acc);
+          wgmma_fence();
+          // The tile's first wgmma starts the sum (scale-d 0): zeroing the accumulators with moves would
+          // make ptxas serialize the wgmmas.
+          wgmma_s8_rs<BM>(acc, ra[P], smem_desc(slot + ks * kMmaK), i > 0 || ks > 0 ? 1u : 0u);
+          wgmma_commit();
+          pin_acc(acc);
+          wgmma_wait<1>();
+          pin_acc(acc);
+          if (ks == 0 && i > 0 && lane == 0) mbar_arrive(empty(prev_s));
+          if (ks + 1 < kBK / kMmaK) {
+            load_a_step(ra[1 - P], wrow, wrow + 8 * (kBK / 2), ks + 1, t_hi_word, gather);
+          } else if (i + 1 < my_tiles) {
+            const int sn = s + KS >= kS4Stages ? s + KS - kS4Stages : s + KS;
+            mbar_wait(full(sn), s + KS >= kS4Stages ? ph ^ 1u : ph);
+            load_a_step(ra[1 - P], wrow_of(sn), wrow_of(sn) + 8 * (kBK / 2), 0, t_hi_word, gather);
+          }
         }
       }
+      wgmma_wait<0>();
+      pin_acc(acc);
+      if (lane == 0) mbar_arrive(empty(prev_s));
     }
-    wgmma_wait<0>();
-    pin_acc(acc);
-    if (lane == 0) mbar_arrive(empty(prev_s));
+    if constexpr (KS > 1) {
+      // Exact int32 reduction of the k-split partial sums, in consumer order, by consumer 0 (kc == 0,
+      // which always has k-tiles). Named barrier 1 over the consumer threads only.
+      const uint32_t slot_of = uint32_t(cw * 128 + t) * 4u;
+      if (kc > 0 && my_tiles > 0) {
+#pragma unroll
+        for (int r = 0; r < C::kAcc; ++r)
+          asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(scratch + uint32_t(((kc - 1) * C::kAcc + r) * 128 * CW) * 4u +
+                                                               slot_of),
+                       "r"(acc[r])
+                       : "memory");
+      }
+      asm volatile("bar.sync 1, %0;\n" ::"n"(C::kConsumerThreads) : "memory");
+      if (kc == 0) {
+        for (int q = 1; q < KS && q < k_tiles; ++q) {
+#pragma unroll
+          for (int r = 0; r < C::kAcc; ++r) {
+            int32_t v;
+            asm volatile("ld.shared.u32 %0, [%1];\n"
+                         : "=r"(v)
+                         : "r"(scratch + uint32_t(((q - 1) * C::kAcc + r) * 128 * CW) * 4u + slot_of)
+                         : "memory");
+            acc[r] += v;
+          }
+        }
+      }
+      asm volatile("bar.sync 1, %0;\n" ::"n"(C::kConsumerThreads) : "memory");  // scratch free again
+      if (kc != 0) continue;
+    }
 
     // Epilogue: acc[4j + 2h + e] is out[m0 + 8j + 2tq + e][n0 + 64cw + 16warp + g + 8h].
     const int64_t n_lane = int64_t(n0) + 64 * cw + 16 * warp + g;
@@ -712,19 +768,19 @@ bool s4_device_ready(int device) {
   };
   auto prepare_types = [&](auto cfg) {
     using C = decltype(cfg);
-    return prepare(gemm_s8s4_sm90_kernel<float, C::kBM, C::kRowsW / 64>, C::kSmemBytes) &&
-           prepare(gemm_s8s4_sm90_kernel<__half, C::kBM, C::kRowsW / 64>, C::kSmemBytes) &&
-           prepare(gemm_s8s4_sm90_kernel<__nv_bfloat16, C::kBM, C::kRowsW / 64>, C::kSmemBytes);
+    return prepare(gemm_s8s4_sm90_kernel<float, C::kBM, C::kCW, C::kKS>, C::kSmemBytes) &&
+           prepare(gemm_s8s4_sm90_kernel<__half, C::kBM, C::kCW, C::kKS>, C::kSmemBytes) &&
+           prepare(gemm_s8s4_sm90_kernel<__nv_bfloat16, C::kBM, C::kCW, C::kKS>, C::kSmemBytes);
   };
-  ok = ok && prepare_types(S4Cfg<256, 2>{}) && prepare_types(S4Cfg<256, 1>{}) && prepare_types(S4Cfg<64, 1>{}) &&
-       prepare_types(S4Cfg<16, 1>{});
+  ok = ok && prepare_types(S4Cfg<256, 2, 1>{}) && prepare_types(S4Cfg<256, 1, 1>{}) &&
+       prepare_types(S4Cfg<64, 1, 3>{}) && prepare_types(S4Cfg<16, 1, 6>{});
   cudaGetLastError();
   state[device].store(ok ? 1 : 2, std::memory_order_release);
   return ok;
 }
 
-// One int4-weight call on tile shape (BM, CW): tensor maps, persistent grid, launch.
-template <int BM, int CW>
+// One int4-weight call on tile shape (BM, CW, KS): tensor maps, persistent grid, launch.
+template <int BM, int CW, int KS>
 Status launch_s4(const char* fn, const int8_t* A, int64_t lda, const int8_t* Bp, int64_t ldbp, int64_t M, int64_t N,
                  int64_t K, const float* alpha, DType otype, void* out, int64_t ldo, cudaStream_t stream, int sms);
 
@@ -749,10 +805,10 @@ bool make_map(CUtensorMap* map, const int8_t* p, int64_t K, int64_t rows, int64_
   return r == CUDA_SUCCESS;
 }
 
-template <int BM, int CW>
+template <int BM, int CW, int KS>
 Status launch_s4(const char* fn, const int8_t* A, int64_t lda, const int8_t* Bp, int64_t ldbp, int64_t M, int64_t N,
                  int64_t K, const float* alpha, DType otype, void* out, int64_t ldo, cudaStream_t stream, int sms) {
-  using C = S4Cfg<BM, CW>;
+  using C = S4Cfg<BM, CW, KS>;
   CUtensorMap mx, mw;
   if (!make_map(&mx, A, K, M, lda, 0, 1, BM) ||
       !make_map(&mw, Bp, (K + 1) / 2, N, ldbp, 0, 1, C::kRowsW, kBK / 2, CU_TENSOR_MAP_SWIZZLE_NONE))
@@ -764,15 +820,15 @@ Status launch_s4(const char* fn, const int8_t* A, int64_t lda, const int8_t* Bp,
   const int k = static_cast<int>(K);
   switch (otype) {
     case DType::kFloat32:
-      gemm_s8s4_sm90_kernel<float, BM, CW><<<grid, C::kThreads, C::kSmemBytes, stream>>>(
+      gemm_s8s4_sm90_kernel<float, BM, CW, KS><<<grid, C::kThreads, C::kSmemBytes, stream>>>(
           mx, mw, M, N, k, alpha, static_cast<float*>(out), ldo, tiles_m, tiles_n);
       break;
     case DType::kFloat16:
-      gemm_s8s4_sm90_kernel<__half, BM, CW><<<grid, C::kThreads, C::kSmemBytes, stream>>>(
+      gemm_s8s4_sm90_kernel<__half, BM, CW, KS><<<grid, C::kThreads, C::kSmemBytes, stream>>>(
           mx, mw, M, N, k, alpha, static_cast<__half*>(out), ldo, tiles_m, tiles_n);
       break;
     case DType::kBFloat16:
-      gemm_s8s4_sm90_kernel<__nv_bfloat16, BM, CW><<<grid, C::kThreads, C::kSmemBytes, stream>>>(
+      gemm_s8s4_sm90_kernel<__nv_bfloat16, BM, CW, KS><<<grid, C::kThreads, C::kSmemBytes, stream>>>(
           mx, mw, M, N, k, alpha, static_cast<__nv_bfloat16*>(out), ldo, tiles_m, tiles_n);
       break;
   }
@@ -899,11 +955,11 @@ Status gemm_s8s4_scaled(const int8_t* A, int64_t lda, const int8_t* Bp, int64_t 
   const cudaStream_t cs = reinterpret_cast<cudaStream_t>(stream);
   // The tile: as narrow in activation rows as M allows (the wgmma's N), and one consumer warpgroup (64
   // weight rows per tile, twice the tiles) when two would leave SMs idle.
-  if (M <= 16) return launch_s4<16, 1>(fn, A, lda, Bp, ldbp, M, N, K, alpha, otype, out, ldo, cs, sms);
-  if (M <= 64) return launch_s4<64, 1>(fn, A, lda, Bp, ldbp, M, N, K, alpha, otype, out, ldo, cs, sms);
+  if (M <= 16) return launch_s4<16, 1, 6>(fn, A, lda, Bp, ldbp, M, N, K, alpha, otype, out, ldo, cs, sms);
+  if (M <= 64) return launch_s4<64, 1, 3>(fn, A, lda, Bp, ldbp, M, N, K, alpha, otype, out, ldo, cs, sms);
   if (((M + 255) / 256) * ((N + 127) / 128) < sms)
-    return launch_s4<256, 1>(fn, A, lda, Bp, ldbp, M, N, K, alpha, otype, out, ldo, cs, sms);
-  return launch_s4<256, 2>(fn, A, lda, Bp, ldbp, M, N, K, alpha, otype, out, ldo, cs, sms);
+    return launch_s4<256, 1, 1>(fn, A, lda, Bp, ldbp, M, N, K, alpha, otype, out, ldo, cs, sms);
+  return launch_s4<256, 2, 1>(fn, A, lda, Bp, ldbp, M, N, K, alpha, otype, out, ldo, cs, sms);
 }
 
 }  // namespace cuda

@@ -108,8 +108,9 @@ Status gemm_s8s4_scaled(const int8_t* A, int64_t lda, const int8_t* Bp, int64_t 
                         int64_t K, const float* alpha, DType otype, void* out, int64_t ldo, CUstream_st* stream);
 
 // Up to this many rows (M) the int4-weight kernel is the faster way; beyond, unpack_s4 + gemm_s8_scaled
-// (H100, N = K = 8192: M = 2048 213 vs 218-240 us, M = 8192 809 vs 709 us; the register-sourced wgmma
-// runs below the int8 kernel's rate, which the unpack pass's bytes outweigh only at fewer rows).
+// (H100, N = K = 8192: M = 16 24 vs 93 us, M = 2048 210-216 vs 216-228 us, M = 8192 800-820 vs 700-714
+// us; the register-sourced wgmma runs below the int8 kernel's rate, which the unpack pass's bytes
+// outweigh only up to about this many rows).
 constexpr int64_t kGemmS8S4FusedMaxRows = 2048;
 
 // The current device can run gemm_s8s4_scaled on these operands: compute capability 9.0 with the sm_90a
