@@ -17,21 +17,15 @@ struct GemmArgs {
   std::vector<int64_t> out_shape;
 };
 
-GemmArgs check_linear_s8(const at::Tensor& qx, const at::Tensor& qw, const at::Tensor& alpha,
-                         at::ScalarType out_dtype, const std::optional<at::Tensor>& row_scale) {
-  TORCH_CHECK(qx.defined() && qx.scalar_type() == at::kChar, kOp, ": qx must be an int8 tensor, got ",
-              qx.defined() ? c10::toString(qx.scalar_type()) : "None");
-  TORCH_CHECK(qw.defined() && qw.scalar_type() == at::kChar, kOp, ": qw must be an int8 tensor, got ",
-              qw.defined() ? c10::toString(qw.scalar_type()) : "None");
-  TORCH_CHECK(qx.dim() >= 1, kOp, ": qx must have at least one dimension");
-  TORCH_CHECK(qw.dim() == 2, kOp, ": qw must be 2-D (N, K), got shape ", qw.sizes());
-  const int64_t K = qw.size(1), N = qw.size(0);
-  TORCH_CHECK(qx.size(-1) == K, kOp, ": qx has ", qx.size(-1), " features in its last dim but qw expects K=", K);
-  TORCH_CHECK(K <= kMaxGemmS8K, kOp, ": K=", K, " exceeds ", kMaxGemmS8K,
+// qx's dtype and rank, the weight's dtype, K's bound, devices, alpha and out_dtype (shared by linear_s8 and
+// linear_s8s4); M = the product of qx's leading dims, out shape (..., N).
+GemmArgs gemm_args(const char* op, const at::Tensor& qx, const at::Tensor& w, const char* w_name, int64_t N,
+                   int64_t K, const at::Tensor& alpha, at::ScalarType out_dtype) {
+  TORCH_CHECK(K <= kMaxGemmS8K, op, ": K=", K, " exceeds ", kMaxGemmS8K,
               ", beyond which the int32 accumulator could overflow");
-  check_same_device(qx, "qx", qw, kOp, "qw");
-  check_scalar(alpha, qx, "qx", kOp, "alpha");
-  kernel_dtype(out_dtype, kOp, "out_dtype");
+  check_same_device(qx, "qx", w, op, w_name);
+  check_scalar(alpha, qx, "qx", op, "alpha");
+  kernel_dtype(out_dtype, op, "out_dtype");
   GemmArgs a;
   a.K = K;
   a.N = N;
@@ -39,6 +33,25 @@ GemmArgs check_linear_s8(const at::Tensor& qx, const at::Tensor& qw, const at::T
   for (int64_t d = 0; d + 1 < qx.dim(); ++d) a.M *= qx.size(d);
   a.out_shape = qx.sizes().vec();
   a.out_shape.back() = N;
+  return a;
+}
+
+void check_int8_operands(const char* op, const at::Tensor& qx, const at::Tensor& w, const char* w_name,
+                         const char* w_what) {
+  TORCH_CHECK(qx.defined() && qx.scalar_type() == at::kChar, op, ": qx must be an int8 tensor, got ",
+              qx.defined() ? c10::toString(qx.scalar_type()) : "None");
+  TORCH_CHECK(w.defined() && w.scalar_type() == at::kChar, op, ": ", w_name, " must be an int8 tensor", w_what,
+              ", got ", w.defined() ? c10::toString(w.scalar_type()) : "None");
+  TORCH_CHECK(qx.dim() >= 1, op, ": qx must have at least one dimension");
+}
+
+GemmArgs check_linear_s8(const at::Tensor& qx, const at::Tensor& qw, const at::Tensor& alpha,
+                         at::ScalarType out_dtype, const std::optional<at::Tensor>& row_scale) {
+  check_int8_operands(kOp, qx, qw, "qw", "");
+  TORCH_CHECK(qw.dim() == 2, kOp, ": qw must be 2-D (N, K), got shape ", qw.sizes());
+  const int64_t K = qw.size(1), N = qw.size(0);
+  TORCH_CHECK(qx.size(-1) == K, kOp, ": qx has ", qx.size(-1), " features in its last dim but qw expects K=", K);
+  GemmArgs a = gemm_args(kOp, qx, qw, "qw", N, K, alpha, out_dtype);
   if (row_scale.has_value() && row_scale->defined()) {
     const auto& rs = *row_scale;
     TORCH_CHECK(rs.scalar_type() == at::kFloat, kOp, ": row_scale must be float32, got ", rs.scalar_type());
@@ -125,29 +138,12 @@ constexpr const char* kOpS4 = "lowbit.linear_s8s4";
 
 GemmArgs check_linear_s8s4(const at::Tensor& qx, const at::Tensor& qw4, const at::Tensor& alpha,
                            at::ScalarType out_dtype) {
-  TORCH_CHECK(qx.defined() && qx.scalar_type() == at::kChar, kOpS4, ": qx must be an int8 tensor, got ",
-              qx.defined() ? c10::toString(qx.scalar_type()) : "None");
-  TORCH_CHECK(qw4.defined() && qw4.scalar_type() == at::kChar, kOpS4,
-              ": qw4 must be an int8 tensor of int4 pairs, got ",
-              qw4.defined() ? c10::toString(qw4.scalar_type()) : "None");
-  TORCH_CHECK(qx.dim() >= 1, kOpS4, ": qx must have at least one dimension");
+  check_int8_operands(kOpS4, qx, qw4, "qw4", " of int4 pairs");
   TORCH_CHECK(qw4.dim() == 2, kOpS4, ": qw4 must be 2-D (N, ceil(K/2)), got shape ", qw4.sizes());
   const int64_t K = qx.size(-1), N = qw4.size(0);
   TORCH_CHECK(qw4.size(1) == packed_s4_cols(K), kOpS4, ": qx has K=", K, " features in its last dim, so qw4 needs ",
               packed_s4_cols(K), " bytes per row (two codes per byte), got shape ", qw4.sizes());
-  TORCH_CHECK(K <= kMaxGemmS8K, kOpS4, ": K=", K, " exceeds ", kMaxGemmS8K,
-              ", beyond which the int32 accumulator could overflow");
-  check_same_device(qx, "qx", qw4, kOpS4, "qw4");
-  check_scalar(alpha, qx, "qx", kOpS4, "alpha");
-  kernel_dtype(out_dtype, kOpS4, "out_dtype");
-  GemmArgs a;
-  a.K = K;
-  a.N = N;
-  a.M = 1;
-  for (int64_t d = 0; d + 1 < qx.dim(); ++d) a.M *= qx.size(d);
-  a.out_shape = qx.sizes().vec();
-  a.out_shape.back() = N;
-  return a;
+  return gemm_args(kOpS4, qx, qw4, "qw4", N, K, alpha, out_dtype);
 }
 
 at::Tensor linear_s8s4_meta(const at::Tensor& qx, const at::Tensor& qw4, const at::Tensor& alpha,

@@ -55,6 +55,21 @@ class CudaStreamTest : public ::testing::Test {
   cudaStream_t stream_ = nullptr;
 };
 
+// CudaStreamTest for kernels that exist only on compute capability 9.0 (the sm_90a wgmma kernels):
+// skips the test on any other device.
+class CudaSm90Test : public CudaStreamTest {
+ protected:
+  void SetUp() override {
+    CudaStreamTest::SetUp();
+    if (IsSkipped()) return;
+    int dev = 0;
+    cudaDeviceProp p{};
+    CUDA_ASSERT(cudaGetDevice(&dev));
+    CUDA_ASSERT(cudaGetDeviceProperties(&p, dev));
+    if (p.major != 9 || p.minor != 0) GTEST_SKIP() << "the sm_90a wgmma kernels need compute capability 9.0";
+  }
+};
+
 // Sets LOWBIT_GEMM_S8_KERNEL for the test's lifetime.
 class ScopedKernel {
  public:

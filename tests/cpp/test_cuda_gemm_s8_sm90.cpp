@@ -32,18 +32,7 @@ using lowbit::DType;
 using lowbit::Status;
 using namespace lowbit_test;
 
-class CudaGemmSm90 : public CudaStreamTest {
- protected:
-  void SetUp() override {
-    CudaStreamTest::SetUp();
-    if (IsSkipped()) return;
-    int dev = 0;
-    cudaDeviceProp p{};
-    CUDA_ASSERT(cudaGetDevice(&dev));
-    CUDA_ASSERT(cudaGetDeviceProperties(&p, dev));
-    if (p.major != 9 || p.minor != 0) GTEST_SKIP() << "the wgmma kernel needs compute capability 9.0";
-  }
-};
+class CudaGemmSm90 : public CudaSm90Test {};
 
 struct Case {
   int64_t M, N, K, batch;

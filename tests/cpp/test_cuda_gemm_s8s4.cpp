@@ -33,18 +33,7 @@ using lowbit::Status;
 using lowbit::packed_s4_cols;
 using namespace lowbit_test;
 
-class CudaGemmS8S4 : public CudaStreamTest {
- protected:
-  void SetUp() override {
-    CudaStreamTest::SetUp();
-    if (IsSkipped()) return;
-    int dev = 0;
-    cudaDeviceProp p{};
-    CUDA_ASSERT(cudaGetDevice(&dev));
-    CUDA_ASSERT(cudaGetDeviceProperties(&p, dev));
-    if (p.major != 9 || p.minor != 0) GTEST_SKIP() << "the int4-weight wgmma kernel needs compute capability 9.0";
-  }
-};
+class CudaGemmS8S4 : public CudaSm90Test {};
 
 struct Case {
   int64_t M, N, K, lda, ldbp, ldo;
