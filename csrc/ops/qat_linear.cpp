@@ -49,7 +49,7 @@ void check_qat_linear(const LinearSpec& sp, const at::Tensor& x, const at::Tenso
 
 struct QatForward {
   // output; int8 codes of x (x's shape) and of the weight: (N, K) int8 codes, or for a frozen Q4 qweight
-  // the int4 pairs themselves (N, ceil(K/2)), which saved_weight_codes unpacks for the backward.
+  // the int4 pairs themselves (N, ceil(K/2)), which the backward unpacks.
   at::Tensor y, qx, qw;
 };
 
