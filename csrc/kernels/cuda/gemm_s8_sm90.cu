@@ -51,6 +51,7 @@
 #include "../validate.h"
 #include "gemm_s8_internal.cuh"
 #include "lowbit/kernels/gemm_s8.h"
+#include "tma_internal.cuh"
 #include "wgmma_internal.cuh"
 
 #ifdef __USE_FAST_MATH__
@@ -69,7 +70,16 @@ using wgmma_detail::smem_desc;
 using wgmma_detail::wgmma_commit;
 using wgmma_detail::wgmma_fence;
 using wgmma_detail::wgmma_wait;
+using tma_detail::mbar_arrive;
+using tma_detail::mbar_expect_tx;
+using tma_detail::mbar_init;
+using tma_detail::mbar_wait;
+using tma_detail::tma_load;
 #endif
+using tma_detail::device_sms;
+using tma_detail::encode_fn;
+using tma_detail::make_map;
+using tma_detail::tma_ok;
 
 constexpr int kBM = 128;                     // CTA tile rows
 constexpr int kBN = 256;                     // CTA tile columns (= wgmma N)
@@ -89,33 +99,6 @@ static_assert(kBM == 64 * kConsumers, "one 64-row wgmma block per consumer warpg
 static_assert(kSmemBytes <= 227 * 1024, "sm_90 allows 227 KB of shared memory per block");
 
 #ifdef LOWBIT_SM90A_DEVICE
-__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
-}
-__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
-}
-__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
-  uint32_t done = 0;
-  do {
-    asm volatile(
-        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done)
-        : "r"(bar), "r"(parity)
-        : "memory");
-  } while (!done);
-}
-__device__ __forceinline__ void tma_load(uint32_t dst, const CUtensorMap* map, uint32_t bar, int k, int row,
-                                         int batch) {
-  asm volatile(
-      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, %5}], "
-      "[%2];\n" ::"r"(dst),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(k), "r"(row), "r"(batch)
-      : "memory");
-}
 // Keeps the compiler from moving accumulator reads or writes across a wgmma fence / wait.
 __device__ __forceinline__ void pin(int32_t (&d)[kAcc]) {
 #pragma unroll
@@ -660,19 +643,6 @@ __global__ void __launch_bounds__(S4Cfg<BM, CW, KS>::kThreads, 1) gemm_s8s4_sm90
 // ---------------------------------------------------------------------------------------------------
 // Host side.
 
-PFN_cuTensorMapEncodeTiled_v12000 encode_fn() {
-  static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
-    void* p = nullptr;
-    cudaDriverEntryPointQueryResult q{};
-    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault, &q) != cudaSuccess ||
-        q != cudaDriverEntryPointSuccess)
-      p = nullptr;
-    cudaGetLastError();
-    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(p);
-  }();
-  return fn;
-}
-
 // Per device: usable (cc 9.0, sm_90a code loaded, 227 KB of shared memory granted) or not.
 bool device_ready(int device) {
   static std::atomic<int> state[64];  // 0 unknown, 1 ready, 2 not
@@ -727,27 +697,6 @@ template <int BM, int CW, int KS>
 Status launch_s4(const char* fn, const int8_t* A, int64_t lda, const int8_t* Bp, int64_t ldbp, int64_t M, int64_t N,
                  int64_t K, const float* alpha, DType otype, void* out, int64_t ldo, cudaStream_t stream, int sms);
 
-bool tma_ok(const int8_t* p, int64_t ld, int64_t stride, int64_t batch) {
-  return reinterpret_cast<uintptr_t>(p) % 16 == 0 && ld % 16 == 0 && (batch == 1 || stride % 16 == 0);
-}
-
-// 3-D tensor map (K, rows, batches) of an int8 operand; box box_k K-bytes x box_rows x 1 (128 and the
-// 128B swizzle unless told),
-// zero fill out of bounds. A broadcast operand (or a single batch) gets one batch.
-bool make_map(CUtensorMap* map, const int8_t* p, int64_t K, int64_t rows, int64_t ld, int64_t stride,
-              int64_t batch, int box_rows, int box_k = kBK,
-              CUtensorMapSwizzle swizzle = CU_TENSOR_MAP_SWIZZLE_128B) {
-  const bool batched = batch > 1 && stride != 0;
-  const cuuint64_t dims[3] = {cuuint64_t(K), cuuint64_t(rows), cuuint64_t(batched ? batch : 1)};
-  const cuuint64_t strides[2] = {cuuint64_t(ld), cuuint64_t(batched ? stride : ld * rows)};
-  const cuuint32_t box[3] = {cuuint32_t(box_k), cuuint32_t(box_rows), 1u};
-  const cuuint32_t elem[3] = {1u, 1u, 1u};
-  const CUresult r = encode_fn()(map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 3, const_cast<int8_t*>(p), dims, strides, box,
-                                 elem, CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle,
-                                 CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  return r == CUDA_SUCCESS;
-}
-
 template <int BM, int CW, int KS>
 Status launch_s4(const char* fn, const int8_t* A, int64_t lda, const int8_t* Bp, int64_t ldbp, int64_t M, int64_t N,
                  int64_t K, const float* alpha, DType otype, void* out, int64_t ldo, cudaStream_t stream, int sms) {
@@ -796,20 +745,6 @@ Status launch_typed(const GemmCall& g, const CUtensorMap& ma, const CUtensorMap&
   if (err != cudaSuccess)
     return Status::device(std::string(g.fn) + ": sm_90a gemm kernel launch failed: " + cudaGetErrorString(err));
   return Status::ok();
-}
-
-// SM count of the current device, cached per device.
-int device_sms(int device) {
-  static std::atomic<int> sms[64];
-  if (device < 0 || device >= 64) return 132;
-  int v = sms[device].load(std::memory_order_acquire);
-  if (v > 0) return v;
-  if (cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || v < 1) {
-    cudaGetLastError();
-    v = 132;
-  }
-  sms[device].store(v, std::memory_order_release);
-  return v;
 }
 
 }  // namespace
