@@ -42,10 +42,11 @@ struct Case {
   int64_t M, R, K, ldg, ldq, ldo;
   DType gtype, otype;
   bool with_alpha;
+  bool trans = false;  // G stored (R, M), ldg >= M
   std::string str() const {
     std::ostringstream os;
     os << "M=" << M << " R=" << R << " K=" << K << " ldg=" << ldg << " ldq=" << ldq << " ldo=" << ldo
-       << " G=" << lowbit::dtype_name(gtype) << " out=" << lowbit::dtype_name(otype) << " alpha=" << with_alpha;
+       << " G=" << lowbit::dtype_name(gtype) << " out=" << lowbit::dtype_name(otype) << " alpha=" << with_alpha << " trans_g=" << trans;
     return os.str();
   }
 };
@@ -90,7 +91,7 @@ void run_case(const Case& c, CUstream_st* stream, std::mt19937& rng) {
   SCOPED_TRACE(c.str());
   std::uniform_real_distribution<float> ug(-2.f, 2.f);
   std::uniform_int_distribution<int> uq(-128, 127);
-  std::vector<uint16_t> hg(size_t(std::max<int64_t>(c.M * c.ldg, 1)));
+  std::vector<uint16_t> hg(size_t(std::max<int64_t>((c.trans ? c.R : c.M) * c.ldg, 1)));
   for (auto& v : hg) v = to_bits(ug(rng), c.gtype);
   std::vector<int8_t> hq(size_t(std::max<int64_t>(c.R * c.ldq, 1)));
   for (auto& v : hq) v = int8_t(uq(rng));
@@ -105,7 +106,7 @@ void run_case(const Case& c, CUstream_st* stream, std::mt19937& rng) {
   std::vector<uint8_t> first;
   for (int run = 0; run < 2; ++run) {
     CUDA_ASSERT(cudaMemset(dout.bytes(), kPoison, o_bytes));
-    const Status st = lowbit::cuda::gemm_f16s8(c.gtype, dg.bytes(), c.ldg, false, dq.data(), c.ldq, c.M, c.R, c.K,
+    const Status st = lowbit::cuda::gemm_f16s8(c.gtype, dg.bytes(), c.ldg, c.trans, dq.data(), c.ldq, c.M, c.R, c.K,
                                               al, c.otype, dout.bytes(), c.ldo, stream);
     ASSERT_TRUE(st.is_ok()) << st.message;
     CUDA_ASSERT(cudaStreamSynchronize(reinterpret_cast<cudaStream_t>(stream)));
@@ -132,7 +133,8 @@ void run_case(const Case& c, CUstream_st* stream, std::mt19937& rng) {
       }
       double sum = 0.0, mag = 0.0;
       for (int64_t r = 0; r < c.R; ++r) {
-        const double term = from_bits(hg[size_t(i * c.ldg + r)], c.gtype) * double(hq[size_t(r * c.ldq + k)]);
+        const size_t gi = c.trans ? size_t(r * c.ldg + i) : size_t(i * c.ldg + r);
+        const double term = from_bits(hg[gi], c.gtype) * double(hq[size_t(r * c.ldq + k)]);
         sum += term;
         mag += std::fabs(term);
       }
@@ -162,11 +164,14 @@ TEST_F(CudaGemmF16S8, MatchesFloat64ReferenceOddShapes) {
         const DType ot = o == 0 ? gt : DType::kFloat32;
         // Strides: tight (rounded to TMA's 16 bytes) or padded; an odd ldo turns the pair stores off.
         const bool pad = (n % 3) == 1, odd_ldo = (n % 4) == 2;
-        Case c{s.M, s.R, s.K, up(s.R, 8) + (pad ? 8 : 0), up(s.K, 16) + (pad ? 32 : 0), s.K + (odd_ldo ? 1 : 5),
-               gt, ot, (n % 2) == 0};
-        run_case(c, stream(), rng);
+        for (int tr = 0; tr < 2; ++tr) {
+          const int64_t g_cols = tr ? s.M : s.R;
+          Case c{s.M, s.R, s.K, up(g_cols, 8) + (pad ? 8 : 0), up(s.K, 16) + (pad ? 32 : 0),
+                 s.K + (odd_ldo ? 1 : 5), gt, ot, (n % 2) == 0, tr == 1};
+          run_case(c, stream(), rng);
+          if (HasFatalFailure()) return;
+        }
         ++n;
-        if (HasFatalFailure()) return;
       }
     }
   }
@@ -177,6 +182,11 @@ TEST_F(CudaGemmF16S8, MultiTileAndEmptySum) {
   run_case(Case{777, 640, 515, 640, 528, 515 + 3, DType::kBFloat16, DType::kBFloat16, true}, stream(), rng);
   if (HasFatalFailure()) return;
   run_case(Case{1030, 300, 1100, 304, 1104, 1100, DType::kFloat16, DType::kFloat32, false}, stream(), rng);
+  if (HasFatalFailure()) return;
+  // Transposed G (the weight-gradient form): several tiles each way, tails in all three sizes.
+  run_case(Case{600, 700, 300, 600, 304, 301, DType::kBFloat16, DType::kFloat32, true, true}, stream(), rng);
+  if (HasFatalFailure()) return;
+  run_case(Case{513, 130, 260, 520, 272, 260, DType::kFloat16, DType::kFloat16, false, true}, stream(), rng);
   if (HasFatalFailure()) return;
   // R = 0: every output is zero, padding untouched.
   const int64_t M = 9, K = 21, ldo = 24;
@@ -224,7 +234,7 @@ TEST_F(CudaGemmF16S8, BadArguments) {
   expect_invalid(call(DType::kFloat16, 16, false, 3, 4, 4, 4, DType::kFloat16, 4), "ldq must be >= K");
   expect_invalid(call(DType::kFloat16, 16, false, 16, 4, 4, 4, DType::kFloat16, 3), "ldo must be >= K");
   // Calls the kernel cannot take: a clear error, nothing launched.
-  expect_invalid(call(DType::kFloat16, 16, true, 16, 4, 4, 4, DType::kFloat16, 4), "cannot run on the sm_90a kernel");
+  expect_invalid(call(DType::kFloat16, 3, true, 16, 4, 4, 4, DType::kFloat16, 4), "ldg must be >= M");
   expect_invalid(call(DType::kFloat16, 12, false, 16, 4, 4, 4, DType::kFloat16, 4), "cannot run on the sm_90a kernel");
   expect_invalid(call(DType::kFloat16, 16, false, 16, 4, 4, 4, DType::kFloat16, 4, nullptr, dg.bytes() + 2),
                  "cannot run on the sm_90a kernel");
@@ -252,13 +262,15 @@ TEST_F(CudaGemmF16S8, PerfReport) {
     CUDA_ASSERT(cudaMemcpy(dg.bytes(), g.data(), max_g, cudaMemcpyHostToDevice));
   }
   for (const auto& s : shapes) {
-    const double ms = median_ms(stream_, [&] {
-      return lowbit::cuda::gemm_f16s8(DType::kBFloat16, dg.bytes(), s.R, false, dq.data(), s.K, s.M, s.R, s.K,
-                                      nullptr, DType::kBFloat16, dout.bytes(), s.K, stream());
-    });
-    const double flops = 2.0 * double(s.M) * double(s.R) * double(s.K);
-    std::printf("[perf] gemm_f16s8 M=%lld R=%lld K=%lld bf16: %.1f us (%.0f TFLOP/s)\n", (long long)s.M,
-                (long long)s.R, (long long)s.K, ms * 1e3, flops / (ms * 1e-3) / 1e12);
+    for (int tr = 0; tr < 2; ++tr) {
+      const double ms = median_ms(stream_, [&] {
+        return lowbit::cuda::gemm_f16s8(DType::kBFloat16, dg.bytes(), tr ? s.M : s.R, tr == 1, dq.data(), s.K, s.M,
+                                        s.R, s.K, nullptr, DType::kBFloat16, dout.bytes(), s.K, stream());
+      });
+      const double flops = 2.0 * double(s.M) * double(s.R) * double(s.K);
+      std::printf("[perf] gemm_f16s8 M=%lld R=%lld K=%lld bf16%s: %.1f us (%.0f TFLOP/s)\n", (long long)s.M,
+                  (long long)s.R, (long long)s.K, tr ? " trans_g" : "", ms * 1e3, flops / (ms * 1e-3) / 1e12);
+    }
   }
 }
 

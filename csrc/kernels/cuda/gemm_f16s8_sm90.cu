@@ -25,6 +25,11 @@
 //     issue frees the previous step's registers and, at a stage's first step, the previous stage.
 //   * Tails: TMA zero-fills rows past M / R and bytes past R (G) / K (Q), so the tensor cores see zeros;
 //     the epilogue stores in-bounds outputs only.
+//   * trans_g (out[i, k] = alpha * sum_r G[r, i] q[r, k], the weight gradient G^T . X): the B operand is
+//     MN-major, G's rows being the reduction. Four TMA boxes of 64 r-rows x 64 columns (128 bytes, 128B
+//     swizzle) make a stage's 256 columns, and the descriptor's MN-major form (imm-trans-b = 1; leading
+//     byte offset 8 KB between the boxes, stride byte offset 1 KB between 8-row groups) reads them; a k16
+//     step is 16 rows (2 KB) further. Everything else is the same kernel.
 //   * Grid: persistent (one CTA per SM), grouped raster over (row tiles of G, column tiles of Q) for L2
 //     reuse, the mbarrier ring running on across tiles.
 #include <cuda.h>
@@ -55,6 +60,7 @@ constexpr int kThreads = 128 * (1 + kConsumers);
 constexpr int kTileG = kRowsG * 128;              // 32 KB
 constexpr int kTileQ = kRedStage * kColsK;        // 8 KB
 constexpr int kStageBytes = kTileG + kTileQ;      // 40 KB
+constexpr int kTileBoxG = kRedStage * 128;       // transposed G: one box of 64 r-rows x 64 columns, 8 KB
 constexpr int kAlignSlack = 1024;
 constexpr int kSmemBytes = kAlignSlack + kStages * kStageBytes + 2 * kStages * 8;
 [[maybe_unused]] constexpr int kGroup = 8;        // row tiles of G per raster group
@@ -76,17 +82,19 @@ using wgmma_detail::wgmma_wait;
 
 template <typename T>
 struct Wg;
-// d = A (64 x 16, registers a) * B (16 x 256, K-major descriptor db) + (accumulate ? d : 0).
+// d = A (64 x 16, registers a) * B (16 x 256, descriptor db: K-major, or MN-major when kTransB) +
+// (accumulate ? d : 0).
 template <>
 struct Wg<__half> {
+  template <bool kTransB>
   static __device__ __forceinline__ void mma(float (&d)[kAcc], const uint32_t (&a)[4], uint64_t db,
                                              uint32_t accumulate) {
     asm volatile(
         "{\n .reg .pred p;\n setp.ne.b32 p, %133, 0;\n"
         "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16 {" LOWBIT_WG_ACC_STR_128 "}, "
-        "{%128, %129, %130, %131}, %132, p, 1, 1, 0;\n}\n"
+        "{%128, %129, %130, %131}, %132, p, 1, 1, %134;\n}\n"
         : LOWBIT_WG_ACC_OPS_F128(d)
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(accumulate));
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(accumulate), "n"(kTransB ? 1 : 0));
   }
   // w: four codes XOR 0x80 (bytes [r0 k, r0 k+1, r1 k, r1 k+1]); lo = row k (r0, r1), hi = row k + 1.
   static __device__ __forceinline__ void widen(uint32_t w, uint32_t& lo, uint32_t& hi) {
@@ -101,14 +109,15 @@ struct Wg<__half> {
 };
 template <>
 struct Wg<__nv_bfloat16> {
+  template <bool kTransB>
   static __device__ __forceinline__ void mma(float (&d)[kAcc], const uint32_t (&a)[4], uint64_t db,
                                              uint32_t accumulate) {
     asm volatile(
         "{\n .reg .pred p;\n setp.ne.b32 p, %133, 0;\n"
         "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {" LOWBIT_WG_ACC_STR_128 "}, "
-        "{%128, %129, %130, %131}, %132, p, 1, 1, 0;\n}\n"
+        "{%128, %129, %130, %131}, %132, p, 1, 1, %134;\n}\n"
         : LOWBIT_WG_ACC_OPS_F128(d)
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(accumulate));
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(accumulate), "n"(kTransB ? 1 : 0));
   }
   static __device__ __forceinline__ void widen(uint32_t w, uint32_t& lo, uint32_t& hi) {
     auto f = [&](uint32_t sel) { return __uint_as_float(__byte_perm(w, 0x4B000000u, sel)) - 8388736.0f; };
@@ -118,6 +127,13 @@ struct Wg<__nv_bfloat16> {
   }
 };
 
+// Shared-memory descriptor of an MN-major (transposed) 16-bit B operand in the 128B swizzle: atoms of 8
+// reduction rows x 64 elements (1024 bytes); the leading byte offset steps between 64-element column
+// blocks (the four TMA boxes of a stage, 8 KB apart), the stride byte offset between 8-row groups (1 KB).
+__device__ __forceinline__ uint64_t smem_desc_mn(uint32_t addr) {
+  return uint64_t((addr & 0x3FFFFu) >> 4) | (uint64_t(kTileBoxG >> 4) << 16) | (uint64_t(1024 >> 4) << 32) |
+         (uint64_t(1) << 62);
+}
 __device__ __forceinline__ void pin(float (&d)[kAcc]) {
 #pragma unroll
   for (int i = 0; i < kAcc; ++i) asm volatile("" : "+f"(d[i])::"memory");
@@ -151,9 +167,10 @@ __device__ __forceinline__ void store_one(__half* p, float v) { *p = __float2hal
 __device__ __forceinline__ void store_one(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
 #endif  // LOWBIT_SM90A_DEVICE
 
-template <typename T, typename OutT>
+template <typename T, typename OutT, bool kTransG>
 __global__ void __launch_bounds__(kThreads, 1) gemm_f16s8_kernel(
-    const __grid_constant__ CUtensorMap tm_g,  // G (M, R) as bytes: box 128 bytes x 256 rows, 128B swizzle
+    const __grid_constant__ CUtensorMap tm_g,  // G (M, R) as bytes: box 128 bytes x 256 rows, 128B swizzle;
+                                               // transposed, G (R, M): box 128 bytes x 64 r-rows
     const __grid_constant__ CUtensorMap tm_q,  // Q (R, K) int8: box 128 k-bytes x 64 r-rows, 128B swizzle
     int64_t M, int64_t K, int R, const float* __restrict__ alpha, OutT* __restrict__ out, int64_t ldo,
     int64_t tiles_m, int64_t tiles_k) {
@@ -200,7 +217,13 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_f16s8_kernel(
           mbar_wait(empty(s), ph ^ 1u);  // round 0 passes at once
           const uint32_t slot = base + uint32_t(s) * kStageBytes;
           mbar_expect_tx(full(s), kStageBytes);
-          tma_load(slot, &tm_g, full(s), rt * 128, m0, 0);
+          if constexpr (kTransG) {  // four 64-column boxes, 8 KB apart: the MN-major atoms' column blocks
+#pragma unroll
+            for (int b = 0; b < kRowsG / 64; ++b)
+              tma_load(slot + uint32_t(b) * kTileBoxG, &tm_g, full(s), 2 * m0 + 128 * b, rt * kRedStage, 0);
+          } else {
+            tma_load(slot, &tm_g, full(s), rt * 128, m0, 0);
+          }
           tma_load(slot + kTileG, &tm_q, full(s), k0, rt * kRedStage, 0);
           if (++s == kStages) {
             s = 0;
@@ -238,7 +261,9 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_f16s8_kernel(
         const int P = ks & 1;
         pin(acc);
         wgmma_fence();
-        Wg<T>::mma(acc, ra[P], smem_desc(slot + ks * 32), i > 0 || ks > 0 ? 1u : 0u);
+        // k16 step ks: 32 bytes into each G line (K-major), or 16 r-rows down (MN-major).
+        const uint64_t db = kTransG ? smem_desc_mn(slot + uint32_t(ks) * 16u * 128u) : smem_desc(slot + ks * 32);
+        Wg<T>::template mma<kTransG>(acc, ra[P], db, i > 0 || ks > 0 ? 1u : 0u);
         wgmma_commit();
         pin(acc);
         wgmma_wait<1>();
@@ -290,13 +315,17 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_f16s8_kernel(
 // ---------------------------------------------------------------------------------------------------
 // Host side.
 
+template <typename T, typename OutT, bool kTransG>
+bool prepare_one() {
+  cudaFuncAttributes attr{};
+  return cudaFuncGetAttributes(&attr, gemm_f16s8_kernel<T, OutT, kTransG>) == cudaSuccess &&
+         attr.ptxVersion >= 90 && attr.binaryVersion == 90 &&
+         cudaFuncSetAttribute(gemm_f16s8_kernel<T, OutT, kTransG>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                              kSmemBytes) == cudaSuccess;
+}
 template <typename T, typename OutT>
 bool prepare_kernel() {
-  cudaFuncAttributes attr{};
-  return cudaFuncGetAttributes(&attr, gemm_f16s8_kernel<T, OutT>) == cudaSuccess && attr.ptxVersion >= 90 &&
-         attr.binaryVersion == 90 &&
-         cudaFuncSetAttribute(gemm_f16s8_kernel<T, OutT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                              kSmemBytes) == cudaSuccess;
+  return prepare_one<T, OutT, false>() && prepare_one<T, OutT, true>();
 }
 
 // Per device: cc 9.0, the sm_90a code loaded, its shared memory granted, the tensor-map encoder found.
@@ -316,10 +345,12 @@ bool device_ready(int device) {
 }
 
 template <typename T, typename OutT>
-Status launch(const char* fn, const void* G, int64_t ldg, const int8_t* Q, int64_t ldq, int64_t M, int64_t R,
-              int64_t K, const float* alpha, void* out, int64_t ldo, cudaStream_t stream) {
+Status launch(const char* fn, const void* G, int64_t ldg, bool trans_g, const int8_t* Q, int64_t ldq, int64_t M,
+              int64_t R, int64_t K, const float* alpha, void* out, int64_t ldo, cudaStream_t stream) {
   CUtensorMap mg, mq;
-  if (!tma_detail::make_map(&mg, G, 2 * R, M, 2 * ldg, 0, 1, kRowsG) ||
+  const bool g_ok = trans_g ? tma_detail::make_map(&mg, G, 2 * M, R, 2 * ldg, 0, 1, kRedStage)
+                            : tma_detail::make_map(&mg, G, 2 * R, M, 2 * ldg, 0, 1, kRowsG);
+  if (!g_ok ||
       !tma_detail::make_map(&mq, Q, K, R, ldq, 0, 1, kRedStage))
     return Status::device(validate::err(fn, "cuTensorMapEncodeTiled rejected the operands (ldg=" +
                                                 std::to_string(ldg) + ", ldq=" + std::to_string(ldq) + ")"));
@@ -327,8 +358,9 @@ Status launch(const char* fn, const void* G, int64_t ldg, const int8_t* Q, int64
   const int64_t work = tiles_m * tiles_k;
   const int sms = tma_detail::device_sms(tma_detail::current_device());
   const unsigned grid = static_cast<unsigned>(work < sms ? work : sms);
-  gemm_f16s8_kernel<T, OutT><<<grid, kThreads, kSmemBytes, stream>>>(
-      mg, mq, M, K, static_cast<int>(R), alpha, static_cast<OutT*>(out), ldo, tiles_m, tiles_k);
+  auto kernel = trans_g ? gemm_f16s8_kernel<T, OutT, true> : gemm_f16s8_kernel<T, OutT, false>;
+  kernel<<<grid, kThreads, kSmemBytes, stream>>>(mg, mq, M, K, static_cast<int>(R), alpha, static_cast<OutT*>(out),
+                                                  ldo, tiles_m, tiles_k);
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess)
     return Status::device(validate::err(fn, std::string("kernel launch failed: ") + cudaGetErrorString(err)));
@@ -341,10 +373,10 @@ Status launch(const char* fn, const void* G, int64_t ldg, const int8_t* Q, int64
 bool gemm_f16s8_supported(DType gtype, const void* G, int64_t ldg, bool trans_g, const int8_t* Q, int64_t ldq,
                           int64_t M, int64_t R, int64_t K) {
   using namespace gemm_f16s8_detail;
-  if (trans_g || (gtype != DType::kFloat16 && gtype != DType::kBFloat16)) return false;
+  if (gtype != DType::kFloat16 && gtype != DType::kBFloat16) return false;
   if (M < 1 || R < 1 || K < 1) return false;
   if (M >= (int64_t(1) << 31) || R >= (int64_t(1) << 31) || K >= (int64_t(1) << 31)) return false;
-  if (ldg < R || ldq < K) return false;
+  if (ldg < (trans_g ? M : R) || ldq < K) return false;
   if (!tma_detail::tma_ok(G, 2 * ldg, 0, 1) || !tma_detail::tma_ok(Q, ldq, 0, 1)) return false;
   if ((ldg >> 40) != 0 || (ldq >> 40) != 0) return false;
   return device_ready(tma_detail::current_device());
@@ -383,14 +415,14 @@ Status gemm_f16s8(DType gtype, const void* G, int64_t ldg, bool trans_g, const i
   if (!gemm_f16s8_supported(gtype, G, ldg, trans_g, Q, ldq, M, R, K))
     return Status::invalid(validate::err(
         fn, "this call cannot run on the sm_90a kernel (needs a compute capability 9.0 device with the sm_90a "
-            "build, G not transposed, 16-byte aligned G and Q with row strides multiples of 16 bytes); widen Q "
+            "build, 16-byte aligned G and Q with row strides multiples of 16 bytes); widen Q "
             "and run a float GEMM instead"));
   if (gtype == DType::kFloat16)
-    return otype == DType::kFloat32 ? launch<__half, float>(fn, G, ldg, Q, ldq, M, R, K, alpha, out, ldo, cs)
-                                    : launch<__half, __half>(fn, G, ldg, Q, ldq, M, R, K, alpha, out, ldo, cs);
+    return otype == DType::kFloat32 ? launch<__half, float>(fn, G, ldg, trans_g, Q, ldq, M, R, K, alpha, out, ldo, cs)
+                                    : launch<__half, __half>(fn, G, ldg, trans_g, Q, ldq, M, R, K, alpha, out, ldo, cs);
   return otype == DType::kFloat32
-             ? launch<__nv_bfloat16, float>(fn, G, ldg, Q, ldq, M, R, K, alpha, out, ldo, cs)
-             : launch<__nv_bfloat16, __nv_bfloat16>(fn, G, ldg, Q, ldq, M, R, K, alpha, out, ldo, cs);
+             ? launch<__nv_bfloat16, float>(fn, G, ldg, trans_g, Q, ldq, M, R, K, alpha, out, ldo, cs)
+             : launch<__nv_bfloat16, __nv_bfloat16>(fn, G, ldg, trans_g, Q, ldq, M, R, K, alpha, out, ldo, cs);
 }
 
 }  // namespace cuda

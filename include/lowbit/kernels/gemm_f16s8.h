@@ -32,7 +32,7 @@ namespace cuda {
 
 // The current device can run gemm_f16s8 on these operands: compute capability 9.0 with the sm_90a kernel
 // loaded, gtype fp16 / bf16, M, R, K below 2^31, G and Q 16-byte aligned with row strides multiples of 16
-// bytes (ldg a multiple of 8 elements, ldq of 16), trans_g false. Cheap (device facts cached).
+// bytes (ldg a multiple of 8 elements, ldq of 16). Cheap (device facts cached).
 bool gemm_f16s8_supported(DType gtype, const void* G, int64_t ldg, bool trans_g, const int8_t* Q, int64_t ldq,
                           int64_t M, int64_t R, int64_t K);
 
