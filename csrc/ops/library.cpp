@@ -104,8 +104,10 @@ TORCH_LIBRARY(lowbit, m) {
       "lsq_matmul_backward(Tensor grad, Tensor x, Tensor y, Tensor qx, Tensor qy, Tensor x_clip, Tensor y_clip, "
       "Tensor eps, int qmin, int qmax, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
 
-  // Backward of a quantized (LSQ) linear layer with codes in [qmin, qmax], from the saved int8 codes and
-  // the layer input x (to rebuild v = (x + bias_a) / s_a for the clip mask and the LSQ term):
+  // Backward of a quantized (LSQ) linear layer with codes in [qmin, qmax], from the int8 codes and the
+  // layer input x (to rebuild v = (x + bias_a) / s_a for the clip mask and the LSQ term). qx None: the
+  // codes of x are made again by the forward's quantizer (qat_quantize with qmin / qmax), only while the
+  // weight gradient needs them:
   //   gA = G . (s_w qw);  grad_x = gA * [qmin <= v <= qmax];  grad_bias_a = sum over rows of grad_x;
   //   grad_weight = G^T . (s_a qx);  grad_scale_a = sum(R * gA) / sqrt(numel(x) * qmax) with
   //   R = qmin where v < qmin, qmax where v > qmax, rne(v) - v elsewhere (Esser et al. 2020, clip
@@ -114,7 +116,7 @@ TORCH_LIBRARY(lowbit, m) {
   //   int8 GEMM (SwitchBack); grad_weight stays the float GEMM. grad_weight_dtype (default float32): the
   //   dtype of grad_weight; the GEMM writes it directly when it is the compute dtype (docs/ops.md).
   m.def(
-      "lsq_linear_backward(Tensor grad, Tensor x, Tensor bias_a, Tensor qx, Tensor qw, Tensor scale_a, "
+      "lsq_linear_backward(Tensor grad, Tensor x, Tensor bias_a, Tensor? qx, Tensor qw, Tensor scale_a, "
       "Tensor scale_w, Tensor eps, int qmin, int qmax, bool[4] output_mask, bool int8_grad=False, "
       "ScalarType? grad_weight_dtype=None) -> (Tensor, Tensor, Tensor, Tensor)");
 

@@ -80,8 +80,11 @@ QatForward qat_forward(const LinearSpec& sp, const at::Tensor& x, const at::Tens
   return f;
 }
 
-// Saved for backward: the int8 codes qx (M x K) and qw (N x K), the scalars, and a reference to the
-// caller's input x (no copy): the clip mask and the LSQ term need v = (x + bias_a) / s_a exactly.
+// Saved for backward: the weight codes qw (N x K; a frozen Q4 qweight's int4 pairs), the scalars, and a
+// reference to the caller's input x (no copy): the clip mask and the LSQ term need v = (x + bias_a) / s_a
+// exactly, and the weight gradient's codes of x are recomputed from it (the same quantizer on the same
+// inputs: the forward's codes bit for bit), so the layer keeps no activation-sized tensor of its own
+// between forward and backward: its saved activations are nn.Linear's.
 template <const LinearSpec& Spec>
 class QatLinearFunction : public torch::autograd::Function<QatLinearFunction<Spec>> {
  public:
@@ -90,7 +93,7 @@ class QatLinearFunction : public torch::autograd::Function<QatLinearFunction<Spe
                             const at::Tensor& eps, const std::optional<at::Tensor>& bias, bool int8_backward) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto f = qat_forward(Spec, x, bias_a, weight, scale_a, scale_w, eps, bias);
-    ctx->save_for_backward({x, bias_a, f.qx, f.qw, scale_a, scale_w, eps});
+    ctx->save_for_backward({x, bias_a, f.qw, scale_a, scale_w, eps});
     save_qat_meta(ctx, weight, bias);
     ctx->saved_data["int8_backward"] = int8_backward;
     return f.y;
@@ -103,8 +106,8 @@ class QatLinearFunction : public torch::autograd::Function<QatLinearFunction<Spe
     // (no fp32 temporary of the weight's size; peak memory), an fp32 master weight's stays fp32.
     const auto wdt = static_cast<at::ScalarType>(ctx->saved_data["weight_dtype"].toInt());
     // A frozen Q4 qweight was saved as its int4 pairs (half the bytes of its codes): unpacked here.
-    const auto qw = Spec.packed_s4 && wdt == at::kChar ? unpack_s4(s[3], s[0].size(-1)) : s[3];
-    auto [gx, gb, gw, gs] = lsq_linear_backward(grads[0], s[0], s[1], s[2], qw, s[4], s[5], s[6], Spec.qmin,
+    const auto qw = Spec.packed_s4 && wdt == at::kChar ? unpack_s4(s[2], s[0].size(-1)) : s[2];
+    auto [gx, gb, gw, gs] = lsq_linear_backward(grads[0], s[0], s[1], std::nullopt, qw, s[3], s[4], s[5], Spec.qmin,
                                                 Spec.qmax, qat_grad_mask(ctx),
                                                 ctx->saved_data["int8_backward"].toBool(),
                                                 is_float_dtype(wdt) ? std::optional<at::ScalarType>(wdt) : std::nullopt);
@@ -128,41 +131,48 @@ at::Tensor qat_linear_autograd(const at::Tensor& x, const at::Tensor& bias_a, co
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsq_linear_backward_impl(
-    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& bias_a, const at::Tensor& qx, const at::Tensor& qw,
-    const at::Tensor& scale_a, const at::Tensor& scale_w, const at::Tensor& eps, int64_t qmin, int64_t qmax,
-    std::array<bool, 4> mask, bool int8_grad, std::optional<at::ScalarType> grad_w_dtype) {
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& bias_a, const std::optional<at::Tensor>& qx_saved,
+    const at::Tensor& qw, const at::Tensor& scale_a, const at::Tensor& scale_w, const at::Tensor& eps, int64_t qmin,
+    int64_t qmax, std::array<bool, 4> mask, bool int8_grad, std::optional<at::ScalarType> grad_w_dtype) {
   constexpr const char* op = "lowbit.lsq_linear_backward";
   const auto gw_dt = grad_w_dtype.value_or(at::kFloat);
   TORCH_CHECK(is_float_dtype(gw_dt), op, ": grad_weight_dtype must be float32, float16 or bfloat16, got ", gw_dt);
   TORCH_CHECK(qmin < 0 && qmax > 0 && qmin >= -128 && qmax <= 127, op, ": need -128 <= qmin < 0 < qmax <= 127, got ",
               qmin, ", ", qmax);
   TORCH_CHECK(qw.dim() == 2 && qw.scalar_type() == at::kChar, op, ": qw must be 2-D int8 codes (N, K)");
-  TORCH_CHECK(qx.scalar_type() == at::kChar, op, ": qx must hold int8 codes");
+  const bool have_qx = qx_saved.has_value() && qx_saved->defined();
+  if (have_qx) TORCH_CHECK(qx_saved->scalar_type() == at::kChar, op, ": qx must hold int8 codes");
   const int64_t N = qw.size(0), K = qw.size(1);
-  TORCH_CHECK(x.size(-1) == K && qx.sizes() == x.sizes(), op, ": x ", x.sizes(), " and qx ", qx.sizes(),
-              " must match, with K=", K);
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, op, ": x ", x.sizes(), " must have K=", K, " features (qw is ",
+              qw.sizes(), ")");
+  if (have_qx)
+    TORCH_CHECK(qx_saved->sizes() == x.sizes(), op, ": x ", x.sizes(), " and qx ", qx_saved->sizes(), " must match");
   TORCH_CHECK(grad.size(-1) == N && grad.numel() / N == x.numel() / K, op, ": grad has shape ", grad.sizes(),
               ", expected (..., ", N, ") with the rows of x");
   at::Tensor grad_x, grad_b, grad_w, grad_s;
   const auto s_w = clamp_scale(scale_w, eps), s_a = clamp_scale(scale_a, eps);
   // The float GEMMs run in dtype cdt: x's dtype for 16-bit activations on CUDA (the 16-bit tensor cores,
-  // fp32 accumulation, as nn.Linear's own backward in that dtype), fp32 otherwise, on operands made in one
-  // pass over the saved codes (scaled_codes). G.Qw takes the exact codes and s_w is applied in fp32 in the
-  // fused LSQ pass: grad_scale_a sums R * gA over terms of both signs, and a 16-bit s_w * q would add a
-  // rounding per weight to that cancellation. The weight gradient takes X_hat = s_a * q rounded once to
-  // cdt (the operand a 16-bit layer holds), so no step is applied to its fp32 output afterwards.
+  // fp32 accumulation, as nn.Linear's own backward in that dtype), fp32 otherwise, reading the saved codes
+  // (mm_codes: directly on Hopper, else widened once). G.Qw takes the exact codes and s_w is applied in
+  // fp32 in the fused LSQ pass: grad_scale_a sums R * gA over terms of both signs, and a 16-bit s_w * q
+  // would add a rounding per weight to that cancellation. The weight gradient is s_a * (G^T . Qx) (on
+  // Hopper: s_a times the fp32 sum, one rounding to its dtype; elsewhere X_hat = s_a * q rounded to cdt,
+  // the operand a 16-bit layer holds, then the GEMM).
   const auto xdt = x.scalar_type();
   const auto cdt = x.is_cuda() && (xdt == at::kHalf || xdt == at::kBFloat16) ? xdt : at::kFloat;
   const auto G = as_dtype(grad.reshape({-1, N}), cdt);
-  // Weight gradient first: its operand X_hat is freed before gA exists, so the backward's peak holds one
-  // activation-sized temporary, not two.
+  // Weight gradient first: on the fallback path its operand X_hat is freed before gA exists, so the
+  // backward's peak holds one activation-sized temporary, not two.
   if (mask[2]) {  // STE, no mask. fp32 accumulation; out in grad_weight_dtype: written by the GEMM itself
-    // when that is the compute dtype (fp32, or the 16-bit dtype of a 16-bit layer: one rounding, as
-    // nn.Linear's weight gradient), else fp32 out (aten::mm's out_dtype form: CUDA, 16-bit inputs) and
-    // one conversion.
-    const auto xh = scaled_codes(qx.reshape({-1, K}), cdt, s_a, op);
-    grad_w = cdt == at::kFloat || gw_dt == cdt ? at::mm(G.t(), xh) : at::mm(G.t(), xh, at::kFloat);
-    if (grad_w.scalar_type() != gw_dt) grad_w = grad_w.to(gw_dt);
+    // when that is fp32 or the compute dtype (one rounding, as nn.Linear's weight gradient), else one
+    // conversion of its fp32 output.
+    // The codes of x: given, or made again by the forward's quantizer (bit for bit the forward's), alive
+    // only for this GEMM.
+    const auto qx = have_qx ? *qx_saved
+                            : std::get<0>(qat_quantize(x, bias_a.defined() ? std::optional<at::Tensor>(bias_a) : std::nullopt,
+                                                       scale_a, scale_w, eps, qmin, qmax));
+    const auto out_dt = gw_dt == cdt ? cdt : at::kFloat;
+    grad_w = as_dtype(mm_codes(G, /*trans_g=*/true, qx.reshape({-1, K}), s_a, out_dt, op), gw_dt);
   }
   if (mask[0] || mask[1] || mask[3]) {
     at::Tensor gA;  // dL/dx_hat (M, K), or dL/dx_hat / s_w (then gscale = s_w)
@@ -173,7 +183,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsq_linear_backward_i
       auto [qG, row_scale] = quantize_rows_s8(grad.reshape({-1, N}), 127);
       gA = linear_s8(qG, transposed_codes(qw, op), s_w, cdt, row_scale);
     } else {
-      gA = at::mm(G, scaled_codes(qw, cdt, std::nullopt, op));
+      gA = mm_codes(G, /*trans_g=*/false, qw, std::nullopt, cdt, op);
       gscale = s_w;
     }
     auto g = lsq_input_grads(gA.reshape(x.sizes()), x, bias_a, x.dim() - 1, scale_a, eps, qmin, qmax, mask[0],
@@ -187,7 +197,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsq_linear_backward_i
 
 // Shapes and dtypes only: the backward as fake tensors see it under torch.compile.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsq_linear_backward_meta(
-    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& bias_a, const at::Tensor& qx, const at::Tensor& qw,
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& bias_a, const std::optional<at::Tensor>& qx,
+    const at::Tensor& qw,
     const at::Tensor& scale_a, const at::Tensor& scale_w, const at::Tensor& eps, int64_t qmin, int64_t qmax,
     std::array<bool, 4> mask, bool, std::optional<at::ScalarType> grad_w_dtype) {
   at::Tensor grad_x, grad_b, grad_w, grad_s;
@@ -215,7 +226,8 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& bias_a, const at::Te
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsq_linear_backward(
-    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& bias_a, const at::Tensor& qx, const at::Tensor& qw,
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& bias_a, const std::optional<at::Tensor>& qx,
+    const at::Tensor& qw,
     const at::Tensor& scale_a, const at::Tensor& scale_w, const at::Tensor& eps, int64_t qmin, int64_t qmax,
     std::array<bool, 4> output_mask, bool int8_grad, std::optional<at::ScalarType> grad_w_dtype) {
   static auto op = c10::Dispatcher::singleton()

@@ -58,6 +58,9 @@ def _cases(device):
     yield "lsq_linear_backward_int8", (torch.randn(5, 3, device=device), x, torch.zeros(7, device=device), q(5, 7),
                                        q(3, 7), torch.tensor(0.05, device=device), torch.tensor(0.01, device=device), e,
                                        -128, 127, [True, True, True, True], True)
+    yield "lsq_linear_backward_recompute", (torch.randn(5, 3, device=device), x, torch.zeros(7, device=device), None,
+                                            q(3, 7), torch.tensor(0.05, device=device),
+                                            torch.tensor(0.01, device=device), e, -8, 7, [True, True, True, True])
     yield "q8_linear_int8_backward", (x.clone().requires_grad_(), torch.zeros(7, device=device, requires_grad=True),
                                       torch.randn(3, 7, device=device, requires_grad=True),
                                       torch.tensor(0.05, device=device, requires_grad=True),
@@ -65,14 +68,14 @@ def _cases(device):
 
 
 # Variants of one op with other arguments: the op name is the case name less the suffix.
-_VARIANTS = ("_large_m", "_row_scale", "_int8_backward", "_int8", "_large")
+_VARIANTS = ("_large_m", "_row_scale", "_int8_backward", "_int8", "_large", "_recompute")
 
 
 @pytest.mark.parametrize("name", ["quantize_s8", "lsq_scale", "qat_prepare", "qat_quantize", "linear_s8", "linear_s8_row_scale", "linear_s8s4",
                                   "linear_s8s4_large", "quantize_rows_s8",
                                   "q8_linear", "q8_linear_int8_backward", "q4_linear", "pack_s4", "unpack_s4",
                                   "q4_conv2d", "q4_matmul", "lsq_linear_backward", "lsq_linear_backward_int8",
-                                  "wq_linear", "wq_linear_large_m", "wq_dequantize"])
+                                  "lsq_linear_backward_recompute", "wq_linear", "wq_linear_large_m", "wq_dequantize"])
 def test_opcheck(device, name):
     args = dict(_cases(device))[name]
     op = next((name[:-len(v)] for v in _VARIANTS if name.endswith(v)), name)  # the same op, other arguments
