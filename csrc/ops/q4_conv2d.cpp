@@ -88,6 +88,18 @@ ConvArgs conv_args(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRe
   return a;
 }
 
+// The output's memory format, as nn.Conv2d's: channels_last for a channels_last input, else contiguous
+// NCHW (the kernels write NHWC; an NCHW caller gets one copy of the output rather than strides that
+// break .view() on it).
+at::MemoryFormat output_format(const at::Tensor& x) {
+  return x.suggest_memory_format() == at::MemoryFormat::ChannelsLast ? at::MemoryFormat::ChannelsLast
+                                                                      : at::MemoryFormat::Contiguous;
+}
+at::Tensor as_output(const at::Tensor& out_nhwc, const at::Tensor& x) {
+  const auto y = out_nhwc.permute({0, 3, 1, 2});
+  return output_format(x) == at::MemoryFormat::ChannelsLast ? y : y.contiguous();
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_forward_meta(const at::Tensor& x, const at::Tensor& bias_a,
                                                                  const at::Tensor& weight, const at::Tensor& scale_a,
                                                                  const at::Tensor& scale_w, const at::Tensor& eps,
@@ -96,8 +108,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_forward_meta(const at::Tenso
   const auto o = check_conv(x, bias_a, weight, scale_a, scale_w, eps, stride, padding, dilation, groups);
   const bool packed = weight.scalar_type() == at::kChar;
   const auto kh = weight.sym_size(packed ? 1 : 2), kw = weight.sym_size(packed ? 2 : 3);
-  auto y = at::empty_symint({x.sym_size(0), o.O, o.Ho, o.Wo},
-                            x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  auto y = at::empty_symint({x.sym_size(0), o.O, o.Ho, o.Wo}, x.options().memory_format(output_format(x)));
   auto qx = at::empty_symint({x.sym_size(0), x.sym_size(2), x.sym_size(3), x.sym_size(1)}, x.options().dtype(at::kChar));
   auto qw = at::empty_symint({o.O, kh, kw, o.Cg}, x.options().dtype(at::kChar));
   return {y, qx, qw};
@@ -155,7 +166,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_forward_impl(const at::Tenso
                                           static_cast<char*>(out.data_ptr()) + g * a.Og * esize, a.O,
                                           current_stream(qx)),
                      kOp);
-      return {out.permute({0, 3, 1, 2}), qx, qw};
+      return {as_output(out, x), qx, qw};
     }
   }
 #endif
@@ -176,7 +187,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_forward_impl(const at::Tenso
                alpha.data_ptr<float>(), x.scalar_type(), static_cast<char*>(out.data_ptr()) + g * a.Og * esize, a.O,
                kOp);
   }
-  return {out.permute({0, 3, 1, 2}), qx, qw};
+  return {as_output(out, x), qx, qw};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> q4_conv2d_forward(const at::Tensor& x, const at::Tensor& bias_a,

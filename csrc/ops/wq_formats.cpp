@@ -195,10 +195,16 @@ std::tuple<at::Tensor, at::Tensor> wq_gba_decode_impl(const at::Tensor& qstat, c
   check_float_tensor(qs_zeros, op, "qscales_zeros");
   check_float_tensor(qs_scales, op, "qscales_scales");
   const auto dt = qs_scales.scalar_type();
-  TORCH_CHECK(qstat.numel() > 0 && qstat.numel() % N == 0, op, ": ", asym ? "qscales" : "qstatistic", " of shape ",
-              qstat.sizes(), " does not hold groups x N=", N, " codes");
-  const int64_t G = qstat.numel() / N;
+  // (G, N) codes (one per output channel), or (G, NB, D) blocks of D channels with NB = ceil(N / D): the
+  // last block padded when D does not divide N (the padding codes are decoded and dropped).
+  TORCH_CHECK(N >= 1 && (qstat.dim() == 2 || qstat.dim() == 3) && qstat.numel() > 0, op, ": ",
+              asym ? "qscales" : "qstatistic", " must be (groups, N) or (groups, ceil(N/D), D) with N=", N, ", got shape ",
+              qstat.sizes());
   auto codes = qstat.dim() == 2 ? qstat.unsqueeze(-1) : qstat;
+  const int64_t G = codes.size(0), NB = codes.size(1), D = codes.size(2);
+  TORCH_CHECK(D >= 1 && NB * D >= N && (NB - 1) * D < N, op, ": ", asym ? "qscales" : "qstatistic", " of shape ",
+              qstat.sizes(), " does not hold groups x N=", N, " codes (expected (groups, N) or (groups, ",
+              (N + D - 1) / std::max<int64_t>(D, 1), ", ", D, "))");
   auto decode = [&](const at::Tensor& c, const at::Tensor& zz, const at::Tensor& ss, const char* what) {
     std::vector<int64_t> shape;
     try {
@@ -209,7 +215,7 @@ std::tuple<at::Tensor, at::Tensor> wq_gba_decode_impl(const at::Tensor& qstat, c
     TORCH_CHECK(shape == c.sizes().vec(), op, ": the ", what, " double-quantization parameters (", zz.sizes(), ", ",
                 ss.sizes(), ") do not broadcast over the codes ", c.sizes(),
                 " (BIE supports: per (group, N-block) with dq_mode 2, per output channel with dq_mode 1 and D = 1)");
-    return ((c.to(dt) - as_dtype(zz, dt)) * as_dtype(ss, dt)).reshape({G, N});
+    return ((c.to(dt) - as_dtype(zz, dt)) * as_dtype(ss, dt)).reshape({G, NB * D}).narrow(1, 0, N).contiguous();
   };
   if (asym) {
     return {decode(codes, qs_zeros, qs_scales, "scale"), at::Tensor()};
@@ -269,7 +275,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> wq_mbwq_layout_impl(const std::op
       } else {
         n = K - rows;
         TORCH_CHECK(n >= 1 && start + (n + 31) / 32 * b <= qrows, op, ": q_groups: the last group (", b,
-                    "-bit, word row ", start, ") must hold the remaining ", n, " of K=", K, " rows within qrows=", qrows);
+                    "-bit, word row ", start, ") must hold the remaining ", n, " of K=", K,
+                    " rows within the qweight's qrows=", qrows, " word rows");
       }
       // A width change must fall on a whole chunk: every segment but the last is a multiple of 32 rows.
       if (i > 0 && b != group_bits.back())

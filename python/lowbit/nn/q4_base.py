@@ -2,6 +2,7 @@
 ``prepare_params()`` (BIE's rule) and the int4-pair ``qweight``."""
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from .. import ops
@@ -22,8 +23,9 @@ class Q4Base(QATBase):
 
     def prepare_params(self) -> None:
         """Derive ``scale_w = max(2*mean|W|/5.6345, eps)`` from the current weight (BIE's rule). Call it
-        after changing the weight by hand; lowbit also calls it before the first forward if nobody did
-        (BIE would silently compute with scale_w = 1, rounding every weight to 0)."""
+        after changing the weight by hand. If nobody did, the first forward derives it too, but only while
+        ``scale_w`` still holds its initial 1 (BIE would compute with 1, rounding every weight to 0): a
+        step written into ``scale_w`` by hand is used as BIE uses it."""
         if self.weight is None:
             return
         self.scale_w.copy_(ops.lsq_scale(self.weight.detach(), Q4_WEIGHT_SCALE_QMAX, self.eps))
@@ -31,7 +33,11 @@ class Q4Base(QATBase):
 
     def _weight_scale(self) -> Tensor:
         if not self._scale_w_ready:
-            self.prepare_params()
+            if self.weight is not None:
+                # On the device (no host read: the first forward may be captured or compiled).
+                fresh = ops.lsq_scale(self.weight.detach(), Q4_WEIGHT_SCALE_QMAX, self.eps)
+                self.scale_w.copy_(torch.where(self.scale_w == 1, fresh, self.scale_w))
+            self._scale_w_ready = True
         return self.scale_w
 
     def _quantize_weight(self, weight: Tensor, scale_w: Tensor) -> Tensor:

@@ -25,8 +25,9 @@ class Q4Conv2d(Q4Base):
     """``y = s_a * s_w * conv2d(Q(x + bias_a[c]), Q(W)) (+ bias)`` with 4-bit codes, like ``nn.Conv2d``.
 
     NCHW input (channels_last accepted), any H and W, stride / padding / dilation as ints or pairs,
-    ``groups``. Padding pads the quantized input with zeros. The output is (N, O, Ho, Wo) in x's dtype
-    with channels_last memory. ``qweight`` is int8 (O, kh, kw, ceil((C/groups)/2)): int4 pairs along the
+    ``groups``. Padding pads the quantized input with zeros. The output is (N, O, Ho, Wo) in x's dtype,
+    in x's memory format as ``nn.Conv2d`` gives it (channels_last for a channels_last x, else contiguous
+    NCHW; the kernels compute NHWC, so an NCHW x costs one copy of the output). ``qweight`` is int8 (O, kh, kw, ceil((C/groups)/2)): int4 pairs along the
     input channels in OHWI order (docs/formats.md). Gradients: straight-through for x (4-bit clip mask)
     and the weight, LSQ for ``scale_a``, ``bias_a`` through the shift. ``scale_w`` as in Q4Linear.
     """

@@ -385,11 +385,15 @@ class MPQLinear(_WqLinearBase):
         # A prepared checkpoint (no double-quantization tensors): load into the prepared layout.
         if "qscales_zeros" in self._buffers and not has_dq and "scales" in keys:
             self._drop(*_DQ_KEYS)
+        if self.asym and prefix + "zeros" in state_dict and state_dict[prefix + "zeros"].dtype == torch.int32:
+            # BIE's prepared asym layout: `zeros` holds the packed integer zero points (a copy of qzeros).
+            packed = state_dict.pop(prefix + "zeros")
+            if "qzeros" not in keys:
+                state_dict[prefix + "qzeros"] = packed
+            keys.discard("zeros")
+            keys.add("qzeros")
         if self.asym and "zeros" in self._buffers and "zeros" not in keys:
             self._drop("zeros")
-        if self.asym and "qzeros" not in keys and prefix + "zeros" in state_dict and \
-                state_dict[prefix + "zeros"].dtype == torch.int32:
-            state_dict[prefix + "qzeros"] = state_dict.pop(prefix + "zeros")  # BIE's prepared asym layout
         if "qscales_zeros" in self._buffers and has_dq and self.group_size < 256:
             # Double quantization (BIE decodes it for group_size < 256): scales (and the sym format's zeros)
             # are derived by prepare_params(), so a checkpoint need not carry them (spec 10.3's tensor sets).
@@ -610,6 +614,13 @@ class MBWQLinear(_WqLinearBase):
         for k in self._DROPPED_KEYS:
             if state_dict.pop(prefix + k, None) is not None:
                 keys.discard(k)
+        # As BIE's load_state_dict: a checkpoint tensor whose shape differs from the buffer's (say, a
+        # channel-mix layer built with the default groups / rows_packed) is taken as it is; prepare_params()
+        # then checks that the tensors fit together and names the one that does not.
+        for k in ("qweight", "scales", "zeros", "q_perm", "q_groups"):
+            t, old = state_dict.get(prefix + k), self._buffers.get(k)
+            if k in keys and isinstance(t, Tensor) and old is not None and t.shape != old.shape:
+                self.register_buffer(k, torch.empty(t.shape, dtype=old.dtype, device=old.device))
         if "q_perm" not in keys:  # absent = identity
             state_dict[prefix + "q_perm"] = torch.zeros_like(self.q_perm)
         if "channel_scale" not in keys:
