@@ -82,6 +82,16 @@ class QATBase(LowbitLayer):
         return (f"in_channels={self.in_channels}, out_channels={self.out_channels}, bits={self._bits}, "
                 f"dtype={self.dtype}, qweight={'yes' if self.qweight is not None else 'no'}")
 
+    def _apply(self, fn, recurse=True):
+        # scale_w stays float32 through .half() / .to(dtype) (an fp32 buffer, as BIE's): the step an eval
+        # layer freezes must be the fp32 step its training forward uses, or eval would differ from train.
+        scale_w = self._buffers.get("scale_w")
+        super()._apply(fn, recurse)
+        moved = self._buffers.get("scale_w")
+        if scale_w is not None and moved is not None and moved.dtype != torch.float32:
+            self._buffers["scale_w"] = scale_w.to(device=moved.device)
+        return self
+
     def reset_parameters(self) -> None:
         if self.weight is not None:
             torch.nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # as nn.Linear
@@ -153,6 +163,11 @@ class QATBase(LowbitLayer):
                 self.qweight = None  # stale once training resumes (BIE I-3)
             return self._forward_op(x, self.weight, self._weight_scale())
         self._init_scale_a(x)  # a layer evaluated before any training forward: BIE inits on any first forward
+        if self.weight is not None and torch.compiler.is_compiling():
+            # A compiled graph cannot see the weight's version counter, so a cached qweight could be stale
+            # (a weight changed in place after the last eager call): the codes are made from the current
+            # weight inside the graph, as eager eval would make them (same op, same step, same bits).
+            return self._forward_op(x, self.weight, self._weight_scale())
         return self._forward_op(x, self._eval_qweight(), self.scale_w)
 
     # ---------------------------------------------------------------- subclass hooks
@@ -185,10 +200,6 @@ class QATBase(LowbitLayer):
         self._scale_a_ready = True
 
     def _eval_qweight(self) -> Tensor:
-        if self.qweight is not None and torch.compiler.is_compiling():
-            # A compiled graph cannot guard on the version counter; the eager call that precedes
-            # compilation (and any eager call after a weight update) has already refreshed qweight.
-            return self.qweight
         stale = self.weight is not None and self.weight._version != self._qweight_version
         if self.qweight is None or stale:
             self.generate_quantized_weight(qweight_only=False)
@@ -225,6 +236,8 @@ class QATBase(LowbitLayer):
             self.qweight = torch.empty(self._qweight_shape(), dtype=torch.int8, device=device)
         if has_q and wkey not in state_dict:
             self.weight = None  # a qweight-only (inference) checkpoint
+        if not has_q:
+            self.qweight = None  # a training checkpoint: codes made again from its weight when needed
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         self._after_load(state_dict, prefix)
