@@ -30,7 +30,7 @@ TORCH_LIBRARY(lowbit, m) {
 
   // LSQ-style step size of a tensor: max(2 * mean(|x|) / sqrt(qmax), eps), the mean accumulated in
   // float64, the result rounded once to float32 (0-dim, on x's device). eps may be None (no clamp).
-  m.def("lsq_scale(Tensor x, float qmax, Tensor? eps) -> Tensor");
+  m.def("lsq_scale(Tensor x, float qmax, Tensor? eps=None) -> Tensor");
 
   // int8 GEMM with a fused dequantizing epilogue: out = to(out_dtype)(float(qx . qw^T) * alpha).
   // qx (..., K) int8, qw (N, K) int8, alpha one fp32 element; out (..., N). CPU, CUDA, Meta.

@@ -350,7 +350,8 @@ at::Tensor wq_check_g_idx_impl(const at::Tensor& g_idx, int64_t K, int64_t group
   for (int64_t i = 0; i < K; ++i)
     TORCH_CHECK(v[i] >= 0 && v[i] < groups, op, ": g_idx[", i, "] must be in [0, ", groups, ") (groups = rows of scales), got ",
                 v[i]);
-  return g_idx.reshape({-1}).to(at::kInt).contiguous();
+  // A new tensor (the schema promises no alias of the input), int32 and contiguous.
+  return g_idx.reshape({-1}).to(at::kInt, /*non_blocking=*/false, /*copy=*/true).contiguous();
 }
 
 at::Tensor wq_permute_rows_impl(const at::Tensor& qweight, int64_t bits, const at::Tensor& rows) {

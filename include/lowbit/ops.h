@@ -30,7 +30,7 @@ std::tuple<at::Tensor, at::Tensor> qat_quantize(const at::Tensor& x, const std::
                                                 const at::Tensor& eps, int64_t qmin, int64_t qmax);
 
 // max(2 * mean|x| / sqrt(qmax), eps) as a 0-dim fp32 tensor (mean in float64).
-at::Tensor lsq_scale(const at::Tensor& x, double qmax, const std::optional<at::Tensor>& eps);
+at::Tensor lsq_scale(const at::Tensor& x, double qmax, const std::optional<at::Tensor>& eps = std::nullopt);
 
 // to(out_dtype)(float(qx . qw^T) * alpha); qx (..., K) int8, qw (N, K) int8. row_scale: optional fp32, one
 // value per row of qx; row i is then scaled by alpha * row_scale[i] (one fp32 multiply).

@@ -191,6 +191,23 @@ def _sub_state(tensors, prefix: str) -> "OrderedDict[str, torch.Tensor]":
     return OrderedDict((k[len(prefix):], v) for k, v in tensors.items() if k.startswith(prefix))
 
 
+def _features(m: torch.nn.Module):
+    """(in, out) features of a linear / conv module (torch's or lowbit's), or None where it has none."""
+    i = getattr(m, "in_features", getattr(m, "in_channels", None))
+    o = getattr(m, "out_features", getattr(m, "out_channels", None))
+    return (i, o) if isinstance(i, int) and isinstance(o, int) else None
+
+
+def _check_sizes(name: str, old: torch.nn.Module, new: torch.nn.Module) -> None:
+    """A recorded layer must have the size of the model's module it replaces (a wrong skeleton is an error,
+    not a silently different model)."""
+    a, b = _features(old), _features(new)
+    if a is not None and b is not None and a != b:
+        raise ValueError(f"lowbit.load: the checkpoint's layer {name!r} is {type(new).__name__} with in={b[0]}, "
+                         f"out={b[1]}, but the model's module there is {type(old).__name__} with in={a[0]}, "
+                         f"out={a[1]}: the model is not the one the checkpoint was made from")
+
+
 def load(path: Union[str, os.PathLike], model: torch.nn.Module, strict: bool = True,
          map_location: Union[str, torch.device, None] = None) -> torch.nn.Module:
     """Rebuild the lowbit layers recorded in ``path`` inside ``model`` (replacing the modules of those
@@ -251,6 +268,7 @@ def load(path: Union[str, os.PathLike], model: torch.nn.Module, strict: bool = T
     for old, first, spec, places in sites.values():
         new = _build(first, spec).to(map_location)
         if old is not None:
+            _check_sizes(first, old, new)
             new.train(old.training)
         plan.append((new, places, old))
     replaced = [n for _, places, _ in plan for _, _, n in places]

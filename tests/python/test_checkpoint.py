@@ -212,7 +212,7 @@ def test_failed_load_leaves_the_model_as_it_was(tmp_path, case):
     if case == "truncated":
         data = (tmp_path / "model.safetensors").read_bytes()
         (tmp_path / "model.safetensors").write_bytes(data[:len(data) // 2])
-    elif case == "layer_tensors":  # the recorded structure does not match the tensors
+    elif case == "layer_tensors":  # the recorded structure matches neither the tensors nor the model
         cfg["layers"]["0"]["args"]["in_channels"] = 13
     elif case == "parameter_name":
         cfg["layers"]["0.weight"] = cfg["layers"].pop("0")
@@ -227,7 +227,8 @@ def test_failed_load_leaves_the_model_as_it_was(tmp_path, case):
     expected = {"truncated": (RuntimeError, "truncated|too few|bytes"), "wrong_size": (RuntimeError, "2.weight"),
                 "missing_keys": (RuntimeError, "missing from the checkpoint: '4.weight', '4.bias'"),
                 "unexpected_keys": (RuntimeError, "unexpected checkpoint key"),
-                "layer_tensors": (RuntimeError, r"layer '0' \(Q8Linear\).*qweight"),
+                "layer_tensors": (ValueError, r"layer '0' is Q8Linear with in=13, out=8, but the model's module there "
+                                              r"is Linear with in=12"),
                 "parameter_name": (ValueError, "'0.weight' names a Parameter attribute of the model, not a module"),
                 "load_state_dict_fails": (RuntimeError, "refused by a hook")}[case]
     with pytest.raises(expected[0], match=expected[1]):
