@@ -476,3 +476,20 @@ def test_16bit_layer_weight_gradient(device, cls, dtype):
     gw_ref = G.double().reshape(-1, N).t() @ (qx.reshape(-1, K) * s_a)
     assert layer.weight.grad.dtype == dtype and layer.weight.grad.shape == (N, K)
     assert ref.rel_err(layer.weight.grad, gw_ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("cls", [Q8Linear, lowbit.nn.Q4Linear])
+def test_eval_in_inference_mode_then_with_autograd(device, cls):
+    """The qweight an eval forward caches inside torch.inference_mode() is a normal tensor: a later eval
+    forward that records autograd (an input gradient) can save it, and gives the same output."""
+    layer = cls(16, 8, device=device)
+    x = torch.randn(3, 16, device=device)
+    layer(x)
+    layer.eval()
+    with torch.inference_mode():
+        y0 = layer(x)
+    assert not layer.qweight.is_inference()
+    xg = x.clone().requires_grad_()
+    y = layer(xg)
+    y.sum().backward()
+    assert torch.equal(y.detach(), y0) and xg.grad is not None and xg.grad.shape == x.shape

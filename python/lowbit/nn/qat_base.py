@@ -202,7 +202,10 @@ class QATBase(LowbitLayer):
     def _eval_qweight(self) -> Tensor:
         stale = self.weight is not None and self.weight._version != self._qweight_version
         if self.qweight is None or stale:
-            self.generate_quantized_weight(qweight_only=False)
+            # Made as a normal tensor even inside torch.inference_mode(): the cached codes outlive the call,
+            # and a later eval forward that records autograd (an input gradient) must be able to save them.
+            with torch.inference_mode(False):
+                self.generate_quantized_weight(qweight_only=False)
         return self.qweight
 
     def _check_qweight(self, q: Tensor, key: str) -> None:
