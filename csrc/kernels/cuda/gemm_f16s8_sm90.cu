@@ -71,9 +71,8 @@ static_assert(kSmemBytes <= 227 * 1024, "sm_90 allows 227 KB of shared memory pe
 #ifdef LOWBIT_SM90A_DEVICE
 using tma_detail::mbar_arrive;
 using tma_detail::mbar_expect_tx;
-using tma_detail::mbar_init;
-using tma_detail::mbar_init_fence;
 using tma_detail::mbar_wait;
+using tma_detail::Ring;
 using tma_detail::tma_load;
 using wgmma_detail::smem_desc;
 using wgmma_detail::wgmma_commit;
@@ -176,31 +175,21 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_f16s8_kernel(
     int64_t tiles_m, int64_t tiles_k) {
 #ifdef LOWBIT_SM90A_DEVICE
   extern __shared__ uint8_t smem_raw[];
-  const uint32_t raw = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
-  const uint32_t base = (raw + (kAlignSlack - 1)) & ~uint32_t(kAlignSlack - 1);
-  const uint32_t bars = base + kStages * kStageBytes;
-  auto full = [&](int s) { return bars + 8u * s; };
-  auto empty = [&](int s) { return bars + 8u * (kStages + s); };
+  const Ring ring(smem_raw, kStages, kStageBytes);
+  const uint32_t base = ring.base;
+  auto full = [&](int s) { return ring.full(s); };
+  auto empty = [&](int s) { return ring.empty(s); };
   const int64_t work = tiles_m * tiles_k;
   // Tile w: grouped raster, kGroup row tiles of G per group, column tiles of Q across it.
   auto locate = [&](int64_t w, int* m0, int* k0) {
-    const int64_t group_tiles = int64_t(kGroup) * tiles_k;
-    const int64_t first_m = (w / group_tiles) * kGroup;
-    const int64_t rows_here = (tiles_m - first_m) < kGroup ? (tiles_m - first_m) : kGroup;
-    const int64_t in_group = w % group_tiles;
-    *m0 = static_cast<int>((first_m + in_group % rows_here) * kRowsG);
-    *k0 = static_cast<int>((in_group / rows_here) * kColsK);
+    int64_t tm, tk;
+    tma_detail::grouped_tile(w, tiles_m, tiles_k, kGroup, &tm, &tk);
+    *m0 = static_cast<int>(tm * kRowsG);
+    *k0 = static_cast<int>(tk * kColsK);
   };
   const int r_tiles = (R + kRedStage - 1) / kRedStage;
   const int wg = threadIdx.x / 128;
-
-  if (threadIdx.x == 0) {
-    for (int s = 0; s < kStages; ++s) {
-      mbar_init(full(s), 1);
-      mbar_init(empty(s), 4 * kConsumers);
-    }
-    mbar_init_fence();
-  }
+  ring.init(4 * kConsumers);
   __syncthreads();
 
   if (wg == 0) {

@@ -72,8 +72,8 @@ using wgmma_detail::wgmma_fence;
 using wgmma_detail::wgmma_wait;
 using tma_detail::mbar_arrive;
 using tma_detail::mbar_expect_tx;
-using tma_detail::mbar_init;
 using tma_detail::mbar_wait;
+using tma_detail::Ring;
 using tma_detail::tma_load;
 #endif
 using tma_detail::device_sms;
@@ -125,38 +125,26 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_s8_sm90_kernel(
     const float* __restrict__ row_scale) {  // M per-row multipliers or nullptr
 #ifdef LOWBIT_SM90A_DEVICE
   extern __shared__ uint8_t smem_raw[];
-  const uint32_t raw = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
-  const uint32_t base = (raw + (kAlignSlack - 1)) & ~uint32_t(kAlignSlack - 1);
-  const uint32_t bars = base + kStages * kStageBytes;
-  auto full = [&](int s) { return bars + 8u * s; };
-  auto empty = [&](int s) { return bars + 8u * (kStages + s); };
+  const Ring ring(smem_raw, kStages, kStageBytes);
+  const uint32_t base = ring.base;
+  auto full = [&](int s) { return ring.full(s); };
+  auto empty = [&](int s) { return ring.empty(s); };
 
   // Work item w (a persistent CTA takes w = blockIdx.x, + gridDim.x, ...): batch w / tiles_per_batch, and
   // in it the grouped raster (kGroupM tile-rows per group) of pid = w % tiles_per_batch. Items run in
   // increasing w across the grid, so the CTAs resident together cover neighbouring tiles (L2 reuse).
   const int64_t tiles_per_batch = tiles_m * tiles_n;
   auto locate = [&](int64_t w, int* batch, int* m0, int* n0) {
-    const int64_t b = w / tiles_per_batch, pid = w - b * tiles_per_batch;
-    const int64_t group_tiles = int64_t(kGroupM) * tiles_n;
-    const int64_t first_m = (pid / group_tiles) * kGroupM;
-    const int64_t rows_here = (tiles_m - first_m) < kGroupM ? (tiles_m - first_m) : kGroupM;
-    const int64_t in_group = pid % group_tiles;
+    const int64_t b = w / tiles_per_batch;
+    int64_t tm, tn;
+    tma_detail::grouped_tile(w - b * tiles_per_batch, tiles_m, tiles_n, kGroupM, &tm, &tn);
     *batch = static_cast<int>(b);
-    *m0 = static_cast<int>((first_m + in_group % rows_here) * kBM);
-    *n0 = static_cast<int>((in_group / rows_here) * kBN);
+    *m0 = static_cast<int>(tm * kBM);
+    *n0 = static_cast<int>(tn * kBN);
   };
   const int k_tiles = (K + kBK - 1) / kBK;
   const int wg = threadIdx.x / 128;
-
-  if (threadIdx.x == 0) {
-    for (int s = 0; s < kStages; ++s) {
-      mbar_init(full(s), 1);
-      mbar_init(empty(s), 4 * kConsumers);
-    }
-    // Make the initialised barriers visible to the async proxy (the TMA unit completes on them).
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-  }
+  ring.init(4 * kConsumers);
   __syncthreads();
 
   if (wg == 0) {
@@ -427,32 +415,21 @@ __global__ void __launch_bounds__(S4Cfg<BM, CW, KS>::kThreads, 1) gemm_s8s4_sm90
   using C = S4Cfg<BM, CW, KS>;
   constexpr int kS4Stages = C::kStages, kS4StageBytes = C::kStageBytes, kS4TileX = C::kTileX;
   extern __shared__ uint8_t smem_raw[];
-  const uint32_t raw = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
-  const uint32_t base = (raw + (kAlignSlack - 1)) & ~uint32_t(kAlignSlack - 1);
-  const uint32_t bars = base + kS4Stages * kS4StageBytes;
-  auto full = [&](int s) { return bars + 8u * s; };
-  auto empty = [&](int s) { return bars + 8u * (kS4Stages + s); };
+  const Ring ring(smem_raw, kS4Stages, kS4StageBytes);
+  const uint32_t base = ring.base, bars = ring.bars;
+  auto full = [&](int s) { return ring.full(s); };
+  auto empty = [&](int s) { return ring.empty(s); };
   const int64_t work = tiles_m * tiles_n;
   // Tile w: grouped raster over (activation tile-rows, weight tiles), kGroupM activation tile-rows per group.
   auto locate = [&](int64_t w, int* m0, int* n0) {
-    const int64_t group_tiles = int64_t(kGroupM) * tiles_n;
-    const int64_t first_m = (w / group_tiles) * kGroupM;
-    const int64_t rows_here = (tiles_m - first_m) < kGroupM ? (tiles_m - first_m) : kGroupM;
-    const int64_t in_group = w % group_tiles;
-    *m0 = static_cast<int>((first_m + in_group % rows_here) * BM);
-    *n0 = static_cast<int>((in_group / rows_here) * C::kRowsW);
+    int64_t tm, tn;
+    tma_detail::grouped_tile(w, tiles_m, tiles_n, kGroupM, &tm, &tn);
+    *m0 = static_cast<int>(tm * BM);
+    *n0 = static_cast<int>(tn * C::kRowsW);
   };
   const int k_tiles = (K + kBK - 1) / kBK;
   const int wg = threadIdx.x / 128;
-
-  if (threadIdx.x == 0) {
-    for (int s = 0; s < kS4Stages; ++s) {
-      mbar_init(full(s), 1);
-      mbar_init(empty(s), 4 * CW);
-    }
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-  }
+  ring.init(4 * CW);
   __syncthreads();
 
   // Two consumers: registers move from the producer (40) to them (232), as in the int8 kernel. One

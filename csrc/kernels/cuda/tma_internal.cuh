@@ -44,12 +44,45 @@ __device__ __forceinline__ void tma_load(uint32_t dst, const CUtensorMap* map, u
       "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(k), "r"(row), "r"(batch)
       : "memory");
 }
-// Barrier init by one thread, made visible to the async proxy (the TMA unit completes on the barriers).
-__device__ __forceinline__ void mbar_init_fence() {
-  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-}
+// The shared-memory ring of a TMA pipeline: `stages` stage buffers of `stage_bytes` from the dynamic shared
+// base rounded up to 1024 bytes (the 128B swizzle's period; callers reserve the 1024 bytes of slack), then
+// the `full` (TMA transaction bytes) and `empty` (consumer arrivals) mbarrier of every stage.
+struct Ring {
+  uint32_t base, bars;
+  int stages;
+  __device__ Ring(const void* smem, int n_stages, int stage_bytes) : stages(n_stages) {
+    const uint32_t raw = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+    base = (raw + 1023u) & ~1023u;
+    bars = base + uint32_t(n_stages) * uint32_t(stage_bytes);
+  }
+  __device__ uint32_t full(int s) const { return bars + 8u * uint32_t(s); }
+  __device__ uint32_t empty(int s) const { return bars + 8u * uint32_t(stages + s); }
+  // Thread 0 initialises the barriers (one TMA arrival per full, `consumer_arrivals` per empty) and makes
+  // them visible to the async proxy (the TMA unit completes on them); the caller syncs the block after.
+  __device__ void init(uint32_t consumer_arrivals) const {
+    if (threadIdx.x != 0) return;
+    for (int s = 0; s < stages; ++s) {
+      mbar_init(full(s), 1);
+      mbar_init(empty(s), consumer_arrivals);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+  }
+};
 #endif  // LOWBIT_SM90A_DEVICE
+
+// Grouped raster of a persistent kernel: tile w (of tiles_m x tiles_n) -> (row tile, column tile), `group`
+// row tiles per group and the column tiles across it, so the CTAs resident together (consecutive w) share
+// row and column tiles in L2.
+__host__ __device__ __forceinline__ void grouped_tile(int64_t w, int64_t tiles_m, int64_t tiles_n, int64_t group,
+                                                      int64_t* tm, int64_t* tn) {
+  const int64_t group_tiles = group * tiles_n;
+  const int64_t first_m = (w / group_tiles) * group;
+  const int64_t rows_here = (tiles_m - first_m) < group ? (tiles_m - first_m) : group;
+  const int64_t in_group = w % group_tiles;
+  *tm = first_m + in_group % rows_here;
+  *tn = in_group / rows_here;
+}
 
 // The driver's cuTensorMapEncodeTiled (through the runtime: no libcuda link), or nullptr.
 inline PFN_cuTensorMapEncodeTiled_v12000 encode_fn() {
