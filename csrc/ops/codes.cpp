@@ -49,11 +49,11 @@ at::Tensor mm_codes(const at::Tensor& G, bool trans_g, const at::Tensor& q, cons
 #ifdef LOWBIT_WITH_CUDA
   if (G.is_cuda() && q.is_cuda() && (gdt == at::kHalf || gdt == at::kBFloat16) &&
       (out_dt == at::kFloat || out_dt == gdt)) {
+    c10::cuda::CUDAGuard guard(G.device());  // the support check reads the current device
     const auto Gc = G.contiguous();
     const auto qc = q.contiguous();
     const DType gt = kernel_dtype(gdt, op, "G");
     if (cuda::gemm_f16s8_supported(gt, Gc.data_ptr(), Gc.size(1), trans_g, qc.data_ptr<int8_t>(), K, rows, R, K)) {
-      c10::cuda::CUDAGuard guard(G.device());
       at::Tensor s;
       if (scale.has_value()) {
         check_scalar(*scale, G, "G", op, "scale");
