@@ -90,6 +90,16 @@ def ref_weight(w, s_w):
     return _STEW.apply(w64, s_w, _v(w.detach().float(), s_w)), w64
 
 
+
+def _assert_matches(layer, x, y, y64, x64, w64, b64, s64, dtype):
+    """Output and the gradients of x, weight, bias_a and scale_a against the float64 graph's."""
+    tol = TOL[dtype]
+    assert rel(y, y64) < tol
+    assert x.grad.dtype == dtype and rel(x.grad, x64.grad) < tol
+    assert rel(layer.weight.grad, w64.grad) < tol
+    assert rel(layer.bias_a.grad, b64.grad) < tol
+    assert rel(layer.scale_a.grad, s64.grad) < max(tol, 1e-5)
+
 def rel(out, ref):
     out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
     assert out.shape == ref.shape, (out.shape, ref.shape)
@@ -192,12 +202,7 @@ def test_q4linear_forward_backward_vs_float64(dtype, xshape, N):
     wh, w64 = ref_weight(layer.weight, s_w)
     y64 = xh @ wh.t()
     (y64 * G.to(dtype).double()).sum().backward()
-    tol = TOL[dtype]
-    assert rel(y, y64) < tol
-    assert x.grad.dtype == dtype and rel(x.grad, x64.grad) < tol
-    assert rel(layer.weight.grad, w64.grad) < tol
-    assert rel(layer.bias_a.grad, b64.grad) < tol
-    assert rel(layer.scale_a.grad, s64.grad) < max(tol, 1e-5)
+    _assert_matches(layer, x, y, y64, x64, w64, b64, s64, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -366,12 +371,7 @@ def test_q4conv2d_forward_backward_vs_float64(case, dtype):
     wh, w64 = ref_weight(layer.weight, s_w)
     y64 = F.conv2d(xh, wh, None, stride, padding, dilation, groups)
     (y64 * G.double()).sum().backward()
-    tol = TOL[dtype]
-    assert rel(y, y64) < tol
-    assert x.grad.dtype == dtype and rel(x.grad, x64.grad) < tol
-    assert rel(layer.weight.grad, w64.grad) < tol
-    assert rel(layer.bias_a.grad, b64.grad) < tol
-    assert rel(layer.scale_a.grad, s64.grad) < max(tol, 1e-5)
+    _assert_matches(layer, x, y, y64, x64, w64, b64, s64, dtype)
 
 
 @pytest.mark.parametrize("case", [CONV[2], CONV[4], CONV[7]])
