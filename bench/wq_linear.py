@@ -1,7 +1,7 @@
 """Weight-only layers (MBWQLinear / MPQLinear) against torch F.linear on the same weights, dense, in the
 same run.
 
-    python3 bench/wq_linear.py [--device cpu|cuda] [--quick] [--markdown-out FILE]
+    python3 bench/wq_linear.py [--device cpu|cuda] [--quick] [--ms M,M,...] [--markdown-out FILE]
 
 GPU (issue targets, H100, fp16 baseline): shapes (K, N) of Llama-2-7B and -70B, M = 1, 16, 32, 64, 256;
 4-bit group 128, 2-bit group 128, a 2/4-bit channel-mix (50/50) and GPTQ 4-bit with act-order. Ratio =
@@ -91,6 +91,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="GPU: only the first two shapes and M = 1, 16")
+    ap.add_argument("--ms", type=lambda v: [int(m) for m in v.split(",")],
+                    help="GPU: these M instead of 1,16,32,64,256 (comma-separated)")
     ap.add_argument("--markdown-out", type=Path)
     args = ap.parse_args()
     dev = args.device
@@ -103,6 +105,8 @@ def main():
     ms = MS if gpu else [1]
     if args.quick:
         shapes, ms = shapes[:2], [1, 16]
+    if args.ms and gpu:
+        ms = args.ms
     kinds = [("4-bit g128", lambda K, N: layer_mix(K, N, 4, 128, dt, dev)),
              ("2-bit g128", lambda K, N: layer_mix(K, N, 2, 128, dt, dev))]
     if gpu:

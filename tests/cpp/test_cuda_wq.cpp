@@ -261,6 +261,52 @@ TEST_F(CudaWq, WarpgroupPath) {
       }
 }
 
+// The TMA-fed warpgroup kernel (wq_wgt.cu: one-segment views with M >= 129 and N % 8 == 0 on an sm_90 device):
+// row tiles of 256 with M past one and several tiles, N past a 128-column tile, K ending mid k-block and
+// mid 32-row chunk, split-K (long K, few tiles), channel-mix segments (one launch each, partial sums), every
+// group kind (128 and 64: one group per k-block, the expected one or not; 16 and act-order: the per-row
+// path), sym / asym, perm, channel scale, garbage padding, bias, padded strides, both 16-bit dtypes.
+TEST_F(CudaWq, TmaPath) {
+  int dev = 0;
+  cudaDeviceProp prop{};
+  CUDA_ASSERT(cudaGetDevice(&dev));
+  CUDA_ASSERT(cudaGetDeviceProperties(&prop, dev));
+  const bool sm90 = prop.major == 9 && prop.minor == 0;
+  uint32_t seed = 2600;
+  struct Shape { int64_t K, N, M; };
+  const Shape shapes[] = {{4096, 136, 129}, {1000, 264, 300}, {257, 128, 256}, {70, 8200, 257},
+                          {8192, 512, 600}, {640, 8, 700},    {130, 1032, 513}, {3000, 392, 140}};
+  for (const Shape& sh : shapes)
+    for (int32_t b : {4, 2})
+      for (DType t : {DType::kFloat16, DType::kBFloat16}) {
+        WqCase c;
+        c.spec.K = sh.K;
+        c.spec.N = sh.N;
+        if (seed % 5 == 3 && sh.K > 130)
+          c.spec.segments = {{b, 96}, {6 - b, 32}, {b, 0}};
+        else
+          c.spec.segments = {{b, 0}};
+        const int kind = int(seed % 5);
+        c.spec.group_size = kind <= 1 ? 128 : (kind == 2 ? 64 : 16);
+        c.spec.act_order = kind == 4;
+        c.spec.asym = seed % 2 == 0;
+        c.spec.perm = seed % 3 == 1;
+        c.spec.channel_scale = seed % 7 == 1;
+        c.spec.garbage_padding = true;
+        c.spec.extra_qrows = seed % 2;
+        c.spec.sdtype = t;
+        c.spec.seed = seed++;
+        c.xtype = t;
+        c.M = sh.M;
+        c.bias = seed % 3 != 0;
+        c.ldx_pad = seed % 4 == 0 ? 3 : 0;
+        c.ldo_pad = seed % 2 == 0 ? 5 : 0;
+        SCOPED_TRACE(describe(c));
+        run_tensor_core_case(c, /*require_tc=*/sm90);
+        if (HasFatalFailure()) return;
+      }
+}
+
 // The tensor-core kernel on what decode runs and on its edges: M = 1 .. 64 across the row tiles of 8 and
 // 16, group 128 (every k-block in one group: the fp32 per-group scale path) and group 16 (k-blocks of
 // several groups: the per-row path), a 2-bit segment ending mid k-block followed by a 4-bit one (the
@@ -581,7 +627,7 @@ TEST_F(CudaWq, CapturesInCudaGraph) {
 
 // Small runs of every code path for compute-sanitizer's racecheck / synccheck (scripts/gpu-check): the
 // per-warp x' tile (__syncwarp), the block reduction (__syncthreads), split-K + reduce, the per-row group
-// path, dequantize.
+// path, the TMA-fed warpgroup kernel, dequantize.
 TEST_F(CudaWq, SanitizerSmoke) {
   uint32_t seed = 760;
   for (bool act : {false, true}) {
@@ -598,6 +644,23 @@ TEST_F(CudaWq, SanitizerSmoke) {
     c.xtype = DType::kFloat16;
     c.bias = true;
     check_case(c);
+    if (HasFatalFailure()) return;
+  }
+  // The TMA-fed warpgroup kernel (mbarrier ring, producer / consumer warpgroups, split-K, per-row groups).
+  for (int gs : {128, 16}) {
+    WqCase c;
+    c.spec.K = 1000;
+    c.spec.N = 136;
+    c.spec.segments = {{4, 0}};
+    c.spec.group_size = gs;
+    c.spec.asym = gs == 16;
+    c.spec.garbage_padding = true;
+    c.spec.sdtype = DType::kBFloat16;
+    c.spec.seed = seed++;
+    c.M = 140;
+    c.xtype = DType::kBFloat16;
+    c.bias = true;
+    run_tensor_core_case(c, /*require_tc=*/false);
     if (HasFatalFailure()) return;
   }
   WqSpec s;

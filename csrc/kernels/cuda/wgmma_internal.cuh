@@ -1,4 +1,4 @@
-// Internal to the sm_90a kernels that run wgmma (gemm_s8_sm90.cu, gemm_f16s8_sm90.cu, qmatmul.cu): the accumulator operand
+// Internal to the sm_90a kernels that run wgmma (gemm_s8_sm90.cu, gemm_f16s8_sm90.cu, qmatmul.cu, wq_wgt.cu): the accumulator operand
 // lists of the inline-asm wrappers, the warpgroup synchronisation wrappers and the K-major 128-byte-swizzle
 // matrix descriptor. Defined only in
 // the sm_90a device pass (LOWBIT_SM90A_DEVICE); other passes see nothing.
@@ -89,6 +89,28 @@ __device__ __forceinline__ void wgmma_wait() {
 // 128 B) >> 4 in bits 32-45, layout "128B swizzle" (1) in bits 62-63.
 __device__ __forceinline__ uint64_t smem_desc(uint32_t addr) {
   return uint64_t((addr & 0x3FFFFu) >> 4) | (uint64_t(1) << 16) | (uint64_t(1024 >> 4) << 32) | (uint64_t(1) << 62);
+}
+// d (64 x 256 fp32, 128 per thread) = A (64 x 16 of fp16, or bf16 when kBf16; registers a, the
+// mma.m16n8k16 fragment per warp) * B (16 x 256, descriptor db: K-major, or MN-major when kTransB) +
+// (accumulate ? d : 0). gemm_f16s8_sm90.cu and wq_wgt.cu.
+template <bool kBf16, bool kTransB>
+__device__ __forceinline__ void wgmma_f16_n256(float (&d)[128], const uint32_t (&a)[4], uint64_t db,
+                                               uint32_t accumulate) {
+  if constexpr (kBf16) {
+    asm volatile(
+        "{\n .reg .pred p;\n setp.ne.b32 p, %133, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {" LOWBIT_WG_ACC_STR_128 "}, "
+        "{%128, %129, %130, %131}, %132, p, 1, 1, %134;\n}\n"
+        : LOWBIT_WG_ACC_OPS_F128(d)
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(accumulate), "n"(kTransB ? 1 : 0));
+  } else {
+    asm volatile(
+        "{\n .reg .pred p;\n setp.ne.b32 p, %133, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16 {" LOWBIT_WG_ACC_STR_128 "}, "
+        "{%128, %129, %130, %131}, %132, p, 1, 1, %134;\n}\n"
+        : LOWBIT_WG_ACC_OPS_F128(d)
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(accumulate), "n"(kTransB ? 1 : 0));
+  }
 }
 // Orders this thread's generic-proxy shared-memory writes before later async-proxy reads (wgmma operands);
 // every writing thread issues it before the barrier that publishes the data.

@@ -103,6 +103,19 @@ struct PairCodeSel {
   }
 };
 
+// The weights of one column at a pair of k-slots by the tensor-core permission's per-row formula (wq.h),
+// in the 16-bit type: v = the pair as c_P + q (PairCode::unit), sub = (c_P, c_P), s2 = (s, s) and z2 =
+// (z, z) of the rows' group, or (-z, -z) for sym. sym: fma(q, s, -z) (one rounding); asym: s * (q - z).
+// wq_wg.cu and wq_wgt.cu.
+template <typename T, bool kAsym>
+__device__ __forceinline__ uint32_t pair_weight(uint32_t v, uint32_t sub, uint32_t s2, uint32_t z2) {
+  using T2 = typename Tc<T>::T2;
+  const T2 q = __hsub2(bits_as<T2>(v), bits_as<T2>(sub));
+  if constexpr (kAsym)
+    return as_bits(__hmul2(bits_as<T2>(s2), __hsub2(q, bits_as<T2>(z2))));
+  else
+    return as_bits(__hfma2(q, bits_as<T2>(s2), bits_as<T2>(z2)));
+}
 
 }  // namespace wq_detail
 }  // namespace cuda

@@ -118,6 +118,19 @@ Status wg_matmul(const char* fn, const WqWeight& w, const void* x, int64_t M, in
                  void* out, int64_t ldo, void* workspace, size_t workspace_bytes, const DeviceInfo& dev,
                  cudaStream_t stream);
 
+// wq_wgt.cu (sm_90a). The TMA-fed warpgroup kernel that wg_matmul gives a one-segment view v (2 or 4 bits)
+// when wgt_usable(v, M): M >= wgt_min_rows() (129; LOWBIT_WQ_WGT_MIN_ROWS overrides it, read once), N % 8
+// == 0, 16-byte aligned words, scales and zeros, a cc 9.0 device with its sm_90a code. wgt_plan: its tiles
+// and split-K (a pure function of v's shape, M and the SM count). wgt_launch: one launch on x' (the prep
+// pass's k-slot order, kp columns) writing out (+ bias) or, when partial is not null, fp32 partial sums
+// partial[split][M][N] for every split.
+int64_t wgt_min_rows();
+bool wgt_usable(const WqWeight& v, int64_t M);
+void wgt_plan(const WqWeight& v, int64_t M, int sms, int64_t* mtiles, int64_t* ntiles, int64_t* splits,
+              int64_t* kps);
+Status wgt_launch(const char* fn, const WqWeight& v, const void* xprep, int64_t kp, int64_t M, int row_base,
+                  const void* bias, void* out, int64_t ldo, float* partial, int sms, cudaStream_t stream);
+
 }  // namespace wq_detail
 }  // namespace cuda
 }  // namespace lowbit

@@ -223,7 +223,6 @@ template <typename T, int B, int MT, int WT, bool kAsym>
 __global__ void __launch_bounds__(kWgThreads, MT <= 64 ? 2 : 1) wq_wg_kernel(const WgArgs a) {
 #ifdef LOWBIT_WG_DEVICE
   using S = WgShape<B, MT, WT>;
-  using T2 = typename Tc<T>::T2;
   using Acc = WgAcc<MT>;
   using Sel = PairCodeSel<B, T>;
   constexpr int kCols = S::kCols;
@@ -367,11 +366,7 @@ __global__ void __launch_bounds__(kWgThreads, MT <= 64 ? 2 : 1) wq_wg_kernel(con
     // Fragment register 2h + ci of k-step s: column c_ci, k-slots 16 s + 2t + 8h (+1): pair s of word
     // 2t + h (4-bit) or pair 2s + h of word t (2-bit), as c_P + q, minus c_P, then the per-row formula.
     auto weight = [&](uint32_t v, uint32_t sub, uint32_t s2, uint32_t z2) -> uint32_t {
-      const T2 q = __hsub2(bits_as<T2>(v), bits_as<T2>(sub));
-      if constexpr (kAsym)
-        return as_bits(__hmul2(bits_as<T2>(s2), __hsub2(q, bits_as<T2>(z2))));
-      else
-        return as_bits(__hfma2(q, bits_as<T2>(s2), bits_as<T2>(z2)));
+      return pair_weight<T, kAsym>(v, sub, s2, z2);
     };
     if (uniform) {
 #pragma unroll
@@ -549,6 +544,7 @@ bool wg_ready(int device) {
 }
 
 struct WgPlan {
+  bool tma = false;  // the TMA-fed kernel (wq_wgt.cu) takes this segment
   int mt = 64, wt = 1;
   int64_t mtiles = 0, ntiles = 0, nkb = 0, splits = 1, kps = 0, kp = 0;
   size_t x_bytes = 0, ws_bytes = 0;
@@ -570,6 +566,15 @@ int wg_tile_rows(int64_t M, int64_t ntiles) {
 
 // A pure function of (w's shape, M, SM count), shared by the workspace query and the call.
 Status make_wg_plan(const char* fn, const WqWeight& w, int64_t M, int sms, WgPlan* p) {
+  p->nkb = (w.K + kWgRows - 1) / kWgRows;
+  p->kp = p->nkb * kWgRows;
+  p->x_bytes = (size_t(M) * size_t(p->kp) * 2 + 255) / 256 * 256;
+  if (wgt_usable(w, M)) {
+    p->tma = true;
+    wgt_plan(w, M, sms, &p->mtiles, &p->ntiles, &p->splits, &p->kps);
+    p->ws_bytes = p->x_bytes + (p->splits > 1 ? size_t(p->splits) * size_t(M) * size_t(w.N) * sizeof(float) : 0);
+    return Status::ok();
+  }
   const int64_t tiles128 = (w.N + 127) / 128;
   p->mt = wg_tile_rows(M, tiles128);
   // Two 64-column tiles per warpgroup with 32-row tiles on layers of >= 64 column tiles (H100, kernel time,
@@ -578,7 +583,6 @@ Status make_wg_plan(const char* fn, const WqWeight& w, int64_t M, int sms, WgPla
   p->wt = p->mt == 32 && tiles128 >= 64 ? 2 : 1;
   p->ntiles = (w.N + 128 * p->wt - 1) / (128 * p->wt);
   p->mtiles = (M + p->mt - 1) / p->mt;
-  p->nkb = (w.K + kWgRows - 1) / kWgRows;
   const int64_t base = p->mtiles * p->ntiles;
   if (base > int64_t(std::numeric_limits<int>::max()))
     return Status::invalid(validate::err(fn, "too many tiles for one launch (M=" + std::to_string(M) +
@@ -607,8 +611,6 @@ Status make_wg_plan(const char* fn, const WqWeight& w, int64_t M, int sms, WgPla
   }
   p->kps = (p->nkb + p->splits - 1) / p->splits;
   p->splits = (p->nkb + p->kps - 1) / p->kps;
-  p->kp = p->nkb * kWgRows;
-  p->x_bytes = (size_t(M) * size_t(p->kp) * 2 + 255) / 256 * 256;
   p->ws_bytes = p->x_bytes + (p->splits > 1 ? size_t(p->splits) * size_t(M) * size_t(w.N) * sizeof(float) : 0);
   return Status::ok();
 }
@@ -751,6 +753,11 @@ Status wg_matmul(const char* fn, const WqWeight& w, const void* x, int64_t M, in
     if (!st.is_ok()) return st;
     a.x = wsb;
     a.ldx = plan.kp;
+    if (plan.tma) {
+      st = wgt_launch(fn, v, wsb, plan.kp, M, static_cast<int>(g.row0), bias, out, ldo, a.partial, dev.sms, stream);
+      if (!st.is_ok()) return st;
+      continue;
+    }
     // A programmatic dependent of the prep kernel: its launch and prologue overlap the prep pass (the
     // kernel waits for it before its first copy).
     const cudaError_t err = with_wg_kernel(fp16, v.bits[0], plan.mt, plan.wt, w.asym, [&](auto kernel, int smem) {
