@@ -124,7 +124,8 @@ using namespace wq_detail;
 
 // ---------------------------------------------------------------------------------------------------
 // Geometry and tuning.
-constexpr int64_t kWgFusedMaxRows = 256;  // wq_matmul_fused_max_rows with the warpgroup kernel
+constexpr int64_t kWgFusedMaxRows = 256;    // wq_matmul_fused_max_rows with the warpgroup kernel
+constexpr int64_t kWgtFusedMaxRows = 1024;  // ... with the TMA-fed one on layers with K >= 8192
 constexpr int kWarps = 4;                 // warps per block, splitting the block's chunks
 constexpr int kThreads = 32 * kWarps;     // 128
 constexpr int kCols = 4;                  // columns per thread
@@ -902,7 +903,17 @@ int64_t wq_matmul_fused_max_rows(const WqWeight& w, DType xtype) {
   // wins at every measured M up to 256 (4096^2 M = 256: 37.8 vs 40.7 us; 8192 x 28672: 386 vs 542 us);
   // the mma.sync kernel up to M = 32, and 64 on layers above 32 Mi weights (8192 x 28672 M = 64: 353 vs
   // 508 us; 4096^2: 35.5 vs 33.7 us).
-  if (wq_detail::wg_eligible(w, wq_detail::wg_min_rows(), &xtype)) return kWgFusedMaxRows;
+  // With the TMA-fed kernel (wq_wgt.cu, M >= 129; bench/wq_linear.py, 4-bit g128, fused vs tiles): layers
+  // with K >= 8192 win at M = 512 and 1024 (28672 x 8192 M = 1024: 875 vs 1441 us; 8192^2: 242 vs 259;
+  // 11008 x 4096: 177 vs 227), M = 2048 is mixed (8192^2: 521 vs 472); with K = 4096 the tiles are as fast
+  // or faster from M = 512 (4096 x 11008: 142 vs 133 us).
+  if (wq_detail::wg_eligible(w, wq_detail::wg_min_rows(), &xtype)) {
+    WqWeight v = w;  // the TMA kernel's shape and alignment rules, on the first segment's width
+    v.nseg = 1;
+    v.row_end[0] = w.K;
+    if (wq_detail::wgt_usable(v, wq_detail::wgt_min_rows())) return w.K >= 8192 ? kWgtFusedMaxRows : kWgFusedMaxRows;
+    return kWgFusedMaxRows;
+  }
   if (wq_detail::tc_eligible(w, 1, &xtype)) return w.K * w.N > (int64_t(32) << 20) ? 64 : 32;
   return 0;
 }
