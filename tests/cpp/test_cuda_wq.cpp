@@ -261,8 +261,8 @@ TEST_F(CudaWq, WarpgroupPath) {
       }
 }
 
-// The TMA-fed warpgroup kernel (wq_wgt.cu: one-segment views with M >= 129 and N % 8 == 0 on an sm_90 device):
-// row tiles of 256 with M past one and several tiles, N past a 128-column tile, K ending mid k-block and
+// The TMA-fed warpgroup kernel (wq_wgt.cu: one-segment views with M >= 65 and N % 8 == 0 on an sm_90 device):
+// row tiles of 128 (M <= 128) and 256 with M past one and several tiles, N past a 128-column tile, K ending mid k-block and
 // mid 32-row chunk, split-K (long K, few tiles), channel-mix segments (one launch each, partial sums), every
 // group kind (128 and 64: one group per k-block, the expected one or not; 16 and act-order: the per-row
 // path), sym / asym, perm, channel scale, garbage padding, bias, padded strides, both 16-bit dtypes.
@@ -275,7 +275,8 @@ TEST_F(CudaWq, TmaPath) {
   uint32_t seed = 2600;
   struct Shape { int64_t K, N, M; };
   const Shape shapes[] = {{4096, 136, 129}, {1000, 264, 300}, {257, 128, 256}, {70, 8200, 257},
-                          {8192, 512, 600}, {640, 8, 700},    {130, 1032, 513}, {3000, 392, 140}};
+                          {8192, 512, 600}, {640, 8, 700},    {130, 1032, 513}, {3000, 392, 140},
+                          {1000, 264, 65},  {4096, 136, 100}, {257, 128, 128}};
   for (const Shape& sh : shapes)
     for (int32_t b : {4, 2})
       for (DType t : {DType::kFloat16, DType::kBFloat16}) {
@@ -657,7 +658,7 @@ TEST_F(CudaWq, SanitizerSmoke) {
     c.spec.garbage_padding = true;
     c.spec.sdtype = DType::kBFloat16;
     c.spec.seed = seed++;
-    c.M = 140;
+    c.M = gs == 16 ? 140 : 70;
     c.xtype = DType::kBFloat16;
     c.bias = true;
     run_tensor_core_case(c, /*require_tc=*/false);

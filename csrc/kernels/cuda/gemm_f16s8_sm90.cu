@@ -88,7 +88,7 @@ struct Wg<__half> {
   template <bool kTransB>
   static __device__ __forceinline__ void mma(float (&d)[kAcc], const uint32_t (&a)[4], uint64_t db,
                                              uint32_t accumulate) {
-    wgmma_detail::wgmma_f16_n256<false, kTransB>(d, a, db, accumulate);
+    wgmma_detail::wgmma_f16<256, false, kTransB>(d, a, db, accumulate);
   }
   // w: four codes XOR 0x80 (bytes [r0 k, r0 k+1, r1 k, r1 k+1]); lo = row k (r0, r1), hi = row k + 1.
   static __device__ __forceinline__ void widen(uint32_t w, uint32_t& lo, uint32_t& hi) {
@@ -106,7 +106,7 @@ struct Wg<__nv_bfloat16> {
   template <bool kTransB>
   static __device__ __forceinline__ void mma(float (&d)[kAcc], const uint32_t (&a)[4], uint64_t db,
                                              uint32_t accumulate) {
-    wgmma_detail::wgmma_f16_n256<true, kTransB>(d, a, db, accumulate);
+    wgmma_detail::wgmma_f16<256, true, kTransB>(d, a, db, accumulate);
   }
   static __device__ __forceinline__ void widen(uint32_t w, uint32_t& lo, uint32_t& hi) {
     auto f = [&](uint32_t sel) { return __uint_as_float(__byte_perm(w, 0x4B000000u, sel)) - 8388736.0f; };

@@ -53,17 +53,21 @@
   "+r"(d[112]), "+r"(d[113]), "+r"(d[114]), "+r"(d[115]), "+r"(d[116]), "+r"(d[117]), "+r"(d[118]), "+r"(d[119]), \
   "+r"(d[120]), "+r"(d[121]), "+r"(d[122]), "+r"(d[123]), "+r"(d[124]), "+r"(d[125]), "+r"(d[126]), "+r"(d[127])
 
-// The same 128 operands as fp32 accumulators ("+f" on a float array d), for the 16-bit wgmmas with fp32
-// accumulation (gemm_f16s8_sm90.cu).
-#define LOWBIT_WG_ACC_OPS_F128(d) \
+// The same operands as fp32 accumulators ("+f" on a float array d: 32, 64 or 128 of them), for the
+// 16-bit wgmmas with fp32 accumulation (gemm_f16s8_sm90.cu, wq_wgt.cu).
+#define LOWBIT_WG_ACC_OPS_F32(d) \
   "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
   "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
   "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
-  "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), \
+  "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+#define LOWBIT_WG_ACC_OPS_F64(d) \
+  LOWBIT_WG_ACC_OPS_F32(d), \
   "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), \
   "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), \
   "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), \
-  "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), \
+  "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+#define LOWBIT_WG_ACC_OPS_F128(d) \
+  LOWBIT_WG_ACC_OPS_F64(d), \
   "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), \
   "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), \
   "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), \
@@ -90,28 +94,43 @@ __device__ __forceinline__ void wgmma_wait() {
 __device__ __forceinline__ uint64_t smem_desc(uint32_t addr) {
   return uint64_t((addr & 0x3FFFFu) >> 4) | (uint64_t(1) << 16) | (uint64_t(1024 >> 4) << 32) | (uint64_t(1) << 62);
 }
-// d (64 x 256 fp32, 128 per thread) = A (64 x 16 of fp16, or bf16 when kBf16; registers a, the
-// mma.m16n8k16 fragment per warp) * B (16 x 256, descriptor db: K-major, or MN-major when kTransB) +
-// (accumulate ? d : 0). gemm_f16s8_sm90.cu and wq_wgt.cu.
-template <bool kBf16, bool kTransB>
-__device__ __forceinline__ void wgmma_f16_n256(float (&d)[128], const uint32_t (&a)[4], uint64_t db,
-                                               uint32_t accumulate) {
-  if constexpr (kBf16) {
-    asm volatile(
-        "{\n .reg .pred p;\n setp.ne.b32 p, %133, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {" LOWBIT_WG_ACC_STR_128 "}, "
-        "{%128, %129, %130, %131}, %132, p, 1, 1, %134;\n}\n"
-        : LOWBIT_WG_ACC_OPS_F128(d)
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(accumulate), "n"(kTransB ? 1 : 0));
+// d (64 x N fp32, N / 2 per thread) = A (64 x 16 of fp16, or bf16 when kBf16; registers a, the
+// mma.m16n8k16 fragment per warp) * B (16 x N, descriptor db: K-major, or MN-major when kTransB) +
+// (accumulate ? d : 0), for N = 64, 128, 256. gemm_f16s8_sm90.cu and wq_wgt.cu.
+#define LOWBIT_WG_F16_MMA(SHAPE, TY, ACCSTR, ACCOPS, A0, A1, A2, A3, DESC, PRED, TRANS)                          \
+  asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %" PRED ", 0;\n"                                             \
+               "wgmma.mma_async.sync.aligned." SHAPE ".f32." TY "." TY " {" ACCSTR "}, "                       \
+               "{%" A0 ", %" A1 ", %" A2 ", %" A3 "}, %" DESC ", p, 1, 1, %" TRANS ";\n}\n"                   \
+               : ACCOPS(d)                                                                                   \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(accumulate), "n"(kTransB ? 1 : 0))
+template <int N, bool kBf16, bool kTransB>
+__device__ __forceinline__ void wgmma_f16(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t db,
+                                          uint32_t accumulate) {
+  static_assert(N == 64 || N == 128 || N == 256, "wgmma_f16: N = 64, 128 or 256");
+  if constexpr (N == 256) {
+    if constexpr (kBf16)
+      LOWBIT_WG_F16_MMA("m64n256k16", "bf16", LOWBIT_WG_ACC_STR_128, LOWBIT_WG_ACC_OPS_F128, "128", "129", "130",
+                        "131", "132", "133", "134");
+    else
+      LOWBIT_WG_F16_MMA("m64n256k16", "f16", LOWBIT_WG_ACC_STR_128, LOWBIT_WG_ACC_OPS_F128, "128", "129", "130",
+                        "131", "132", "133", "134");
+  } else if constexpr (N == 128) {
+    if constexpr (kBf16)
+      LOWBIT_WG_F16_MMA("m64n128k16", "bf16", LOWBIT_WG_ACC_STR_64, LOWBIT_WG_ACC_OPS_F64, "64", "65", "66", "67",
+                        "68", "69", "70");
+    else
+      LOWBIT_WG_F16_MMA("m64n128k16", "f16", LOWBIT_WG_ACC_STR_64, LOWBIT_WG_ACC_OPS_F64, "64", "65", "66", "67",
+                        "68", "69", "70");
   } else {
-    asm volatile(
-        "{\n .reg .pred p;\n setp.ne.b32 p, %133, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16 {" LOWBIT_WG_ACC_STR_128 "}, "
-        "{%128, %129, %130, %131}, %132, p, 1, 1, %134;\n}\n"
-        : LOWBIT_WG_ACC_OPS_F128(d)
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(accumulate), "n"(kTransB ? 1 : 0));
+    if constexpr (kBf16)
+      LOWBIT_WG_F16_MMA("m64n64k16", "bf16", LOWBIT_WG_ACC_STR_32, LOWBIT_WG_ACC_OPS_F32, "32", "33", "34", "35",
+                        "36", "37", "38");
+    else
+      LOWBIT_WG_F16_MMA("m64n64k16", "f16", LOWBIT_WG_ACC_STR_32, LOWBIT_WG_ACC_OPS_F32, "32", "33", "34", "35",
+                        "36", "37", "38");
   }
 }
+#undef LOWBIT_WG_F16_MMA
 // Orders this thread's generic-proxy shared-memory writes before later async-proxy reads (wgmma operands);
 // every writing thread issues it before the barrier that publishes the data.
 __device__ __forceinline__ void fence_async_shared() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }

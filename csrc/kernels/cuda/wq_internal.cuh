@@ -119,7 +119,7 @@ Status wg_matmul(const char* fn, const WqWeight& w, const void* x, int64_t M, in
                  cudaStream_t stream);
 
 // wq_wgt.cu (sm_90a). The TMA-fed warpgroup kernel that wg_matmul gives a one-segment view v (2 or 4 bits)
-// when wgt_usable(v, M): M >= wgt_min_rows() (129; LOWBIT_WQ_WGT_MIN_ROWS overrides it, read once), N % 8
+// when wgt_usable(v, M): M >= wgt_min_rows() (65; LOWBIT_WQ_WGT_MIN_ROWS overrides it, read once), N % 8
 // == 0, 16-byte aligned words, scales and zeros, a cc 9.0 device with its sm_90a code. wgt_plan: its tiles
 // and split-K (a pure function of v's shape, M and the SM count). wgt_launch: one launch on x' (the prep
 // pass's k-slot order, kp columns) writing out (+ bias) or, when partial is not null, fp32 partial sums

@@ -903,7 +903,7 @@ int64_t wq_matmul_fused_max_rows(const WqWeight& w, DType xtype) {
   // wins at every measured M up to 256 (4096^2 M = 256: 37.8 vs 40.7 us; 8192 x 28672: 386 vs 542 us);
   // the mma.sync kernel up to M = 32, and 64 on layers above 32 Mi weights (8192 x 28672 M = 64: 353 vs
   // 508 us; 4096^2: 35.5 vs 33.7 us).
-  // With the TMA-fed kernel (wq_wgt.cu, M >= 129; bench/wq_linear.py, 4-bit g128, fused vs tiles): layers
+  // With the TMA-fed kernel (wq_wgt.cu, M >= 65; bench/wq_linear.py, 4-bit g128, fused vs tiles): layers
   // with K >= 8192 win at M = 512 and 1024 (28672 x 8192 M = 1024: 875 vs 1441 us; 8192^2: 242 vs 259;
   // 11008 x 4096: 177 vs 227), M = 2048 is mixed (8192^2: 521 vs 472); with K = 4096 the tiles are as fast
   // or faster from M = 512 (4096 x 11008: 142 vs 133 us).

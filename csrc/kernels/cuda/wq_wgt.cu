@@ -8,9 +8,10 @@
 // thread) brings each k-block's operands with the TMA / bulk-copy engine into a ring of stages guarded by
 // mbarriers, and two consumer warpgroups only decode and multiply (setmaxnreg 40 / 232, as gemm_f16s8):
 //
-//   * CTA tile: 128 output columns (two consumer warpgroups x 64 wgmma rows) x 256 rows of x (wgmma n =
-//     256: the x' tile is the B operand, K-major, 128-byte swizzle, one TMA box of 64 k x 256 rows), one
-//     64-row k-block per stage. Persistent grid over (row tile, column tile, split-K range).
+//   * CTA tile: 128 output columns (two consumer warpgroups x 64 wgmma rows) x MT = 128 (M <= 128) or 256
+//     rows of x (wgmma n = MT: the x' tile is the B operand, K-major, 128-byte swizzle, one TMA box of 64 k
+//     x MT rows), one 64-row k-block per stage, 8 / 5 stages. Persistent grid over (row tile, column tile,
+//     split-K range).
 //   * Weights as wgmma's register A operand, decoded by PairCode::unit + pair_weight (wq_codes.cuh) in the
 //     k-slot order of the prep pass (wg_slot_row): lane (g, t) decodes words 2t, 2t + 1 (4-bit) or word t
 //     (2-bit) of its columns. A lane's two A rows are ADJACENT columns (row 16w + g + 8c <-> column 16w +
@@ -48,22 +49,22 @@ namespace wq_detail {
 namespace {
 
 constexpr int kTThreads = 384;  // producer warpgroup + two consumer warpgroups
-constexpr int kTRowsX = 256;    // rows of x per tile (wgmma n)
 constexpr int kTCols = 128;     // output columns per tile
 constexpr int kTKb = 64;        // k rows per k-block (one 128-byte line of x')
-constexpr int kTStages = 5;
-constexpr int kTAcc = 128;      // fp32 accumulators per consumer thread (64 x 256 / 128)
 
-template <int B>
+// MT: rows of x per tile (wgmma n = 128 or 256); the ring is deeper for the smaller tile.
+template <int B, int MT>
 struct TShape {
-  static constexpr int kXBytes = kTRowsX * 128;       // 32 KB
+  static constexpr int kAcc = MT / 2;                  // fp32 accumulators per consumer thread (64 x MT / 128)
+  static constexpr int kStages = MT == 256 ? 5 : 8;
+  static constexpr int kXBytes = MT * 128;             // x' tile: MT rows x 64 k, 16-bit
   static constexpr int kWordRows = kTKb * B / 32;      // 8 (4-bit) / 4 (2-bit)
   static constexpr int kPitch = kTCols * 4;            // one TMA box of kWordRows x 128 words
   static constexpr int kWOff = kXBytes;
   static constexpr int kSzOff = kWOff + kWordRows * kPitch;  // scale row (256 B) then zero row (256 B)
   static constexpr int kStage = (kSzOff + 2 * kTCols * 2 + 1023) / 1024 * 1024;
   static constexpr int kScratch = 8 * 16 * 128;  // per consumer warp: 16 fragment registers x 32 lanes
-  static constexpr int kSmem = 1024 + kTStages * kStage + 2 * kTStages * 8 + kScratch;
+  static constexpr int kSmem = 1024 + kStages * kStage + 2 * kStages * 8 + kScratch;
   static constexpr uint32_t kTx = kXBytes + kWordRows * kPitch + 2 * kTCols * 2;  // bytes per stage
   static_assert(kSmem <= 227 * 1024, "sm_90 allows 227 KB of shared memory per block");
   static_assert(kWOff % 128 == 0 && kSzOff % 128 == 0, "TMA destinations are 128-byte aligned");
@@ -106,9 +107,10 @@ __device__ __forceinline__ uint2 t_lds64(uint32_t addr) {
 __device__ __forceinline__ void t_sts(uint32_t addr, uint32_t v) {
   asm volatile("st.shared.u32 [%0], %1;" ::"r"(addr), "r"(v) : "memory");
 }
-__device__ __forceinline__ void t_pin(float (&d)[kTAcc]) {
+template <int N>
+__device__ __forceinline__ void t_pin(float (&d)[N]) {
 #pragma unroll
-  for (int i = 0; i < kTAcc; ++i) asm volatile("" : "+f"(d[i])::"memory");
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 __device__ __forceinline__ void t_pin(uint32_t (&r)[4][4]) {
 #pragma unroll
@@ -125,7 +127,7 @@ __device__ __forceinline__ void store2(__nv_bfloat16* p, float v0, float v1) {
 }
 #endif  // LOWBIT_SM90A_DEVICE
 
-template <typename T, int B, bool kAsym>
+template <typename T, int B, bool kAsym, int MT>
 __global__ void __launch_bounds__(kTThreads, 1) wq_wgt_kernel(
     const __grid_constant__ CUtensorMap tm_x,   // x' (M, kp) as bytes: box 128 bytes x 256 rows, 128B swizzle
     const __grid_constant__ CUtensorMap tm_w,   // words (qrows_used, N) uint32: box 128 x kWordRows
@@ -133,10 +135,10 @@ __global__ void __launch_bounds__(kTThreads, 1) wq_wgt_kernel(
     const __grid_constant__ CUtensorMap tm_z,   // zeros, as the scales
     const TArgs a) {
 #ifdef LOWBIT_SM90A_DEVICE
-  using S = TShape<B>;
+  using S = TShape<B, MT>;
   using Sel = PairCodeSel<B, T>;
   extern __shared__ uint8_t smem_raw[];
-  const Ring ring(smem_raw, kTStages, S::kStage);
+  const Ring ring(smem_raw, S::kStages, S::kStage);
   const uint32_t base = ring.base;
   const int64_t work = a.mtiles * a.ntiles * a.splits;
   const int N = int(a.N), K = int(a.K);  // wgt_usable: N < 2^31, K < 2^30
@@ -146,7 +148,7 @@ __global__ void __launch_bounds__(kTThreads, 1) wq_wgt_kernel(
   auto locate = [&](int64_t w, int64_t* m0, int* n0, int* kb0, int* nk) {
     const int64_t mt = w % a.mtiles, rest = w / a.mtiles;
     const int64_t nt = rest % a.ntiles, sp = rest / a.ntiles;
-    *m0 = mt * kTRowsX;
+    *m0 = mt * MT;
     *n0 = int(nt) * kTCols;
     *kb0 = int(sp) * a.kps;
     *nk = min(a.nkb - *kb0, a.kps);
@@ -180,7 +182,7 @@ __global__ void __launch_bounds__(kTThreads, 1) wq_wgt_kernel(
           tma_load(slot + S::kWOff, &tm_w, ring.full(s), n0, kb * S::kWordRows, 0);
           tma_load(slot + S::kSzOff, &tm_s, ring.full(s), n0, gexp, 0);
           tma_load(slot + S::kSzOff + kTCols * 2, &tm_z, ring.full(s), n0, gexp, 0);
-          if (++s == kTStages) {
+          if (++s == S::kStages) {
             s = 0;
             ph ^= 1u;
           }
@@ -198,7 +200,7 @@ __global__ void __launch_bounds__(kTThreads, 1) wq_wgt_kernel(
   const int cloc = 64 * cw + 16 * warp + 2 * g;  // this lane's first column in the tile (the second: + 1)
   constexpr int kLaneWords = B == 4 ? 2 : 1;
   const uint32_t woff = S::kWOff + uint32_t(kLaneWords * tq) * S::kPitch + uint32_t(cloc) * 4u;
-  const uint32_t scr = base + kTStages * S::kStage + 2 * kTStages * 8 + uint32_t(4 * cw + warp) * (16u * 128u) +
+  const uint32_t scr = base + S::kStages * S::kStage + 2 * S::kStages * 8 + uint32_t(4 * cw + warp) * (16u * 128u) +
                        uint32_t(lane) * 4u;
   uint32_t mg[5];
 #pragma unroll
@@ -206,7 +208,7 @@ __global__ void __launch_bounds__(kTThreads, 1) wq_wgt_kernel(
   const int32_t* const gi = a.g_idx;
   auto gload = [&](int r) { return r < K ? __ldg(gi + r) : int32_t(-1); };  // -1: past K, matches any group
 
-  float acc[kTAcc];
+  float acc[S::kAcc];
   uint32_t areg[2][4][4];
   int s = 0, prev_s = 0;
   uint32_t ph = 0;
@@ -326,7 +328,7 @@ __global__ void __launch_bounds__(kTThreads, 1) wq_wgt_kernel(
       wgmma_detail::wgmma_fence();
 #pragma unroll
       for (int ks = 0; ks < 4; ++ks)
-        wgmma_detail::wgmma_f16_n256<std::is_same<T, __nv_bfloat16>::value, false>(
+        wgmma_detail::wgmma_f16<MT, std::is_same<T, __nv_bfloat16>::value, false>(
             acc, areg[P][ks], wgmma_detail::smem_desc(slot + uint32_t(ks) * 32u), i > 0 || ks > 0 ? 1u : 0u);
       wgmma_detail::wgmma_commit();
       t_pin(acc);
@@ -337,7 +339,7 @@ __global__ void __launch_bounds__(kTThreads, 1) wq_wgt_kernel(
       __syncwarp();
       if (i > 0 && lane == 0) mbar_arrive(ring.empty(prev_s));
       prev_s = s;
-      if (++s == kTStages) {
+      if (++s == S::kStages) {
         s = 0;
         ph ^= 1u;
       }
@@ -369,7 +371,7 @@ __global__ void __launch_bounds__(kTThreads, 1) wq_wgt_kernel(
       }
       const bool pair_ok = a.ldo % 2 == 0 && reinterpret_cast<uintptr_t>(a.out) % 4 == 0;
 #pragma unroll
-      for (int j = 0; j < kTAcc / 4; ++j)
+      for (int j = 0; j < S::kAcc / 4; ++j)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const int64_t m = m0 + 8 * j + 2 * tq + e;
@@ -395,23 +397,33 @@ __global__ void __launch_bounds__(kTThreads, 1) wq_wgt_kernel(
 #endif
 }
 
-// Calls f(kernel, smem bytes) with the instantiation for (dtype, bits, asym).
+// Calls f(kernel, smem bytes) with the instantiation for (dtype, bits, asym, row tile).
 template <typename F>
-decltype(auto) with_wgt_kernel(bool fp16, int bits, bool asym, F&& f) {
+decltype(auto) with_wgt_kernel(bool fp16, int bits, bool asym, int mt, F&& f) {
   auto by_t = [&](auto tag) -> decltype(auto) {
     using T = typename decltype(tag)::type;
-    if (bits == 2) {
-      if (asym) return f(wq_wgt_kernel<T, 2, true>, TShape<2>::kSmem);
-      return f(wq_wgt_kernel<T, 2, false>, TShape<2>::kSmem);
-    }
-    if (asym) return f(wq_wgt_kernel<T, 4, true>, TShape<4>::kSmem);
-    return f(wq_wgt_kernel<T, 4, false>, TShape<4>::kSmem);
+    auto by_m = [&](auto mtag) -> decltype(auto) {
+      constexpr int MT = decltype(mtag)::value;
+      if (bits == 2) {
+        if (asym) return f(wq_wgt_kernel<T, 2, true, MT>, TShape<2, MT>::kSmem);
+        return f(wq_wgt_kernel<T, 2, false, MT>, TShape<2, MT>::kSmem);
+      }
+      if (asym) return f(wq_wgt_kernel<T, 4, true, MT>, TShape<4, MT>::kSmem);
+      return f(wq_wgt_kernel<T, 4, false, MT>, TShape<4, MT>::kSmem);
+    };
+    if (mt == 128) return by_m(std::integral_constant<int, 128>{});
+    return by_m(std::integral_constant<int, 256>{});
   };
   struct H { using type = __half; };
   struct BF { using type = __nv_bfloat16; };
   if (fp16) return by_t(H{});
   return by_t(BF{});
 }
+
+// Rows of x per tile: 128 up to M = 128, else 256. (A 64-row tile, 12 stages, lost to wq_wg_kernel and the
+// decode kernel at M = 32 and 64 on every Llama layer: 28672 x 8192 M = 64 146 vs 122 us, 8192^2 52 vs 45:
+// each k-block's decode latency is no longer hidden behind its wgmmas.)
+int wgt_tile_rows(int64_t M) { return M <= 128 ? 128 : 256; }
 
 // Per device: cc 9.0, the tensor-map encoder found, every instantiation's sm_90a code loaded and its shared
 // memory granted.
@@ -426,12 +438,13 @@ bool wgt_ready(int device) {
   for (int f = 0; f < 2 && ok; ++f)
     for (int b : {2, 4})
       for (int as = 0; as < 2; ++as)
-        ok = ok && with_wgt_kernel(f == 0, b, as == 1, [&](auto kernel, int smem) {
-               cudaFuncAttributes attr{};
-               return size_t(smem) <= prop.sharedMemPerBlockOptin &&
-                      cudaFuncGetAttributes(&attr, kernel) == cudaSuccess && attr.binaryVersion == 90 &&
-                      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) == cudaSuccess;
-             });
+        for (int mt : {128, 256})
+          ok = ok && with_wgt_kernel(f == 0, b, as == 1, mt, [&](auto kernel, int smem) {
+                 cudaFuncAttributes attr{};
+                 return size_t(smem) <= prop.sharedMemPerBlockOptin &&
+                        cudaFuncGetAttributes(&attr, kernel) == cudaSuccess && attr.binaryVersion == 90 &&
+                        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) == cudaSuccess;
+               });
   cudaGetLastError();
   state[device].store(ok ? 1 : 2, std::memory_order_release);
   return ok;
@@ -455,7 +468,7 @@ bool make_map_2d(CUtensorMap* map, const void* p, CUtensorMapDataType type, int 
 int64_t wgt_min_rows() {
   static const int64_t v = [] {
     const char* e = std::getenv("LOWBIT_WQ_WGT_MIN_ROWS");
-    return e != nullptr ? int64_t(std::atoll(e)) : int64_t(129);
+    return e != nullptr ? int64_t(std::atoll(e)) : int64_t(65);
   }();
   return v;
 }
@@ -471,7 +484,7 @@ bool wgt_usable(const WqWeight& v, int64_t M) {
 
 void wgt_plan(const WqWeight& v, int64_t M, int sms, int64_t* mtiles, int64_t* ntiles, int64_t* splits,
               int64_t* kps) {
-  *mtiles = (M + kTRowsX - 1) / kTRowsX;
+  *mtiles = (M + wgt_tile_rows(M) - 1) / wgt_tile_rows(M);
   *ntiles = (v.N + kTCols - 1) / kTCols;
   const int64_t nkb = (v.K + kTKb - 1) / kTKb;
   const int64_t base = *mtiles * *ntiles;
@@ -518,7 +531,8 @@ Status wgt_launch(const char* fn, const WqWeight& v, const void* xprep, int64_t 
   a.magic = fp16 ? Tc<__half>::kMagic : Tc<__nv_bfloat16>::kMagic;
   CUtensorMap mx, mw, ms, mz;
   const int wrows = int(kTKb * v.bits[0] / 32);
-  if (!tma_detail::make_map(&mx, xprep, 2 * kp, M, 2 * kp, 0, 1, kTRowsX) ||
+  const int mt = wgt_tile_rows(M);
+  if (!tma_detail::make_map(&mx, xprep, 2 * kp, M, 2 * kp, 0, 1, mt) ||
       !make_map_2d(&mw, v.qweight, CU_TENSOR_MAP_DATA_TYPE_UINT32, 4, v.N, v.qrows, wrows) ||
       !make_map_2d(&ms, v.scales, CU_TENSOR_MAP_DATA_TYPE_UINT16, 2, v.N, v.groups, 1) ||
       !make_map_2d(&mz, v.zeros, CU_TENSOR_MAP_DATA_TYPE_UINT16, 2, v.N, v.groups, 1))
@@ -526,7 +540,7 @@ Status wgt_launch(const char* fn, const WqWeight& v, const void* xprep, int64_t 
                                                 ", N=" + std::to_string(v.N) + ")"));
   const int64_t work = a.mtiles * a.ntiles * a.splits;
   const unsigned grid = static_cast<unsigned>(work < sms ? work : sms);
-  const cudaError_t err = with_wgt_kernel(fp16, v.bits[0], v.asym, [&](auto kernel, int smem) {
+  const cudaError_t err = with_wgt_kernel(fp16, v.bits[0], v.asym, mt, [&](auto kernel, int smem) {
     return launch_pdl(kernel, dim3(grid), dim3(kTThreads), static_cast<size_t>(smem), stream, /*pdl=*/true, mx, mw, ms, mz,
                       a);
   });

@@ -73,7 +73,7 @@ struct WqWeight {
   // sdtype is float16 or bfloat16, the kernel may round x' = x * c once to that 16-bit type and multiply
   // on tensor cores (fp32 accumulation). Today: every segment 2 or 4 bits and 1 <= M <= 64 (mma.sync
   // m16n8k16, wq_tc.cu); on a cc 9.0 device, with N % 4 == 0 and 16-byte aligned words, also any M >= 17
-  // (wgmma, wq_wg.cu; per-row formula below for every k-block; from M = 129 with N % 8 == 0 and 16-byte
+  // (wgmma, wq_wg.cu; per-row formula below for every k-block; from M = 65 with N % 8 == 0 and 16-byte
   // aligned words, scales and zeros, its TMA-fed variant wq_wgt.cu, same formula).
   // It multiplies the integer codes (as c + q, c a power of two, the c * sum x' offsets subtracted per group)
   // and applies each group's (s, z) to the fp32 sums of that group
