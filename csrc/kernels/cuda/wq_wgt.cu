@@ -55,7 +55,7 @@ constexpr int kTKb = 64;        // k rows per k-block (one 128-byte line of x')
 // MT: rows of x per tile (wgmma n = 128 or 256); the ring is deeper for the smaller tile.
 template <int B, int MT>
 struct TShape {
-  static constexpr int kAcc = MT / 2;                  // fp32 accumulators per consumer thread (64 x MT / 128)
+  static constexpr int kAcc = MT / 2;                 // fp32 accumulators per consumer thread (64 x MT / 128)
   static constexpr int kStages = MT == 256 ? 5 : 8;
   static constexpr int kXBytes = MT * 128;             // x' tile: MT rows x 64 k, 16-bit
   static constexpr int kWordRows = kTKb * B / 32;      // 8 (4-bit) / 4 (2-bit)
@@ -68,6 +68,7 @@ struct TShape {
   static constexpr uint32_t kTx = kXBytes + kWordRows * kPitch + 2 * kTCols * 2;  // bytes per stage
   static_assert(kSmem <= 227 * 1024, "sm_90 allows 227 KB of shared memory per block");
   static_assert(kWOff % 128 == 0 && kSzOff % 128 == 0, "TMA destinations are 128-byte aligned");
+  static_assert(kAcc % 4 == 0 && kTx % 16 == 0, "whole accumulator quads; whole 16-byte TMA transfers");
 };
 
 struct TArgs {
