@@ -118,18 +118,61 @@ Status wg_matmul(const char* fn, const WqWeight& w, const void* x, int64_t M, in
                  void* out, int64_t ldo, void* workspace, size_t workspace_bytes, const DeviceInfo& dev,
                  cudaStream_t stream);
 
+// The kernel arguments both warpgroup kernels (wq_wg.cu, wq_wgt.cu) take for one segment view v of a
+// weight w, filled by seg_args: v's words, g_idx and K; w's columns, groups, scales and zeros; the group
+// size guess of the WHOLE weight (only speed depends on it: the k-blocks whose group is row / gs_guess get
+// their (s, z) rows with the stage).
+struct WqSegArgs {
+  const uint32_t* qweight;  // the segment's words (qrows_used word rows, row stride N)
+  int64_t qrows_used, N, K, groups, M;
+  const int32_t* g_idx;     // the segment's (K entries)
+  const void* scales;
+  const void* zeros;
+  const void* bias;         // (N,) of the scales' dtype, or null
+  void* out;                // (M, ldo)
+  int64_t ldo;
+  float* partial;           // null: one split, write out; else [split][M][N]
+  int64_t mtiles;
+  float inv_gs;             // 1 / gs_guess: g_idx[r] is expected to be (row_base + r) / gs_guess
+  int row_base;             // the segment's first stored row
+  int nkb, kps;             // 64-row k-blocks, and per split
+  uint32_t magic;           // Tc<T>::kMagic (through an argument: a register, so mask-and-or is one LOP3)
+};
+WqSegArgs seg_args(const WqWeight& w, const WqWeight& v, int64_t M, int64_t row_base, const void* bias, void* out,
+                   int64_t ldo, float* partial, int64_t mtiles, int64_t nkb, int64_t kps);
+
+// Rows past K in a tail k-block weigh 0 whatever their padding codes: the mask of the two 16-bit halves of
+// a lane's A register at k-slots k, k + 1 of the k-block starting at row0 (the warpgroup kernels' k order).
+__host__ __device__ __forceinline__ uint32_t wg_tail_keep(int bits, int row0, int k, int K) {
+  return (row0 + wg_slot_row(bits, k) < K ? 0x0000FFFFu : 0u) | (row0 + wg_slot_row(bits, k + 1) < K ? 0xFFFF0000u : 0u);
+}
+
+// (s0, s1) and (z0, z1) (sym: (-z0, -z1)) of column c in groups g0, g1 (clamped into [0, groups)), as 16-bit
+// pairs: the per-row path of the warpgroup kernels, for a pair of rows of different groups.
+template <bool kAsym>
+__device__ __forceinline__ void wg_row_pair_sz(const void* scales, const void* zeros, int64_t groups, int64_t N,
+                                               int32_t g0, int32_t g1, int64_t c, uint32_t* s2, uint32_t* z2) {
+  const int64_t a = min(max(int64_t(g0), int64_t(0)), groups - 1), b = min(max(int64_t(g1), int64_t(0)), groups - 1);
+  const unsigned short* const sc = static_cast<const unsigned short*>(scales);
+  const unsigned short* const zc = static_cast<const unsigned short*>(zeros);
+  *s2 = uint32_t(__ldg(sc + a * N + c)) | (uint32_t(__ldg(sc + b * N + c)) << 16);
+  *z2 = uint32_t(__ldg(zc + a * N + c)) | (uint32_t(__ldg(zc + b * N + c)) << 16);
+  if constexpr (!kAsym) *z2 ^= 0x80008000u;
+}
+
 // wq_wgt.cu (sm_90a). The TMA-fed warpgroup kernel that wg_matmul gives a one-segment view v (2 or 4 bits)
 // when wgt_usable(v, M): M >= wgt_min_rows() (65; LOWBIT_WQ_WGT_MIN_ROWS overrides it, read once), N % 8
 // == 0, 16-byte aligned words, scales and zeros, a cc 9.0 device with its sm_90a code. wgt_plan: its tiles
 // and split-K (a pure function of v's shape, M and the SM count). wgt_launch: one launch on x' (the prep
 // pass's k-slot order, kp columns) writing out (+ bias) or, when partial is not null, fp32 partial sums
-// partial[split][M][N] for every split.
+// partial[split][M][N] for every split. v is a one-segment view of w starting at stored row row_base.
 int64_t wgt_min_rows();
 bool wgt_usable(const WqWeight& v, int64_t M);
 void wgt_plan(const WqWeight& v, int64_t M, int sms, int64_t* mtiles, int64_t* ntiles, int64_t* splits,
               int64_t* kps);
-Status wgt_launch(const char* fn, const WqWeight& v, const void* xprep, int64_t kp, int64_t M, int row_base,
-                  const void* bias, void* out, int64_t ldo, float* partial, int sms, cudaStream_t stream);
+Status wgt_launch(const char* fn, const WqWeight& w, const WqWeight& v, const void* xprep, int64_t kp, int64_t M,
+                  int64_t row_base, const void* bias, void* out, int64_t ldo, float* partial, int sms,
+                  cudaStream_t stream);
 
 }  // namespace wq_detail
 }  // namespace cuda

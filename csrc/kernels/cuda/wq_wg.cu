@@ -92,24 +92,10 @@ struct WgShape {
   static_assert(kSmem <= 227 * 1024, "sm_90 allows 227 KB of shared memory per block");
 };
 
-struct WgArgs {
+struct WgArgs : WqSegArgs {
   const void* x;            // x' from the prep kernel in k-slot order (wg_slot_row): M rows of ldx = Kp
-  int64_t ldx, M;
-  const uint32_t* qweight;  // the segment's words (qrows_used word rows, row stride N)
-  int64_t qrows_used, N, K, groups;
-  const int32_t* g_idx;
-  const void* scales;
-  const void* zeros;
-  const void* bias;         // (N,) of the scales' dtype, or null
-  void* out;                // (M, ldo)
-  int64_t ldo;
-  float* partial;           // null: one split, write out; else [split][M][N]
-  int64_t mtiles;
-  float inv_gs;             // 1 / gs_guess: g_idx[r] is expected to be r / gs_guess (only speed depends on it)
-  int row_base;             // the segment's first stored row (for that guess)
+  int64_t ldx;
   int sz_vec;               // 1: the expected group's (s, z) rows come with the stage (16-byte copies)
-  int nkb, kps;
-  uint32_t magic;           // Tc<T>::kMagic (through an argument: a register, so mask-and-or is one LOP3)
 };
 
 #ifdef LOWBIT_WG_DEVICE
@@ -390,12 +376,9 @@ __global__ void __launch_bounds__(kWgThreads, MT <= 64 ? 2 : 1) wq_wg_kernel(con
       for (int idx = 0; idx < WT * 16; ++idx) {
         const int ci = idx & 1, h = (idx >> 1) & 1, s = (idx >> 2) & 3, u = idx >> 4;
         const int k = 16 * s + 2 * t + 8 * h;
-        const int64_t g0 = min(max(int32_t(wg_lds(sgi + uint32_t(wg_slot_row(B, k)) * 4u)), 0), groups - 1);
-        const int64_t g1 = min(max(int32_t(wg_lds(sgi + uint32_t(wg_slot_row(B, k + 1)) * 4u)), 0), groups - 1);
-        const int64_t c = cclamp(u, ci);
-        const uint32_t s2 = (wg_pair_of(a.scales, g0 * N + c) & 0xFFFFu) | (wg_pair_of(a.scales, g1 * N + c) << 16);
-        uint32_t z2 = (wg_pair_of(a.zeros, g0 * N + c) & 0xFFFFu) | (wg_pair_of(a.zeros, g1 * N + c) << 16);
-        if constexpr (!kAsym) z2 ^= 0x80008000u;
+        uint32_t s2, z2;
+        wg_row_pair_sz<kAsym>(a.scales, a.zeros, groups, N, int32_t(wg_lds(sgi + uint32_t(wg_slot_row(B, k)) * 4u)),
+                              int32_t(wg_lds(sgi + uint32_t(wg_slot_row(B, k + 1)) * 4u)), cclamp(u, ci), &s2, &z2);
         const int pi = B == 4 ? s : 2 * s + h;
         const uint32_t w =
             wg_lds(sw + wrow0 + uint32_t(B == 4 ? h : 0) * (kCols * 4u) + uint32_t(64 * u + 8 * ci) * 4u);
@@ -417,9 +400,7 @@ __global__ void __launch_bounds__(kWgThreads, MT <= 64 ? 2 : 1) wq_wg_kernel(con
       for (int s = 0; s < 4; ++s)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          const int k = 16 * s + 2 * t + 8 * h;
-          const uint32_t keep = (row0 + wg_slot_row(B, k) < K ? 0x0000FFFFu : 0u) |
-                                (row0 + wg_slot_row(B, k + 1) < K ? 0xFFFF0000u : 0u);
+          const uint32_t keep = wg_tail_keep(B, row0, 16 * s + 2 * t + 8 * h, K);
 #pragma unroll
           for (int u = 0; u < WT; ++u) {
             areg[P][u][s][2 * h] &= keep;
@@ -617,6 +598,31 @@ Status make_wg_plan(const char* fn, const WqWeight& w, int64_t M, int sms, WgPla
 
 }  // namespace
 
+WqSegArgs seg_args(const WqWeight& w, const WqWeight& v, int64_t M, int64_t row_base, const void* bias, void* out,
+                   int64_t ldo, float* partial, int64_t mtiles, int64_t nkb, int64_t kps) {
+  WqSegArgs a = {};
+  a.qweight = v.qweight;
+  a.qrows_used = v.qrows;
+  a.N = w.N;
+  a.K = v.K;
+  a.groups = w.groups;
+  a.M = M;
+  a.g_idx = v.g_idx;
+  a.scales = w.scales;
+  a.zeros = w.zeros;
+  a.bias = bias;
+  a.out = out;
+  a.ldo = ldo;
+  a.partial = partial;
+  a.mtiles = mtiles;
+  a.inv_gs = 1.0f / float(std::max<int64_t>(1, (w.K + w.groups - 1) / w.groups));
+  a.row_base = static_cast<int>(row_base);
+  a.nkb = static_cast<int>(nkb);
+  a.kps = static_cast<int>(kps);
+  a.magic = w.sdtype == DType::kFloat16 ? Tc<__half>::kMagic : Tc<__nv_bfloat16>::kMagic;
+  return a;
+}
+
 int64_t wg_min_rows() {
   static const int64_t v = [] {
     const char* e = std::getenv("LOWBIT_WQ_WG_MIN_ROWS");
@@ -724,29 +730,13 @@ Status wg_matmul(const char* fn, const WqWeight& w, const void* x, int64_t M, in
       if (w.channel_scale != nullptr) v.channel_scale = static_cast<const char*>(w.channel_scale) + g.row0 * esz;
     }
     WgArgs a = {};
-    a.M = M;
-    a.qweight = v.qweight;
-    a.qrows_used = v.qrows;
-    a.N = w.N;
-    a.K = v.K;
-    a.groups = w.groups;
-    a.g_idx = v.g_idx;
-    a.scales = w.scales;
-    a.zeros = w.zeros;
-    a.bias = bias;
-    a.out = out;
-    a.ldo = ldo;
-    a.mtiles = plan.mtiles;
-    a.inv_gs = 1.0f / float(std::max<int64_t>(1, (w.K + w.groups - 1) / w.groups));
-    a.row_base = static_cast<int>(g.row0);
+    static_cast<WqSegArgs&>(a) = seg_args(w, v, M, g.row0, bias, out, ldo,
+                                          partial != nullptr ? partial + g.slot0 * M * w.N : nullptr, plan.mtiles,
+                                          plan.nkb, plan.kps);
     a.sz_vec = (w.N % 8 == 0 && reinterpret_cast<uintptr_t>(w.scales) % 16 == 0 &&
                 reinterpret_cast<uintptr_t>(w.zeros) % 16 == 0)
                    ? 1
                    : 0;
-    a.magic = fp16 ? Tc<__half>::kMagic : Tc<__nv_bfloat16>::kMagic;
-    a.nkb = static_cast<int>(plan.nkb);
-    a.kps = static_cast<int>(plan.kps);
-    a.partial = partial != nullptr ? partial + g.slot0 * M * w.N : nullptr;
     // x' always goes through the prep kernel: the k-slot order (wg_slot_row) lets each lane decode whole
     // words, and the prep pass also applies perm and channel_scale and pads K to whole k-blocks.
     st = tc_prep_x(fn, v, xs, M, ldx, plan.kp, v.bits[0], w.K, wsb, dev, stream);
@@ -754,7 +744,7 @@ Status wg_matmul(const char* fn, const WqWeight& w, const void* x, int64_t M, in
     a.x = wsb;
     a.ldx = plan.kp;
     if (plan.tma) {
-      st = wgt_launch(fn, v, wsb, plan.kp, M, static_cast<int>(g.row0), bias, out, ldo, a.partial, dev.sms, stream);
+      st = wgt_launch(fn, w, v, wsb, plan.kp, M, g.row0, bias, out, ldo, a.partial, dev.sms, stream);
       if (!st.is_ok()) return st;
       continue;
     }

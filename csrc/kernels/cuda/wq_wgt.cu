@@ -71,21 +71,8 @@ struct TShape {
   static_assert(kAcc % 4 == 0 && kTx % 16 == 0, "whole accumulator quads; whole 16-byte TMA transfers");
 };
 
-struct TArgs {
-  const uint32_t* qweight;  // the segment's words (qrows_used word rows, row stride N)
-  int64_t qrows_used, N, K, groups, M;
-  const int32_t* g_idx;     // the segment's (K entries)
-  const void* scales;
-  const void* zeros;
-  const void* bias;         // (N,) of the scales' dtype, or null
-  void* out;                // (M, ldo)
-  int64_t ldo;
-  float* partial;           // null: one split, write out; else [split][M][N]
-  int64_t mtiles, ntiles, splits;
-  float inv_gs;             // 1 / gs_guess (see wq_wg.cu's WgArgs)
-  int row_base;
-  int nkb, kps;
-  uint32_t magic;           // Tc<T>::kMagic
+struct TArgs : WqSegArgs {
+  int64_t ntiles, splits;
 };
 
 #ifdef LOWBIT_SM90A_DEVICE
@@ -285,14 +272,8 @@ __global__ void __launch_bounds__(kTThreads, 1) wq_wgt_kernel(
           const int ci = idx & 1, h = (idx >> 1) & 1, ks = idx >> 2;
           const int k = 16 * ks + 2 * tq + 8 * h;
           const int r0 = min(row0 + wg_slot_row(B, k), K - 1), r1 = min(row0 + wg_slot_row(B, k + 1), K - 1);
-          const int64_t g0 = min(max(__ldg(gi + r0), 0), groups - 1);
-          const int64_t g1 = min(max(__ldg(gi + r1), 0), groups - 1);
-          const int64_t c = ncol + ci;
-          const uint16_t* const scp = static_cast<const uint16_t*>(a.scales);
-          const uint16_t* const zcp = static_cast<const uint16_t*>(a.zeros);
-          const uint32_t s2 = uint32_t(__ldg(scp + g0 * N + c)) | (uint32_t(__ldg(scp + g1 * N + c)) << 16);
-          uint32_t z2 = uint32_t(__ldg(zcp + g0 * N + c)) | (uint32_t(__ldg(zcp + g1 * N + c)) << 16);
-          if constexpr (!kAsym) z2 ^= 0x80008000u;
+          uint32_t s2, z2;
+          wg_row_pair_sz<kAsym>(a.scales, a.zeros, groups, N, __ldg(gi + r0), __ldg(gi + r1), ncol + ci, &s2, &z2);
           const int pi = B == 4 ? ks : 2 * ks + h;
           const uint32_t wd = t_lds(slot + woff + uint32_t(B == 4 ? h : 0) * S::kPitch + uint32_t(ci) * 4u);
           const uint32_t sub = a.magic - (uint32_t(Sel::pos(pi)) << Tc<T>::kMant) * 0x00010001u;
@@ -311,9 +292,7 @@ __global__ void __launch_bounds__(kTThreads, 1) wq_wgt_kernel(
         for (int ks = 0; ks < 4; ++ks)
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
-            const int k = 16 * ks + 2 * tq + 8 * h;
-            const uint32_t keep = (row0 + wg_slot_row(B, k) < K ? 0x0000FFFFu : 0u) |
-                                  (row0 + wg_slot_row(B, k + 1) < K ? 0xFFFF0000u : 0u);
+            const uint32_t keep = wg_tail_keep(B, row0, 16 * ks + 2 * tq + 8 * h, K);
             areg[P][ks][2 * h] &= keep;
             areg[P][ks][2 * h + 1] &= keep;
           }
@@ -506,30 +485,14 @@ void wgt_plan(const WqWeight& v, int64_t M, int sms, int64_t* mtiles, int64_t* n
   *splits = (nkb + *kps - 1) / *kps;
 }
 
-Status wgt_launch(const char* fn, const WqWeight& v, const void* xprep, int64_t kp, int64_t M, int row_base,
-                  const void* bias, void* out, int64_t ldo, float* partial, int sms, cudaStream_t stream) {
+Status wgt_launch(const char* fn, const WqWeight& w, const WqWeight& v, const void* xprep, int64_t kp, int64_t M,
+                  int64_t row_base, const void* bias, void* out, int64_t ldo, float* partial, int sms,
+                  cudaStream_t stream) {
   TArgs a = {};
-  int64_t kps = 0;
-  wgt_plan(v, M, sms, &a.mtiles, &a.ntiles, &a.splits, &kps);
-  a.qweight = v.qweight;
-  a.qrows_used = v.qrows;
-  a.N = v.N;
-  a.K = v.K;
-  a.groups = v.groups;
-  a.M = M;
-  a.g_idx = v.g_idx;
-  a.scales = v.scales;
-  a.zeros = v.zeros;
-  a.bias = bias;
-  a.out = out;
-  a.ldo = ldo;
-  a.partial = partial;
-  a.inv_gs = 1.0f / float(std::max<int64_t>(1, (v.K + v.groups - 1) / v.groups));
-  a.row_base = row_base;
-  a.nkb = static_cast<int>((v.K + kTKb - 1) / kTKb);
-  a.kps = static_cast<int>(kps);
+  int64_t mtiles = 0, kps = 0;
+  wgt_plan(v, M, sms, &mtiles, &a.ntiles, &a.splits, &kps);
+  static_cast<WqSegArgs&>(a) = seg_args(w, v, M, row_base, bias, out, ldo, partial, mtiles, (v.K + kTKb - 1) / kTKb, kps);
   const bool fp16 = v.sdtype == DType::kFloat16;
-  a.magic = fp16 ? Tc<__half>::kMagic : Tc<__nv_bfloat16>::kMagic;
   CUtensorMap mx, mw, ms, mz;
   const int wrows = int(kTKb * v.bits[0] / 32);
   const int mt = wgt_tile_rows(M);
