@@ -160,6 +160,17 @@ __device__ __forceinline__ void wg_row_pair_sz(const void* scales, const void* z
   if constexpr (!kAsym) *z2 ^= 0x80008000u;
 }
 
+// Whether an sm_90a kernel can run on the device of prop: its binary is the sm_90 one, and its dynamic shared
+// memory (smem bytes) is within the device's opt-in limit and granted. The readiness check of the warpgroup
+// kernels (wq_wg.cu, wq_wgt.cu), per instantiation.
+template <typename Kernel>
+bool sm90a_kernel_ready(Kernel kernel, int smem, const cudaDeviceProp& prop) {
+  cudaFuncAttributes attr{};
+  return size_t(smem) <= prop.sharedMemPerBlockOptin && cudaFuncGetAttributes(&attr, kernel) == cudaSuccess &&
+         attr.binaryVersion == 90 &&
+         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) == cudaSuccess;
+}
+
 // wq_wgt.cu (sm_90a). The TMA-fed warpgroup kernel that wg_matmul gives a one-segment view v (2 or 4 bits)
 // when wgt_usable(v, M): M >= wgt_min_rows() (65; LOWBIT_WQ_WGT_MIN_ROWS overrides it, read once), N % 8
 // == 0, 16-byte aligned words, scales and zeros, a cc 9.0 device with its sm_90a code. wgt_plan: its tiles

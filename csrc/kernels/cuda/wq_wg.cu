@@ -513,12 +513,8 @@ bool wg_ready(int device) {
       for (int mt : {32, 64, 128, 256})
         for (int wt = 1; wt <= (mt == 32 ? 2 : 1); ++wt)
           for (int as = 0; as < 2; ++as)
-            ok = ok && with_wg_kernel(f == 0, b, mt, wt, as == 1, [&](auto kernel, int smem) {
-                 cudaFuncAttributes attr{};
-                 return size_t(smem) <= prop.sharedMemPerBlockOptin &&
-                        cudaFuncGetAttributes(&attr, kernel) == cudaSuccess && attr.binaryVersion == 90 &&
-                        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) == cudaSuccess;
-               });
+            ok = ok && with_wg_kernel(f == 0, b, mt, wt, as == 1,
+                                      [&](auto kernel, int smem) { return sm90a_kernel_ready(kernel, smem, prop); });
   cudaGetLastError();
   state[device].store(ok ? 1 : 2, std::memory_order_release);
   return ok;

@@ -419,12 +419,8 @@ bool wgt_ready(int device) {
     for (int b : {2, 4})
       for (int as = 0; as < 2; ++as)
         for (int mt : {128, 256})
-          ok = ok && with_wgt_kernel(f == 0, b, as == 1, mt, [&](auto kernel, int smem) {
-                 cudaFuncAttributes attr{};
-                 return size_t(smem) <= prop.sharedMemPerBlockOptin &&
-                        cudaFuncGetAttributes(&attr, kernel) == cudaSuccess && attr.binaryVersion == 90 &&
-                        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) == cudaSuccess;
-               });
+          ok = ok && with_wgt_kernel(f == 0, b, as == 1, mt,
+                                     [&](auto kernel, int smem) { return sm90a_kernel_ready(kernel, smem, prop); });
   cudaGetLastError();
   state[device].store(ok ? 1 : 2, std::memory_order_release);
   return ok;
