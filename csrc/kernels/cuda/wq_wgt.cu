@@ -5,7 +5,7 @@
 // Why a second kernel. wq_wg_kernel has every thread issue its own cp.async copies, vote on the groups and
 // meet at a block barrier each k-block; at 256 rows of x per CTA it runs 8 warps per SM at 254 registers
 // and is latency-bound (docs/PERFORMANCE.md: M = 256 at 0.5x of fp16). Here a producer warpgroup (one
-// thread) brings each k-block's operands with the TMA / bulk-copy engine into a ring of stages guarded by
+// thread) brings each k-block's operands with TMA into a ring of stages guarded by
 // mbarriers, and two consumer warpgroups only decode and multiply (setmaxnreg 40 / 232, as gemm_f16s8):
 //
 //   * CTA tile: 128 output columns (two consumer warpgroups x 64 wgmma rows) x MT = 128 (M <= 128) or 256
@@ -21,8 +21,8 @@
 //     rows of 512 bytes), and the scale and zero rows of the group the k-block is expected in (row / gs,
 //     256 bytes each). (A first version used eleven 1-D bulk copies per stage, the word rows padded
 //     against bank conflicts: 5 % slower at 8192 x 28672, M = 256, and racecheck could not follow
-//     them.) The k-block's g_idx is
-//     read by the consumers straight from global memory, one k-block ahead (a vote per warp: all 64 rows
+//     them.) The k-block's g_idx is read by the consumers straight from global memory, one k-block
+//     ahead (a vote per warp: all 64 rows
 //     in one group -> the pair (s, z) per column; the expected group -> from the stage, another -> loaded
 //     once per change; rows of several groups -> each pair's own groups, rolled through a per-warp scratch
 //     as in wq_wg_kernel).
