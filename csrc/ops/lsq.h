@@ -10,25 +10,29 @@
 
 #include "common.h"
 #include "lowbit/kernels/lsq_grad.h"
+#include "lowbit/kernels/quantize.h"
 #include "lowbit/ops.h"
 
 namespace lowbit::ops {
 
-// A QAT forward's fp32 operands as views of qat_prepare's output p (made for bias_a): the shift (none when
-// bias_a is undefined), the two steps' scales, eps and the GEMM scale alpha. The same values as
-// as_float(...) of each and qat_alpha, without a conversion kernel per 16-bit operand.
+// A QAT layer's fp32 operands as views of qat_prepare's output p (made for bias_a): the shift (none when
+// bias_a is undefined), the two steps' scales, eps, the GEMM scale alpha and the clamped steps
+// max(scale, eps). The same values as as_float(...) of each, qat_alpha and clamp_scale, without a
+// conversion or clamp kernel per operand.
 struct QatOperands {
   std::optional<at::Tensor> shift;
-  at::Tensor scale_a, scale_w, eps, alpha;  // 0-dim fp32
+  at::Tensor scale_a, scale_w, eps, alpha, step_a, step_w;  // 0-dim fp32
 };
 inline QatOperands qat_operands(const at::Tensor& p, const at::Tensor& bias_a) {
-  const c10::SymInt n = p.sym_size(0) - 4;
+  const c10::SymInt n = p.sym_size(0) - kQatPreparedScalars;
   QatOperands o;
   if (bias_a.defined()) o.shift = p.narrow_symint(0, 0, n).view_symint(bias_a.sym_sizes());
   o.scale_a = p.select_symint(0, n);
   o.scale_w = p.select_symint(0, n + 1);
   o.eps = p.select_symint(0, n + 2);
   o.alpha = p.select_symint(0, n + 3);
+  o.step_a = p.select_symint(0, n + 4);
+  o.step_w = p.select_symint(0, n + 5);
   return o;
 }
 // The same from one qat_prepare launch.
@@ -86,13 +90,17 @@ inline bool same_layout(const at::Tensor& a, const at::Tensor& b) {
 // Layout: gA's if it is dense (else gA is made contiguous), x copied into that layout only when its own
 // differs (an expanded x, NCHW x with an NHWC gA, ...); grad_x comes back in that layout, as the ATen
 // composite this replaces gave it (its output followed gA). gA_is_scratch: gA is the caller's temporary
-// and may be overwritten with grad_x (when its dtype is x's).
+// and may be overwritten with grad_x (when its dtype is x's). step_f32 / shift_f32: the clamped step
+// max(scale, eps) and the shift as fp32 (views of qat_prepare's output, QatOperands::step_a / shift) when the
+// caller has them: no clamp or conversion op here then. shift still gives grad_shift's dtype.
 inline LsqInputGrads lsq_input_grads(const at::Tensor& gA, const at::Tensor& x, const std::optional<at::Tensor>& shift,
                                      int64_t channel_dim, const at::Tensor& scale, const at::Tensor& eps, int64_t qmin,
                                      int64_t qmax, bool need_x, bool need_shift, bool need_scale,
                                      int64_t numel = -1 /* of the operand before broadcasting; -1: x.numel() */,
                                      const std::optional<at::Tensor>& gscale = std::nullopt,
-                                     bool gA_is_scratch = false) {
+                                     bool gA_is_scratch = false,
+                                     const std::optional<at::Tensor>& step_f32 = std::nullopt,
+                                     const std::optional<at::Tensor>& shift_f32 = std::nullopt) {
   constexpr const char* op = "lowbit.lsq_input_grads";
   LsqInputGrads g;
   const bool has_shift = shift.has_value() && shift->defined();
@@ -145,9 +153,19 @@ inline LsqInputGrads lsq_input_grads(const at::Tensor& gA, const at::Tensor& x, 
   int64_t outer = 0, C = 0, inner = 0;
   lsq_detail::channel_view(ga, channel_dim, has_shift, &outer, &C, &inner);
 
-  const auto s = clamp_scale(scale, eps);  // fp32, 0-dim, fresh
+  const bool have_step = step_f32.has_value() && step_f32->defined();
+  if (have_step)
+    TORCH_CHECK(step_f32->scalar_type() == at::kFloat && step_f32->numel() == 1 && step_f32->device() == x.device(), op,
+                ": step_f32 must be one float32 value on x's device");
+  const auto s = have_step ? step_f32->detach().reshape({}).contiguous() : clamp_scale(scale, eps);  // fp32, 0-dim
   at::Tensor sh, gs;
-  if (has_shift) sh = as_float(shift->detach()).reshape({-1}).contiguous();
+  if (has_shift) {
+    const bool pre = shift_f32.has_value() && shift_f32->defined();
+    if (pre)
+      TORCH_CHECK(shift_f32->scalar_type() == at::kFloat && shift_f32->numel() == shift->numel(), op,
+                  ": shift_f32 must hold shift's values as float32");
+    sh = (pre ? shift_f32->detach() : as_float(shift->detach())).reshape({-1}).contiguous();
+  }
   if (has_gscale) gs = as_float(gscale->detach()).reshape({}).contiguous();
   const auto f32 = x.options().dtype(at::kFloat);
   // A caller's scratch gA of x's dtype takes grad_x in place (one fewer gradient-sized buffer at the

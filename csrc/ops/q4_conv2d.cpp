@@ -221,13 +221,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsq_conv2d_backward_i
     std::array<bool, 4> mask) {
   const bool need_in = mask[0] || mask[1] || mask[3];
   constexpr const char* op = "lowbit.lsq_conv2d_backward";
-  const auto x_hat = scaled_codes(qx, at::kFloat, clamp_scale(scale_a, eps), op).permute({0, 3, 1, 2});
-  const auto w_hat = scaled_codes(qw, at::kFloat, clamp_scale(scale_w, eps), op).permute({0, 3, 1, 2}).contiguous();
+  // The fp32 shift and steps max(scale, eps) from one launch (no clamp or conversion op per scalar).
+  const auto p = prepare_qat_operands(bias_a, scale_a, scale_w, eps);
+  const auto x_hat = scaled_codes(qx, at::kFloat, p.step_a, op).permute({0, 3, 1, 2});
+  const auto w_hat = scaled_codes(qw, at::kFloat, p.step_w, op).permute({0, 3, 1, 2}).contiguous();
   auto [gA, gW, unused] = at::convolution_backward(as_float(grad), x_hat, w_hat, std::nullopt, stride, padding,
                                                    dilation, false, {0, 0}, groups, {need_in, mask[2], false});
   at::Tensor grad_x, grad_b, grad_s;
   if (need_in) {
-    auto g = lsq_input_grads(gA, x, bias_a, 1, scale_a, eps, qmin, qmax, mask[0], mask[1], mask[3]);
+    auto g = lsq_input_grads(gA, x, bias_a, 1, scale_a, eps, qmin, qmax, mask[0], mask[1], mask[3], -1, std::nullopt,
+                             false, p.step_a, p.shift);
     grad_x = g.grad_x;
     grad_b = g.grad_shift;
     grad_s = g.grad_scale;

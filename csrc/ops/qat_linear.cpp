@@ -150,7 +150,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsq_linear_backward_i
   TORCH_CHECK(grad.size(-1) == N && grad.numel() / N == x.numel() / K, op, ": grad has shape ", grad.sizes(),
               ", expected (..., ", N, ") with the rows of x");
   at::Tensor grad_x, grad_b, grad_w, grad_s;
-  const auto s_w = clamp_scale(scale_w, eps), s_a = clamp_scale(scale_a, eps);
+  const std::optional<at::Tensor> shift =
+      bias_a.defined() ? std::optional<at::Tensor>(bias_a) : std::nullopt;
+  // The fp32 operands (shift, steps max(scale, eps)) from one qat_prepare launch, or from the launch that
+  // recomputes x's codes below: no clamp or conversion op per scalar (each costs more host time than the
+  // whole backward's device time when the layer has few rows).
+  at::Tensor qx_made, prepared;
+  if (mask[2] && !have_qx)
+    std::tie(qx_made, prepared) = qat_quantize(x, shift, scale_a, scale_w, eps, qmin, qmax);
+  else
+    prepared = qat_prepare(shift, scale_a, scale_w, eps);
+  const auto p = qat_operands(prepared, bias_a);
+  const auto s_w = p.step_w, s_a = p.step_a;
   // The float GEMMs run in dtype cdt: x's dtype for 16-bit activations on CUDA (the 16-bit tensor cores,
   // fp32 accumulation, as nn.Linear's own backward in that dtype), fp32 otherwise, reading the saved codes
   // (mm_codes: directly on Hopper, else widened once). G.Qw takes the exact codes and s_w is applied in
@@ -168,11 +179,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsq_linear_backward_i
     // conversion of its fp32 output.
     // The codes of x: given, or made again by the forward's quantizer (bit for bit the forward's), alive
     // only for this GEMM.
-    const auto qx = have_qx ? *qx_saved
-                            : std::get<0>(qat_quantize(x, bias_a.defined() ? std::optional<at::Tensor>(bias_a) : std::nullopt,
-                                                       scale_a, scale_w, eps, qmin, qmax));
+    const auto qx = have_qx ? *qx_saved : qx_made;
     const auto out_dt = gw_dt == cdt ? cdt : at::kFloat;
     grad_w = as_dtype(mm_codes(G, /*trans_g=*/true, qx.reshape({-1, K}), s_a, out_dt, op), gw_dt);
+    qx_made = at::Tensor();  // freed before gA exists
   }
   if (mask[0] || mask[1] || mask[3]) {
     at::Tensor gA;  // dL/dx_hat (M, K), or dL/dx_hat / s_w (then gscale = s_w)
@@ -187,7 +197,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsq_linear_backward_i
       gscale = s_w;
     }
     auto g = lsq_input_grads(gA.reshape(x.sizes()), x, bias_a, x.dim() - 1, scale_a, eps, qmin, qmax, mask[0],
-                             mask[1], mask[3], -1, gscale, /*gA_is_scratch=*/true);
+                             mask[1], mask[3], -1, gscale, /*gA_is_scratch=*/true, s_a, p.shift);
     grad_x = g.grad_x;
     grad_b = g.grad_shift;
     grad_s = g.grad_scale;

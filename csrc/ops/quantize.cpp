@@ -178,12 +178,12 @@ at::Tensor qat_prepare_meta(const std::optional<at::Tensor>& shift, const at::Te
   check_scalar(s2, s1, "scale1", kPrepareOp, "scale2");
   check_scalar(eps, s1, "scale1", kPrepareOp, "eps");
   const c10::SymInt n = shift.has_value() && shift->defined() ? shift->sym_numel() : c10::SymInt(0);
-  return at::empty_symint({n + 4}, s1.options().dtype(at::kFloat));
+  return at::empty_symint({n + kQatPreparedScalars}, s1.options().dtype(at::kFloat));
 }
 at::Tensor qat_prepare_cpu(const std::optional<at::Tensor>& shift, const at::Tensor& s1, const at::Tensor& s2,
                            const at::Tensor& eps) {
   const auto o = prepare_operands(shift, s1, s2, eps);
-  auto out = at::empty({o.n + 4}, s1.options().dtype(at::kFloat));
+  auto out = at::empty({o.n + kQatPreparedScalars}, s1.options().dtype(at::kFloat));
   check_status(cpu::qat_prepare(scalar_arg(o.shift), o.n, scalar_arg(o.s1), scalar_arg(o.s2), scalar_arg(o.eps),
                                 out.data_ptr<float>()),
                kPrepareOp);
@@ -194,7 +194,7 @@ at::Tensor qat_prepare_cuda(const std::optional<at::Tensor>& shift, const at::Te
                             const at::Tensor& eps) {
   c10::cuda::CUDAGuard guard(s1.device());
   const auto o = prepare_operands(shift, s1, s2, eps);
-  auto out = at::empty({o.n + 4}, s1.options().dtype(at::kFloat));
+  auto out = at::empty({o.n + kQatPreparedScalars}, s1.options().dtype(at::kFloat));
   check_status(cuda::qat_prepare(scalar_arg(o.shift), o.n, scalar_arg(o.s1), scalar_arg(o.s2), scalar_arg(o.eps),
                                  out.data_ptr<float>(), current_stream(s1)),
                kPrepareOp);
@@ -212,7 +212,7 @@ std::tuple<at::Tensor, at::Tensor> qat_quantize_meta(const at::Tensor& x, const 
   check_scalar(s2, x, "x", kQatQuantOp, "scale2");
   const c10::SymInt n = shift.has_value() && shift->defined() ? shift->sym_numel() : c10::SymInt(0);
   return {at::empty_symint(x.sym_sizes(), x.options().dtype(at::kChar)),
-          at::empty_symint({n + 4}, x.options().dtype(at::kFloat))};
+          at::empty_symint({n + kQatPreparedScalars}, x.options().dtype(at::kFloat))};
 }
 template <typename Kernel>
 std::tuple<at::Tensor, at::Tensor> qat_quantize_run(const at::Tensor& x, const std::optional<at::Tensor>& shift,
@@ -224,7 +224,7 @@ std::tuple<at::Tensor, at::Tensor> qat_quantize_run(const at::Tensor& x, const s
   const auto xc = x.contiguous();
   const auto a = rows_and_cols(xc);
   auto q = at::empty(x.sizes(), x.options().dtype(at::kChar));
-  auto prepared = at::empty({o.n + 4}, x.options().dtype(at::kFloat));
+  auto prepared = at::empty({o.n + kQatPreparedScalars}, x.options().dtype(at::kFloat));
   check_status(kernel(kernel_dtype(x.scalar_type(), kQatQuantOp, "x"), xc.data_ptr(), a.M, a.K, a.K, scalar_arg(o.shift),
                       scalar_arg(o.s1), scalar_arg(o.s2), scalar_arg(o.eps), int32_t(qmin), int32_t(qmax),
                       q.data_ptr<int8_t>(), prepared.data_ptr<float>()),
@@ -247,30 +247,8 @@ std::tuple<at::Tensor, at::Tensor> qat_quantize_cuda(const at::Tensor& x, const 
 }
 #endif
 
-// sum |x| in float64 as a 0-dim tensor on x's device: the fused kernel of reduce.h for fp32/fp16/bf16 (reads
-// x once, no float64 copy), ATen's norm for float64 input (already float64: no copy either).
-at::Tensor sum_abs(const at::Tensor& x) {
-  if (x.scalar_type() == at::kDouble || (!x.is_cpu() && !x.is_cuda()))
-    return at::linalg_vector_norm(x, 1, c10::nullopt, false, at::kDouble);
-  const auto xc = x.contiguous();
-  auto out = at::empty({}, x.options().dtype(at::kDouble));
-  const DType t = kernel_dtype(x.scalar_type(), "lowbit.lsq_scale", "x");
-  if (x.is_cpu()) {
-    check_status(cpu::sum_abs_f64(t, xc.data_ptr(), xc.numel(), out.data_ptr<double>()), "lowbit.lsq_scale");
-    return out;
-  }
-#ifdef LOWBIT_WITH_CUDA
-  c10::cuda::CUDAGuard guard(x.device());
-  const size_t bytes = cuda::sum_abs_f64_workspace_bytes(xc.numel());
-  auto ws = at::empty({static_cast<int64_t>(bytes / 8 + 1)}, x.options().dtype(at::kDouble));
-  check_status(cuda::sum_abs_f64(t, xc.data_ptr(), xc.numel(), out.data_ptr<double>(), ws.data_ptr(), bytes,
-                                 current_stream(x)),
-               "lowbit.lsq_scale");
-#endif
-  return out;
-}
-
-// lsq_scale: the float64 sum above, then ATen scalar arithmetic (device-agnostic, Meta included). The mean is accumulated in
+// lsq_scale: reduce.h's lsq_step (the fused kernel of each device) for fp32 / fp16 / bf16 x on CPU and CUDA;
+// otherwise (float64 x, other devices) the same formula in ATen ops. The mean is accumulated in
 // float64 and rounded once to fp32, so CPU and CUDA agree unless the float64 sums (summed in different
 // orders) straddle an fp32 rounding boundary (relative gap < 1e-15, not seen in practice).
 at::Tensor lsq_scale_impl(const at::Tensor& x, double qmax, const std::optional<at::Tensor>& eps) {
@@ -279,12 +257,42 @@ at::Tensor lsq_scale_impl(const at::Tensor& x, double qmax, const std::optional<
               x.defined() ? c10::toString(x.scalar_type()) : "None");
   TORCH_CHECK(x.numel() > 0, op, ": x is empty (shape ", x.sizes(), "); the scale of an empty tensor is undefined");
   TORCH_CHECK(qmax > 0 && std::isfinite(qmax), op, ": qmax must be a positive finite number, got ", qmax);
-  auto mean_abs = sum_abs(x.detach()) / double(x.numel());
-  auto s = (mean_abs * (2.0 / std::sqrt(qmax))).to(at::kFloat);
-  if (eps.has_value() && eps->defined()) {
-    check_scalar(*eps, x, "x", op, "eps");
-    s = at::maximum(s, as_float(eps->detach()).reshape({}));
+  const bool has_eps = eps.has_value() && eps->defined();
+  if (has_eps) check_scalar(*eps, x, "x", op, "eps");
+  const auto xt = x.scalar_type();
+  if ((x.is_cpu() || x.is_cuda()) && (xt == at::kFloat || xt == at::kHalf || xt == at::kBFloat16)) {
+    // One fused call (reduce.h lsq_step): the sum, the mean, the factor and max(s, eps) with no ATen scalar
+    // op after the reduction (each of those cost more host time than the reduction's device time on a
+    // small layer). Same formula as the composite below.
+    const auto xc = x.detach().contiguous();
+    auto out = at::empty({}, x.options().dtype(at::kFloat));
+    at::Tensor e;
+    if (has_eps) {
+      const auto ed = eps->scalar_type();
+      e = (ed == at::kFloat || ed == at::kHalf || ed == at::kBFloat16 ? eps->detach() : as_float(eps->detach()))
+              .contiguous();
+    }
+    const ScalarArg ea{has_eps ? e.data_ptr() : nullptr,
+                       has_eps ? kernel_dtype(e.scalar_type(), op, "eps") : DType::kFloat32};
+    const DType t = kernel_dtype(xt, op, "x");
+    if (x.is_cpu()) {
+      check_status(cpu::lsq_step(t, xc.data_ptr(), xc.numel(), qmax, ea, out.data_ptr<float>()), op);
+      return out;
+    }
+#ifdef LOWBIT_WITH_CUDA
+    c10::cuda::CUDAGuard guard(x.device());
+    const size_t bytes = cuda::sum_abs_f64_workspace_bytes(xc.numel());
+    auto ws = at::empty({static_cast<int64_t>(bytes / 8 + 1)}, x.options().dtype(at::kDouble));
+    check_status(cuda::lsq_step(t, xc.data_ptr(), xc.numel(), qmax, ea, out.data_ptr<float>(), ws.data_ptr(), bytes,
+                                current_stream(x)),
+                 op);
+    return out;
+#endif
   }
+  // float64 x, other devices: the same formula in ATen ops.
+  auto mean_abs = at::linalg_vector_norm(x.detach(), 1, c10::nullopt, false, at::kDouble) / double(x.numel());
+  auto s = (mean_abs * lsq_step_factor(qmax)).to(at::kFloat);
+  if (has_eps) s = at::maximum(s, as_float(eps->detach()).reshape({}));
   return s;
 }
 

@@ -27,9 +27,10 @@ def qat_alpha(scale1: Tensor, scale2: Tensor, eps: Tensor) -> Tensor:
 
 
 def qat_prepare(shift: Optional[Tensor], scale1: Tensor, scale2: Tensor, eps: Tensor) -> Tensor:
-    """A QAT forward's fp32 operands in one launch: ``[shift.float() | scale1, scale2, eps as float32,
-    qat_alpha(scale1, scale2, eps)]``, a 1-D float32 tensor of ``shift.numel() + 4`` values (shift may be
-    None). Each operand may be float32, float16 or bfloat16."""
+    """A QAT layer's fp32 operands in one launch: ``[shift.float() | scale1, scale2, eps as float32,
+    qat_alpha(scale1, scale2, eps), max(scale1, eps), max(scale2, eps)]``, a 1-D float32 tensor of
+    ``shift.numel() + 6`` values (shift may be None; the maxima are NaN where an operand is). Each operand
+    may be float32, float16 or bfloat16."""
     return _ops.qat_prepare(shift, scale1, scale2, eps)
 
 

@@ -45,4 +45,11 @@ inline double abs_sum_reference(const std::vector<double>& v) {
   return double(s);
 }
 
+// The LSQ step written from its definition, max(2 * mean|x| / sqrt(qmax), eps), in long double (eps <= 0: none).
+inline double lsq_step_reference(const std::vector<double>& v, double qmax, double eps) {
+  const long double s = static_cast<long double>(abs_sum_reference(v)) / static_cast<long double>(v.size()) * 2.0L /
+                        std::sqrt(static_cast<long double>(qmax));
+  return eps > 0 && static_cast<long double>(eps) > s ? eps : double(s);
+}
+
 }  // namespace lowbit_test

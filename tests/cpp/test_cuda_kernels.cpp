@@ -194,7 +194,7 @@ TEST_F(CudaKernels, QatQuantizeMatchesCpu) {
           put_value(hsc, 8, DType::kFloat16, 1e-5f);   // eps (fp16)
           const int64_t n = st < 0 ? 0 : K;
           std::vector<int8_t> want_q(size_t(M * K));
-          std::vector<float> want_p(size_t(n) + 4);
+          std::vector<float> want_p(size_t(n) + lowbit::kQatPreparedScalars);
           auto args = [&](const uint8_t* x, const uint8_t* sh, const uint8_t* sc) {
             return std::make_tuple(ScalarArg{st < 0 ? nullptr : sh + shift_off * ss, sdt},
                                    ScalarArg{sc, DType::kBFloat16}, ScalarArg{sc + 4, DType::kFloat32},

@@ -66,6 +66,75 @@ TEST_F(CudaSumAbs, NanPropagates) {
   EXPECT_TRUE(std::isnan(run_device(in, 50000, stream(), stream_)));
 }
 
+// lsq_step on the device: the CPU's bits (same formula; the float64 sums agree to far below an fp32 step at
+// these sizes), with eps in each dtype, NaN propagation; bad arguments.
+TEST_F(CudaSumAbs, LsqStepMatchesCpu) {
+  std::mt19937 rng(12);
+  for (DType t : {DType::kFloat32, DType::kFloat16, DType::kBFloat16}) {
+    for (int64_t n : {1, 4097, (1 << 20) + 3}) {
+      SCOPED_TRACE(std::string(lowbit::dtype_name(t)) + " n=" + std::to_string(n));
+      const AbsInput in = random_abs_input(t, n, rng);
+      const uint16_t eps_h = lowbit::float_to_half(1e-3f);
+      const float eps_f = 1e9f;  // larger than any step here: the result is eps
+      DeviceBuffer x(in.bytes.size()), out(4), e(8);
+      const size_t ws_bytes = lowbit::cuda::sum_abs_f64_workspace_bytes(n);
+      DeviceBuffer ws(ws_bytes);
+      ASSERT_TRUE(x.ok() && out.ok() && e.ok() && ws.ok());
+      CUDA_ASSERT(cudaMemcpy(x.bytes(), in.bytes.data(), in.bytes.size(), cudaMemcpyHostToDevice));
+      CUDA_ASSERT(cudaMemcpy(e.bytes(), &eps_h, 2, cudaMemcpyHostToDevice));
+      CUDA_ASSERT(cudaMemcpy(static_cast<uint8_t*>(e.bytes()) + 4, &eps_f, 4, cudaMemcpyHostToDevice));
+      const lowbit::ScalarArg cases[] = {{nullptr, DType::kFloat32}, {e.bytes(), DType::kFloat16},
+                                         {static_cast<uint8_t*>(e.bytes()) + 4, DType::kFloat32}};
+      const lowbit::ScalarArg host_cases[] = {{nullptr, DType::kFloat32}, {&eps_h, DType::kFloat16},
+                                              {&eps_f, DType::kFloat32}};
+      for (int c = 0; c < 3; ++c) {
+        for (double qmax : {127.0, 7.0}) {
+          float want = -1.f, got = -2.f;
+          ASSERT_TRUE(lowbit::cpu::lsq_step(t, in.bytes.data(), n, qmax, host_cases[c], &want).is_ok());
+          const lowbit::Status st = lowbit::cuda::lsq_step(t, x.bytes(), n, qmax, cases[c],
+                                                           reinterpret_cast<float*>(out.bytes()), ws.bytes(), ws_bytes,
+                                                           stream());
+          ASSERT_TRUE(st.is_ok()) << st.message;
+          CUDA_ASSERT(cudaStreamSynchronize(stream_));
+          CUDA_ASSERT(cudaMemcpy(&got, out.bytes(), 4, cudaMemcpyDeviceToHost));
+          EXPECT_EQ(std::memcmp(&got, &want, 4), 0) << "case " << c << " qmax " << qmax << ": " << got << " vs " << want;
+        }
+      }
+      if (n == 4097) {  // a NaN in x gives a NaN step whatever eps is
+        AbsInput bad = in;
+        const float nan = std::nanf("");
+        if (t == DType::kFloat32) std::memcpy(&bad.bytes[4 * 100], &nan, 4);
+        else {
+          const uint16_t h = t == DType::kBFloat16 ? 0x7FC0 : 0x7E00;  // a quiet NaN of the dtype
+          std::memcpy(&bad.bytes[2 * 100], &h, 2);
+        }
+        CUDA_ASSERT(cudaMemcpy(x.bytes(), bad.bytes.data(), bad.bytes.size(), cudaMemcpyHostToDevice));
+        float got = 0.f;
+        ASSERT_TRUE(lowbit::cuda::lsq_step(t, x.bytes(), n, 127.0, cases[2], reinterpret_cast<float*>(out.bytes()),
+                                           ws.bytes(), ws_bytes, stream())
+                        .is_ok());
+        CUDA_ASSERT(cudaStreamSynchronize(stream_));
+        CUDA_ASSERT(cudaMemcpy(&got, out.bytes(), 4, cudaMemcpyDeviceToHost));
+        EXPECT_TRUE(std::isnan(got));
+      }
+    }
+  }
+  DeviceBuffer x(64), out(4), ws(64);
+  const float one = 1.f;
+  expect_invalid(lowbit::cuda::lsq_step(DType::kFloat32, x.bytes(), 0, 127.0, {nullptr, DType::kFloat32},
+                                        reinterpret_cast<float*>(out.bytes()), ws.bytes(), 64, stream()),
+                 "n = 0", "n must be");
+  expect_invalid(lowbit::cuda::lsq_step(DType::kFloat32, x.bytes(), 8, -1.0, {nullptr, DType::kFloat32},
+                                        reinterpret_cast<float*>(out.bytes()), ws.bytes(), 64, stream()),
+                 "qmax < 0", "qmax");
+  expect_invalid(lowbit::cuda::lsq_step(DType::kFloat32, x.bytes(), 8, 127.0, {&one, static_cast<DType>(4)},
+                                        reinterpret_cast<float*>(out.bytes()), ws.bytes(), 64, stream()),
+                 "eps dtype", "eps dtype");
+  expect_invalid(lowbit::cuda::lsq_step(DType::kFloat32, x.bytes(), 8, 127.0, {nullptr, DType::kFloat32}, nullptr,
+                                        ws.bytes(), 64, stream()),
+                 "out null", "out");
+}
+
 TEST_F(CudaSumAbs, RejectsBadArguments) {
   DeviceBuffer x(64), out(8), ws(64);
   auto* o = reinterpret_cast<double*>(out.bytes());

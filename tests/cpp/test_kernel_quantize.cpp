@@ -4,6 +4,7 @@
 // against known bit patterns and, where the CPU has F16C, against the hardware converter.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -388,31 +389,41 @@ TEST(FloatConvert, HalfMatchesF16C) {
 
 }  // namespace
 
-// qat_prepare: every operand converted exactly from its own dtype, alpha as qat_alpha_value; bad arguments.
+// qat_prepare: every operand converted exactly from its own dtype, alpha as qat_alpha_value, the two steps
+// max(scale, eps) (NaN-propagating); bad arguments.
 TEST(QatPrepare, ConvertsAndFormsAlpha) {
   using lowbit::DType;
   using lowbit::ScalarArg;
   std::mt19937 rng(5);
   std::normal_distribution<float> nd(0.f, 3.f);
+  constexpr int64_t P = lowbit::kQatPreparedScalars;
   for (int64_t n : {0, 1, 33}) {
+   for (const float s2 : {0.0071f, 0.f, std::nanf("")}) {
     std::vector<uint16_t> shift(n);
-    std::vector<float> want(n + 4);
+    std::vector<float> want(n + P);
     for (int64_t i = 0; i < n; ++i) {
       shift[i] = lowbit::float_to_bf16(nd(rng));
       want[i] = lowbit::bf16_to_float(shift[i]);
     }
     const uint16_t s1 = lowbit::float_to_half(0.0213f);
-    const float s2 = 0.0071f;
     const uint16_t e = lowbit::float_to_bf16(1e-5f);
     want[n] = lowbit::half_to_float(s1);
     want[n + 1] = s2;
     want[n + 2] = lowbit::bf16_to_float(e);
     want[n + 3] = lowbit::qat_alpha_value(want[n], want[n + 1], want[n + 2]);
-    std::vector<float> out(n + 4, -1.f);
+    // The steps, written out: max(scale, eps), NaN when the scale is NaN.
+    want[n + 4] = std::max(want[n], want[n + 2]);
+    want[n + 5] = std::isnan(s2) ? std::nanf("") : std::max(s2, want[n + 2]);
+    std::vector<float> out(n + P + 1, -1.f);
     ASSERT_TRUE(lowbit::cpu::qat_prepare({n ? shift.data() : nullptr, DType::kBFloat16}, n, {&s1, DType::kFloat16},
                                          {&s2, DType::kFloat32}, {&e, DType::kBFloat16}, out.data())
                     .is_ok());
-    for (int64_t i = 0; i < n + 4; ++i) EXPECT_EQ(std::memcmp(&out[i], &want[i], 4), 0) << "n=" << n << " i=" << i;
+    for (int64_t i = 0; i < n + P; ++i) {
+      if (std::isnan(want[i])) EXPECT_TRUE(std::isnan(out[i])) << "n=" << n << " i=" << i;
+      else EXPECT_EQ(std::memcmp(&out[i], &want[i], 4), 0) << "n=" << n << " i=" << i;
+    }
+    EXPECT_EQ(out[n + P], -1.f) << "wrote past n + kQatPreparedScalars";
+   }
   }
   const float one = 1.f;
   float out[8];

@@ -70,4 +70,48 @@ TEST(SumAbs, RejectsBadArguments) {
   EXPECT_EQ(out, 0.0);
 }
 
+// lsq_step: the fp32 step within one fp32 rounding (plus the float64 sum's error) of the long-double
+// definition, for 8-bit and 4-bit qmax, with and without eps in each dtype; eps wins where it is larger
+// (exactly eps); NaN propagates from x and from eps; bad arguments.
+TEST(LsqStep, MatchesDefinition) {
+  std::mt19937 rng(11);
+  for (DType t : {DType::kFloat32, DType::kFloat16, DType::kBFloat16}) {
+    for (int64_t n : {1, 7, 4097, 100003}) {
+      const AbsInput in = random_abs_input(t, n, rng);
+      for (double qmax : {127.0, 7.0}) {
+        float got = -1.f;
+        ASSERT_TRUE(lowbit::cpu::lsq_step(t, in.bytes.data(), n, qmax, {nullptr, DType::kFloat32}, &got).is_ok());
+        const double want = lsq_step_reference(in.values, qmax, 0.0);
+        EXPECT_NEAR(got, want, want * (std::ldexp(1.0, -24) + 1e-12)) << lowbit::dtype_name(t) << " n=" << n;
+        // eps below the step changes nothing; above it, the step is eps's value exactly.
+        const float small = 1e-7f, big = float(want) * 4.f;
+        const uint16_t big_bf16 = lowbit::float_to_bf16(big);
+        float with_small = -1.f, with_big = -1.f;
+        ASSERT_TRUE(lowbit::cpu::lsq_step(t, in.bytes.data(), n, qmax, {&small, DType::kFloat32}, &with_small).is_ok());
+        ASSERT_TRUE(lowbit::cpu::lsq_step(t, in.bytes.data(), n, qmax, {&big_bf16, DType::kBFloat16}, &with_big).is_ok());
+        EXPECT_EQ(with_small, got);
+        EXPECT_EQ(with_big, lowbit::bf16_to_float(big_bf16));
+      }
+    }
+  }
+}
+
+TEST(LsqStep, NanAndBadArguments) {
+  std::vector<float> x(5000, 0.25f);
+  float out = 0.f;
+  const float eps = 1e-5f, nan = std::nanf("");
+  ASSERT_TRUE(lowbit::cpu::lsq_step(DType::kFloat32, x.data(), 5000, 127.0, {&nan, DType::kFloat32}, &out).is_ok());
+  EXPECT_TRUE(std::isnan(out));
+  x[4321] = nan;
+  ASSERT_TRUE(lowbit::cpu::lsq_step(DType::kFloat32, x.data(), 5000, 127.0, {&eps, DType::kFloat32}, &out).is_ok());
+  EXPECT_TRUE(std::isnan(out));
+  expect_invalid(lowbit::cpu::lsq_step(DType::kFloat32, x.data(), 0, 127.0, {&eps, DType::kFloat32}, &out), "n = 0", "n must be");
+  expect_invalid(lowbit::cpu::lsq_step(DType::kFloat32, x.data(), 5, 0.0, {&eps, DType::kFloat32}, &out), "qmax 0", "qmax");
+  expect_invalid(lowbit::cpu::lsq_step(DType::kFloat32, x.data(), 5, 127.0, {&eps, DType::kFloat32}, nullptr), "out null", "out");
+  expect_invalid(lowbit::cpu::lsq_step(DType::kFloat32, x.data(), 5, 127.0, {&eps, static_cast<DType>(7)}, &out),
+                 "eps dtype", "eps dtype");
+  expect_invalid(lowbit::cpu::lsq_step(static_cast<DType>(9), x.data(), 5, 127.0, {&eps, DType::kFloat32}, &out),
+                 "x dtype", "xtype");
+}
+
 }  // namespace

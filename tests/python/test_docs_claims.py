@@ -898,9 +898,11 @@ def test_ops_qat_alpha_prepare_quantize():
     a = ops.qat_alpha(T(0.5), T(0.25), EPS)
     assert a.dtype == torch.float32 and a.dim() == 0
     p = ops.qat_prepare(T([1.0, 2.0, 3.0]).half(), T(0.5).bfloat16(), T(0.25), EPS)
-    assert p.dtype == torch.float32 and p.shape == (7,)
+    assert p.dtype == torch.float32 and p.shape == (9,)
     assert p[:6].tolist() == pytest.approx([1, 2, 3, 0.5, 0.25, 1e-5]) and float(p[6]) == 0.125
-    assert ops.qat_prepare(None, T(0.5), T(0.25), EPS).shape == (4,)
+    assert p[7:].tolist() == [0.5, 0.25]  # the steps max(scale, eps)
+    assert ops.qat_prepare(None, T(0.5), T(0.25), EPS).shape == (6,)
+    assert ops.qat_prepare(None, T(0.0), T(0.25), EPS)[4:].tolist() == pytest.approx([1e-5, 0.25])
     x, sh = torch.randn(5, 7), torch.randn(7)
     codes, prep = ops.qat_quantize(x, sh, T(0.3), T(0.2), EPS, -8, 7)
     assert torch.equal(codes, ops.quantize_s8(x, sh, T(0.3), EPS, -8, 7, check_step=False))

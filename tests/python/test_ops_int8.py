@@ -95,17 +95,19 @@ def test_qat_alpha(device, dtype):
                                     (torch.float32, torch.bfloat16, torch.float64)])
 @pytest.mark.parametrize("n", [0, 1, 37, 1000])
 def test_qat_prepare(device, dtypes, n):
-    # [shift | scale1, scale2, eps, alpha] in fp32: each operand as .float() gives it, alpha as qat_alpha.
+    # [shift | scale1, scale2, eps, alpha, step1, step2] in fp32: each operand as .float() gives it, alpha as
+    # qat_alpha, the steps max(scale, eps) (NaN where either is NaN, as torch.maximum).
     sd, s1d, ed = dtypes
     g = torch.Generator().manual_seed(n)
     shift = (torch.randn(n, generator=g) * 3).to(sd).to(device) if n else None
     for a, b, e in [(0.02, 0.003, 1e-5), (0.0, 0.5, 1e-3), (0.1, float("nan"), 1e-5), (-1.0, 0.1, -2.0)]:
         t1, t2, te = (torch.tensor(v, dtype=d, device=device) for v, d in ((a, s1d), (b, torch.float32), (e, ed)))
         got = ops.qat_prepare(shift, t1, t2, te)
-        assert got.dtype == torch.float32 and got.shape == (n + 4,) and got.device.type == torch.device(device).type
+        assert got.dtype == torch.float32 and got.shape == (n + 6,) and got.device.type == torch.device(device).type
         want = torch.cat([shift.float() if n else torch.empty(0, device=device),
                           torch.stack([t1.float(), t2.float(), te.float()]).reshape(3),
-                          ops.qat_alpha(t1, t2, te).reshape(1)])
+                          ops.qat_alpha(t1, t2, te).reshape(1),
+                          torch.stack([torch.maximum(t1.float(), te.float()), torch.maximum(t2.float(), te.float())])])
         torch.testing.assert_close(got.cpu(), want.cpu(), rtol=0, atol=0, equal_nan=True)  # exact, NaN where NaN
     with pytest.raises(RuntimeError, match="exactly one element"):
         ops.qat_prepare(shift, torch.ones(2, device=device), t2, te)

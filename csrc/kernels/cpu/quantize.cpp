@@ -162,6 +162,8 @@ Status qat_prepare(ScalarArg shift, int64_t n, ScalarArg scale1, ScalarArg scale
   out[n + 1] = s2;
   out[n + 2] = e;
   out[n + 3] = qat_alpha_value(s1, s2, e);
+  out[n + 4] = qat_step(s1, e);
+  out[n + 5] = qat_step(s2, e);
   return Status::ok();
 }
 

@@ -61,5 +61,28 @@ Status sum_abs_f64(DType xtype, const void* x, int64_t n, double* out) {
   return Status::ok();
 }
 
+Status lsq_step(DType xtype, const void* x, int64_t n, double qmax, ScalarArg eps, float* out) {
+  const char* fn = "lowbit::cpu::lsq_step: ";
+  if (out == nullptr) return Status::invalid(std::string(fn) + "out must not be null");
+  if (n < 1) return Status::invalid(std::string(fn) + "n must be >= 1, got " + std::to_string(n));
+  if (!(qmax > 0) || !std::isfinite(qmax)) return Status::invalid(std::string(fn) + "qmax must be positive and finite");
+  if (eps.p != nullptr && static_cast<uint32_t>(eps.dtype) > 2u)
+    return Status::invalid(std::string(fn) + "eps dtype must be float32, float16 or bfloat16");
+  double sum = 0.0;
+  const Status st = sum_abs_f64(xtype, x, n, &sum);
+  if (!st.is_ok()) return st;
+  const float s = lsq_step_value(sum, n, lsq_step_factor(qmax));
+  if (eps.p == nullptr) {
+    *out = s;
+    return Status::ok();
+  }
+  const uint16_t* e16 = static_cast<const uint16_t*>(eps.p);
+  const float e = eps.dtype == DType::kFloat32   ? *static_cast<const float*>(eps.p)
+                  : eps.dtype == DType::kFloat16 ? half_to_float(*e16)
+                                                 : bf16_to_float(*e16);
+  *out = qat_step(s, e);
+  return Status::ok();
+}
+
 }  // namespace cpu
 }  // namespace lowbit

@@ -51,22 +51,15 @@ using quantize_detail::kVec;
 using quantize_detail::load8;
 using quantize_detail::step_of;
 using quantize_detail::StepDiv;
+using quantize_detail::load_as_float;
 using quantize_detail::widen;
-
-__device__ __forceinline__ float load_as_float(ScalarArg a, int64_t i) {
-  switch (a.dtype) {
-    case DType::kFloat16: return __half2float(static_cast<const __half*>(a.p)[i]);
-    case DType::kBFloat16: return __bfloat162float(static_cast<const __nv_bfloat16*>(a.p)[i]);
-    default: return static_cast<const float*>(a.p)[i];
-  }
-}
 
 // The scalars of one quantizer launch, and what it writes of qat_prepare's output (qat_quantize).
 struct LaunchScalars {
   ScalarArg scale, eps;  // the step: qat_step(scale, eps), or scale itself when eps.p is null
   ScalarArg shift;       // the shift (for `prepared`; the loops read it through a typed pointer)
   ScalarArg scale2;      // the other step, for alpha
-  float* prepared;       // null: none; else qat_prepare's [shift (n) | scale, scale2, eps, alpha]
+  float* prepared;       // null: none; else qat_prepare's [shift (n) | scale, scale2, eps, alpha, steps]
   int64_t n;             // shift values in `prepared`
 };
 
@@ -87,6 +80,8 @@ __device__ __forceinline__ void write_prepared(const LaunchScalars& sc) {
     sc.prepared[sc.n + 1] = s2;
     sc.prepared[sc.n + 2] = e;
     sc.prepared[sc.n + 3] = qat_alpha_value(s1, s2, e);
+    sc.prepared[sc.n + 4] = qat_step(s1, e);
+    sc.prepared[sc.n + 5] = qat_step(s2, e);
   }
 }
 

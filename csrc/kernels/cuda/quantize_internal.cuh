@@ -28,6 +28,15 @@ __device__ __forceinline__ float widen(float v) { return v; }
 __device__ __forceinline__ float widen(__half v) { return __half2float(v); }
 __device__ __forceinline__ float widen(__nv_bfloat16 v) { return __bfloat162float(v); }
 
+// Element i of an operand in its own dtype, widened exactly.
+__device__ __forceinline__ float load_as_float(ScalarArg a, int64_t i) {
+  switch (a.dtype) {
+    case DType::kFloat16: return __half2float(static_cast<const __half*>(a.p)[i]);
+    case DType::kBFloat16: return __bfloat162float(static_cast<const __nv_bfloat16*>(a.p)[i]);
+    default: return static_cast<const float*>(a.p)[i];
+  }
+}
+
 // t / s rounded as IEEE division (__fdiv_rn) rounds it, for one step s shared by every element. __fdiv_rn
 // compiles (sm_80 .. sm_90a) to a fast path -- y = MUFU.RCP(s) refined once, q0 = t * y, q1 = q0 + (t - s
 // q0) y, all FFMA -- and FCHK, which sends inputs near the exponent limits to an exact slow routine. With

@@ -7,17 +7,18 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cmath>
 #include <string>
+
+#include "quantize_internal.cuh"
 
 namespace lowbit {
 namespace cuda {
 namespace {
 
 constexpr int kThreads = 256;
-
-__device__ __forceinline__ float widen(float v) { return v; }
-__device__ __forceinline__ float widen(__half v) { return __half2float(v); }
-__device__ __forceinline__ float widen(__nv_bfloat16 v) { return __bfloat162float(v); }
+using quantize_detail::load_as_float;
+using quantize_detail::widen;
 
 // Sums v over the block in a fixed order; the result is valid in thread 0.
 __device__ __forceinline__ double block_sum(double v) {
@@ -43,13 +44,26 @@ __global__ void __launch_bounds__(kThreads) sum_abs_chunks(const T* __restrict__
   if (threadIdx.x == 0) part[blockIdx.x] = s;
 }
 
-__global__ void __launch_bounds__(kThreads) sum_chunks(const double* __restrict__ part, int64_t chunks,
-                                                       double* __restrict__ out) {
+// What the last launch writes: the float64 sum (sum_abs_f64), or the LSQ step made from it (lsq_step).
+struct SumOut {
+  double* sum;      // set: the sum
+  float* step;      // set: lsq_step's value (n, factor, eps below)
+  int64_t n;
+  double factor;
+  ScalarArg eps;    // eps.p null: no max with eps
+};
+
+__global__ void __launch_bounds__(kThreads) sum_chunks(const double* __restrict__ part, int64_t chunks, SumOut out) {
   // Thread t adds chunks t, t + 256, ... in order; then the fixed block tree.
   double acc = 0.0;
   for (int64_t c = threadIdx.x; c < chunks; c += kThreads) acc += part[c];
   const double s = block_sum(acc);
-  if (threadIdx.x == 0) *out = s;
+  if (threadIdx.x != 0) return;
+  if (out.sum != nullptr) *out.sum = s;
+  if (out.step != nullptr) {
+    const float v = lsq_step_value(s, out.n, out.factor);
+    *out.step = out.eps.p != nullptr ? qat_step(v, load_as_float(out.eps, 0)) : v;
+  }
 }
 
 }  // namespace
@@ -60,10 +74,9 @@ size_t sum_abs_f64_workspace_bytes(int64_t n) {
   return size_t((n + chunk - 1) / chunk) * sizeof(double);
 }
 
-Status sum_abs_f64(DType xtype, const void* x, int64_t n, double* out, void* workspace, size_t workspace_bytes,
-                   CUstream_st* stream) {
-  const std::string fn = "lowbit::cuda::sum_abs_f64: ";
-  if (out == nullptr) return Status::invalid(fn + "out must not be null");
+namespace {
+Status sum_launch(const std::string& fn, DType xtype, const void* x, int64_t n, const SumOut& out, void* workspace,
+                  size_t workspace_bytes, CUstream_st* stream) {
   if (n < 0) return Status::invalid(fn + "n must be >= 0, got " + std::to_string(n));
   if (n > 0 && x == nullptr) return Status::invalid(fn + "x must not be null");
   if (xtype != DType::kFloat32 && xtype != DType::kFloat16 && xtype != DType::kBFloat16)
@@ -94,6 +107,27 @@ Status sum_abs_f64(DType xtype, const void* x, int64_t n, double* out, void* wor
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return Status::device(fn + "kernel launch failed: " + cudaGetErrorString(err));
   return Status::ok();
+}
+}  // namespace
+
+Status sum_abs_f64(DType xtype, const void* x, int64_t n, double* out, void* workspace, size_t workspace_bytes,
+                   CUstream_st* stream) {
+  const std::string fn = "lowbit::cuda::sum_abs_f64: ";
+  if (out == nullptr) return Status::invalid(fn + "out must not be null");
+  return sum_launch(fn, xtype, x, n, SumOut{out, nullptr, 0, 0.0, {nullptr, DType::kFloat32}}, workspace,
+                    workspace_bytes, stream);
+}
+
+Status lsq_step(DType xtype, const void* x, int64_t n, double qmax, ScalarArg eps, float* out, void* workspace,
+                size_t workspace_bytes, CUstream_st* stream) {
+  const std::string fn = "lowbit::cuda::lsq_step: ";
+  if (out == nullptr) return Status::invalid(fn + "out must not be null");
+  if (n < 1) return Status::invalid(fn + "n must be >= 1, got " + std::to_string(n));
+  if (!(qmax > 0) || !std::isfinite(qmax)) return Status::invalid(fn + "qmax must be positive and finite");
+  if (eps.p != nullptr && static_cast<uint32_t>(eps.dtype) > 2u)
+    return Status::invalid(fn + "eps dtype must be float32, float16 or bfloat16");
+  return sum_launch(fn, xtype, x, n, SumOut{nullptr, out, n, lsq_step_factor(qmax), eps}, workspace, workspace_bytes,
+                    stream);
 }
 
 }  // namespace cuda

@@ -35,6 +35,13 @@ struct Status {
   bool is_ok() const { return code == Code::kOk; }
 };
 
+// One scalar (or vector) operand read in its own dtype (fp32 / fp16 / bf16, widened exactly): its address
+// (host memory for the CPU kernels, device memory for the CUDA ones) and dtype.
+struct ScalarArg {
+  const void* p;
+  DType dtype;
+};
+
 // Largest reduction length for which an int8 x int8 dot product cannot overflow int32:
 // 128 * 128 * K <= 2^31 - 1  <=>  K <= 131071 (at K = 2^17 a row and column of -128s reach 2^31).
 // Checked by every s8 GEMM entry point.

@@ -45,11 +45,8 @@ inline float qat_alpha_value(float scale1, float scale2, float eps) {
   return ok ? s1 * s2 : nan;
 }
 
-// One scalar (or vector) operand of qat_prepare: its address and its own dtype.
-struct ScalarArg {
-  const void* p;
-  DType dtype;
-};
+// Floats after the shift in qat_prepare's output: scale1, scale2, eps, alpha, step1, step2.
+constexpr int64_t kQatPreparedScalars = 6;
 
 namespace cpu {
 
@@ -59,7 +56,9 @@ Status qat_alpha(const float* scale1, const float* scale2, const float* eps, flo
 // A QAT forward's fp32 operands in one step (instead of a conversion per operand and qat_alpha):
 //   out[0 .. n)  = shift[0 .. n) converted to fp32 (n = 0: no shift; shift.p may then be null),
 //   out[n], out[n + 1], out[n + 2] = scale1, scale2, eps converted to fp32,
-//   out[n + 3]   = qat_alpha_value(out[n], out[n + 1], out[n + 2]).
+//   out[n + 3]   = qat_alpha_value(out[n], out[n + 1], out[n + 2]),
+//   out[n + 4], out[n + 5] = qat_step(out[n], out[n + 2]), qat_step(out[n + 1], out[n + 2]) (the two steps a
+//   QAT backward scales by; n + kQatPreparedScalars floats in all).
 // Each operand in its own dtype (fp32 / fp16 / bf16; the conversions are exact). Host pointers.
 Status qat_prepare(ScalarArg shift, int64_t n, ScalarArg scale1, ScalarArg scale2, ScalarArg eps, float* out);
 
@@ -76,7 +75,7 @@ Status quantize_s8_ref(DType xtype, const void* x, int64_t M, int64_t K, int64_t
 //   prepared = qat_prepare(shift, n, scale1, scale2, eps) with n = K when shift.p is set, else 0;
 //   q = quantize_s8(x, prepared shift, &prepared[n], ..., eps = &prepared[n + 2]),
 // i.e. the codes with step qat_step(scale1, eps), each operand read in its own dtype (fp32 / fp16 / bf16)
-// rather than from `prepared`: the same bits as the two calls. prepared holds n + 4 floats.
+// rather than from `prepared`: the same bits as the two calls. prepared holds n + kQatPreparedScalars floats.
 Status qat_quantize(DType xtype, const void* x, int64_t M, int64_t K, int64_t ldx, ScalarArg shift, ScalarArg scale1,
                     ScalarArg scale2, ScalarArg eps, int32_t qmin, int32_t qmax, int8_t* q, float* prepared);
 
