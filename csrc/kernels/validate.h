@@ -85,6 +85,9 @@ inline Status lsq_grad(const char* fn, const LsqGradParams& p, int64_t* total, b
   const int32_t gt = static_cast<int32_t>(p.g_type), xt = static_cast<int32_t>(p.x_type);
   if (gt < 0 || gt > 2) return invalid_got(fn, "g_type must be float32, float16 or bfloat16", gt);
   if (xt < 0 || xt > 2) return invalid_got(fn, "x_type must be float32, float16 or bfloat16", xt);
+  const int32_t st = static_cast<int32_t>(p.shift_out_type), ct = static_cast<int32_t>(p.scale_out_type);
+  if (st < 0 || st > 2) return invalid_got(fn, "shift_out_type must be float32, float16 or bfloat16", st);
+  if (ct < 0 || ct > 2) return invalid_got(fn, "scale_out_type must be float32, float16 or bfloat16", ct);
   if (p.outer < 0) return invalid_got(fn, "outer must be >= 0", p.outer);
   if (p.channels < 0) return invalid_got(fn, "channels must be >= 0", p.channels);
   if (p.inner < 0) return invalid_got(fn, "inner must be >= 0", p.inner);

@@ -167,7 +167,6 @@ inline LsqInputGrads lsq_input_grads(const at::Tensor& gA, const at::Tensor& x, 
     sh = (pre ? shift_f32->detach() : as_float(shift->detach())).reshape({-1}).contiguous();
   }
   if (has_gscale) gs = as_float(gscale->detach()).reshape({}).contiguous();
-  const auto f32 = x.options().dtype(at::kFloat);
   // A caller's scratch gA of x's dtype takes grad_x in place (one fewer gradient-sized buffer at the
   // backward's peak): the kernels read each gradient element before writing the same element, in the same
   // thread (lsq_grad.h).
@@ -175,9 +174,14 @@ inline LsqInputGrads lsq_input_grads(const at::Tensor& gA, const at::Tensor& x, 
     g.grad_x = gA_is_scratch && ga.is_same(gA) && ga.scalar_type() == x.scalar_type()
                    ? ga
                    : at::empty_strided(ga.sizes(), ga.strides(), x.options());
+  // The sums leave the kernel in the shift's / scale's own dtype when it is a kernel dtype (one launch, no
+  // conversion op after it; the same bits as the fp32 sum's .to(dtype)), else as fp32, converted below.
+  auto out_dtype = [](at::ScalarType t) {
+    return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 ? t : at::kFloat;
+  };
   at::Tensor gsh, gsc;
-  if (need_shift) gsh = at::empty({C}, f32);
-  if (need_scale) gsc = at::empty({}, f32);
+  if (need_shift) gsh = at::empty({C}, x.options().dtype(out_dtype(shift->scalar_type())));
+  if (need_scale) gsc = at::empty({}, x.options().dtype(out_dtype(scale.scalar_type())));
 
   LsqGradParams p;
   p.outer = outer;
@@ -194,8 +198,10 @@ inline LsqInputGrads lsq_input_grads(const at::Tensor& gA, const at::Tensor& x, 
   p.qmax = static_cast<int32_t>(qmax);
   p.numel = count;
   p.grad_x = need_x ? g.grad_x.data_ptr() : nullptr;
-  p.grad_shift = need_shift ? gsh.data_ptr<float>() : nullptr;
-  p.grad_scale = need_scale ? gsc.data_ptr<float>() : nullptr;
+  p.grad_shift = need_shift ? gsh.data_ptr() : nullptr;
+  p.grad_scale = need_scale ? gsc.data_ptr() : nullptr;
+  if (need_shift) p.shift_out_type = kernel_dtype(gsh.scalar_type(), op, "grad_shift");
+  if (need_scale) p.scale_out_type = kernel_dtype(gsc.scalar_type(), op, "grad_scale");
 
   if (x.is_cpu()) {
     check_status(cpu::lsq_grad(p), op);

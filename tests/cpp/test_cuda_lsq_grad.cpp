@@ -178,6 +178,71 @@ TEST_F(CudaLsqGrad, EmptyViewWritesZeros) {
   for (float v : h) EXPECT_EQ(v, 0.f);
 }
 
+// The sums in fp16 / bf16 (shift_out_type / scale_out_type): the CPU kernel's bits (float_convert.h's
+// rounding of the fp32 sums, NaN canonical), nothing written past them.
+TEST_F(CudaLsqGrad, SumsInSixteenBitDtypes) {
+  std::mt19937 rng(21);
+  std::normal_distribution<float> nd(0.f, 2.f);
+  const int64_t outer = 37, C = 19, n = outer * C;
+  std::vector<float> x(n), g(n), shift(C);
+  for (auto& v : x) v = nd(rng);
+  for (auto& v : g) v = nd(rng);
+  for (auto& v : shift) v = 0.1f * nd(rng);
+  const float step = 0.05f;
+  DeviceBuffer dx(n * 4), dg(n * 4), dsh(C * 4), dstep(4), dgsh(C * 2 + 16), dgsc(16);
+  ASSERT_TRUE(dx.ok() && dg.ok() && dsh.ok() && dstep.ok() && dgsh.ok() && dgsc.ok());
+  CUDA_ASSERT(cudaMemcpy(dx.bytes(), x.data(), n * 4, cudaMemcpyHostToDevice));
+  CUDA_ASSERT(cudaMemcpy(dg.bytes(), g.data(), n * 4, cudaMemcpyHostToDevice));
+  CUDA_ASSERT(cudaMemcpy(dsh.bytes(), shift.data(), C * 4, cudaMemcpyHostToDevice));
+  CUDA_ASSERT(cudaMemcpy(dstep.bytes(), &step, 4, cudaMemcpyHostToDevice));
+  for (DType t : {DType::kFloat16, DType::kBFloat16}) {
+    for (bool nan_scale : {false, true}) {
+      SCOPED_TRACE(std::string(lowbit::dtype_name(t)) + (nan_scale ? " NaN" : ""));
+      std::vector<float> xx = x;
+      if (nan_scale) xx[5] = std::numeric_limits<float>::quiet_NaN();
+      CUDA_ASSERT(cudaMemcpy(dx.bytes(), xx.data(), n * 4, cudaMemcpyHostToDevice));
+      LsqGradParams p;
+      p.outer = outer;
+      p.channels = C;
+      p.inner = 1;
+      p.qmin = -8;
+      p.qmax = 7;
+      p.numel = n;
+      p.x = xx.data();
+      p.g = g.data();
+      p.shift = shift.data();
+      p.step = &step;
+      std::vector<uint16_t> want_sh(C);
+      uint16_t want_sc = 0;
+      p.grad_shift = want_sh.data();
+      p.grad_scale = &want_sc;
+      p.shift_out_type = p.scale_out_type = t;
+      ASSERT_TRUE(lowbit::cpu::lsq_grad(p).is_ok());
+      p.x = dx.bytes();
+      p.g = dg.bytes();
+      p.shift = reinterpret_cast<const float*>(dsh.bytes());
+      p.step = reinterpret_cast<const float*>(dstep.bytes());
+      p.grad_shift = dgsh.bytes();
+      p.grad_scale = dgsc.bytes();
+      size_t bytes = 0;
+      ASSERT_TRUE(lowbit::cuda::lsq_grad_workspace_bytes(p, &bytes).is_ok());
+      DeviceBuffer ws(bytes);
+      CUDA_ASSERT(cudaMemset(dgsh.bytes(), kPoison, dgsh.size()));
+      CUDA_ASSERT(cudaMemset(dgsc.bytes(), kPoison, dgsc.size()));
+      ASSERT_TRUE(lowbit::cuda::lsq_grad(p, bytes ? ws.bytes() : nullptr, bytes, stream()).is_ok());
+      CUDA_ASSERT(cudaStreamSynchronize(stream_));
+      std::vector<uint8_t> hsh(dgsh.size()), hsc(dgsc.size());
+      CUDA_ASSERT(cudaMemcpy(hsh.data(), dgsh.bytes(), hsh.size(), cudaMemcpyDeviceToHost));
+      CUDA_ASSERT(cudaMemcpy(hsc.data(), dgsc.bytes(), hsc.size(), cudaMemcpyDeviceToHost));
+      EXPECT_EQ(std::memcmp(hsh.data(), want_sh.data(), C * 2), 0) << "grad_shift differs from the CPU";
+      EXPECT_EQ(std::memcmp(hsc.data(), &want_sc, 2), 0) << "grad_scale differs from the CPU";
+      for (size_t b = C * 2; b < hsh.size(); ++b) ASSERT_EQ(hsh[b], kPoison) << "grad_shift byte " << b << " written";
+      for (size_t b = 2; b < hsc.size(); ++b) ASSERT_EQ(hsc[b], kPoison) << "grad_scale byte " << b << " written";
+      if (nan_scale) EXPECT_EQ(want_sc, t == DType::kFloat16 ? 0x7e00 : 0x7fc0);
+    }
+  }
+}
+
 TEST_F(CudaLsqGrad, WorkspaceAndArgumentErrors) {
   DeviceBuffer dg(64 * 4), dx(64 * 4), dgx(64 * 4), dstep(4), dsc(4);
   ASSERT_TRUE(dg.ok() && dx.ok() && dgx.ok() && dstep.ok() && dsc.ok());

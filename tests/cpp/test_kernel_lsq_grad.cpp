@@ -133,6 +133,45 @@ TEST(LsqGrad, WorkedExample) {
   }
 }
 
+// The sums written in fp16 / bf16 (shift_out_type / scale_out_type): float_convert.h's rounding of the
+// fp32 outputs, on every path, NaN canonical; a bad output dtype is an error.
+TEST(LsqGrad, SumsInSixteenBitDtypes) {
+  for (const Path& path : all_paths()) {
+    for (DType t : {DType::kFloat16, DType::kBFloat16}) {
+      for (bool nan_scale : {false, true}) {
+        Example e;
+        if (nan_scale) e.x[4] = kNaN;  // R = NaN: grad_scale NaN
+        ASSERT_TRUE(run_path(path, e.params()).is_ok()) << path.str();
+        Example h;
+        if (nan_scale) h.x[4] = kNaN;
+        std::vector<uint16_t> sh16(3, 0xDEAD);
+        uint16_t sc16[2] = {0xDEAD, 0xBEEF};
+        LsqGradParams p = h.params();
+        p.grad_shift = sh16.data();
+        p.grad_scale = sc16;
+        p.shift_out_type = t;
+        p.scale_out_type = t;
+        ASSERT_TRUE(run_path(path, p).is_ok()) << path.str();
+        auto narrow = [t](float v) -> uint16_t {
+          if (v != v) return t == DType::kFloat16 ? 0x7e00 : 0x7fc0;
+          return t == DType::kFloat16 ? lowbit::float_to_half(v) : lowbit::float_to_bf16(v);
+        };
+        for (int c = 0; c < 3; ++c) EXPECT_EQ(sh16[c], narrow(e.gsh[c])) << path.str() << " c=" << c;
+        EXPECT_EQ(sc16[0], narrow(e.gsc)) << path.str();
+        EXPECT_EQ(sc16[1], 0xBEEF) << "wrote past grad_scale";
+        EXPECT_EQ(nan_scale, e.gsc != e.gsc);
+      }
+    }
+    Example e;
+    LsqGradParams p = e.params();
+    p.scale_out_type = static_cast<DType>(6);
+    expect_invalid(run_path(path, p), "bad scale_out_type", "scale_out_type");
+    p = e.params();
+    p.shift_out_type = static_cast<DType>(-1);
+    expect_invalid(run_path(path, p), "bad shift_out_type", "shift_out_type");
+  }
+}
+
 TEST(LsqGrad, WorkedExampleNonFinite) {
   for (const Path& path : all_paths()) {
     {  // NaN x: outside (grad_x = 5 * 0 = 0), R NaN: grad_scale NaN, grad_shift unaffected

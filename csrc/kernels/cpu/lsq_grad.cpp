@@ -139,8 +139,8 @@ inline double grad_scale_factor(const LsqGradParams& p) { return 1.0 / std::sqrt
 // The outputs of an empty view: grad_shift all 0, grad_scale 0 * factor = 0 (grad_x has no elements).
 void write_empty(const LsqGradParams& p) {
   if (p.grad_shift != nullptr)
-    for (int64_t c = 0; c < p.channels; ++c) p.grad_shift[c] = 0.0f;
-  if (p.grad_scale != nullptr) *p.grad_scale = canonical(float(0.0 * grad_scale_factor(p)));
+    for (int64_t c = 0; c < p.channels; ++c) store_f(p.shift_out_type, p.grad_shift, c, 0.0f);
+  if (p.grad_scale != nullptr) store_f(p.scale_out_type, p.grad_scale, 0, float(0.0 * grad_scale_factor(p)));
 }
 
 LsqArgs make_args(const LsqGradParams& p) {
@@ -305,12 +305,12 @@ Status lsq_grad_path(bool use_avx512, const LsqGradParams& p, int nthreads) {
     for (int64_t c = 0; c < pl.C; ++c) {
       double sum = 0.0;
       for (int64_t j = 0; j < pl.J; ++j) sum += part_shift[j * pl.C + c];
-      p.grad_shift[c] = canonical(float(sum));
+      store_f(p.shift_out_type, p.grad_shift, c, float(sum));
     }
   if (want_scale) {
     double sum = 0.0;
     for (int64_t u = 0; u < pl.units; ++u) sum += part_scale[u];
-    *p.grad_scale = canonical(float(sum * grad_scale_factor(p)));
+    store_f(p.scale_out_type, p.grad_scale, 0, float(sum * grad_scale_factor(p)));
   }
   return Status::ok();
 }
@@ -358,8 +358,9 @@ Status lsq_grad_ref(const LsqGradParams& p) {
         scale_sum += double(r * g);
       }
   if (p.grad_shift != nullptr)
-    for (int64_t c = 0; c < p.channels; ++c) p.grad_shift[c] = detail::canonical(float(shift_sum[c]));
-  if (p.grad_scale != nullptr) *p.grad_scale = detail::canonical(float(scale_sum * detail::grad_scale_factor(p)));
+    for (int64_t c = 0; c < p.channels; ++c) detail::store_f(p.shift_out_type, p.grad_shift, c, float(shift_sum[c]));
+  if (p.grad_scale != nullptr)
+    detail::store_f(p.scale_out_type, p.grad_scale, 0, float(scale_sum * detail::grad_scale_factor(p)));
   return Status::ok();
 }
 

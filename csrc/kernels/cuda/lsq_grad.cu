@@ -207,6 +207,17 @@ __device__ __forceinline__ float sum_to_float(double v) {
   return f != f ? __uint_as_float(0x7fc00000u) : f;
 }
 
+// A sum's output element i in dtype t: rounded to fp32 (NaN canonical), then as narrow<t> (the bits of
+// a .to(t) of the fp32 value, NaN canonical).
+__device__ __forceinline__ void store_sum(DType t, void* p, int64_t i, double v) {
+  const float f = sum_to_float(v);
+  switch (t) {
+    case DType::kFloat16: static_cast<uint16_t*>(p)[i] = narrow<DType::kFloat16>(f); break;
+    case DType::kBFloat16: static_cast<uint16_t*>(p)[i] = narrow<DType::kBFloat16>(f); break;
+    default: static_cast<float*>(p)[i] = f; break;
+  }
+}
+
 // 8 consecutive elements at p (16-byte aligned) as fp32.
 template <DType T>
 __device__ __forceinline__ void load8_vec(const typename Store<T>::type* p, float (&f)[kGroup]) {
@@ -513,8 +524,10 @@ __global__ void __launch_bounds__(kReduceThreads) lsq_reduce_kernel(
     const double* __restrict__ ws_scale,  // [U]
     int64_t U,                            // scale partials
     double factor,                        // 1 / sqrt(numel * qmax)
-    float* __restrict__ grad_shift,       // (C,) or nullptr
-    float* __restrict__ grad_scale) {     // one, or nullptr
+    void* __restrict__ grad_shift,        // (C,) in shift_t, or nullptr
+    DType shift_t,
+    void* __restrict__ grad_scale,        // one in scale_t, or nullptr
+    DType scale_t) {
   __shared__ double red[kReduceThreads];
   pdl_wait();
   if (int(blockIdx.x) < shift_blocks) {
@@ -531,7 +544,7 @@ __global__ void __launch_bounds__(kReduceThreads) lsq_reduce_kernel(
       if (ty < h) red[threadIdx.x] += red[threadIdx.x + h * cx];
       __syncthreads();
     }
-    if (ty == 0 && c < C) grad_shift[c] = sum_to_float(red[tx]);
+    if (ty == 0 && c < C) store_sum(shift_t, grad_shift, c, red[tx]);
   } else if (grad_scale != nullptr) {
     double sum = 0.0;
 #pragma unroll 4
@@ -542,7 +555,7 @@ __global__ void __launch_bounds__(kReduceThreads) lsq_reduce_kernel(
       if (int(threadIdx.x) < h) red[threadIdx.x] += red[threadIdx.x + h];
       __syncthreads();
     }
-    if (threadIdx.x == 0) *grad_scale = sum_to_float(red[0] * factor);
+    if (threadIdx.x == 0) store_sum(scale_t, grad_scale, 0, red[0] * factor);
   }
 }
 
@@ -606,7 +619,7 @@ Status launch_reduce(const char* fn, const LsqGradParams& p, const Plan& pl, con
   const double factor = p.grad_scale != nullptr ? 1.0 / std::sqrt(double(p.numel) * double(p.qmax)) : 0.0;
   const cudaError_t err = launch_pdl(lsq_reduce_kernel, dim3(unsigned(blocks)), dim3(kReduceThreads), 0, stream,
                                      major >= 9, ws_shift, J, p.channels, cx, shift_blocks, ws_scale, n_scale, factor,
-                                     p.grad_shift, p.grad_scale);
+                                     p.grad_shift, p.shift_out_type, p.grad_scale, p.scale_out_type);
   if (err != cudaSuccess) {
     cudaGetLastError();
     return Status::device(validate::err(fn, std::string("reduce kernel launch failed: ") + cudaGetErrorString(err)));

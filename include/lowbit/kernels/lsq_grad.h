@@ -62,8 +62,12 @@ struct LsqGradParams {
   int64_t numel = 0;               // count of the gradient scale 1/sqrt(numel * qmax); >= 1 with grad_scale
   void* grad_x = nullptr;          // out: (outer, C, inner) contiguous in x_type, or nullptr; may be g itself
                                    // when g_type == x_type (every element is read, then written, by one thread)
-  float* grad_shift = nullptr;     // out: (C,) fp32, or nullptr
-  float* grad_scale = nullptr;     // out: one fp32, or nullptr
+  void* grad_shift = nullptr;      // out: (C,) in shift_out_type, or nullptr
+  void* grad_scale = nullptr;      // out: one value in scale_out_type, or nullptr
+  // dtypes of the two sums' outputs: the fp32 value (rounded once from float64) then, for fp16 / bf16,
+  // rounded to nearest even once more (NaN canonical), the bits of a .to(dtype) of the fp32 output.
+  DType shift_out_type = DType::kFloat32;
+  DType scale_out_type = DType::kFloat32;
 };
 
 namespace cpu {
