@@ -247,7 +247,10 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_f16s8_kernel(
         pin(acc);
         wgmma_wait<1>();
         pin(acc);
-        if (ks == 0 && i > 0 && lane == 0) mbar_arrive(empty(prev_s));
+        if (ks == 0 && i > 0) {
+          __syncwarp();  // the warp's shared loads of that stage (A fragments) before lane 0's arrival
+          if (lane == 0) mbar_arrive(empty(prev_s));
+        }
         if (ks + 1 < kRedStage / 16) {
           load_frag<T>(ra[1 - P], slot + kTileG, ks + 1, off_e, off_o);
         } else if (i + 1 < r_tiles) {
@@ -264,6 +267,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_f16s8_kernel(
     }
     wgmma_wait<0>();
     pin(acc);
+    __syncwarp();
     if (lane == 0) mbar_arrive(empty(prev_s));
 
     // Epilogue: acc[4j + 2h + e] is out[m0 + 8j + 2tq + e][k0 + 64cw + 16warp + 2g + h].

@@ -524,7 +524,10 @@ __global__ void __launch_bounds__(S4Cfg<BM, CW, KS>::kThreads, 1) gemm_s8s4_sm90
           pin_acc(acc);
           wgmma_wait<1>();
           pin_acc(acc);
-          if (ks == 0 && i > 0 && lane == 0) mbar_arrive(empty(prev_s));
+          if (ks == 0 && i > 0) {
+            __syncwarp();  // the warp's shared loads of that stage (A fragments) before lane 0's arrival
+            if (lane == 0) mbar_arrive(empty(prev_s));
+          }
           if (ks + 1 < kBK / kMmaK) {
             load_a_step(ra[1 - P], wrow, wrow + 8 * (kBK / 2), ks + 1, t_hi_word, gather);
           } else if (i + 1 < my_tiles) {
@@ -536,6 +539,7 @@ __global__ void __launch_bounds__(S4Cfg<BM, CW, KS>::kThreads, 1) gemm_s8s4_sm90
       }
       wgmma_wait<0>();
       pin_acc(acc);
+      __syncwarp();
       if (lane == 0) mbar_arrive(empty(prev_s));
     }
     if constexpr (KS > 1) {
