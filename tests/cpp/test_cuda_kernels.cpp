@@ -459,6 +459,27 @@ TEST_F(CudaKernels, GemmMatchesReference) {
   }
 }
 
+TEST_F(CudaKernels, GemmFewRowsMatchesReference) {
+  // M <= 64 with TMA-aligned operands takes the register-weight kernel on Hopper (16- or 64-row activation
+  // tiles, 64 weight rows per CTA, 6 / 3 consumers splitting the k-tiles): M at both sides of 16 and 64,
+  // fewer k-tiles than consumers (K <= 128) and uneven splits, N tails of the 64-row weight tiles, padded
+  // strides and every output dtype; bitwise against the CPU reference.
+  const std::vector<std::array<int64_t, 3>> shapes = {
+      {1, 64, 16},   {1, 200, 4096}, {5, 129, 112},  {16, 1000, 640}, {17, 65, 2064}, {31, 7, 1552},
+      {64, 333, 784}, {64, 64, 128}, {9, 4097, 272}, {48, 130, 3072}, {2, 1, 48},     {65, 190, 512}};
+  std::mt19937 rng(123);
+  int n = 0;
+  const float alphas[] = {2.3e-4f, -0.017f, 0.9f};
+  for (const auto& s : shapes)
+    for (int pad = 0; pad < 2; ++pad)
+      for (DType t : {DType::kFloat32, DType::kFloat16, DType::kBFloat16}) {
+        const int64_t M = s[0], N = s[1], K = s[2];
+        const int64_t lda = pad ? K + 32 : K, ldb = pad ? K + 16 : K, ldo = pad ? N + 5 : N;
+        run_gemm_case({M, N, K, lda, ldb, ldo, 0, 0, pad ? size_t(1) : size_t(0), alphas[n++ % 3], t}, rng, stream());
+        if (HasFatalFailure()) return;
+      }
+}
+
 TEST_F(CudaKernels, GemmNarrowTileMatchesReference) {
   // N <= 64 takes the mma.sync kernel's 128 x 64 tile (forced: on Hopper aligned calls go to wgmma), on
   // both loaders; N = 64 / 65 are the two sides of the switch.

@@ -565,7 +565,11 @@ Status run(GemmArgs g) {
       return Status::invalid(fn + "LOWBIT_GEMM_S8_KERNEL=wgmma, but this call cannot run on the sm_90a kernel (needs "
                                   "a compute capability 9.0 device, an sm_90a build, and 16-byte aligned operands "
                                   "with row / batch strides that are multiples of 16)");
-    if (eligible && (choice == KernelChoice::kWgmma || M >= kWgmmaMinRows)) return gemm_s8_detail::launch_sm90(g);
+    if (eligible && (choice == KernelChoice::kWgmma || M >= kWgmmaMinRows)) {
+      if (M <= gemm_s8_detail::kFewRowsMax && gemm_s8_detail::few_rows_eligible(g))
+        return gemm_s8_detail::launch_sm90_few_rows(g);
+      return gemm_s8_detail::launch_sm90(g);
+    }
   }
   switch (otype) {
     case DType::kFloat32: return launch_by_alignment<float>(g);

@@ -155,6 +155,13 @@ bool sm90_eligible(const GemmCall& g);
 // Runs the call on the sm_90a kernel (sm90_eligible must hold).
 Status launch_sm90(const GemmCall& g);
 
+// Few activation rows (M <= kFewRowsMax, one batch, no row scales): the register-weight kernel of
+// gemm_s8s4 on int8 weights, whose 64-row weight tiles and in-CTA k-split fill the SMs that the 128 x 256
+// tiles of launch_sm90 leave idle (N / 256 CTAs). Same bits. launch_sm90_few_rows needs few_rows_eligible.
+constexpr int64_t kFewRowsMax = 64;
+bool few_rows_eligible(const GemmCall& g);
+Status launch_sm90_few_rows(const GemmCall& g);
+
 }  // namespace gemm_s8_detail
 }  // namespace cuda
 }  // namespace lowbit

@@ -47,6 +47,7 @@
 #include <cstdlib>
 #include <mutex>
 #include <string>
+#include <type_traits>
 
 #include "../validate.h"
 #include "gemm_s8_internal.cuh"
@@ -311,7 +312,12 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_s8_sm90_kernel(
 //     (+ 1) of the activation tile: 16-bit outputs swap one value with lane g ^ 1 so each lane stores two
 //     adjacent n as one word; fp32 outputs store singly (8 lanes cover 32 contiguous bytes). dequant of
 //     gemm_s8_internal.cuh: bitwise the int8 kernels' outputs.
-template <int BM, int CW, int KS>
+//   * W4 = false: the same kernel on int8 weights (gemm_s8_scaled with few activation rows, where the
+//     128 x 256 tiles of the kernel above leave most SMs idle: N / 256 CTAs): the weight tile comes by TMA
+//     with the 128B swizzle (64 CW rows x 128 bytes), and a lane's fragment is four 4-byte shared loads
+//     per k-step (bytes 4t of the row's 16-byte chunks 2s and 2s + 1, at chunk ^ (row % 8): the eight rows
+//     g of a load hit eight different chunks, no bank conflict), no unpacking.
+template <int BM, int CW, int KS, bool W4 = true>
 struct S4Cfg {
   static constexpr int kBM = BM;                    // activation rows per tile (= wgmma N)
   static constexpr int kCW = CW, kKS = KS;
@@ -319,7 +325,8 @@ struct S4Cfg {
   static constexpr int kConsumerThreads = 128 * CW * KS;
   static constexpr int kThreads = 128 + kConsumerThreads;  // producer warpgroup + consumers
   static constexpr int kTileX = BM * kBK;           // activation bytes per stage
-  static constexpr int kTileW = kRowsW * (kBK / 2);  // int4-pair bytes per stage
+  static constexpr int kWRowBytes = W4 ? kBK / 2 : kBK;  // weight bytes per row and k-tile
+  static constexpr int kTileW = kRowsW * kWRowBytes;  // int4-pair (or int8) bytes per stage
   static constexpr int kStageBytes = kTileX + kTileW;
   // 5 for the wide tiles (4 ran 9 % slower at 8192^3), 8 for the streaming few-row tiles (>= 2 KS, so
   // that every consumer's next k-tile fits in the ring while the other consumers hold theirs).
@@ -403,16 +410,28 @@ __device__ __forceinline__ void load_a_step(uint32_t (&a)[4], uint32_t row_lo, u
     unpack_pairs(__byte_perm(x, y, gather), a[r], a[2 + r]);
   }
 }
+// The same fragment from int8 weights in the 128B-swizzled tile (W4 = false): rows `row_lo` and `row_lo +
+// 8` (byte offsets of their 128-byte lines; both rows are g mod 8), bytes 4t of chunks 2s and 2s + 1.
+__device__ __forceinline__ void load_a_step8(uint32_t (&a)[4], uint32_t row_lo, uint32_t row_hi, int s, int g,
+                                             int t) {
+  const uint32_t c0 = (uint32_t((2 * s) ^ g) << 4) | uint32_t(4 * t);
+  const uint32_t c1 = (uint32_t((2 * s + 1) ^ g) << 4) | uint32_t(4 * t);
+  asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(a[0]) : "r"(row_lo + c0) : "memory");
+  asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(a[1]) : "r"(row_hi + c0) : "memory");
+  asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(a[2]) : "r"(row_lo + c1) : "memory");
+  asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(a[3]) : "r"(row_hi + c1) : "memory");
+}
 #endif  // LOWBIT_SM90A_DEVICE
 
-template <typename OutT, int BM, int CW, int KS>
-__global__ void __launch_bounds__(S4Cfg<BM, CW, KS>::kThreads, 1) gemm_s8s4_sm90_kernel(
+template <typename OutT, int BM, int CW, int KS, bool W4>
+__global__ void __launch_bounds__(S4Cfg<BM, CW, KS, W4>::kThreads, 1) gemm_s8s4_sm90_kernel(
     const __grid_constant__ CUtensorMap tm_x,  // activations (M, K) int8, box 128 K x BM rows, 128B swizzle
-    const __grid_constant__ CUtensorMap tm_w,  // weights (N, ceil(K/2)) int4 pairs, box 64 bytes x 64 CW rows
+    const __grid_constant__ CUtensorMap tm_w,  // weights: (N, ceil(K/2)) int4 pairs, box 64 bytes x 64 CW rows;
+                                               // W4 = false: (N, K) int8, box 128 bytes x 64 CW rows, 128B swizzle
     int64_t M, int64_t N, int K, const float* __restrict__ alpha, OutT* __restrict__ out, int64_t ldo,
     int64_t tiles_m, int64_t tiles_n) {
 #ifdef LOWBIT_SM90A_DEVICE
-  using C = S4Cfg<BM, CW, KS>;
+  using C = S4Cfg<BM, CW, KS, W4>;
   constexpr int kS4Stages = C::kStages, kS4StageBytes = C::kStageBytes, kS4TileX = C::kTileX;
   extern __shared__ uint8_t smem_raw[];
   const Ring ring(smem_raw, kS4Stages, kS4StageBytes);
@@ -451,7 +470,7 @@ __global__ void __launch_bounds__(S4Cfg<BM, CW, KS>::kThreads, 1) gemm_s8s4_sm90
           const uint32_t slot = base + uint32_t(s) * kS4StageBytes;
           mbar_expect_tx(full(s), kS4StageBytes);
           tma_load(slot, &tm_x, full(s), kt * kBK, m0, 0);
-          tma_load(slot + kS4TileX, &tm_w, full(s), kt * (kBK / 2), n0, 0);
+          tma_load(slot + kS4TileX, &tm_w, full(s), kt * C::kWRowBytes, n0, 0);
           if (++s == kS4Stages) {
             s = 0;
             ph ^= 1u;
@@ -471,7 +490,14 @@ __global__ void __launch_bounds__(S4Cfg<BM, CW, KS>::kThreads, 1) gemm_s8s4_sm90
   const int g = lane / 4, tq = lane % 4;
   const bool t_hi_word = tq >= 2;
   const uint32_t gather = (tq & 1) ? 0x7632u : 0x5410u;
-  const uint32_t row_off = uint32_t(64 * cw + 16 * warp + g) * (kBK / 2);
+  const uint32_t row_off = uint32_t(64 * cw + 16 * warp + g) * uint32_t(C::kWRowBytes);
+  // k-step ks's A fragment from the weight rows at wrow (this lane's row g) and wrow + 8 rows.
+  auto load_step = [&](uint32_t (&a)[4], uint32_t wrow, int ks) {
+    if constexpr (W4)
+      load_a_step(a, wrow, wrow + 8 * (kBK / 2), ks, t_hi_word, gather);
+    else
+      load_a_step8(a, wrow, wrow + 8 * kBK, ks, g, tq);
+  };
   const float a_scale = __ldg(alpha);
   const uint32_t scratch = bars + 2 * kS4Stages * 8;  // 16-byte aligned (bars is 1024-aligned)
   int32_t acc[C::kAcc];  // the tile's first wgmma (scale-d 0) writes them
@@ -508,7 +534,7 @@ __global__ void __launch_bounds__(S4Cfg<BM, CW, KS>::kThreads, 1) gemm_s8s4_sm90
       // registers are free, and at a k-tile's first step so is the previous k-tile's stage).
       uint32_t ra[2][4];
       mbar_wait(full(s), ph);
-      load_a_step(ra[0], wrow_of(s), wrow_of(s) + 8 * (kBK / 2), 0, t_hi_word, gather);
+      load_step(ra[0], wrow_of(s), 0);
       for (int i = 0; i < my_tiles; ++i, advance()) {
         const uint32_t slot = base + uint32_t(s) * kS4StageBytes;
         const uint32_t wrow = slot + kS4TileX + row_off;
@@ -529,11 +555,11 @@ __global__ void __launch_bounds__(S4Cfg<BM, CW, KS>::kThreads, 1) gemm_s8s4_sm90
             if (lane == 0) mbar_arrive(empty(prev_s));
           }
           if (ks + 1 < kBK / kMmaK) {
-            load_a_step(ra[1 - P], wrow, wrow + 8 * (kBK / 2), ks + 1, t_hi_word, gather);
+            load_step(ra[1 - P], wrow, ks + 1);
           } else if (i + 1 < my_tiles) {
             const int sn = s + KS >= kS4Stages ? s + KS - kS4Stages : s + KS;
             mbar_wait(full(sn), s + KS >= kS4Stages ? ph ^ 1u : ph);
-            load_a_step(ra[1 - P], wrow_of(sn), wrow_of(sn) + 8 * (kBK / 2), 0, t_hi_word, gather);
+            load_step(ra[1 - P], wrow_of(sn), 0);
           }
         }
       }
@@ -660,31 +686,33 @@ bool s4_device_ready(int device) {
            attr.binaryVersion == 90 &&
            cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) == cudaSuccess;
   };
-  auto prepare_types = [&](auto cfg) {
+  auto prepare_types = [&](auto cfg, auto w4) {
     using C = decltype(cfg);
-    return prepare(gemm_s8s4_sm90_kernel<float, C::kBM, C::kCW, C::kKS>, C::kSmemBytes) &&
-           prepare(gemm_s8s4_sm90_kernel<__half, C::kBM, C::kCW, C::kKS>, C::kSmemBytes) &&
-           prepare(gemm_s8s4_sm90_kernel<__nv_bfloat16, C::kBM, C::kCW, C::kKS>, C::kSmemBytes);
+    constexpr bool W4 = decltype(w4)::value;
+    return prepare(gemm_s8s4_sm90_kernel<float, C::kBM, C::kCW, C::kKS, W4>, C::kSmemBytes) &&
+           prepare(gemm_s8s4_sm90_kernel<__half, C::kBM, C::kCW, C::kKS, W4>, C::kSmemBytes) &&
+           prepare(gemm_s8s4_sm90_kernel<__nv_bfloat16, C::kBM, C::kCW, C::kKS, W4>, C::kSmemBytes);
   };
-  ok = ok && prepare_types(S4Cfg<256, 2, 1>{}) && prepare_types(S4Cfg<256, 1, 1>{}) &&
-       prepare_types(S4Cfg<64, 1, 3>{}) && prepare_types(S4Cfg<16, 1, 6>{});
+  using S4 = std::true_type;
+  using S8 = std::false_type;
+  ok = ok && prepare_types(S4Cfg<256, 2, 1>{}, S4{}) && prepare_types(S4Cfg<256, 1, 1>{}, S4{}) &&
+       prepare_types(S4Cfg<64, 1, 3>{}, S4{}) && prepare_types(S4Cfg<16, 1, 6>{}, S4{}) &&
+       prepare_types(S4Cfg<64, 1, 3, false>{}, S8{}) && prepare_types(S4Cfg<16, 1, 6, false>{}, S8{});
   cudaGetLastError();
   state[device].store(ok ? 1 : 2, std::memory_order_release);
   return ok;
 }
 
-// One int4-weight call on tile shape (BM, CW, KS): tensor maps, persistent grid, launch.
-template <int BM, int CW, int KS>
-Status launch_s4(const char* fn, const int8_t* A, int64_t lda, const int8_t* Bp, int64_t ldbp, int64_t M, int64_t N,
-                 int64_t K, const float* alpha, DType otype, void* out, int64_t ldo, cudaStream_t stream, int sms);
-
-template <int BM, int CW, int KS>
+// One register-weight call on tile shape (BM, CW, KS): tensor maps, persistent grid, launch. W4: Bp holds
+// int4 pairs (row stride ldbp bytes); else int8 weights (N, K).
+template <int BM, int CW, int KS, bool W4 = true>
 Status launch_s4(const char* fn, const int8_t* A, int64_t lda, const int8_t* Bp, int64_t ldbp, int64_t M, int64_t N,
                  int64_t K, const float* alpha, DType otype, void* out, int64_t ldo, cudaStream_t stream, int sms) {
-  using C = S4Cfg<BM, CW, KS>;
+  using C = S4Cfg<BM, CW, KS, W4>;
   CUtensorMap mx, mw;
-  if (!make_map(&mx, A, K, M, lda, 0, 1, BM) ||
-      !make_map(&mw, Bp, (K + 1) / 2, N, ldbp, 0, 1, C::kRowsW, kBK / 2, CU_TENSOR_MAP_SWIZZLE_NONE))
+  const bool w_ok = W4 ? make_map(&mw, Bp, (K + 1) / 2, N, ldbp, 0, 1, C::kRowsW, kBK / 2, CU_TENSOR_MAP_SWIZZLE_NONE)
+                       : make_map(&mw, Bp, K, N, ldbp, 0, 1, C::kRowsW);
+  if (!make_map(&mx, A, K, M, lda, 0, 1, BM) || !w_ok)
     return Status::device(validate::err(fn, "cuTensorMapEncodeTiled rejected the operands (lda=" +
                                                 std::to_string(lda) + ", ldbp=" + std::to_string(ldbp) + ")"));
   const int64_t tiles_m = (M + BM - 1) / BM, tiles_n = (N + C::kRowsW - 1) / C::kRowsW;
@@ -693,15 +721,15 @@ Status launch_s4(const char* fn, const int8_t* A, int64_t lda, const int8_t* Bp,
   const int k = static_cast<int>(K);
   switch (otype) {
     case DType::kFloat32:
-      gemm_s8s4_sm90_kernel<float, BM, CW, KS><<<grid, C::kThreads, C::kSmemBytes, stream>>>(
+      gemm_s8s4_sm90_kernel<float, BM, CW, KS, W4><<<grid, C::kThreads, C::kSmemBytes, stream>>>(
           mx, mw, M, N, k, alpha, static_cast<float*>(out), ldo, tiles_m, tiles_n);
       break;
     case DType::kFloat16:
-      gemm_s8s4_sm90_kernel<__half, BM, CW, KS><<<grid, C::kThreads, C::kSmemBytes, stream>>>(
+      gemm_s8s4_sm90_kernel<__half, BM, CW, KS, W4><<<grid, C::kThreads, C::kSmemBytes, stream>>>(
           mx, mw, M, N, k, alpha, static_cast<__half*>(out), ldo, tiles_m, tiles_n);
       break;
     case DType::kBFloat16:
-      gemm_s8s4_sm90_kernel<__nv_bfloat16, BM, CW, KS><<<grid, C::kThreads, C::kSmemBytes, stream>>>(
+      gemm_s8s4_sm90_kernel<__nv_bfloat16, BM, CW, KS, W4><<<grid, C::kThreads, C::kSmemBytes, stream>>>(
           mx, mw, M, N, k, alpha, static_cast<__nv_bfloat16*>(out), ldo, tiles_m, tiles_n);
       break;
   }
@@ -729,6 +757,30 @@ Status launch_typed(const GemmCall& g, const CUtensorMap& ma, const CUtensorMap&
 }
 
 }  // namespace
+
+bool few_rows_eligible(const GemmCall& g) {
+  if (g.batch != 1 || g.row_scale != nullptr || g.M > kFewRowsMax || !sm90_eligible(g)) return false;
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  return s4_device_ready(device);
+}
+
+Status launch_sm90_few_rows(const GemmCall& g) {
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) {
+    cudaGetLastError();
+    device = -1;
+  }
+  const int sms = device_sms(device);
+  if (g.M <= 16)
+    return launch_s4<16, 1, 6, false>(g.fn, g.A, g.lda, g.B, g.ldb, g.M, g.N, g.K, g.alpha, g.otype, g.out, g.ldo,
+                                      g.stream, sms);
+  return launch_s4<64, 1, 3, false>(g.fn, g.A, g.lda, g.B, g.ldb, g.M, g.N, g.K, g.alpha, g.otype, g.out, g.ldo,
+                                    g.stream, sms);
+}
 
 bool sm90_eligible(const GemmCall& g) {
   if (g.K < 1 || g.M < 1 || g.N < 1 || g.batch < 1) return false;
