@@ -461,12 +461,14 @@ TEST_F(CudaKernels, GemmMatchesReference) {
 
 TEST_F(CudaKernels, GemmFewRowsMatchesReference) {
   // M <= 64 with TMA-aligned operands takes the register-weight kernel on Hopper (16- or 64-row activation
-  // tiles, 64 weight rows per CTA, 6 / 3 consumers splitting the k-tiles): M at both sides of 16 and 64,
+  // tiles, 64 weight rows per CTA, 6 / 3 consumers splitting the k-tiles; up to 256 rows its 256-row tile
+  // while the 128 x 256 tiles would leave SMs idle): M at both sides of 16, 64 and 256,
   // fewer k-tiles than consumers (K <= 128) and uneven splits, N tails of the 64-row weight tiles, padded
   // strides and every output dtype; bitwise against the CPU reference.
   const std::vector<std::array<int64_t, 3>> shapes = {
       {1, 64, 16},   {1, 200, 4096}, {5, 129, 112},  {16, 1000, 640}, {17, 65, 2064}, {31, 7, 1552},
-      {64, 333, 784}, {64, 64, 128}, {9, 4097, 272}, {48, 130, 3072}, {2, 1, 48},     {65, 190, 512}};
+      {64, 333, 784}, {64, 64, 128}, {9, 4097, 272}, {48, 130, 3072}, {2, 1, 48},     {65, 190, 512},
+      {200, 1100, 1040}, {256, 513, 256}, {129, 64, 4112}};
   std::mt19937 rng(123);
   int n = 0;
   const float alphas[] = {2.3e-4f, -0.017f, 0.9f};

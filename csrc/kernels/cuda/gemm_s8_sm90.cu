@@ -697,7 +697,8 @@ bool s4_device_ready(int device) {
   using S8 = std::false_type;
   ok = ok && prepare_types(S4Cfg<256, 2, 1>{}, S4{}) && prepare_types(S4Cfg<256, 1, 1>{}, S4{}) &&
        prepare_types(S4Cfg<64, 1, 3>{}, S4{}) && prepare_types(S4Cfg<16, 1, 6>{}, S4{}) &&
-       prepare_types(S4Cfg<64, 1, 3, false>{}, S8{}) && prepare_types(S4Cfg<16, 1, 6, false>{}, S8{});
+       prepare_types(S4Cfg<64, 1, 3, false>{}, S8{}) && prepare_types(S4Cfg<16, 1, 6, false>{}, S8{}) &&
+       prepare_types(S4Cfg<256, 1, 1, false>{}, S8{});
   cudaGetLastError();
   state[device].store(ok ? 1 : 2, std::memory_order_release);
   return ok;
@@ -765,7 +766,10 @@ bool few_rows_eligible(const GemmCall& g) {
     cudaGetLastError();
     return false;
   }
-  return s4_device_ready(device);
+  if (!s4_device_ready(device)) return false;
+  // Past 64 rows only while launch_sm90's 128 x 256 tiles would leave SMs idle (its 256-row register tile
+  // has twice as many CTAs per weight column block).
+  return g.M <= 64 || ((g.M + kBM - 1) / kBM) * ((g.N + kBN - 1) / kBN) < device_sms(device);
 }
 
 Status launch_sm90_few_rows(const GemmCall& g) {
@@ -778,8 +782,11 @@ Status launch_sm90_few_rows(const GemmCall& g) {
   if (g.M <= 16)
     return launch_s4<16, 1, 6, false>(g.fn, g.A, g.lda, g.B, g.ldb, g.M, g.N, g.K, g.alpha, g.otype, g.out, g.ldo,
                                       g.stream, sms);
-  return launch_s4<64, 1, 3, false>(g.fn, g.A, g.lda, g.B, g.ldb, g.M, g.N, g.K, g.alpha, g.otype, g.out, g.ldo,
-                                    g.stream, sms);
+  if (g.M <= 64)
+    return launch_s4<64, 1, 3, false>(g.fn, g.A, g.lda, g.B, g.ldb, g.M, g.N, g.K, g.alpha, g.otype, g.out, g.ldo,
+                                      g.stream, sms);
+  return launch_s4<256, 1, 1, false>(g.fn, g.A, g.lda, g.B, g.ldb, g.M, g.N, g.K, g.alpha, g.otype, g.out, g.ldo,
+                                     g.stream, sms);
 }
 
 bool sm90_eligible(const GemmCall& g) {
