@@ -157,8 +157,8 @@ Status launch_sm90(const GemmCall& g);
 
 // Few activation rows (one batch, no row scales; M <= 64, or M <= kFewRowsMax while launch_sm90 would run
 // fewer tiles than SMs): the register-weight kernel of gemm_s8s4 on int8 weights, whose 64-row weight tiles
-// (and, at M <= 64, in-CTA k-split) fill the SMs that the 128 x 256 tiles of launch_sm90 leave idle (N / 256
-// CTAs per 128 rows). Same bits. launch_sm90_few_rows needs few_rows_eligible.
+// (and, with 16- or 64-row activation tiles, in-CTA k-split) fill the SMs that the 128 x 256 tiles of
+// launch_sm90 leave idle (N / 256 CTAs per 128 rows). Same bits. launch_sm90_few_rows needs few_rows_eligible.
 constexpr int64_t kFewRowsMax = 256;
 bool few_rows_eligible(const GemmCall& g);
 Status launch_sm90_few_rows(const GemmCall& g);

@@ -782,7 +782,12 @@ Status launch_sm90_few_rows(const GemmCall& g) {
   if (g.M <= 16)
     return launch_s4<16, 1, 6, false>(g.fn, g.A, g.lda, g.B, g.ldb, g.M, g.N, g.K, g.alpha, g.otype, g.out, g.ldo,
                                       g.stream, sms);
-  if (g.M <= 64)
+  // 64-row activation tiles (3-way k-split) up to 192 rows, and up to 256 while they stay within two waves;
+  // beyond, the 256-row tile (each weight tile read once). H100, linear_s8 bf16, us (64-row / 256-row):
+  // 4096^2 M = 128 16.9 / 20.0, M = 256 17.1 / 20.1; 8192^2 M = 128 37.7 / 57.4, M = 192 49.8 / 50.4,
+  // M = 256 63.0 / 38.4; 4096 x 11008 M = 192 38.7 / 46.7, M = 256 53.4 / 40.9.
+  const int64_t tiles64 = ((g.M + 63) / 64) * ((g.N + 63) / 64);
+  if (g.M <= 192 || tiles64 <= 2 * int64_t(sms))
     return launch_s4<64, 1, 3, false>(g.fn, g.A, g.lda, g.B, g.ldb, g.M, g.N, g.K, g.alpha, g.otype, g.out, g.ldo,
                                       g.stream, sms);
   return launch_s4<256, 1, 1, false>(g.fn, g.A, g.lda, g.B, g.ldb, g.M, g.N, g.K, g.alpha, g.otype, g.out, g.ldo,
