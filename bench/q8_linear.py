@@ -260,6 +260,41 @@ def peak_memory_report(shapes, dtype):
     return harness.markdown_table(["M", "KxN", "layer", "step peak MiB", "total peak MiB"], rows, "rllrr")
 
 
+def stack_peak_memory_report(m, k, depth, dtype):
+    """CUDA only: the same for `depth` square layers in a row (each layer's input is the previous one's
+    output, so every layer's saved tensors wait for the backward at once, as in a network). 'saved MiB'
+    = allocated after the forward minus before it: what the stack keeps for its backward (its
+    intermediate outputs, whatever the layers save of their own)."""
+    rows = []
+    makers = (("Q8Linear (fp32 master weight)", lambda: _q8_layer(k, k, "cuda", dtype, inference=False)),
+              ("Q8Linear (bf16 weight)", lambda: _q8_layer(k, k, "cuda", dtype, inference=False).to(torch.bfloat16)),
+              (f"nn.Linear {_short(dtype)}", lambda: _torch_layer(k, k, "cuda", dtype)))
+    for name, make in makers:
+        net = torch.nn.Sequential(*[make() for _ in range(depth)])
+        x = _x(m, k, dtype, "cuda", grad=True)
+        g = harness.random_nonzero((m, k), dtype, "cuda")
+        _fwd_bwd(net, x, g)  # warm-up: workspaces, the activation scales
+        for p in net.parameters():
+            p.grad = None
+        x.grad = None
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        y = net(x)
+        saved = torch.cuda.memory_allocated() - before - y.numel() * y.element_size()
+        y.backward(g)
+        del y
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        rows.append([m, f"{depth} x {k}x{k}", name, f"{saved / 2**20:.1f}", f"{(peak - before) / 2**20:.1f}",
+                     f"{peak / 2**20:.1f}"])
+        del net, x, g
+        torch.cuda.empty_cache()
+    return harness.markdown_table(["M", "layers", "layer", "saved MiB (besides y)", "step peak MiB",
+                                   "total peak MiB"], rows, "rllrrr")
+
+
 # ---------------------------------------------------------------------------------------------- main
 
 
@@ -304,7 +339,9 @@ def main():
         if device == "cuda":
             try:
                 memory += ("\n(c) peak memory of one training forward + backward:\n\n"
-                           + peak_memory_report([(8192, 4096, 4096), (8192, 8192, 8192)], dtype) + "\n")
+                           + peak_memory_report([(8192, 4096, 4096), (8192, 8192, 8192)], dtype) + "\n"
+                           + "\n(d) the same for four 4096 x 4096 layers in a row:\n\n"
+                           + stack_peak_memory_report(8192, 4096, 4, dtype) + "\n")
             except (RuntimeError, NotImplementedError) as exc:
                 memory += f"\n(c) peak memory: failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}\n"
         failed = "".join(f"- failed: {x}\n" for x in notes) + ("\n" if notes else "")

@@ -24,6 +24,17 @@ at::Tensor scaled_codes(const at::Tensor& q, at::ScalarType dt, const std::optio
 at::Tensor mm_codes(const at::Tensor& G, bool trans_g, const at::Tensor& q, const std::optional<at::Tensor>& scale,
                     at::ScalarType out_dt, const char* op);
 
+// out = G . float(codes(W)) (M, K) in dtype out_dt, with codes(W) = quantize_s8(W, no shift, scale, eps,
+// qmin, qmax, check_step=false) of a float weight W (N, K) made a block of kc columns at a time into one
+// scratch block of N x kc bytes (never all N x K codes at once), each block's GEMM (mm_codes: the
+// Hopper kernel in place, with out's row stride; elsewhere widened codes and at::mm, copied in) writing
+// its columns of out. The codes are bit for bit the forward's (the same quantizer on the same values);
+// on Hopper out is bitwise mm_codes(G, codes(W)) for any kc (the kernel's sum per output does not depend
+// on the block), elsewhere to the float GEMM's accuracy. scale, eps: one fp32 element each on W's device
+// (qat_operands' scale_w / eps views). CPU and CUDA.
+at::Tensor mm_weight_codes(const at::Tensor& G, const at::Tensor& W, const at::Tensor& scale, const at::Tensor& eps,
+                           int64_t qmin, int64_t qmax, int64_t kc, at::ScalarType out_dt, const char* op);
+
 // q (M, N) int8 -> q^T (N, M) int8, contiguous.
 at::Tensor transposed_codes(const at::Tensor& q, const char* op);
 

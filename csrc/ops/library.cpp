@@ -107,7 +107,8 @@ TORCH_LIBRARY(lowbit, m) {
   // Backward of a quantized (LSQ) linear layer with codes in [qmin, qmax], from the int8 codes and the
   // layer input x (to rebuild v = (x + bias_a) / s_a for the clip mask and the LSQ term). qx None: the
   // codes of x are made again by the forward's quantizer (qat_quantize with qmin / qmax), only while the
-  // weight gradient needs them:
+  // weight gradient needs them. qw: the weight's int8 codes, or the float weight (codes then made here,
+  // a block of columns at a time, bit for bit quantize_s8(weight, None, scale_w, eps, qmin, qmax)):
   //   gA = G . (s_w qw);  grad_x = gA * [qmin <= v <= qmax];  grad_bias_a = sum over rows of grad_x;
   //   grad_weight = G^T . (s_a qx);  grad_scale_a = sum(R * gA) / sqrt(numel(x) * qmax) with
   //   R = qmin where v < qmin, qmax where v > qmax, rne(v) - v elsewhere (Esser et al. 2020, clip

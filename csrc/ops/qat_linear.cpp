@@ -4,7 +4,9 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdlib>
 
 #include "codes.h"
 #include "common.h"
@@ -80,11 +82,13 @@ QatForward qat_forward(const LinearSpec& sp, const at::Tensor& x, const at::Tens
   return f;
 }
 
-// Saved for backward: the weight codes qw (N x K; a frozen Q4 qweight's int4 pairs), the scalars, and a
-// reference to the caller's input x (no copy): the clip mask and the LSQ term need v = (x + bias_a) / s_a
-// exactly, and the weight gradient's codes of x are recomputed from it (the same quantizer on the same
-// inputs: the forward's codes bit for bit), so the layer keeps no activation-sized tensor of its own
-// between forward and backward: its saved activations are nn.Linear's.
+// Saved for backward: references to the caller's input x and to the weight (no copies), and the scalars.
+// The clip mask and the LSQ term need v = (x + bias_a) / s_a exactly, and the weight gradient's codes of
+// x are recomputed from x; the codes of a float weight are recomputed too, a block of columns at a time
+// while the input gradient's GEMM needs them (the same quantizer on the same inputs: the forward's codes
+// bit for bit). So the layer keeps no tensor of its own between forward and backward (a frozen weight is
+// its own codes; a frozen Q4 qweight its int4 pairs): in a deep network nothing weight- or
+// activation-sized waits for the backward beyond what nn.Linear keeps.
 template <const LinearSpec& Spec>
 class QatLinearFunction : public torch::autograd::Function<QatLinearFunction<Spec>> {
  public:
@@ -93,7 +97,7 @@ class QatLinearFunction : public torch::autograd::Function<QatLinearFunction<Spe
                             const at::Tensor& eps, const std::optional<at::Tensor>& bias, bool int8_backward) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto f = qat_forward(Spec, x, bias_a, weight, scale_a, scale_w, eps, bias);
-    ctx->save_for_backward({x, bias_a, f.qw, scale_a, scale_w, eps});
+    ctx->save_for_backward({x, bias_a, weight, scale_a, scale_w, eps});
     save_qat_meta(ctx, weight, bias);
     ctx->saved_data["int8_backward"] = int8_backward;
     return f.y;
@@ -105,7 +109,8 @@ class QatLinearFunction : public torch::autograd::Function<QatLinearFunction<Spe
     // grad_weight in the weight's own dtype: a 16-bit weight's gradient leaves the 16-bit GEMM directly
     // (no fp32 temporary of the weight's size; peak memory), an fp32 master weight's stays fp32.
     const auto wdt = static_cast<at::ScalarType>(ctx->saved_data["weight_dtype"].toInt());
-    // A frozen Q4 qweight was saved as its int4 pairs (half the bytes of its codes): unpacked here.
+    // A frozen Q4 qweight is its int4 pairs (half the bytes of its codes): unpacked here. A float weight
+    // goes in as it is: lsq_linear_backward makes its codes.
     const auto qw = Spec.packed_s4 && wdt == at::kChar ? unpack_s4(s[2], s[0].size(-1)) : s[2];
     auto [gx, gb, gw, gs] = lsq_linear_backward(grads[0], s[0], s[1], std::nullopt, qw, s[3], s[4], s[5], Spec.qmin,
                                                 Spec.qmax, qat_grad_mask(ctx),
@@ -130,6 +135,26 @@ at::Tensor qat_linear_autograd(const at::Tensor& x, const at::Tensor& bias_a, co
   return QatLinearFunction<Spec>::apply(x, bias_a, weight, scale_a, scale_w, eps, bias, int8_backward);
 }
 
+// Columns of a float weight whose codes the backward makes at a time for the input gradient's GEMM
+// (gA = G . Qw, M x K): few enough that the codes (N x kc bytes) stay within 1/16 of gA's bytes, since
+// they coexist with y, gA and the weight gradient, the three buffers nn.Linear's backward peak holds;
+// enough that each block's GEMM has >= 2^22 outputs (128 tiles of 128 x 256, about a wave on an H100),
+// so the blocks keep the GPU as busy as one GEMM would. Whole multiples of 128 columns (the GEMM's k-tile;
+// 16-byte aligned rows), the blocks as even as that allows; K itself when one block is all it takes.
+// LOWBIT_QAT_WEIGHT_COLUMNS=n (read per call; tests and experiments): blocks of n columns instead.
+int64_t weight_code_columns(int64_t M, int64_t N, int64_t K, int64_t ga_elem_bytes) {
+  if (const char* v = std::getenv("LOWBIT_QAT_WEIGHT_COLUMNS"); v != nullptr && std::atoll(v) > 0)
+    return std::min<int64_t>(std::atoll(v), std::max<int64_t>(K, 1));
+  if (M <= 0 || N <= 0 || K <= 128) return K;
+  const int64_t budget = (M * ga_elem_bytes * K / 16) / N;    // N * kc <= M * K * elem / 16
+  const int64_t busy = ((int64_t(1) << 22) + M - 1) / M;       // M * kc >= 2^22
+  const int64_t want = std::max(budget, busy);
+  if (want >= K) return K;
+  const int64_t blocks = (K + want - 1) / want;
+  const int64_t kc = ((K + blocks - 1) / blocks + 127) / 128 * 128;
+  return std::min(kc, K);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsq_linear_backward_impl(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& bias_a, const std::optional<at::Tensor>& qx_saved,
     const at::Tensor& qw, const at::Tensor& scale_a, const at::Tensor& scale_w, const at::Tensor& eps, int64_t qmin,
@@ -139,7 +164,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsq_linear_backward_i
   TORCH_CHECK(is_float_dtype(gw_dt), op, ": grad_weight_dtype must be float32, float16 or bfloat16, got ", gw_dt);
   TORCH_CHECK(qmin < 0 && qmax > 0 && qmin >= -128 && qmax <= 127, op, ": need -128 <= qmin < 0 < qmax <= 127, got ",
               qmin, ", ", qmax);
-  TORCH_CHECK(qw.dim() == 2 && qw.scalar_type() == at::kChar, op, ": qw must be 2-D int8 codes (N, K)");
+  // qw: the weight's int8 codes, or the float weight itself (its codes then made here, never all at once).
+  const bool weight_given = is_float_dtype(qw.scalar_type());
+  TORCH_CHECK(qw.dim() == 2 && (qw.scalar_type() == at::kChar || weight_given), op,
+              ": qw must be 2-D, the int8 weight codes (N, K) or the float weight (N, K), got ", qw.scalar_type(),
+              " of shape ", qw.sizes());
+  check_same_device(x, "x", qw, op, "qw");
   const bool have_qx = qx_saved.has_value() && qx_saved->defined();
   if (have_qx) TORCH_CHECK(qx_saved->scalar_type() == at::kChar, op, ": qx must hold int8 codes");
   const int64_t N = qw.size(0), K = qw.size(1);
@@ -190,8 +220,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsq_linear_backward_i
     if (int8_grad) {
       // SwitchBack: G quantized per row to int8, the int8 GEMM against the weight codes (as a (K, N)
       // operand), row_scale and s_w applied in its fp32 epilogue: gA = fp32(acc) * (s_w * row_scale[i]).
+      // A float weight's codes are made whole here (alive only until transposed).
       auto [qG, row_scale] = quantize_rows_s8(grad.reshape({-1, N}), 127);
-      gA = linear_s8(qG, transposed_codes(qw, op), s_w, cdt, row_scale);
+      at::Tensor codes =
+          weight_given ? quantize_s8(qw, std::nullopt, p.scale_w, p.eps, qmin, qmax, /*check_step=*/false) : qw;
+      const auto codes_t = transposed_codes(codes, op);
+      codes = at::Tensor();
+      gA = linear_s8(qG, codes_t, s_w, cdt, row_scale);
+    } else if (weight_given) {
+      // The weight's codes a block of columns at a time (weight_code_columns), each block's GEMM writing
+      // its columns of gA: the backward never holds all N x K codes.
+      gA = mm_weight_codes(G, qw, p.scale_w, p.eps, qmin, qmax,
+                           weight_code_columns(G.size(0), N, K, at::elementSize(cdt)), cdt, op);
+      gscale = s_w;
     } else {
       gA = mm_codes(G, /*trans_g=*/false, qw, std::nullopt, cdt, op);
       gscale = s_w;

@@ -173,11 +173,13 @@ def test_device_mismatch():
         layer(torch.randn(2, 8))
 
 
-def test_saved_tensors_are_int8(device):
-    """Backward keeps the weight's int8 codes (N x K) plus a reference to the caller's x: no float copy,
-    and no codes of x (the backward makes them again from x)."""
+@pytest.mark.parametrize("cls", [Q8Linear, lowbit.nn.Q4Linear])
+def test_saved_tensors_are_references(device, cls):
+    """Backward keeps references only (the caller's x, the layer's parameters and buffers) besides
+    one-element steps: no float copy, no codes of x and no codes of the weight (the backward makes both
+    again)."""
     M, K, N = 64, 96, 48
-    layer = _layer(K, N, device)
+    layer = cls(K, N, device=device)
     x = torch.randn(M, K, device=device, requires_grad=True)
     saved = []
 
@@ -187,12 +189,66 @@ def test_saved_tensors_are_int8(device):
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         y = layer(x)
-    new_float_bytes = sum(t.numel() * t.element_size() for t in saved
-                          if t.is_floating_point() and t.numel() > K and t.data_ptr() != x.data_ptr())
-    int8 = sorted(tuple(t.shape) for t in saved if t.dtype == torch.int8)
-    assert new_float_bytes == 0
-    assert int8 == [(N, K)]
+    owned = {x.data_ptr()} | {t.data_ptr() for t in (*layer.parameters(), *layer.buffers())}
+    assert saved and all(t.data_ptr() in owned for t in saved if t.numel() > 1)  # besides 0-dim steps
+    assert not any(t.dtype == torch.int8 for t in saved)
     y.sum().backward()
+    assert x.grad is not None and layer.weight.grad is not None
+
+
+_BLOCKS = [None, "128", "37"]  # the default block width, whole GEMM k-tiles, odd blocks (the fallback GEMM)
+
+
+@pytest.mark.parametrize("qmin,qmax", [(-128, 127), (-8, 7)])
+@pytest.mark.parametrize("blocks", _BLOCKS)
+@pytest.mark.parametrize("int8_grad", [False, True])
+def test_backward_from_float_weight_equals_codes(device, monkeypatch, qmin, qmax, blocks, int8_grad):
+    """lsq_linear_backward given the float weight (what the layers pass: it makes the weight's codes a
+    block of columns at a time) gives what it gives with the weight's codes, for any block width, a last
+    block narrower than the others, and both weight dtypes: bitwise where the Hopper kernel runs the
+    blocks (its sum per output does not depend on the block), else to the float GEMM's accuracy (BLAS and
+    cuBLAS may order a narrower product's sums differently): 1e-6 relative in fp32, one 16-bit rounding."""
+    if blocks is not None:
+        monkeypatch.setenv("LOWBIT_QAT_WEIGHT_COLUMNS", blocks)
+    M, K, N = 45, 300, 23
+    dt = torch.bfloat16 if device == "cuda" else torch.float32
+    for wdt in (torch.float32, dt):
+        x = (torch.randn(M, K, device=device) * 2).to(dt)
+        bias_a = torch.randn(K, device=device) * 0.1
+        scale_a, eps = (torch.tensor(v, device=device) for v in (0.07, 1e-5))
+        W = (torch.randn(N, K, device=device) * 0.05).to(wdt)
+        scale_w = torch.tensor(0.004, device=device).to(wdt)
+        qw = torch.ops.lowbit.quantize_s8(W, None, scale_w, eps, qmin, qmax, False)
+        G = torch.randn(M, N, device=device).to(dt)
+        mask = [True, True, True, True]
+        a = torch.ops.lowbit.lsq_linear_backward(G, x, bias_a, None, qw, scale_a, scale_w, eps, qmin, qmax, mask,
+                                                 int8_grad)
+        b = torch.ops.lowbit.lsq_linear_backward(G, x, bias_a, None, W, scale_a, scale_w, eps, qmin, qmax, mask,
+                                                 int8_grad)
+        hopper = device == "cuda" and torch.cuda.get_device_capability() == (9, 0) and blocks != "37"
+        for u, v in zip(a, b):
+            assert u.dtype == v.dtype
+            if hopper or int8_grad:
+                assert torch.equal(u, v)
+            else:
+                assert ref.rel_err(v, u.double().cpu()) < (1e-6 if dt == torch.float32 else 1e-2)
+
+
+def test_backward_weight_argument_errors(device):
+    x = torch.randn(4, 8, device=device)
+    args = (torch.zeros(8, device=device), None)
+    rest = (torch.tensor(0.1, device=device), torch.tensor(0.1, device=device), torch.tensor(1e-5, device=device),
+            -128, 127, [True, True, True, True])
+    G = torch.randn(4, 3, device=device)
+    with pytest.raises(RuntimeError, match="int8 weight codes .* or the float weight"):
+        torch.ops.lowbit.lsq_linear_backward(G, x, *args, torch.zeros(3, 8, dtype=torch.int32, device=device), *rest)
+    with pytest.raises(RuntimeError, match="int8 weight codes .* or the float weight"):
+        torch.ops.lowbit.lsq_linear_backward(G, x, *args, torch.zeros(24, device=device), *rest)
+    with pytest.raises(RuntimeError, match="K=9"):
+        torch.ops.lowbit.lsq_linear_backward(G, x, *args, torch.zeros(3, 9, device=device), *rest)
+    if device == "cuda":
+        with pytest.raises(RuntimeError, match="same device"):
+            torch.ops.lowbit.lsq_linear_backward(G, x, *args, torch.zeros(3, 8), *rest)
 
 
 @pytest.mark.parametrize("qmin,qmax", [(-128, 127), (-8, 7)])
