@@ -74,7 +74,8 @@ at::Tensor q4_matmul(const at::Tensor& x, const at::Tensor& y, const at::Tensor&
 
 // Backward of an LSQ-quantized linear layer; returns (grad_x, grad_bias_a, grad_weight, grad_scale_a).
 // grad_weight has dtype grad_w_dtype (default float32). qx: the forward's codes of x, or nullopt to have
-// them made again from x (what the layers do: they save no codes of x).
+// them made again from x (what the layers do: they save no codes of x). qw: the weight's int8 codes, or
+// the float weight, whose codes are then made again a block of columns at a time (what the layers pass).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsq_linear_backward(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& bias_a, const std::optional<at::Tensor>& qx,
     const at::Tensor& qw, const at::Tensor& scale_a, const at::Tensor& scale_w, const at::Tensor& eps, int64_t qmin,
