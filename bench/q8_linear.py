@@ -221,6 +221,27 @@ def memory_report(m, k, n, device, dtype):
             f"(b) inference state:\n\n{inf_table}\n")
 
 
+def _train_layers(k, n, dtype):
+    """(name, constructor) of the three layers the memory reports compare."""
+    return (("Q8Linear (fp32 master weight)", lambda: _q8_layer(k, n, "cuda", dtype, inference=False)),
+            ("Q8Linear (bf16 weight)", lambda: _q8_layer(k, n, "cuda", dtype, inference=False).to(torch.bfloat16)),
+            (f"nn.Linear {_short(dtype)}", lambda: _torch_layer(k, n, "cuda", dtype)))
+
+
+def _warm_then_reset(module, x, g):
+    """One warm-up step (workspaces, the activation scales), gradients cleared, the cache emptied and the
+    peak counter reset: returns the bytes allocated before the measured step."""
+    _fwd_bwd(module, x, g)
+    for p in module.parameters():
+        p.grad = None
+    x.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    return before
+
+
 def peak_memory_report(shapes, dtype):
     """CUDA only: peak memory of one training forward + backward (x requires grad, every parameter
     gradient, as in a hidden layer), for Q8Linear with its fp32 master weight, Q8Linear with the whole
@@ -229,28 +250,11 @@ def peak_memory_report(shapes, dtype):
     gradients and temporaries. 'total peak' adds the resident bytes."""
     rows = []
     for m, k, n in shapes:
-        def q8_fp32():
-            return _q8_layer(k, n, "cuda", dtype, inference=False)
-
-        def q8_bf16():
-            return _q8_layer(k, n, "cuda", dtype, inference=False).to(torch.bfloat16)
-
-        def base():
-            return _torch_layer(k, n, "cuda", dtype)
-
-        for name, make in (("Q8Linear (fp32 master weight)", q8_fp32), ("Q8Linear (bf16 weight)", q8_bf16),
-                           (f"nn.Linear {_short(dtype)}", base)):
+        for name, make in _train_layers(k, n, dtype):
             layer = make()
             x = _x(m, k, dtype, "cuda", grad=True)
             g = harness.random_nonzero((m, n), dtype, "cuda")
-            _fwd_bwd(layer, x, g)  # warm-up: workspaces, the activation scale
-            for p in layer.parameters():
-                p.grad = None
-            x.grad = None
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
-            before = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
+            before = _warm_then_reset(layer, x, g)
             _fwd_bwd(layer, x, g)
             torch.cuda.synchronize()
             peak = torch.cuda.max_memory_allocated()
@@ -266,21 +270,11 @@ def stack_peak_memory_report(m, k, depth, dtype):
     = allocated after the forward minus before it: what the stack keeps for its backward (its
     intermediate outputs, whatever the layers save of their own)."""
     rows = []
-    makers = (("Q8Linear (fp32 master weight)", lambda: _q8_layer(k, k, "cuda", dtype, inference=False)),
-              ("Q8Linear (bf16 weight)", lambda: _q8_layer(k, k, "cuda", dtype, inference=False).to(torch.bfloat16)),
-              (f"nn.Linear {_short(dtype)}", lambda: _torch_layer(k, k, "cuda", dtype)))
-    for name, make in makers:
+    for name, make in _train_layers(k, k, dtype):
         net = torch.nn.Sequential(*[make() for _ in range(depth)])
         x = _x(m, k, dtype, "cuda", grad=True)
         g = harness.random_nonzero((m, k), dtype, "cuda")
-        _fwd_bwd(net, x, g)  # warm-up: workspaces, the activation scales
-        for p in net.parameters():
-            p.grad = None
-        x.grad = None
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
+        before = _warm_then_reset(net, x, g)
         y = net(x)
         saved = torch.cuda.memory_allocated() - before - y.numel() * y.element_size()
         y.backward(g)
